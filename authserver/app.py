@@ -1,0 +1,164 @@
+"""The authorization server as a raw ASGI app: services, routes, lifespan. Wiring only."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import httpx
+
+from authserver.clientauth import ClientAuthenticator, ClientKeyFetcher
+from authserver.config import AuthServerConfig, ServerConfig
+from authserver.endpoints import Endpoints
+from authserver.errors import not_found, send_error
+from authserver.keyring import KeyRing
+from authserver.keys import RELOAD_INTERVAL, KeyFiles, KeyManager
+from authserver.metadata import authorization_server_metadata, openid_configuration
+from authserver.store import SqliteStore, Store
+from authserver.tokens import TokenVerifier
+from tokengate.asgi import ClientDisconnected, Receive, Scope, Send, json_bytes
+from tokengate.jsonlog import AuditLog, log_event
+
+Handler = Callable[[ServerConfig, Scope, Receive, Send], Awaitable[None]]
+PURGE_INTERVAL = 60
+
+
+@dataclass
+class AuthServices:
+    """Everything the endpoints use, built once per process from the config."""
+
+    config: AuthServerConfig
+    store: Store
+    keyring: KeyRing
+    endpoints: Endpoints
+    http: httpx.AsyncClient
+    clock: Callable[[], float]
+
+    @classmethod
+    def build(
+        cls,
+        config: AuthServerConfig,
+        *,
+        audit: AuditLog,
+        clock: Callable[[], float] = time.time,
+        http: httpx.AsyncClient | None = None,
+        store: Store | None = None,
+    ) -> AuthServices:
+        store = store or SqliteStore(config.data_dir)
+        manager = KeyManager(
+            store,
+            KeyFiles(config.data_dir),
+            jwks_max_age=config.jwks_max_age,
+            leeway=config.leeway,
+            clock=clock,
+        )
+        keyring = KeyRing(manager, config.servers, clock=clock)
+        http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), clock=clock)
+        endpoints = Endpoints(
+            keyring=keyring,
+            authenticator=authenticator,
+            verifier=TokenVerifier(leeway=config.leeway, clock=clock),
+            store=store,
+            audit=audit,
+            max_body_bytes=config.max_body_bytes,
+            jwks_max_age=config.jwks_max_age,
+            clock=clock,
+        )
+        return cls(config, store, keyring, endpoints, http, clock)
+
+    def start(self) -> None:
+        for record in self.keyring.start():
+            log_event("keys.created", server=record.server, kid=record.kid, alg=record.alg)
+
+    async def maintain(self) -> None:
+        """Pick up key changes from other processes; forget expired state."""
+        last_purge = 0.0
+        while True:
+            await asyncio.sleep(RELOAD_INTERVAL)
+            try:
+                for name in self.keyring.reload():
+                    log_event("keys.reloaded", server=name)
+                now = self.clock()
+                if now - last_purge >= PURGE_INTERVAL:
+                    self.store.purge(int(now))
+                    last_purge = now
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                log_event("keys.reload_failed", error=f"{type(exc).__name__}: {exc}")
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+        self.store.close()
+
+
+class AuthServerApp:
+    """Routes ``{issuer}/...`` paths of every configured authorization server."""
+
+    def __init__(self, services: AuthServices) -> None:
+        self.services = services
+        self.routes = build_routes(services.config.servers, services.endpoints)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            route = self.routes.get(scope["path"])
+            if route is None:
+                await send_error(send, not_found("no such endpoint"))
+                return
+            handler, server = route
+            with contextlib.suppress(ClientDisconnected):
+                await handler(server, scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        task: asyncio.Task[None] | None = None
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.services.start()
+                except (OSError, sqlite3.Error, ValueError, RuntimeError) as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                task = asyncio.create_task(self.services.maintain())
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+                await self.services.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+
+def build_routes(
+    servers: tuple[ServerConfig, ...], endpoints: Endpoints
+) -> dict[str, tuple[Handler, ServerConfig]]:
+    routes: dict[str, tuple[Handler, ServerConfig]] = {}
+    for server in servers:
+        base = urlsplit(server.issuer).path
+        metadata = endpoints.document(json_bytes(authorization_server_metadata(server)))
+        oidc = endpoints.document(json_bytes(openid_configuration(server)))
+        for path, handler in (
+            (f"{base}/.well-known/oauth-authorization-server", metadata),
+            (f"/.well-known/oauth-authorization-server{base}", metadata),  # RFC 8414 3.1
+            (f"{base}/.well-known/openid-configuration", oidc),
+            (f"{base}/v1/keys", endpoints.keys),
+            (f"{base}/v1/token", endpoints.token),
+            (f"{base}/v1/introspect", endpoints.introspect),
+            (f"{base}/v1/revoke", endpoints.revoke),
+        ):
+            routes[path] = (handler, server)
+    return routes
+
+
+def create_app(
+    config: AuthServerConfig, *, audit: AuditLog, clock: Callable[[], float] = time.time
+) -> AuthServerApp:
+    return AuthServerApp(AuthServices.build(config, audit=audit, clock=clock))

@@ -1,0 +1,379 @@
+"""The ``authserver`` section: authorization servers and their clients, frozen."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Literal
+
+import jwt
+
+from tokengate.yamlconf import (
+    ConfigError,
+    Fields,
+    Listen,
+    Node,
+    as_duration,
+    as_http_url,
+    as_listen,
+    as_name,
+    as_str,
+    guarded,
+    list_of,
+    one_of,
+    positive_int,
+)
+
+SigningAlg = Literal["RS256", "PS256", "ES256", "EdDSA"]
+SIGNING_ALGS: tuple[SigningAlg, ...] = ("RS256", "PS256", "ES256", "EdDSA")
+
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+AUTH_METHODS: tuple[AuthMethod, ...] = (
+    "client_secret_basic",
+    "client_secret_post",
+    "private_key_jwt",
+)
+GRANT_TYPES = ("client_credentials",)
+
+# Algorithms accepted on private_key_jwt client assertions, by key type.
+ASSERTION_ALGS: dict[str, frozenset[str]] = {
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    "EC:P-256": frozenset({"ES256"}),
+    "EC:P-384": frozenset({"ES384"}),
+    "EC:P-521": frozenset({"ES512"}),
+    "OKP:Ed25519": frozenset({"EdDSA"}),
+}
+
+# Claims the authorization server sets itself; a client's `claims` cannot override them.
+RESERVED_CLAIMS = frozenset(
+    {"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "scope", "scp", "cnf"}
+)
+MIN_SECRET_LENGTH = 32
+SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
+_CLIENT_ID = re.compile(r"[\x20-\x7e]{1,255}")
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """One authorization server: its own issuer, audience, keys and scopes."""
+
+    name: str
+    issuer: str
+    audience: str
+    signing_alg: SigningAlg
+    access_token_ttl: int
+    scopes: tuple[str, ...]
+
+    @property
+    def token_endpoint(self) -> str:
+        return f"{self.issuer}/v1/token"
+
+    @property
+    def jwks_uri(self) -> str:
+        return f"{self.issuer}/v1/keys"
+
+    @property
+    def introspection_endpoint(self) -> str:
+        return f"{self.issuer}/v1/introspect"
+
+    @property
+    def revocation_endpoint(self) -> str:
+        return f"{self.issuer}/v1/revoke"
+
+
+@dataclass(frozen=True, slots=True)
+class ClientKey:
+    """A public key a private_key_jwt client signs its assertions with."""
+
+    kid: str | None
+    kind: str  # a key of ASSERTION_ALGS
+    alg: str | None  # the JWK's own `alg`, if it pins one
+    key: Any = field(repr=False)
+
+    def accepts(self, alg: str) -> bool:
+        return alg in ASSERTION_ALGS[self.kind] and (self.alg is None or self.alg == alg)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientConfig:
+    client_id: str
+    auth_methods: frozenset[AuthMethod]
+    secret_digest: bytes | None = field(repr=False)
+    jwks: tuple[ClientKey, ...]
+    jwks_uri: str | None
+    grant_types: frozenset[str]
+    scopes: tuple[str, ...] | None  # None: every scope of the server
+    servers: frozenset[str]
+    claims: MappingProxyType[str, Any]
+
+    def secret_matches(self, presented: str) -> bool:
+        if self.secret_digest is None:
+            return False
+        digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
+        return hmac.compare_digest(digest, self.secret_digest)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthServerConfig:
+    listen: Listen
+    public_url: str
+    data_dir: Path
+    jwks_max_age: int
+    leeway: int
+    max_body_bytes: int
+    servers: tuple[ServerConfig, ...]
+    clients: tuple[ClientConfig, ...]
+
+    def server(self, name: str) -> ServerConfig | None:
+        return next((s for s in self.servers if s.name == name), None)
+
+    def client(self, client_id: str) -> ClientConfig | None:
+        return next((c for c in self.clients if c.client_id == client_id), None)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_authserver(node: Node) -> AuthServerConfig:
+    f = node.fields(
+        required=("servers",),
+        optional=(
+            "listen",
+            "public_url",
+            "data_dir",
+            "jwks_max_age",
+            "leeway",
+            "max_body_bytes",
+            "clients",
+        ),
+    )
+    listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
+    public_url = f.get("public_url", as_http_url, None)
+    if public_url is None and listen is not None and "public_url" not in f:
+        public_url = f"http://{listen}"
+    servers = _parse_servers(f, public_url or "http://invalid")
+    clients = _parse_clients(f, servers)
+    return AuthServerConfig(
+        listen=listen,
+        public_url=public_url,
+        data_dir=Path(f.get("data_dir", as_str, "./data")),
+        jwks_max_age=int(f.get("jwks_max_age", as_duration, 300)),
+        leeway=int(f.get("leeway", as_duration, 30)),
+        max_body_bytes=f.get("max_body_bytes", positive_int, 65536),
+        servers=servers,
+        clients=clients,
+    )
+
+
+def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:
+    out: list[ServerConfig] = []
+    seen: set[str] = set()
+    for item in f.node_at("servers").items():
+        s = item.fields(
+            required=("name", "audience"),
+            optional=("signing_alg", "access_token_ttl", "scopes"),
+        )
+        name = s.get("name", as_name)
+        if name in seen:
+            s.node_at("name").error(f"duplicate server name {name!r}")
+        seen.add(name)
+        out.append(
+            ServerConfig(
+                name=name,
+                issuer=f"{public_url}/oauth2/{name}",
+                audience=s.get("audience", as_str),
+                signing_alg=s.get("signing_alg", one_of(*SIGNING_ALGS), "RS256"),  # type: ignore[arg-type]
+                access_token_ttl=int(s.get("access_token_ttl", as_duration, 3600)),
+                scopes=s.get("scopes", list_of(as_scope), ()),
+            )
+        )
+    if not out and f.has("servers"):
+        f.node_at("servers").error("must list at least one authorization server")
+    return tuple(out)
+
+
+def _parse_clients(f: Fields, servers: tuple[ServerConfig, ...]) -> tuple[ClientConfig, ...]:
+    out: list[ClientConfig] = []
+    seen: set[str] = set()
+    by_name = {s.name: s for s in servers}
+    for item in f.node_at("clients").items() if f.has("clients") else ():
+        client = guarded(item, lambda n: _parse_client(n, by_name))
+        if client is None:
+            continue
+        if client.client_id in seen:
+            item.report.add(f"{item.path}.client_id", f"duplicate client_id {client.client_id!r}")
+        seen.add(client.client_id)
+        out.append(client)
+    return tuple(out)
+
+
+def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
+    c = node.fields(
+        required=("client_id",),
+        optional=(
+            "secret",
+            "secret_hash",
+            "auth_method",
+            "jwks",
+            "jwks_uri",
+            "grant_types",
+            "scopes",
+            "servers",
+            "claims",
+        ),
+    )
+    client_id = c.get("client_id", as_client_id)
+    method = c.get("auth_method", one_of(*AUTH_METHODS), None)
+    secret_digest = _parse_secret(c)
+    jwks = c.get("jwks", as_client_jwks, ())
+    jwks_uri = c.get("jwks_uri", as_http_url, None)
+
+    uses_secret = c.has("secret") or c.has("secret_hash")
+    uses_keys = c.has("jwks") or c.has("jwks_uri")
+    if method == "private_key_jwt" or (method is None and uses_keys):
+        methods: frozenset[AuthMethod] = frozenset({"private_key_jwt"})
+        if uses_secret:
+            node.error("a private_key_jwt client has no secret; remove secret/secret_hash")
+        if c.has("jwks") == c.has("jwks_uri"):
+            node.error("a private_key_jwt client needs exactly one of jwks or jwks_uri")
+    else:
+        methods = (
+            frozenset({method})
+            if method is not None
+            else frozenset({"client_secret_basic", "client_secret_post"})
+        )
+        if uses_keys:
+            node.error(f"jwks/jwks_uri are for private_key_jwt clients, not {method or 'secret'}")
+        if c.has("secret") == c.has("secret_hash"):
+            node.error("needs exactly one of secret or secret_hash (see `tokengate secret`)")
+
+    server_names = c.get("servers", list_of(as_name), tuple(servers))
+    for i, name in enumerate(server_names or ()):
+        if name not in servers:
+            node.report.add(f"{node.path}.servers[{i}]", f"no authorization server named {name!r}")
+    offered = {s for name in server_names or () if name in servers for s in servers[name].scopes}
+    scopes = c.get("scopes", list_of(as_scope), None)
+    for i, scope in enumerate(scopes or ()):
+        if scope not in offered:
+            node.report.add(
+                f"{node.path}.scopes[{i}]",
+                f"scope {scope!r} is not offered by any of the client's servers",
+            )
+    grants = c.get("grant_types", list_of(one_of(*GRANT_TYPES)), GRANT_TYPES)
+    return ClientConfig(
+        client_id=client_id,
+        auth_methods=methods,
+        secret_digest=secret_digest,
+        jwks=jwks or (),
+        jwks_uri=jwks_uri,
+        grant_types=frozenset(grants or ()),
+        scopes=scopes,
+        servers=frozenset(server_names or ()),
+        claims=MappingProxyType(c.get("claims", as_claims, {}) or {}),
+    )
+
+
+def _parse_secret(c: Fields) -> bytes | None:
+    if c.has("secret"):
+        secret = c.get("secret", as_str)
+        if secret is None:
+            return None
+        if len(secret) < MIN_SECRET_LENGTH:
+            c.node_at("secret").error(
+                f"is shorter than {MIN_SECRET_LENGTH} characters; "
+                "generate one with `tokengate secret`"
+            )
+            return None
+        return hashlib.sha256(secret.encode()).digest()
+    if c.has("secret_hash"):
+        return c.get("secret_hash", as_secret_hash)
+    return None
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def as_scope(node: Node) -> str:
+    text = as_str(node)
+    if not SCOPE_TOKEN.fullmatch(text):
+        raise ConfigError(node.path, f"is not a valid scope token (RFC 6749 3.3): {text!r}")
+    return text
+
+
+def as_client_id(node: Node) -> str:
+    text = as_str(node)
+    if not _CLIENT_ID.fullmatch(text):
+        raise ConfigError(node.path, "must be 1-255 printable ASCII characters")
+    return text
+
+
+def as_secret_hash(node: Node) -> bytes:
+    text = as_str(node)
+    m = re.fullmatch(r"sha256:([0-9a-f]{64})", text)
+    if not m:
+        raise ConfigError(
+            node.path, "must be sha256:<64 hex digits>, as printed by `tokengate secret`"
+        )
+    return bytes.fromhex(m.group(1))
+
+
+def as_claims(node: Node) -> dict[str, Any]:
+    claims: dict[str, Any] = {}
+    for key, child in node.entries():
+        if key in RESERVED_CLAIMS:
+            child.error(f"claim {key!r} is set by the authorization server and cannot be set")
+            continue
+        value = guarded(child, Node.plain)
+        if value is not None:
+            claims[key] = value
+    return claims
+
+
+def as_client_jwks(node: Node) -> tuple[ClientKey, ...]:
+    f = node.fields(required=("keys",))
+    keys: list[ClientKey] = []
+    for item in f.node_at("keys").items():
+        key = guarded(item, as_client_key)
+        if key is not None:
+            keys.append(key)
+    if not keys:
+        raise ConfigError(node.path, "must hold at least one public key")
+    kids = [k.kid for k in keys]
+    if len(keys) > 1 and (None in kids or len(set(kids)) != len(kids)):
+        raise ConfigError(node.path, "with several keys, every key needs a distinct kid")
+    return tuple(keys)
+
+
+def as_client_key(node: Node) -> ClientKey:
+    try:
+        return client_key(node.plain())
+    except ValueError as exc:
+        raise ConfigError(node.path, str(exc)) from None
+
+
+def client_key(data: Any) -> ClientKey:
+    """A client's public JWK (from config or its jwks_uri) -> ClientKey; ValueError if not."""
+    if not isinstance(data, dict):
+        raise ValueError("must be a JWK (a mapping)")
+    if "d" in data or data.get("kty") == "oct":
+        raise ValueError("must be a public key; never put a private or symmetric key here")
+    if data.get("use", "sig") != "sig":
+        raise ValueError("use must be sig")
+    kind = str(data.get("kty", ""))
+    if kind in ("EC", "OKP"):
+        kind = f"{kind}:{data.get('crv')}"
+    if kind not in ASSERTION_ALGS:
+        raise ValueError(f"unsupported key type {kind!r}")
+    alg = data.get("alg")
+    if alg is not None and alg not in ASSERTION_ALGS[kind]:
+        raise ValueError(f"alg {alg!r} does not fit a {kind} key")
+    try:
+        key = jwt.PyJWK(data, algorithm=alg or min(ASSERTION_ALGS[kind])).key
+    except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"is not a valid JWK ({exc})") from None
+    kid = data.get("kid")
+    return ClientKey(kid=str(kid) if kid is not None else None, kind=kind, alg=alg, key=key)

@@ -1,0 +1,263 @@
+"""The HTTP endpoints of one authorization server: token, introspect, revoke, keys,
+metadata. Each handler validates, acts, writes one audit line, and answers."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from authserver.clientauth import AuthenticatedClient, ClientAuthenticator
+from authserver.config import ServerConfig
+from authserver.errors import (
+    NO_STORE,
+    OAuthError,
+    invalid_request,
+    method_not_allowed,
+    send_error,
+)
+from authserver.forms import Form, read_form
+from authserver.grants import GRANT_TYPE, client_credentials, requested_scopes
+from authserver.keyring import KeyRing
+from authserver.store import Store
+from authserver.tokens import TokenVerifier, access_token_claims, new_jti
+from tokengate.asgi import (
+    JSON_TYPE,
+    Receive,
+    Scope,
+    Send,
+    header,
+    header_count,
+    json_bytes,
+    remote_addr,
+    send_bytes,
+)
+from tokengate.jsonlog import AuditLog
+
+
+class Endpoints:
+    def __init__(
+        self,
+        *,
+        keyring: KeyRing,
+        authenticator: ClientAuthenticator,
+        verifier: TokenVerifier,
+        store: Store,
+        audit: AuditLog,
+        max_body_bytes: int,
+        jwks_max_age: int,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.keyring = keyring
+        self.authenticator = authenticator
+        self.verifier = verifier
+        self.store = store
+        self.audit = audit
+        self.max_body_bytes = max_body_bytes
+        self.jwks_cache_control = f"public, max-age={jwks_max_age}".encode()
+        self.clock = clock
+
+    # -- token -------------------------------------------------------------
+
+    async def token(self, server: ServerConfig, scope: Scope, receive: Receive, send: Send) -> None:
+        event = _event(server, scope)
+        try:
+            form = await self._form(scope, receive)
+            grant_type = event["grant_type"] = form.get("grant_type")
+            event["scopes"] = list(_audit_scopes(form))
+            if grant_type is None:
+                raise invalid_request("grant_type is required")
+            if grant_type != GRANT_TYPE:
+                raise OAuthError("unsupported_grant_type", f"only {GRANT_TYPE} is supported")
+            authn = await self._authenticate(scope, form, server, server.token_endpoint, event)
+            request = client_credentials(server, authn.client, form)
+        except OAuthError as exc:
+            self._emit_error("token.denied", event, exc, outcome="denied")
+            await send_error(send, exc)
+            return
+        now = int(self.clock())
+        jti = new_jti()
+        claims = access_token_claims(request, now, jti)
+        token = self.keyring.current(server.name).signer.sign(claims)
+        event.update(scopes=list(request.scopes), jti=jti)
+        self.audit.emit("token.issued", **event, outcome="issued", reason="ok")
+        body = json_bytes(
+            {
+                "access_token": token,
+                "token_type": "Bearer",
+                "expires_in": server.access_token_ttl,
+                "scope": claims["scope"],
+            }
+        )
+        await send_bytes(send, 200, body, [JSON_TYPE, *NO_STORE])
+
+    # -- introspection (RFC 7662) -------------------------------------------
+
+    async def introspect(
+        self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        event = _event(server, scope)
+        try:
+            form = await self._form(scope, receive)
+            await self._authenticate(scope, form, server, server.introspection_endpoint, event)
+            token = _required(form, "token")
+        except OAuthError as exc:
+            self._emit_error("token.introspected", event, exc)
+            await send_error(send, exc)
+            return
+        claims, reason = self._verify(server, token)
+        if claims is None:
+            document: dict[str, Any] = {"active": False}
+        else:
+            document = {"active": True, **claims, "token_type": "Bearer"}
+        event.update(
+            jti=claims["jti"] if claims else None,
+            scopes=_scopes_of(claims),
+            outcome="active" if claims else "inactive",
+            reason=reason,
+        )
+        self.audit.emit("token.introspected", **event)
+        await send_bytes(send, 200, json_bytes(document), [JSON_TYPE, *NO_STORE])
+
+    # -- revocation (RFC 7009) ------------------------------------------------
+
+    async def revoke(
+        self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        event = _event(server, scope)
+        try:
+            form = await self._form(scope, receive)
+            authn = await self._authenticate(scope, form, server, server.revocation_endpoint, event)
+            token = _required(form, "token")
+            claims, reason = self._verify(server, token)
+            if claims is not None and claims.get("client_id") != authn.client.client_id:
+                event["jti"] = claims["jti"]
+                raise OAuthError("unauthorized_client", "the token was issued to another client")
+        except OAuthError as exc:
+            self._emit_error("token.revoked", event, exc)
+            await send_error(send, exc)
+            return
+        if claims is not None:
+            self.store.revoke(claims["jti"], server.name, int(claims["exp"]))
+            reason = "ok"
+        event.update(
+            jti=claims["jti"] if claims else None,
+            scopes=_scopes_of(claims),
+            outcome="revoked" if claims else "ignored",
+            reason=reason,
+        )
+        self.audit.emit("token.revoked", **event)
+        # RFC 7009 2.2: 200 whether or not the token was valid.
+        await send_bytes(send, 200, b"", NO_STORE)
+
+    # -- public documents -------------------------------------------------------
+
+    async def keys(self, server: ServerConfig, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "HEAD"):
+            await send_error(send, method_not_allowed("GET, HEAD"))
+            return
+        body = self.keyring.current(server.name).jwks_body
+        headers = [
+            (b"content-type", b"application/jwk-set+json"),
+            (b"cache-control", self.jwks_cache_control),
+        ]
+        await _send_document(scope, send, body, headers)
+
+    @staticmethod
+    def document(body: bytes) -> Callable[[ServerConfig, Scope, Receive, Send], Any]:
+        async def serve(server: ServerConfig, scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["method"] not in ("GET", "HEAD"):
+                await send_error(send, method_not_allowed("GET, HEAD"))
+                return
+            await _send_document(
+                scope, send, body, [JSON_TYPE, (b"cache-control", b"public, max-age=300")]
+            )
+
+        return serve
+
+    # -- shared steps -------------------------------------------------------------
+
+    async def _form(self, scope: Scope, receive: Receive) -> Form:
+        if scope["method"] != "POST":
+            raise method_not_allowed("POST")
+        return await read_form(scope, receive, self.max_body_bytes)
+
+    async def _authenticate(
+        self,
+        scope: Scope,
+        form: Form,
+        server: ServerConfig,
+        endpoint: str,
+        event: dict[str, Any],
+    ) -> AuthenticatedClient:
+        if header_count(scope, b"authorization") > 1:
+            raise invalid_request("more than one Authorization header")
+        audiences = list(dict.fromkeys([endpoint, server.token_endpoint, server.issuer]))
+        authn = await self.authenticator.authenticate(
+            header(scope, b"authorization"), form, audiences
+        )
+        event["client_id"] = authn.client.client_id
+        if server.name not in authn.client.servers:
+            raise OAuthError(
+                "unauthorized_client", f"the client may not use authorization server {server.name}"
+            )
+        return authn
+
+    def _verify(self, server: ServerConfig, token: str) -> tuple[dict[str, Any] | None, str]:
+        claims = self.verifier.verify(token, server, self.keyring.current(server.name))
+        if claims is None:
+            return None, "token_invalid"
+        if self.store.is_revoked(claims["jti"]):
+            return None, "token_revoked"
+        return claims, "ok"
+
+    def _emit_error(
+        self, name: str, event: dict[str, Any], exc: OAuthError, *, outcome: str = "error"
+    ) -> None:
+        event.setdefault("scopes", [])
+        event.update(
+            client_id=event["client_id"] or exc.client_id, outcome=outcome, reason=exc.error
+        )
+        self.audit.emit(name, **event)
+
+
+def _event(server: ServerConfig, scope: Scope) -> dict[str, Any]:
+    """The fields every authorization-server audit line carries."""
+    return {
+        "server": server.name,
+        "client_id": None,
+        "grant_type": None,
+        "scopes": [],
+        "jti": None,
+        "remote_addr": remote_addr(scope),
+    }
+
+
+def _required(form: Form, name: str) -> str:
+    value = form.get(name)
+    if value is None:
+        raise invalid_request(f"{name} is required")
+    return value
+
+
+def _scopes_of(claims: dict[str, Any] | None) -> list[str]:
+    scope = claims.get("scope") if claims else None
+    return scope.split() if isinstance(scope, str) else []
+
+
+def _audit_scopes(form: Form) -> tuple[str, ...]:
+    try:
+        return requested_scopes(form) or ()
+    except OAuthError:
+        return ()
+
+
+async def _send_document(
+    scope: Scope, send: Send, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    if scope["method"] == "HEAD":
+        length = [(b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": length + headers})
+        await send({"type": "http.response.body", "body": b""})
+        return
+    await send_bytes(send, 200, body, headers)

@@ -1,0 +1,142 @@
+"""State shared by every worker process and kept across restarts.
+
+Signing-key records, revoked token ``jti``s and used client-assertion ``jti``s live
+here, never only in one process's memory. :class:`Store` is the interface;
+:class:`SqliteStore` keeps it in ``data_dir/tokengate.sqlite3`` (WAL mode). A shared
+database can replace it when the authorization server runs as several replicas.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    server: str
+    kid: str
+    alg: str
+    created_at: int
+    activate_at: int
+
+
+class Store(Protocol):
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """Hold a lock that every process sharing the store respects."""
+
+    def keys(self, server: str | None = None) -> list[KeyRecord]: ...
+
+    def add_key(self, record: KeyRecord) -> None: ...
+
+    def remove_key(self, server: str, kid: str) -> None: ...
+
+    def revoke(self, jti: str, server: str, exp: int) -> None: ...
+
+    def is_revoked(self, jti: str) -> bool: ...
+
+    def remember_assertion(self, client_id: str, jti: str, exp: int) -> bool:
+        """Record an assertion ``jti`` until ``exp``; False if it was seen before."""
+
+    def purge(self, now: int) -> int:
+        """Forget revocations and assertions past their ``exp``."""
+
+    def close(self) -> None: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS signing_keys (
+    server TEXT NOT NULL, kid TEXT NOT NULL, alg TEXT NOT NULL,
+    created_at INTEGER NOT NULL, activate_at INTEGER NOT NULL,
+    PRIMARY KEY (server, kid)
+);
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti TEXT PRIMARY KEY, server TEXT NOT NULL, exp INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS used_assertions (
+    client_id TEXT NOT NULL, jti TEXT NOT NULL, exp INTEGER NOT NULL,
+    PRIMARY KEY (client_id, jti)
+);
+"""
+
+
+class SqliteStore:
+    """:class:`Store` on SQLite in WAL mode; safe for several processes at once."""
+
+    FILENAME = "tokengate.sqlite3"
+
+    def __init__(self, data_dir: Path) -> None:
+        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = data_dir / self.FILENAME
+        # SQLite gives the -wal and -shm files the database file's mode.
+        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        self._db = sqlite3.connect(
+            self.path, timeout=30, isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA busy_timeout = 30000")
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        with self.exclusive():
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    self._db.execute(statement)
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if self._db.in_transaction:  # nested: the outer lock already holds
+            yield
+            return
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    def keys(self, server: str | None = None) -> list[KeyRecord]:
+        sql = "SELECT server, kid, alg, created_at, activate_at FROM signing_keys"
+        params: tuple[str, ...] = ()
+        if server is not None:
+            sql += " WHERE server = ?"
+            params = (server,)
+        rows = self._db.execute(sql + " ORDER BY activate_at, created_at, kid", params)
+        return [KeyRecord(*row) for row in rows]
+
+    def add_key(self, record: KeyRecord) -> None:
+        self._db.execute(
+            "INSERT INTO signing_keys VALUES (?, ?, ?, ?, ?)",
+            (record.server, record.kid, record.alg, record.created_at, record.activate_at),
+        )
+
+    def remove_key(self, server: str, kid: str) -> None:
+        self._db.execute("DELETE FROM signing_keys WHERE server = ? AND kid = ?", (server, kid))
+
+    def revoke(self, jti: str, server: str, exp: int) -> None:
+        self._db.execute(
+            "INSERT OR IGNORE INTO revoked_tokens VALUES (?, ?, ?)", (jti, server, exp)
+        )
+
+    def is_revoked(self, jti: str) -> bool:
+        row = self._db.execute("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)).fetchone()
+        return row is not None
+
+    def remember_assertion(self, client_id: str, jti: str, exp: int) -> bool:
+        cur = self._db.execute(
+            "INSERT OR IGNORE INTO used_assertions VALUES (?, ?, ?)", (client_id, jti, exp)
+        )
+        return cur.rowcount == 1
+
+    def purge(self, now: int) -> int:
+        with self.exclusive():
+            a = self._db.execute("DELETE FROM revoked_tokens WHERE exp < ?", (now,)).rowcount
+            b = self._db.execute("DELETE FROM used_assertions WHERE exp < ?", (now,)).rowcount
+        return a + b
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,76 @@
+"""RFC 9068 JWT access tokens: build, sign, and verify our own (introspection)."""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from typing import Any
+
+import jwt
+
+from authserver.config import ServerConfig
+from authserver.grants import TokenRequest
+from authserver.keyring import KeySet
+
+ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type, not a secret
+
+
+def new_jti() -> str:
+    return secrets.token_urlsafe(16)
+
+
+def access_token_claims(request: TokenRequest, now: int, jti: str) -> dict[str, Any]:
+    """The claims of a client-credentials access token (RFC 9068 section 2.2)."""
+    client, server = request.client, request.server
+    return {
+        **client.claims,
+        "iss": server.issuer,
+        "sub": client.client_id,
+        "aud": server.audience,
+        "exp": now + server.access_token_ttl,
+        "iat": now,
+        "jti": jti,
+        "client_id": client.client_id,
+        "scope": " ".join(request.scopes),
+    }
+
+
+class TokenVerifier:
+    """Verifies tokens this authorization server issued; None for anything else."""
+
+    def __init__(self, *, leeway: int, clock: Callable[[], float] = time.time) -> None:
+        self.leeway = leeway
+        self.clock = clock
+
+    def verify(self, token: str, server: ServerConfig, keys: KeySet) -> dict[str, Any] | None:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            return None
+        key = keys.published.get(header.get("kid"))  # type: ignore[arg-type]
+        if key is None or header.get("alg") != key.alg or header.get("typ") != ACCESS_TOKEN_TYP:
+            return None
+        try:
+            claims = jwt.decode(
+                token,
+                key.public_key,
+                algorithms=[key.alg],
+                audience=server.audience,
+                issuer=server.issuer,
+                options={
+                    "require": ["iss", "sub", "aud", "exp", "iat", "jti"],
+                    "verify_exp": False,  # checked below against our clock
+                    "verify_iat": False,
+                    "verify_nbf": False,
+                },
+            )
+        except jwt.PyJWTError:
+            return None
+        now = self.clock()
+        exp, iat = claims.get("exp"), claims.get("iat")
+        if not isinstance(exp, int | float) or not isinstance(iat, int | float):
+            return None
+        if exp <= now - self.leeway or iat > now + self.leeway:
+            return None
+        return claims

@@ -1,0 +1,196 @@
+"""``tokengate run``: serve every configured listener, in one process or N workers.
+
+Sockets are bound once by the parent, so workers share them and a port conflict
+is reported before any worker starts. Each process runs every listener in one
+event loop; SIGTERM/SIGINT stop accepting, let in-flight requests finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import sqlite3
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+import uvloop
+
+from tokengate.asgi import ASGIApp
+from tokengate.config import Config, load_config
+from tokengate.jsonlog import AuditLog, LineSink, log_event
+from tokengate.yamlconf import ConfigErrors, Listen
+
+DRAIN_TIMEOUT = 30  # seconds in-flight requests get after SIGTERM
+STARTUP_FAILURE = 3
+EARLY_EXIT_WINDOW = 10  # a worker dying this soon after start is a startup failure
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    name: str
+    listen: Listen
+
+
+def listeners(config: Config, only: str | None) -> list[Listener]:
+    out = []
+    if config.authserver is not None and only in (None, "authserver"):
+        out.append(Listener("authserver", config.authserver.listen))
+    return out
+
+
+def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], AuditLog]:
+    from authserver.app import create_app  # one side per listener; imported on demand
+
+    audit = AuditLog(LineSink(config.audit.path))
+    apps: dict[str, ASGIApp] = {}
+    if "authserver" in names and config.authserver is not None:
+        apps["authserver"] = create_app(config.authserver, audit=audit)
+    return apps, audit
+
+
+def bind(listen: Listen) -> socket.socket:
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((listen.host, listen.port))
+    sock.listen(2048)
+    sock.set_inheritable(True)
+    return sock
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server whose signals are handled by :func:`serve_all`."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_all(config: Config, sockets: dict[str, socket.socket]) -> None:
+    apps, audit = build_apps(config, list(sockets))
+    servers = []
+    for name, sock in sockets.items():
+        uv_config = uvicorn.Config(
+            apps[name],
+            http="httptools",
+            lifespan="on",
+            access_log=False,
+            log_config=None,
+            log_level="warning",
+            server_header=False,
+            timeout_graceful_shutdown=DRAIN_TIMEOUT,
+            timeout_keep_alive=30,
+            backlog=2048,
+        )
+        servers.append((_Server(uv_config), sock))
+    loop = asyncio.get_running_loop()
+
+    def stop(sig: signal.Signals) -> None:
+        log_event("shutdown", signal=sig.name, pid=os.getpid())
+        for server, _ in servers:
+            if server.should_exit:
+                server.force_exit = True
+            server.should_exit = True
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop, sig)
+    try:
+        await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
+    finally:
+        audit.sink.close()
+
+
+def run_process(config: Config, sockets: dict[str, socket.socket]) -> None:
+    """Serve until a signal; exits STARTUP_FAILURE if the data dir or store is unusable."""
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve_all(config, sockets))
+    except (OSError, sqlite3.Error) as exc:
+        log_event("startup_failed", error=f"{type(exc).__name__}: {exc}")
+        sys.exit(STARTUP_FAILURE)
+
+
+def _worker(config_path: str, sockets: dict[str, socket.socket]) -> None:
+    try:
+        config = load_config(Path(config_path))
+    except ConfigErrors as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    run_process(config, sockets)
+
+
+def run(config_path: Path, config: Config, *, workers: int = 1, only: str | None = None) -> int:
+    plan = listeners(config, only)
+    if not plan:
+        print(f"nothing to serve: the config has no {only or 'listener'} section", file=sys.stderr)
+        return 2
+    try:
+        sockets = {item.name: bind(item.listen) for item in plan}
+    except OSError as exc:
+        print(f"cannot listen: {exc}", file=sys.stderr)
+        return STARTUP_FAILURE
+    for name, sock in sockets.items():
+        host, port = sock.getsockname()[:2]
+        log_event("listening", listener=name, address=str(Listen(host, port)), workers=workers)
+    if workers == 1:
+        try:
+            run_process(config, sockets)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+    return _supervise(str(config_path), sockets, workers)
+
+
+def _supervise(config_path: str, sockets: dict[str, socket.socket], workers: int) -> int:
+    """Run ``workers`` processes; replace one that crashes; stop all on a signal."""
+    ctx = multiprocessing.get_context("spawn")
+    stopping: list[int] = []
+
+    def spawn() -> tuple[Any, float]:
+        proc = ctx.Process(target=_worker, args=(config_path, sockets), daemon=False)
+        proc.start()
+        return proc, time.monotonic()
+
+    def on_signal(sig: int, _frame: object) -> None:
+        stopping.append(sig)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    procs = [spawn() for _ in range(workers)]
+    exit_code = 0
+    try:
+        while not stopping:
+            multiprocessing.connection.wait([p.sentinel for p, _ in procs], timeout=0.5)
+            for i, (proc, started) in enumerate(procs):
+                if proc.is_alive() or stopping:
+                    continue
+                code = proc.exitcode
+                if time.monotonic() - started < EARLY_EXIT_WINDOW and code != 0:
+                    log_event("worker.failed_to_start", pid=proc.pid, exitcode=code)
+                    exit_code = code if code and code > 0 else STARTUP_FAILURE
+                    stopping.append(0)
+                    break
+                log_event("worker.replaced", pid=proc.pid, exitcode=code)
+                procs[i] = spawn()
+    finally:
+        for proc, _ in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + DRAIN_TIMEOUT + 5
+        for proc, _ in procs:
+            proc.join(max(0.0, deadline - time.monotonic()))
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return exit_code
