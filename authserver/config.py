@@ -17,10 +17,10 @@ from tokengate.yamlconf import (
     Fields,
     Listen,
     Node,
-    as_duration,
     as_http_url,
     as_listen,
     as_name,
+    as_seconds,
     as_str,
     guarded,
     list_of,
@@ -161,8 +161,8 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         listen=listen,
         public_url=public_url,
         data_dir=Path(f.get("data_dir", as_str, "./data")),
-        jwks_max_age=int(f.get("jwks_max_age", as_duration, 300)),
-        leeway=int(f.get("leeway", as_duration, 30)),
+        jwks_max_age=f.get("jwks_max_age", as_seconds, 300),
+        leeway=f.get("leeway", as_seconds, 30),
         max_body_bytes=f.get("max_body_bytes", positive_int, 65536),
         servers=servers,
         clients=clients,
@@ -187,7 +187,7 @@ def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:
                 issuer=f"{public_url}/oauth2/{name}",
                 audience=s.get("audience", as_str),
                 signing_alg=s.get("signing_alg", one_of(*SIGNING_ALGS), "RS256"),  # type: ignore[arg-type]
-                access_token_ttl=int(s.get("access_token_ttl", as_duration, 3600)),
+                access_token_ttl=s.get("access_token_ttl", as_seconds, 3600),
                 scopes=s.get("scopes", list_of(as_scope), ()),
             )
         )

@@ -146,7 +146,7 @@ def key_schedule(
     records: Iterable[KeyRecord], now: float, *, token_ttl: int, leeway: int
 ) -> list[KeyStatus]:
     """Each key's state at ``now``, oldest first. Pure."""
-    ordered = sorted(records, key=lambda r: (r.activate_at, r.created_at, r.kid))
+    ordered = sorted(records, key=lambda r: (r.activate_at, r.seq))
     live = [r for r in ordered if r.activate_at <= now]
     out: list[KeyStatus] = []
     for i, record in enumerate(live):

@@ -24,6 +24,7 @@ class KeyRecord:
     alg: str
     created_at: int
     activate_at: int
+    seq: int = 0  # insertion order: among keys activating in the same second, newest wins
 
 
 class Store(Protocol):
@@ -100,12 +101,12 @@ class SqliteStore:
         self._db.execute("COMMIT")
 
     def keys(self, server: str | None = None) -> list[KeyRecord]:
-        sql = "SELECT server, kid, alg, created_at, activate_at FROM signing_keys"
+        sql = "SELECT server, kid, alg, created_at, activate_at, rowid FROM signing_keys"
         params: tuple[str, ...] = ()
         if server is not None:
             sql += " WHERE server = ?"
             params = (server,)
-        rows = self._db.execute(sql + " ORDER BY activate_at, created_at, kid", params)
+        rows = self._db.execute(sql + " ORDER BY activate_at, rowid", params)
         return [KeyRecord(*row) for row in rows]
 
     def add_key(self, record: KeyRecord) -> None:

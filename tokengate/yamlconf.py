@@ -339,6 +339,11 @@ def as_duration(node: Node) -> float:
     return seconds
 
 
+def as_seconds(node: Node) -> int:
+    """A duration in whole seconds (at least 1)."""
+    return max(1, round(as_duration(node)))
+
+
 def as_http_url(node: Node) -> str:
     """An absolute http(s) URL without query or fragment; trailing ``/`` dropped."""
     text = as_str(node)

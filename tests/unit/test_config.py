@@ -1,0 +1,253 @@
+"""Config loading: typed values, and every problem named by its key path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tokengate.config import parse_config
+from tokengate.yamlconf import ConfigErrors, parse_duration
+
+SECRET = "0123456789abcdef0123456789abcdef-x"
+
+VALID = f"""
+authserver:
+  listen: 127.0.0.1:9000
+  public_url: https://auth.example.com/
+  servers:
+    - name: default
+      audience: api://default
+      access_token_ttl: 15m
+      scopes: [orders:read, orders:write]
+  clients:
+    - client_id: reporting
+      secret: {SECRET}
+      scopes: [orders:read]
+      claims: {{tenant: acme}}
+"""
+
+
+def problems(text: str, environ: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, environ or {})
+    return [str(e) for e in info.value.errors]
+
+
+def test_valid_config_is_typed_and_frozen() -> None:
+    config = parse_config(VALID, {})
+    assert config.authserver is not None
+    server = config.authserver.servers[0]
+    assert server.issuer == "https://auth.example.com/oauth2/default"
+    assert server.access_token_ttl == 900
+    assert server.scopes == ("orders:read", "orders:write")
+    assert server.signing_alg == "RS256"
+    client = config.authserver.clients[0]
+    assert client.auth_methods == {"client_secret_basic", "client_secret_post"}
+    assert client.servers == {"default"}
+    assert client.secret_matches(SECRET) and not client.secret_matches(SECRET + "x")
+    assert SECRET not in repr(client)
+    with pytest.raises(AttributeError):
+        server.audience = "x"  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        client.claims["tenant"] = "other"  # type: ignore[index]
+    assert config.audit.path == "-"
+
+
+def test_env_interpolation() -> None:
+    text = VALID.replace(SECRET, "${REPORTING_SECRET}")
+    config = parse_config(text, {"REPORTING_SECRET": SECRET})
+    assert config.authserver is not None
+    assert config.authserver.clients[0].secret_matches(SECRET)
+    assert problems(text) == [
+        "authserver.clients[0].secret: environment variable REPORTING_SECRET is not set"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 30), ("30s", 30), ("10m", 600), ("1h", 3600), ("7d", 604800), ("1h30m", 5400)],
+)
+def test_durations(text: str, seconds: int) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "      access_token_ttl: 15m",
+            "      access_token_ttl: soon",
+            "authserver.servers[0].access_token_ttl: must be a duration like 30s, 10m, 1h, 7d, "
+            "got 'soon'",
+        ),
+        (
+            "      access_token_ttl: 15m",
+            "      access_token_tl: 15m",
+            "authserver.servers[0].access_token_tl: unknown key (did you mean 'access_token_ttl'?)",
+        ),
+        (
+            f"      secret: {SECRET}",
+            "      secret: short",
+            "authserver.clients[0].secret: is shorter than 32 characters; "
+            "generate one with `tokengate secret`",
+        ),
+        (
+            "      scopes: [orders:read]\n      claims",
+            "      scopes: [orders:admin]\n      claims",
+            "authserver.clients[0].scopes[0]: scope 'orders:admin' is not offered by any of "
+            "the client's servers",
+        ),
+        (
+            "      claims: {tenant: acme}",
+            "      claims: {tenant: acme}\n      servers: [default, missing]",
+            "authserver.clients[0].servers[1]: no authorization server named 'missing'",
+        ),
+        (
+            "      claims: {tenant: acme}",
+            "      claims: {sub: someone}",
+            "authserver.clients[0].claims.sub: claim 'sub' is set by the authorization server "
+            "and cannot be set",
+        ),
+        (
+            "  public_url: https://auth.example.com/",
+            "  public_url: ftp://auth.example.com/",
+            "authserver.public_url: scheme must be http or https, got 'ftp://auth.example.com/'",
+        ),
+        (
+            "  listen: 127.0.0.1:9000",
+            "  listen: 9000",
+            "authserver.listen: must be host:port, got '9000'",
+        ),
+        (
+            "      audience: api://default",
+            "      audience: [api://default]",
+            "authserver.servers[0].audience: must be a string, got a list",
+        ),
+        (
+            "    - name: default",
+            "    - name: default\n      signing_alg: HS256",
+            "authserver.servers[0].signing_alg: must be one of RS256, PS256, ES256, EdDSA; "
+            "got 'HS256'",
+        ),
+        (
+            "    - name: default",
+            "    - name: default\n      name: other",
+            "authserver.servers[0].name: duplicate key (again on line 7)",
+        ),
+        (
+            f"      secret: {SECRET}",
+            f"      secret: {SECRET}\n      secret_hash: sha256:00",
+            "authserver.clients[0]: needs exactly one of secret or secret_hash "
+            "(see `tokengate secret`)",
+        ),
+        (
+            f"      secret: {SECRET}",
+            "      secret_hash: sha256:00",
+            "authserver.clients[0].secret_hash: must be sha256:<64 hex digits>, as printed by "
+            "`tokengate secret`",
+        ),
+    ],
+)
+def test_problems_name_the_key_path(old: str, new: str, expected: str) -> None:
+    assert old in VALID
+    assert expected in problems(VALID.replace(old, new))
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    text = VALID.replace("15m", "never").replace("api://default", "") + "gateway_x: 1\n"
+    assert problems(text) == [
+        "gateway_x: unknown key",
+        "authserver.servers[0].audience: is required",
+        "authserver.servers[0].access_token_ttl: must be a duration like 30s, 10m, 1h, 7d, "
+        "got 'never'",
+    ]
+
+
+def test_duplicate_names_and_client_ids() -> None:
+    text = VALID + f"    - client_id: reporting\n      secret: {SECRET}\n"
+    assert problems(text) == ["authserver.clients[1].client_id: duplicate client_id 'reporting'"]
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (
+            "    - client_id: x\n",
+            "authserver.clients[1]: needs exactly one of secret or secret_hash "
+            "(see `tokengate secret`)",
+        ),
+        (
+            "    - client_id: x\n      auth_method: private_key_jwt\n",
+            "authserver.clients[1]: a private_key_jwt client needs exactly one of jwks or jwks_uri",
+        ),
+        (
+            "    - client_id: x\n      jwks: {keys: [{kty: oct, k: abc}]}\n",
+            "authserver.clients[1].jwks.keys[0]: must be a public key; never put a private or "
+            "symmetric key here",
+        ),
+        (
+            f"    - client_id: x\n      jwks_uri: https://x.test/jwks\n      secret: {SECRET}\n",
+            "authserver.clients[1]: a private_key_jwt client has no secret; remove "
+            "secret/secret_hash",
+        ),
+        (
+            "    - client_id: x\n      secret: " + SECRET + "\n      grant_types: [password]\n",
+            "authserver.clients[1].grant_types[0]: must be one of client_credentials; "
+            "got 'password'",
+        ),
+    ],
+)
+def test_client_credentials_rules(client: str, expected: str) -> None:
+    assert expected in problems(VALID + client)
+
+
+def test_yaml_syntax_error_names_the_line() -> None:
+    assert problems("authserver:\n  servers: [\n") == [
+        "line 3: invalid YAML: expected the node content, but found '<stream end>'"
+    ]
+
+
+def test_nothing_to_serve() -> None:
+    assert problems("audit: {path: '-'}\n") == [
+        "(top level): nothing to serve: add an authserver section"
+    ]
+
+
+def test_check_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(VALID)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(VALID.replace("15m", "never").replace("api://default", ""))
+    ok = subprocess.run(
+        [sys.executable, "-m", "tokengate", "check", "-c", str(good)],
+        capture_output=True,
+        text=True,
+    )
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, f"{good}: ok\n", "")
+    failed = subprocess.run(
+        [sys.executable, "-m", "tokengate", "check", "-c", str(bad)],
+        capture_output=True,
+        text=True,
+    )
+    assert failed.returncode == 2
+    assert failed.stderr.splitlines() == [
+        "authserver.servers[0].audience: is required",
+        "authserver.servers[0].access_token_ttl: must be a duration like 30s, 10m, 1h, 7d, "
+        "got 'never'",
+    ]
+    env_default = subprocess.run(
+        [sys.executable, "-m", "tokengate", "check"],
+        capture_output=True,
+        text=True,
+        env={"TOKENGATE_CONFIG": str(good), "PATH": "/usr/bin:/bin"},
+    )
+    assert env_default.returncode == 0
+
+
+def test_default_config_is_valid() -> None:
+    root = Path(__file__).resolve().parents[2]
+    config = parse_config((root / "config/tokengate.yaml").read_text(), {})
+    assert config.authserver is not None
