@@ -48,7 +48,8 @@ class TokenVerifier:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
             return None
-        key = keys.published.get(header.get("kid"))  # type: ignore[arg-type]
+        kid = header.get("kid")
+        key = keys.published.get(kid) if isinstance(kid, str) else None
         if key is None or header.get("alg") != key.alg or header.get("typ") != ACCESS_TOKEN_TYP:
             return None
         try:

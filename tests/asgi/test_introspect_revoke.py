@@ -74,8 +74,10 @@ async def test_expired_token_is_inactive(authserver: AuthServer) -> None:
         "a.b.c",
         jwt.encode({"iss": ISSUER, "sub": "x"}, "k" * 32, algorithm="HS256"),
         jwt.encode({"iss": ISSUER}, None, algorithm="none"),
+        "eyJhbGciOiJSUzI1NiIsImtpZCI6WyJhIl19.e30.c2ln",  # {"alg":"RS256","kid":["a"]}
+        "eyJhbGciOiJSUzI1NiJ9.W10.c2ln",  # payload is a JSON list
     ],
-    ids=["garbage", "three-dots", "hs256", "alg-none"],
+    ids=["garbage", "three-dots", "hs256", "alg-none", "kid-is-a-list", "payload-list"],
 )
 async def test_malformed_and_foreign_tokens_are_inactive(
     authserver: AuthServer, token: str

@@ -569,6 +569,7 @@ async def test_replayed_assertion_is_refused(authserver: AuthServer, billing_key
     assert "already used" in replay.json()["error_description"]
     events = [line["event"] for line in authserver.audit_lines()]
     assert events == ["token.issued", "token.denied"]
+    assert token not in authserver.audit_path.read_text()  # never log an assertion
 
 
 def _other_key() -> Any:

@@ -251,3 +251,19 @@ def test_default_config_is_valid() -> None:
     root = Path(__file__).resolve().parents[2]
     config = parse_config((root / "config/tokengate.yaml").read_text(), {})
     assert config.authserver is not None
+
+
+def test_secret_command_prints_a_secret_and_its_hash(tmp_path: Path) -> None:
+    import hashlib
+    import re
+
+    out = subprocess.run(
+        [sys.executable, "-m", "tokengate", "secret"], capture_output=True, text=True, check=True
+    ).stdout
+    secret_line, hash_line = out.splitlines()
+    secret = re.fullmatch(r"secret: ([A-Za-z0-9_-]{43})", secret_line).group(1)  # type: ignore[union-attr]
+    assert hash_line == f"secret_hash: sha256:{hashlib.sha256(secret.encode()).hexdigest()}"
+    pasted = VALID.replace(f"      secret: {SECRET}", f"      {hash_line}")
+    config = parse_config(pasted, {})
+    assert config.authserver is not None
+    assert config.authserver.clients[0].secret_matches(secret)
