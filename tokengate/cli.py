@@ -79,6 +79,8 @@ def _check(args: argparse.Namespace) -> int:
     loaded = _load(args)
     if loaded is None:
         return 2
+    for warning in loaded[1].warnings:
+        print(f"warning: {warning}")
     print(f"{loaded[0]}: ok")
     return 0
 

@@ -8,18 +8,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from authserver.config import AuthServerConfig, parse_authserver
+from gateway.config import GatewayConfig, parse_gateway
 from tokengate.yamlconf import (
     ConfigError,
     ConfigErrors,
+    Listen,
     Node,
     as_int,
+    as_listen,
     as_str,
     parse_yaml,
     root,
 )
 
 DEFAULT_PATH = Path("config/tokengate.yaml")
-SECTIONS = ("version", "authserver", "audit")
+SECTIONS = ("version", "authserver", "gateway", "echo", "audit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -28,9 +31,20 @@ class AuditConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EchoConfig:
+    listen: Listen  # the built-in echo upstream (tokengate.echo)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     authserver: AuthServerConfig | None
+    gateway: GatewayConfig | None
+    echo: EchoConfig | None
     audit: AuditConfig
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self.gateway.warnings if self.gateway is not None else ()
 
 
 def default_path(environ: Mapping[str, str] | None = None) -> Path:
@@ -56,17 +70,33 @@ def parse_config(
     f = top.fields(optional=SECTIONS)
     f.get("version", _version, 1)
     authserver = f.get("authserver", parse_authserver, None)
+    gateway = f.get("gateway", parse_gateway, None)
+    echo = f.get("echo", _echo, None)
     audit = f.get("audit", _audit, AuditConfig("-"))
-    if top.is_mapping() and not f.has("authserver"):
-        top.error("nothing to serve: add an authserver section")
+    if top.is_mapping() and not any(f.has(s) for s in ("authserver", "gateway", "echo")):
+        top.error("nothing to serve: add an authserver, gateway or echo section")
+    listens = [
+        (n, c.listen)
+        for n, c in (("authserver", authserver), ("gateway", gateway), ("echo", echo))
+        if c
+    ]
+    for i, (name, listen) in enumerate(listens):
+        for other, earlier in listens[:i]:
+            if listen == earlier and listen.port != 0:
+                top.report.add(f"{name}.listen", f"{listen} is also {other}.listen")
     top.report.raise_if_any()
-    return Config(authserver=authserver, audit=audit)
+    return Config(authserver=authserver, gateway=gateway, echo=echo, audit=audit)
 
 
 def _version(node: Node) -> int:
     if as_int(node) != 1:
         raise ConfigError(node.path, f"unsupported version {node.value!r}; this is version 1")
     return 1
+
+
+def _echo(node: Node) -> EchoConfig:
+    f = node.fields(required=("listen",))
+    return EchoConfig(listen=f.get("listen", as_listen))
 
 
 def _audit(node: Node) -> AuditConfig:

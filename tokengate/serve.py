@@ -45,16 +45,29 @@ def listeners(config: Config, only: str | None) -> list[Listener]:
     out = []
     if config.authserver is not None and only in (None, "authserver"):
         out.append(Listener("authserver", config.authserver.listen))
+    if config.gateway is not None and only in (None, "gateway"):
+        out.append(Listener("gateway", config.gateway.listen))
+    if config.echo is not None and only is None:
+        out.append(Listener("echo", config.echo.listen))
     return out
 
 
 def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], AuditLog]:
-    from authserver.app import create_app  # one side per listener; imported on demand
-
+    """One app per listener; each side is imported only when it is served."""
     audit = AuditLog(LineSink(config.audit.path))
     apps: dict[str, ASGIApp] = {}
     if "authserver" in names and config.authserver is not None:
-        apps["authserver"] = create_app(config.authserver, audit=audit)
+        from authserver.app import create_app as authserver_app
+
+        apps["authserver"] = authserver_app(config.authserver, audit=audit)
+    if "gateway" in names and config.gateway is not None:
+        from gateway.app import create_app as gateway_app
+
+        apps["gateway"] = gateway_app(config.gateway, audit=audit)
+    if "echo" in names:
+        from tokengate.echo import EchoApp
+
+        apps["echo"] = EchoApp()
     return apps, audit
 
 
@@ -89,6 +102,7 @@ async def serve_all(config: Config, sockets: dict[str, socket.socket]) -> None:
             log_level="warning",
             server_header=False,
             timeout_graceful_shutdown=DRAIN_TIMEOUT,
+            date_header=name != "gateway",  # proxied responses keep the upstream's Date
             timeout_keep_alive=30,
             backlog=2048,
         )

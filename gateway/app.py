@@ -1,0 +1,202 @@
+"""The gateway as a raw ASGI app. Wiring only:
+
+request -> canonical path -> route -> bearer token -> authorize -> forward
+        \\-> every outcome: one audit line
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import httpx
+from yarl import URL
+
+from gateway.authn import Authenticator, Principal, bearer_token
+from gateway.authz import authorize
+from gateway.config import GatewayConfig
+from gateway.errors import Denied, Reason, send_denial
+from gateway.forward import Exchange, Forwarder, new_session
+from gateway.headers import request_id as pick_request_id
+from gateway.headers import upstream_headers
+from gateway.jwks import JwksCache
+from gateway.paths import BadPath, canonical_path
+from gateway.routing import Route, RouteTable, request_host
+from tokengate.asgi import Receive, Scope, Send
+from tokengate.jsonlog import AuditLog, log_event
+
+STARTUP_WAIT = 10.0  # seconds the first start waits for every issuer's keys
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """Per-route forwarding settings, built once."""
+
+    base: str
+    timeout: aiohttp.ClientTimeout
+
+
+class GatewayApp:
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        audit: AuditLog,
+        http: httpx.AsyncClient | None = None,
+        session_factory: Callable[[], aiohttp.ClientSession] = new_session,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.audit = audit
+        self.routes = RouteTable(config.routes)
+        self.upstreams = {
+            r.name: Upstream(
+                r.upstream,
+                aiohttp.ClientTimeout(total=None, sock_connect=r.timeout, sock_read=r.timeout),
+            )
+            for r in config.routes
+        }
+        self.jwks = JwksCache(
+            config.issuers,
+            http or httpx.AsyncClient(follow_redirects=False, trust_env=False),
+            clock=monotonic,
+        )
+        self.authenticator = Authenticator(config, self.jwks, clock=clock)
+        self.session_factory = session_factory
+        self.forwarder: Forwarder | None = None
+
+    # -- lifecycle ---------------------------------------------------------------
+
+    async def startup(self) -> None:
+        self.forwarder = Forwarder(self.session_factory())
+        self.jwks.start()
+        missing = await self.jwks.wait_loaded(STARTUP_WAIT)
+        for issuer in missing:
+            log_event("gateway.issuer_not_ready", issuer=issuer)
+
+    async def shutdown(self) -> None:
+        await self.jwks.aclose()
+        if self.forwarder is not None:
+            await self.forwarder.session.close()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            await self.handle(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            await self._lifespan(receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": 1008})
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await self.startup()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests ----------------------------------------------------------------
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        headers = scope["headers"]
+        rid = pick_request_id(headers)
+        rid_bytes = rid.encode()
+        host_header = None
+        authorization = []
+        for name, value in headers:
+            if name == b"host":
+                host_header = value
+            elif name == b"authorization":
+                authorization.append(value)
+        route: Route | None = None
+        principal: Principal | None = None
+        path = scope["path"]
+        exchange = Exchange()
+        try:
+            try:
+                path = canonical_path(
+                    scope.get("raw_path") or scope["path"].encode("utf-8"),
+                    allow_path_parameters=self.config.allow_path_parameters,
+                )
+            except BadPath as exc:
+                raise Denied(Reason.BAD_PATH, "the request path is not allowed") from exc
+            route = self.routes.match(scope["method"], request_host(host_header), path)
+            if route is None:
+                raise Denied(Reason.NO_ROUTE, "no route matches this request")
+            if not route.config.public:
+                principal = await self.authenticator.authenticate(bearer_token(authorization))
+                authorize(principal, route)
+            assert self.forwarder is not None, "the gateway has not started"
+            upstream = self.upstreams[route.name]
+            query = scope.get("query_string") or b""
+            target = upstream.base + route.upstream_path(path)
+            if query:
+                target += "?" + query.decode("latin-1")
+            client = scope.get("client")
+            await self.forwarder.forward(
+                scope,
+                receive,
+                send,
+                url=URL(target, encoded=True),
+                headers=upstream_headers(
+                    headers,
+                    client_ip=client[0] if client else None,
+                    scheme=scope.get("scheme", "http"),
+                    host=host_header,
+                    request_id=rid,
+                    principal=principal,
+                    forward_token=route.config.forward_token,
+                ),
+                limits=upstream.timeout,
+                request_id=rid_bytes,
+                exchange=exchange,
+            )
+        except Denied as denied:
+            exchange.reason = denied.reason
+            exchange.status = denied.status
+            exchange.bytes_out = await send_denial(send, denied, [(b"x-request-id", rid_bytes)])
+        finally:
+            self._audit(scope, rid, route, principal, path, exchange, started)
+
+    def _audit(
+        self,
+        scope: Scope,
+        rid: str,
+        route: Route | None,
+        principal: Principal | None,
+        path: str,
+        exchange: Exchange,
+        started: float,
+    ) -> None:
+        client = scope.get("client")
+        line: dict[str, Any] = {
+            "request_id": rid,
+            "route": route.name if route is not None else "(none)",
+            "method": scope["method"],
+            "path": path,
+            "status": exchange.status or 500,
+            "decision": "allow" if exchange.reason.allowed else "deny",
+            "reason": exchange.reason.value,
+            "client_id": principal.client_id if principal else None,
+            "sub": principal.sub if principal else None,
+            "iss": principal.issuer.issuer if principal else None,
+            "jti": principal.jti if principal else None,
+            "scopes": list(principal.scope_list) if principal else [],
+            "remote_addr": client[0] if client else None,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "bytes_in": exchange.bytes_in,
+            "bytes_out": exchange.bytes_out,
+        }
+        self.audit.emit("gateway.request", **line)
+
+
+def create_app(config: GatewayConfig, *, audit: AuditLog) -> GatewayApp:
+    return GatewayApp(config, audit=audit)

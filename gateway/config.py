@@ -1,0 +1,315 @@
+"""The ``gateway`` section: listen address, trusted issuers, routes. Frozen, checked once."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from tokengate.yamlconf import (
+    ConfigError,
+    Fields,
+    Listen,
+    Node,
+    as_bool,
+    as_http_url,
+    as_listen,
+    as_name,
+    as_seconds,
+    as_str,
+    guarded,
+    list_of,
+    one_of,
+    positive_int,
+)
+
+# Asymmetric algorithms only: `none` and HMAC are never accepted from an issuer.
+ALGORITHMS = (
+    "RS256",
+    "RS384",
+    "RS512",
+    "PS256",
+    "PS384",
+    "PS512",
+    "ES256",
+    "ES384",
+    "ES512",
+    "EdDSA",
+)
+METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
+_PATTERN_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,=:@%-]+")
+
+
+@dataclass(frozen=True, slots=True)
+class IssuerConfig:
+    issuer: str
+    audiences: tuple[str, ...]
+    jwks_uri: str | None  # None: from the issuer's discovery document
+    algorithms: tuple[str, ...]
+    leeway: int
+    allow_jwt_typ: bool  # accept typ JWT or no typ (issuers whose tokens lack at+jwt)
+    jwks_cache_min: int  # never refetch more often than this (also the unknown-kid interval)
+    jwks_cache_max: int  # refresh at least this often, whatever Cache-Control says
+    jwks_cache_default: int  # when the JWKS response has no Cache-Control max-age
+    jwks_max_stale: int  # serve old keys this long after fetches start failing; then deny
+
+
+ClaimOp = Literal["equals", "any_of", "contains", "matches", "exists"]
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRule:
+    claim: str
+    op: ClaimOp
+    value: Any  # equals: a scalar; any_of: tuple; contains: scalar; matches: Pattern; exists: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Require:
+    issuer: str | None
+    audience: str | None
+    scopes: tuple[str, ...]
+    any_scopes: tuple[str, ...]
+    claims: tuple[ClaimRule, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RouteConfig:
+    name: str
+    path: str  # pattern: exact, `*` one segment, trailing `**` any depth
+    methods: frozenset[str] | None  # None: any
+    host: str | None  # exact, or `*.example.com`; lowercase, no port
+    upstream: str  # http(s)://host[:port][/base], no trailing slash
+    strip_prefix: str | None
+    timeout: float
+    public: bool
+    forward_token: bool
+    require: Require
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    listen: Listen
+    issuers: tuple[IssuerConfig, ...]
+    routes: tuple[RouteConfig, ...]
+    max_token_bytes: int
+    allow_path_parameters: bool
+    token_cache_size: int
+    warnings: tuple[str, ...] = ()
+
+    def issuer(self, url: str) -> IssuerConfig | None:
+        return next((i for i in self.issuers if i.issuer == url), None)
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_gateway(node: Node) -> GatewayConfig:
+    f = node.fields(
+        required=("routes",),
+        optional=(
+            "listen",
+            "issuers",
+            "max_token_bytes",
+            "allow_path_parameters",
+            "token_cache_size",
+        ),
+    )
+    issuers = _parse_issuers(f)
+    by_url = {i.issuer: i for i in issuers}
+    routes: list[RouteConfig] = []
+    seen: dict[str, int] = {}
+    for i, item in enumerate(f.node_at("routes").items()):
+        route = guarded(item, lambda n: _parse_route(n, by_url))
+        if route is None:
+            continue
+        if route.name in seen:
+            item.report.add(
+                f"{item.path}.name",
+                f"duplicate route name {route.name!r} (also routes[{seen[route.name]}])",
+            )
+        seen.setdefault(route.name, i)
+        routes.append(route)
+    needs_token = [r for r in routes if not r.public]
+    if needs_token and not issuers and "issuers" not in f:
+        f.node.report.add(
+            f.node.key_path("issuers"), "routes need tokens but no issuer is configured"
+        )
+    from gateway.routing import shadowed  # pure; kept with the matcher it mirrors
+
+    return GatewayConfig(
+        listen=f.get("listen", as_listen, Listen("127.0.0.1", 8080)),
+        issuers=issuers,
+        routes=tuple(routes),
+        max_token_bytes=f.get("max_token_bytes", positive_int, 8192),
+        allow_path_parameters=f.get("allow_path_parameters", as_bool, False),
+        token_cache_size=f.get("token_cache_size", positive_int, 10000),
+        warnings=tuple(
+            f"{f.node.key_path('routes')}[{later}]: never matches; "
+            f"routes[{earlier}] ({routes[earlier].name}) matches everything it does"
+            for later, earlier in shadowed(routes)
+        ),
+    )
+
+
+def _parse_issuers(f: Fields) -> tuple[IssuerConfig, ...]:
+    out: list[IssuerConfig] = []
+    seen: set[str] = set()
+    for item in f.node_at("issuers").items() if f.has("issuers") else ():
+        i = item.fields(
+            required=("issuer", "audiences"),
+            optional=(
+                "jwks_uri",
+                "algorithms",
+                "leeway",
+                "allow_jwt_typ",
+                "jwks_cache_min",
+                "jwks_cache_max",
+                "jwks_cache_default",
+                "jwks_max_stale",
+            ),
+        )
+        url = i.get("issuer", as_http_url)
+        if url in seen:
+            i.node_at("issuer").error(f"duplicate issuer {url!r}")
+        seen.add(url)
+        audiences = i.get("audiences", list_of(as_str), ())
+        if audiences == ():
+            i.node_at("audiences").error("must list at least one audience")
+        algorithms = i.get("algorithms", list_of(one_of(*ALGORITHMS)), ("RS256",))
+        cache_min = i.get("jwks_cache_min", as_seconds, 30)
+        cache_max = i.get("jwks_cache_max", as_seconds, 3600)
+        if cache_min and cache_max and cache_min > cache_max:
+            i.node_at("jwks_cache_min").error("must not exceed jwks_cache_max")
+        out.append(
+            IssuerConfig(
+                issuer=url,
+                audiences=audiences,
+                jwks_uri=i.get("jwks_uri", as_http_url, None),
+                algorithms=algorithms or ("RS256",),
+                leeway=i.get("leeway", as_seconds, 30),
+                allow_jwt_typ=i.get("allow_jwt_typ", as_bool, False),
+                jwks_cache_min=cache_min,
+                jwks_cache_max=cache_max,
+                jwks_cache_default=i.get("jwks_cache_default", as_seconds, 300),
+                jwks_max_stale=i.get("jwks_max_stale", as_seconds, 86400),
+            )
+        )
+    return tuple(out)
+
+
+def _parse_route(node: Node, issuers: dict[str, IssuerConfig]) -> RouteConfig:
+    r = node.fields(
+        required=("name", "match", "upstream"),
+        optional=("strip_prefix", "timeout", "public", "forward_token", "require"),
+    )
+    m = r.node_at("match").fields(required=("path",), optional=("methods", "host"))
+    path = m.get("path", as_path_pattern)
+    strip_prefix = r.get("strip_prefix", as_path_prefix, None)
+    if strip_prefix and path and not (path + "/").startswith(strip_prefix.rstrip("/") + "/"):
+        r.node_at("strip_prefix").error(f"is not a prefix of match.path {path!r}")
+    public = r.get("public", as_bool, False)
+    require = _parse_require(r, issuers)
+    if public and r.has("require"):
+        r.node_at("require").error("a public route takes no token, so it cannot require one")
+    methods = m.get("methods", list_of(one_of(*METHODS)), None)
+    return RouteConfig(
+        name=r.get("name", as_name),
+        path=path,
+        methods=frozenset(methods) if methods else None,
+        host=m.get("host", as_host, None),
+        upstream=r.get("upstream", as_http_url),
+        strip_prefix=strip_prefix,
+        timeout=float(r.get("timeout", as_seconds, 30)),
+        public=public,
+        forward_token=r.get("forward_token", as_bool, False),
+        require=require,
+    )
+
+
+def _parse_require(r: Fields, issuers: dict[str, IssuerConfig]) -> Require:
+    if not r.has("require"):
+        return Require(None, None, (), (), ())
+    q = r.node_at("require").fields(
+        optional=("issuer", "audience", "scopes", "any_scopes", "claims")
+    )
+    issuer = q.get("issuer", as_http_url, None)
+    if issuer is not None and issuer not in issuers:
+        q.node_at("issuer").error(f"no issuer {issuer!r} under gateway.issuers")
+    claims: list[ClaimRule] = []
+    for name, child in q.node_at("claims").entries() if q.has("claims") else ():
+        rule = guarded(child, lambda n, name=name: as_claim_rule(n, name))
+        if rule is not None:
+            claims.append(rule)
+    return Require(
+        issuer=issuer,
+        audience=q.get("audience", as_str, None),
+        scopes=q.get("scopes", list_of(as_str), ()),
+        any_scopes=q.get("any_scopes", list_of(as_str), ()),
+        claims=tuple(claims),
+    )
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def as_path_pattern(node: Node) -> str:
+    """``/exact/path``, ``/a/*/c`` (one segment), ``/a/**`` (any depth, final only)."""
+    text = as_str(node)
+    if not text.startswith("/"):
+        raise ConfigError(node.path, f"must start with /, got {text!r}")
+    segments = text[1:].split("/")
+    for i, segment in enumerate(segments):
+        if segment == "**" and i != len(segments) - 1:
+            raise ConfigError(node.path, "** may only be the last segment")
+        if segment in ("*", "**") or (segment == "" and i == len(segments) - 1):
+            continue
+        if segment in (".", "..") or not _PATTERN_SEGMENT.fullmatch(segment) or "*" in segment:
+            raise ConfigError(
+                node.path,
+                f"segment {segment!r} is not canonical (no empty, dot or partial-* segments)",
+            )
+    return text
+
+
+def as_path_prefix(node: Node) -> str:
+    text = as_str(node)
+    if not text.startswith("/") or "*" in text or "//" in text:
+        raise ConfigError(node.path, f"must be a literal path starting with /, got {text!r}")
+    return text.rstrip("/") or "/"
+
+
+def as_host(node: Node) -> str:
+    text = as_str(node).lower()
+    if not re.fullmatch(r"(\*\.)?[a-z0-9]([a-z0-9.-]*[a-z0-9])?", text):
+        raise ConfigError(node.path, f"must be a host name or *.domain, got {text!r}")
+    return text
+
+
+def as_claim_rule(node: Node, claim: str) -> ClaimRule:
+    value = node.value
+    if isinstance(value, list):
+        return ClaimRule(claim, "any_of", tuple(_scalar(n) for n in node.items()))
+    if not isinstance(value, dict):
+        return ClaimRule(claim, "equals", _scalar(node))
+    (op, child), *rest = list(node.entries()) or [("", node)]
+    if rest or op not in ("contains", "matches", "exists"):
+        raise ConfigError(
+            node.path, "must be a value, a list of values, or one of {contains|matches|exists: ...}"
+        )
+    if op == "contains":
+        return ClaimRule(claim, "contains", _scalar(child))
+    if op == "exists":
+        return ClaimRule(claim, "exists", as_bool(child))
+    pattern = as_str(child)
+    try:
+        return ClaimRule(claim, "matches", re.compile(pattern))
+    except re.error as exc:
+        raise ConfigError(child.path, f"is not a valid regular expression ({exc})") from None
+
+
+def _scalar(node: Node) -> str | int | float | bool:
+    value = node.plain()
+    if isinstance(value, list | dict) or value is None:
+        raise ConfigError(node.path, "must be a string, number or boolean")
+    return value  # type: ignore[no-any-return]

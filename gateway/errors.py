@@ -1,0 +1,110 @@
+"""Why a request was denied, and the RFC 6750 response that says so."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from enum import StrEnum
+
+from tokengate.asgi import JSON_TYPE, Headers, Send, json_bytes, send_bytes
+
+REALM = 'Bearer realm="tokengate"'
+
+
+class Reason(StrEnum):
+    """The machine code of every outcome: metric label and audit field."""
+
+    OK = "ok"
+    TOKEN_MISSING = "token_missing"
+    TOKEN_INVALID = "token_invalid"
+    TOKEN_EXPIRED = "token_expired"
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    ISSUER_UNKNOWN = "issuer_unknown"
+    AUDIENCE_MISMATCH = "audience_mismatch"
+    KEY_UNKNOWN = "key_unknown"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    CLAIMS_MISMATCH = "claims_mismatch"
+    NO_ROUTE = "no_route"
+    BAD_PATH = "bad_path"
+    JWKS_UNAVAILABLE = "jwks_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+
+    @property
+    def allowed(self) -> bool:
+        """Upstream failures happen after the request was allowed."""
+        return self in (Reason.OK, Reason.UPSTREAM_TIMEOUT, Reason.UPSTREAM_UNAVAILABLE)
+
+
+class Denied(Exception):
+    """A request answered by the gateway itself, never forwarded (or failed upstream)."""
+
+    def __init__(self, reason: Reason, description: str, *, scope: str | None = None) -> None:
+        super().__init__(description)
+        self.reason = reason
+        self.description = description
+        self.scope = scope  # insufficient_scope: what the route needs
+
+    @property
+    def status(self) -> int:
+        return _STATUS[self.reason]
+
+
+_STATUS = {
+    Reason.TOKEN_MISSING: 401,
+    Reason.TOKEN_INVALID: 401,
+    Reason.TOKEN_EXPIRED: 401,
+    Reason.TOKEN_NOT_YET_VALID: 401,
+    Reason.ISSUER_UNKNOWN: 401,
+    Reason.AUDIENCE_MISMATCH: 401,
+    Reason.KEY_UNKNOWN: 401,
+    Reason.INSUFFICIENT_SCOPE: 403,
+    Reason.CLAIMS_MISMATCH: 403,
+    Reason.NO_ROUTE: 404,
+    Reason.BAD_PATH: 400,
+    Reason.JWKS_UNAVAILABLE: 503,
+    Reason.UPSTREAM_TIMEOUT: 504,
+    Reason.UPSTREAM_UNAVAILABLE: 502,
+}
+
+_ERROR = {
+    401: "invalid_token",
+    403: "insufficient_scope",
+    404: "not_found",
+    400: "invalid_request",
+    503: "temporarily_unavailable",
+    504: "gateway_timeout",
+    502: "bad_gateway",
+}
+
+
+def http_date() -> bytes:
+    return email.utils.formatdate(time.time(), usegmt=True).encode()
+
+
+def denial_response(denied: Denied) -> tuple[int, Headers, bytes]:
+    """Status, headers and JSON body for a denial (RFC 6750 section 3)."""
+    status = denied.status
+    if denied.reason is Reason.TOKEN_MISSING:
+        error = "unauthorized"  # no error attribute in the challenge (RFC 6750 3.1)
+        challenge: str | None = REALM
+    else:
+        error = _ERROR[status]
+        challenge = None
+        if status in (401, 403):
+            challenge = f'{REALM}, error="{error}", error_description="{denied.description}"'
+            if denied.scope:
+                challenge += f', scope="{denied.scope}"'
+    headers: Headers = [JSON_TYPE, (b"date", http_date()), (b"cache-control", b"no-store")]
+    if challenge is not None:
+        headers.append((b"www-authenticate", challenge.encode()))
+    if status == 503:
+        headers.append((b"retry-after", b"1"))
+    body = json_bytes({"error": error, "error_description": denied.description})
+    return status, headers, body
+
+
+async def send_denial(send: Send, denied: Denied, extra: Headers) -> int:
+    status, headers, body = denial_response(denied)
+    await send_bytes(send, status, body, headers + extra)
+    return len(body)

@@ -1,0 +1,292 @@
+"""Per-issuer JWKS cache: keys fetched over HTTP, never on the request path unless a
+``kid`` is unknown, and never more than once per ``jwks_cache_min`` for that.
+
+- Fetched at start; a gateway is not ready until every issuer's keys are loaded.
+- Refreshed in the background before expiry (``Cache-Control: max-age`` clamped to
+  ``[jwks_cache_min, jwks_cache_max]``), retried with backoff on failure.
+- An unknown ``kid`` triggers one shared (single-flight) refetch at most once per
+  ``jwks_cache_min``; unknown kids are then remembered for a short while, so a flood
+  of random kids costs no fetches.
+- On fetch failures the last keys keep serving until ``jwks_max_stale`` after the
+  last success; then requests fail closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import time
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import cachetools
+import httpx
+import jwt
+
+from gateway.config import IssuerConfig
+from tokengate.jsonlog import log_event
+
+MAX_DOCUMENT_BYTES = 512 * 1024
+FETCH_TIMEOUT = 5.0
+MAX_BACKOFF = 30.0
+_MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
+# Algorithms a key of each type can verify.
+_KEY_ALGS = {
+    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
+    "EC:P-256": frozenset({"ES256"}),
+    "EC:P-384": frozenset({"ES384"}),
+    "EC:P-521": frozenset({"ES512"}),
+    "OKP:Ed25519": frozenset({"EdDSA"}),
+}
+
+
+class KeyUnknown(Exception):
+    """No key with this kid (after a refetch, if one was allowed)."""
+
+
+class KeysUnavailable(Exception):
+    """No usable key set: never fetched, or stale past ``jwks_max_stale``."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    kid: str | None
+    key: Any = field(repr=False)
+    algorithms: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class KeySet:
+    keys: Mapping[str | None, VerifyKey]
+    fetched_at: float  # monotonic clock
+    fetched_at_wall: float
+    ttl: float
+
+
+def parse_jwks(document: Any, algorithms: tuple[str, ...]) -> dict[str | None, VerifyKey]:
+    """Usable signature keys, by kid. Keys of other uses, types or algorithms are skipped."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise ValueError("not a JWK set")
+    pinned = frozenset(algorithms)
+    out: dict[str | None, VerifyKey] = {}
+    for jwk in document["keys"]:
+        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
+            continue
+        kind = str(jwk.get("kty"))
+        if kind in ("EC", "OKP"):
+            kind = f"{kind}:{jwk.get('crv')}"
+        usable = _KEY_ALGS.get(kind, frozenset()) & pinned
+        alg = jwk.get("alg")
+        if alg is not None:
+            usable &= {alg}
+        if not usable:
+            continue
+        try:
+            key = jwt.PyJWK(jwk, algorithm=min(usable)).key
+        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
+            continue
+        kid = jwk.get("kid")
+        kid = kid if isinstance(kid, str) else None
+        out[kid] = VerifyKey(kid, key, usable)
+    return out
+
+
+def max_age(cache_control: str | None) -> int | None:
+    if not cache_control or "no-store" in cache_control.lower():
+        return None
+    m = _MAX_AGE.search(cache_control)
+    return int(m.group(1)) if m else None
+
+
+class IssuerKeys:
+    """One issuer's keys. All I/O goes through ``http``; time through ``clock``."""
+
+    def __init__(
+        self,
+        issuer: IssuerConfig,
+        http: httpx.AsyncClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.issuer = issuer
+        self.http = http
+        self.clock = clock
+        self.wall = wall
+        self.keyset: KeySet | None = None
+        self.jwks_uri = issuer.jwks_uri
+        self.fetches: Counter[str] = Counter()  # result -> count
+        self.failures = 0  # consecutive
+        self._last_attempt = float("-inf")
+        self._inflight: asyncio.Task[None] | None = None
+        self._unknown: cachetools.TTLCache[str | None, bool] = cachetools.TTLCache(
+            maxsize=1024, ttl=issuer.jwks_cache_min, timer=clock
+        )
+        self.loaded = asyncio.Event()
+
+    # -- request path ----------------------------------------------------------
+
+    def current(self) -> KeySet | None:
+        """The key set, if it may still be used (fail closed past max_stale)."""
+        keyset = self.keyset
+        if keyset is None or self.clock() - keyset.fetched_at > self.issuer.jwks_max_stale:
+            return None
+        return keyset
+
+    async def key(self, kid: str | None) -> VerifyKey:
+        keyset = self.current()
+        if keyset is not None:
+            found = _lookup(keyset, kid)
+            if found is not None:
+                return found
+            if kid in self._unknown:
+                raise KeyUnknown(kid)
+        if (
+            self._inflight is not None
+            or self.clock() - self._last_attempt >= self.issuer.jwks_cache_min
+        ):
+            await self.refresh()
+            keyset = self.current()
+            if keyset is not None and (found := _lookup(keyset, kid)) is not None:
+                return found
+        if keyset is None:
+            raise KeysUnavailable(self.issuer.issuer)
+        self._unknown[kid] = True
+        raise KeyUnknown(kid)
+
+    def has(self, kid: str | None) -> bool:
+        keyset = self.current()
+        return keyset is not None and _lookup(keyset, kid) is not None
+
+    # -- fetching ----------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        """Fetch now, or join the fetch already under way (single-flight)."""
+        if self._inflight is None:
+            self._inflight = asyncio.ensure_future(self._fetch())
+            self._inflight.add_done_callback(self._done)
+        await asyncio.shield(self._inflight)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight = None
+        if not task.cancelled():
+            task.exception()  # retrieved: _fetch never raises but on cancellation
+
+    async def _fetch(self) -> None:
+        self._last_attempt = self.clock()
+        try:
+            if self.jwks_uri is None:
+                self.jwks_uri = await self._discover()
+            response = await self._get(self.jwks_uri)
+            keys = parse_jwks(response.json(), self.issuer.algorithms)
+        except (httpx.HTTPError, ValueError) as exc:
+            self.fetches["error"] += 1
+            self.failures += 1
+            log_event(
+                "jwks.fetch_failed",
+                issuer=self.issuer.issuer,
+                error=f"{type(exc).__name__}: {exc}"[:300],
+                consecutive_failures=self.failures,
+                serving_stale=self.current() is not None,
+            )
+            return
+        age = max_age(response.headers.get("cache-control"))
+        ttl = min(
+            max(
+                age if age is not None else self.issuer.jwks_cache_default,
+                self.issuer.jwks_cache_min,
+            ),
+            self.issuer.jwks_cache_max,
+        )
+        self.keyset = KeySet(keys, self.clock(), self.wall(), float(ttl))
+        self.fetches["success"] += 1
+        self.failures = 0
+        self._unknown.clear()
+        self.loaded.set()
+
+    async def _discover(self) -> str:
+        base = self.issuer.issuer
+        last: Exception | None = None
+        for suffix in ("openid-configuration", "oauth-authorization-server"):
+            try:
+                document = (await self._get(f"{base}/.well-known/{suffix}")).json()
+            except (httpx.HTTPError, ValueError) as exc:
+                last = exc
+                continue
+            if not isinstance(document, dict) or document.get("issuer") != base:
+                raise ValueError(f"discovery document names another issuer than {base}")
+            uri = document.get("jwks_uri")
+            if not isinstance(uri, str) or not uri.startswith(("https://", "http://")):
+                raise ValueError("discovery document has no http(s) jwks_uri")
+            return uri
+        raise ValueError(f"no discovery document at {base}/.well-known/: {last}")
+
+    async def _get(self, url: str) -> httpx.Response:
+        response = await self.http.get(url, timeout=FETCH_TIMEOUT)
+        if response.status_code != 200:
+            raise ValueError(f"{url} answered {response.status_code}")
+        if len(response.content) > MAX_DOCUMENT_BYTES:
+            raise ValueError(f"{url} sent more than {MAX_DOCUMENT_BYTES} bytes")
+        return response
+
+    async def run(self) -> None:
+        """Keep the keys fresh: fetch now, then before each expiry; back off on failure."""
+        while True:
+            await self.refresh()
+            keyset = self.keyset
+            if self.failures:
+                delay = min(MAX_BACKOFF, 2.0 ** (self.failures - 1))
+            elif keyset is not None:
+                delay = max(1.0, keyset.fetched_at + keyset.ttl * 0.9 - self.clock())
+            else:
+                delay = 1.0
+            await asyncio.sleep(delay)
+
+
+def _lookup(keyset: KeySet, kid: str | None) -> VerifyKey | None:
+    found = keyset.keys.get(kid)
+    if found is None and kid is None and len(keyset.keys) == 1:
+        return next(iter(keyset.keys.values()))  # an issuer that sets no kid
+    return found
+
+
+class JwksCache:
+    """Every configured issuer's keys, and their background refreshers."""
+
+    def __init__(
+        self,
+        issuers: tuple[IssuerConfig, ...],
+        http: httpx.AsyncClient,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.issuers = {i.issuer: IssuerKeys(i, http, clock=clock) for i in issuers}
+        self.http = http
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def __getitem__(self, issuer: str) -> IssuerKeys:
+        return self.issuers[issuer]
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(keys.run()) for keys in self.issuers.values()]
+
+    async def wait_loaded(self, seconds: float) -> list[str]:
+        """Wait up to ``seconds`` for every issuer's first keys; name those still missing."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await asyncio.gather(*(k.loaded.wait() for k in self.issuers.values()))
+        return [url for url, k in self.issuers.items() if k.current() is None]
+
+    def not_ready(self) -> list[str]:
+        return [url for url, k in self.issuers.items() if k.current() is None]
+
+    async def aclose(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.http.aclose()

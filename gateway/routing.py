@@ -1,0 +1,129 @@
+"""Route matching: compiled once at load, first match wins. Pure."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from gateway.config import RouteConfig
+
+
+def compile_pattern(pattern: str) -> re.Pattern[str]:
+    """``/a/*/c`` -> one segment for ``*``; a trailing ``/**`` matches ``/a`` and below."""
+    segments = pattern[1:].split("/")
+    deep = segments[-1] == "**"
+    if deep:
+        segments = segments[:-1]
+    body = "".join("/" + ("[^/]+" if s == "*" else re.escape(s)) for s in segments)
+    if deep:
+        return re.compile(body + "(?:/.*)?" if body else "/.*")
+    return re.compile(body or "/")
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A route ready for requests: matcher, upstream base and the rules it applies."""
+
+    config: RouteConfig
+    regex: re.Pattern[str]
+    audiences: tuple[str, ...] | None  # the audiences a token must name; None: its issuer's
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    def matches(self, method: str, host: str | None, path: str) -> bool:
+        c = self.config
+        if c.methods is not None and method not in c.methods:
+            return False
+        if c.host is not None and not _host_matches(c.host, host):
+            return False
+        return self.regex.fullmatch(path) is not None
+
+    def upstream_path(self, path: str) -> str:
+        prefix = self.config.strip_prefix
+        if prefix and prefix != "/" and (path == prefix or path.startswith(prefix + "/")):
+            path = path[len(prefix) :] or "/"
+        return path
+
+
+class RouteTable:
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
+        self.routes = tuple(
+            Route(
+                config=r,
+                regex=compile_pattern(r.path),
+                audiences=(r.require.audience,) if r.require.audience else None,
+            )
+            for r in routes
+        )
+
+    def match(self, method: str, host: str | None, path: str) -> Route | None:
+        for route in self.routes:
+            if route.matches(method, host, path):
+                return route
+        return None
+
+
+def _host_matches(pattern: str, host: str | None) -> bool:
+    if host is None:
+        return False
+    if pattern.startswith("*."):
+        return host.endswith(pattern[1:]) and len(host) > len(pattern) - 1
+    return host == pattern
+
+
+def request_host(value: bytes | None) -> str | None:
+    """The Host header, lowercase, without its port."""
+    if not value:
+        return None
+    text = value.decode("latin-1").strip().lower()
+    if text.startswith("["):
+        return text.split("]", 1)[0] + "]"
+    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+
+
+# --------------------------------------------------------------------------- shadowing
+
+
+def _covers(earlier: str, later: str) -> bool:
+    """Does pattern ``earlier`` match every path pattern ``later`` matches?"""
+    a, b = earlier[1:].split("/"), later[1:].split("/")
+    a_deep = a[-1] == "**"
+    if a_deep:
+        a = a[:-1]
+        b_prefix = b[:-1] if b[-1] == "**" else b
+        if len(b_prefix) < len(a):
+            return False
+        b = b_prefix[: len(a)]
+    elif len(a) != len(b) or b[-1] == "**":
+        return False
+    return all(x == y or (x == "*" and y not in ("**", "")) for x, y in zip(a, b, strict=True))
+
+
+def _covers_route(earlier: RouteConfig, later: RouteConfig) -> bool:
+    if earlier.methods is not None and (
+        later.methods is None or not later.methods <= earlier.methods
+    ):
+        return False
+    if (
+        earlier.host is not None
+        and earlier.host != later.host
+        and not (
+            later.host and earlier.host.startswith("*.") and later.host.endswith(earlier.host[1:])
+        )
+    ):
+        return False
+    return _covers(earlier.path, later.path)
+
+
+def shadowed(routes: Sequence[RouteConfig]) -> list[tuple[int, int]]:
+    """(later, earlier) index pairs where an earlier route takes every request of a later one."""
+    out = []
+    for j, later in enumerate(routes):
+        for i in range(j):
+            if _covers_route(routes[i], later):
+                out.append((j, i))
+                break
+    return out
