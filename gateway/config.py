@@ -137,6 +137,7 @@ def parse_gateway(node: Node) -> GatewayConfig:
         )
     from gateway.routing import shadowed  # pure; kept with the matcher it mirrors
 
+    valid = not node.report.errors  # shadowing is only worth reporting on a valid file
     return GatewayConfig(
         listen=f.get("listen", as_listen, Listen("127.0.0.1", 8080)),
         issuers=issuers,
@@ -147,7 +148,7 @@ def parse_gateway(node: Node) -> GatewayConfig:
         warnings=tuple(
             f"{f.node.key_path('routes')}[{later}]: never matches; "
             f"routes[{earlier}] ({routes[earlier].name}) matches everything it does"
-            for later, earlier in shadowed(routes)
+            for later, earlier in (shadowed(routes) if valid else ())
         ),
     )
 

@@ -100,14 +100,12 @@ def downstream_headers(
     raw: Iterable[tuple[bytes, bytes]], request_id: bytes
 ) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers without hop-by-hop ones, plus X-Request-Id."""
-    raw = list(raw)
-    drop = _connection_tokens(raw)
+    lowered = [(name.lower(), value) for name, value in raw]
+    drop = _connection_tokens(lowered)
     out = [
-        (name.lower(), value)
-        for name, value in raw
-        if (lower := name.lower()) not in HOP_BY_HOP
-        and lower not in drop
-        and lower != b"x-request-id"
+        (name, value)
+        for name, value in lowered
+        if name not in HOP_BY_HOP and name not in drop and name != b"x-request-id"
     ]
     out.append((b"x-request-id", request_id))
     return out
