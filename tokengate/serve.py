@@ -81,7 +81,7 @@ def bind(listen: Listen) -> socket.socket:
     return sock
 
 
-class _Server(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     """A uvicorn server whose signals are handled by :func:`serve_all`."""
 
     @contextlib.contextmanager
@@ -106,7 +106,7 @@ async def serve_all(config: Config, sockets: dict[str, socket.socket]) -> None:
             timeout_keep_alive=30,
             backlog=2048,
         )
-        servers.append((_Server(uv_config), sock))
+        servers.append((QuietServer(uv_config), sock))
     loop = asyncio.get_running_loop()
 
     def stop(sig: signal.Signals) -> None:
