@@ -1,0 +1,355 @@
+"""``tokengate run`` serving the authorization server and the gateway, in front of an
+upstream in its own process, over real loopback sockets."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from authlib.integrations.httpx_client import OAuth2Client
+
+from tests.conftest import ADMIN_SECRET, REPORTING_SECRET
+from tests.e2e.conftest import ROOT, Tokengate, e2e_config, free_port
+
+
+class Stack:
+    def __init__(self, main: Tokengate, upstream: Tokengate, auth_port: int, gw_port: int) -> None:
+        self.main = main
+        self.upstream = upstream
+        self.issuer = f"http://127.0.0.1:{auth_port}/oauth2/default"
+        self.gateway = f"http://127.0.0.1:{gw_port}"
+
+    def token(self, client: str = "admin") -> str:
+        secret = {"admin": ADMIN_SECRET, "reporting": REPORTING_SECRET}[client]
+        with OAuth2Client(client, secret) as oauth:
+            token = oauth.fetch_token(f"{self.issuer}/v1/token", grant_type="client_credentials")
+        return token["access_token"]  # type: ignore[no-any-return]
+
+
+def start_stack(
+    tmp_path: Path, *args: str, authserver: dict[str, Any] | None = None, **issuer: Any
+) -> Stack:
+    up_port, auth_port, gw_port = free_port(), free_port(), free_port()
+    (tmp_path / "upstream").mkdir()
+    (tmp_path / "main").mkdir()
+    upstream = Tokengate(tmp_path / "upstream", {"echo": {"listen": f"127.0.0.1:{up_port}"}})
+    upstream.start(f"http://127.0.0.1:{up_port}/")
+    config = e2e_config(tmp_path / "main" / "data", auth_port, **(authserver or {}))
+    issuer_url = f"http://127.0.0.1:{auth_port}/oauth2/default"
+    upstream_url = f"http://127.0.0.1:{up_port}"
+    config["gateway"] = {
+        "listen": f"127.0.0.1:{gw_port}",
+        "issuers": [{"issuer": issuer_url, "audiences": ["api://default"], **issuer}],
+        "routes": [
+            {
+                "name": "orders",
+                "match": {"path": "/orders/**"},
+                "upstream": upstream_url,
+                "timeout": "2s",
+                "require": {"scopes": ["orders:read"]},
+            },
+            {
+                "name": "bulk",
+                "match": {"path": "/bulk/**"},
+                "upstream": upstream_url,
+                "timeout": "60s",
+                "require": {"scopes": ["orders:read"]},
+            },
+            {
+                "name": "health",
+                "match": {"path": "/health"},
+                "upstream": upstream_url,
+                "public": True,
+            },
+        ],
+    }
+    config["audit"] = {"path": str(tmp_path / "main" / "audit.log")}
+    main = Tokengate(tmp_path / "main", config, *args)
+    main.start(f"http://127.0.0.1:{gw_port}/health")
+    return Stack(main, upstream, auth_port, gw_port)
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    s = start_stack(tmp_path)
+    yield s
+    for process in (s.main, s.upstream):
+        if process.proc and process.proc.poll() is None:
+            process.stop()
+
+
+def audit(stack: Stack) -> list[dict[str, Any]]:
+    path = stack.main.workdir / "audit.log"
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_allowed_and_denied_over_sockets(stack: Stack) -> None:
+    token = stack.token()
+    ok = httpx.get(
+        f"{stack.gateway}/orders/7",
+        headers={
+            "Authorization": f"Bearer {token}",
+            "Connection": "keep-alive, X-Hop",
+            "X-Hop": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "X-Auth-Client-Id": "spoof",
+        },
+    )
+    assert ok.status_code == 200
+    headers = ok.json()["headers"]
+    assert headers["x-auth-client-id"] == "admin"
+    for hop in ("x-hop", "keep-alive", "te", "authorization"):
+        assert hop not in headers
+    assert "connection" not in ok.headers or ok.headers["connection"] == "keep-alive"
+    denied = httpx.get(f"{stack.gateway}/orders/7")
+    assert denied.status_code == 401
+    assert denied.headers["www-authenticate"] == 'Bearer realm="tokengate"'
+    reasons = [(x["event"], x["reason"]) for x in audit(stack)]
+    assert ("gateway.request", "ok") in reasons and ("gateway.request", "token_missing") in reasons
+
+
+def test_raw_path_bypasses_over_a_real_socket(stack: Stack) -> None:
+    """No client library normalization in the way: bytes on the wire."""
+
+    def raw_get(path: bytes) -> int:
+        with socket.create_connection(("127.0.0.1", int(stack.gateway.rsplit(":", 1)[1]))) as s:
+            s.sendall(b"GET " + path + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return int(s.recv(64).split(b" ")[1])
+
+    assert raw_get(b"/health/../orders/1") == 401
+    assert raw_get(b"/health/%2e%2e/orders/1") == 401
+    assert raw_get(b"/health%2F..%2Forders/1") == 400
+    assert raw_get(b"/health/..;/orders/1") == 400
+
+
+def test_chunks_arrive_as_the_upstream_sends_them(stack: Stack) -> None:
+    token = stack.token()
+    arrivals: list[float] = []
+    started = time.monotonic()
+    with httpx.stream(
+        "GET",
+        f"{stack.gateway}/orders/stream?chunks=5&interval=0.3",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as response:
+        assert response.status_code == 200
+        assert "content-length" not in response.headers
+        for line in response.iter_lines():
+            if line:
+                arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == 5
+    assert arrivals[0] < 0.5  # the first chunk is not held back for the rest
+    assert arrivals[-1] - arrivals[0] >= 1.0
+    assert all(b - a >= 0.15 for a, b in itertools.pairwise(arrivals))
+
+
+def test_server_sent_events_pass_through(stack: Stack) -> None:
+    token = stack.token()
+    with httpx.stream(
+        "GET",
+        f"{stack.gateway}/orders/events?events=3&interval=0.1",
+        headers={"Authorization": f"Bearer {token}"},
+    ) as response:
+        assert response.headers["content-type"] == "text/event-stream"
+        events = [line for line in response.iter_lines() if line.startswith("data:")]
+    assert events == ['data: {"n": 0}', 'data: {"n": 1}', 'data: {"n": 2}']
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+class PeakRss:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.baseline = rss_bytes(pid)
+        self.peak = self.baseline
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, rss_bytes(self.pid))
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+GIB = 1024**3
+
+
+def test_one_gib_each_way_with_flat_gateway_memory(stack: Stack) -> None:
+    token = stack.token()
+    headers = {"Authorization": f"Bearer {token}"}
+    assert stack.main.proc is not None
+    # warm up the pools, then measure
+    httpx.get(f"{stack.gateway}/bulk/warm?bytes=1000000", headers=headers)
+    with PeakRss(stack.main.proc.pid) as download:
+        received = 0
+        with httpx.stream(
+            "GET", f"{stack.gateway}/bulk/big?bytes={GIB}", headers=headers, timeout=120
+        ) as response:
+            assert response.headers["content-length"] == str(GIB)
+            for chunk in response.iter_raw():
+                received += len(chunk)
+    assert received == GIB
+
+    block = bytes(range(256)) * 4096  # 1 MiB
+    digest = hashlib.sha256()
+    for _ in range(1024):
+        digest.update(block)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(1024):
+            yield block
+
+    with PeakRss(stack.main.proc.pid) as upload:
+        response = httpx.post(
+            f"{stack.gateway}/bulk/upload",
+            content=body(),
+            headers={**headers, "Content-Length": str(GIB)},
+            timeout=120,
+        )
+    assert response.status_code == 200
+    assert response.json()["body_bytes"] == GIB
+    assert response.json()["body_sha256"] == digest.hexdigest()
+    for measured in (download, upload):
+        assert measured.peak - measured.baseline < 64 * 1024**2, (
+            measured.baseline,
+            measured.peak,
+        )
+    lines = [x for x in audit(stack) if x.get("path") in ("/bulk/big", "/bulk/upload")]
+    assert [(x["bytes_in"], x["bytes_out"] >= GIB) for x in lines] == [(0, True), (GIB, False)]
+
+
+def test_client_disconnect_cancels_the_upstream_stream(stack: Stack) -> None:
+    token = stack.token()
+    port = int(stack.gateway.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(
+            b"GET /orders/slow?chunks=1000&interval=0.1 HTTP/1.1\r\nHost: x\r\n"
+            b"Authorization: Bearer " + token.encode() + b"\r\n\r\n"
+        )
+        assert b"200 OK" in s.recv(4096)
+        time.sleep(0.3)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if "echo.stream_cancelled" in stack.upstream.stderr():
+            break
+        time.sleep(0.05)
+    assert "echo.stream_cancelled" in stack.upstream.stderr()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not [
+        x for x in audit(stack) if x.get("path") == "/orders/slow"
+    ]:
+        time.sleep(0.05)
+    (line,) = [x for x in audit(stack) if x.get("path") == "/orders/slow"]
+    assert line["status"] == 499
+
+
+def test_upstream_down_is_502_and_slow_is_504(stack: Stack) -> None:
+    token = stack.token()
+    headers = {"Authorization": f"Bearer {token}"}
+    slow = httpx.get(f"{stack.gateway}/orders/x?delay=3", headers=headers, timeout=10)
+    assert slow.status_code == 504
+    stack.upstream.stop()
+    down = httpx.get(f"{stack.gateway}/orders/x", headers=headers)
+    assert down.status_code == 502
+    reasons = [x["reason"] for x in audit(stack) if x["event"] == "gateway.request"]
+    assert reasons[-2:] == ["upstream_timeout", "upstream_unavailable"]
+
+
+def test_key_rotation_with_no_restart_and_no_failed_request(tmp_path: Path) -> None:
+    stack = start_stack(
+        tmp_path,
+        "--workers",
+        "2",
+        authserver={"jwks_max_age": "1s"},
+        jwks_cache_min="1s",
+        jwks_cache_max="2s",
+    )
+    try:
+        results: list[tuple[str, int]] = []
+        stop = threading.Event()
+
+        def traffic() -> None:
+            with OAuth2Client("admin", ADMIN_SECRET) as oauth:
+                while not stop.is_set():
+                    token = oauth.fetch_token(
+                        f"{stack.issuer}/v1/token", grant_type="client_credentials"
+                    )["access_token"]
+                    status = httpx.get(
+                        f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
+                    ).status_code
+                    results.append((jwt.get_unverified_header(token)["kid"], status))
+
+        worker = threading.Thread(target=traffic)
+        worker.start()
+        time.sleep(1)
+        rotated = stack.main.cli("keys", "rotate")
+        assert rotated.returncode == 0, rotated.stderr
+        new_kid = rotated.stdout.split("next key ")[1].split()[0]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and sum(k == new_kid for k, _ in results) < 20:
+            time.sleep(0.1)
+        stop.set()
+        worker.join()
+        kids = {k for k, _ in results}
+        assert len(kids) == 2 and new_kid in kids
+        assert [s for _, s in results if s != 200] == []
+    finally:
+        stack.main.stop()
+        stack.upstream.stop()
+
+
+def test_the_default_config_demo(tmp_path: Path) -> None:
+    """`make run`: the shipped config, with free ports instead of 9000/8080/7000."""
+    text = (ROOT / "config/tokengate.yaml").read_text()
+    ports = {old: str(free_port()) for old in ("9000", "8080", "7000")}
+    for old, new in ports.items():
+        text = text.replace(f":{old}", f":{new}")
+    workdir = tmp_path / "demo"
+    workdir.mkdir()
+    config = workdir / "tokengate.yaml"
+    config.write_text(text)
+    import yaml
+
+    demo = Tokengate(workdir, yaml.safe_load(text))
+    demo.start(f"http://127.0.0.1:{ports['8080']}/health")
+    try:
+        token = httpx.post(
+            f"http://127.0.0.1:{ports['9000']}/oauth2/default/v1/token",
+            auth=("demo", "demo-secret-do-not-use-in-production"),
+            data={"grant_type": "client_credentials"},
+        ).json()["access_token"]
+        response = httpx.get(
+            f"http://127.0.0.1:{ports['8080']}/orders/42",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert response.status_code == 200
+        assert response.json()["headers"]["x-auth-client-id"] == "demo"
+        write = httpx.post(
+            f"http://127.0.0.1:{ports['8080']}/orders/42",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert write.status_code == 403
+    finally:
+        assert demo.stop() == 0
