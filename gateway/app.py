@@ -20,13 +20,12 @@ from gateway.authz import authorize
 from gateway.config import GatewayConfig
 from gateway.errors import Denied, Reason, send_denial
 from gateway.forward import Exchange, Forwarder, new_session
-from gateway.headers import request_id as pick_request_id
-from gateway.headers import upstream_headers
+from gateway.headers import RequestIds, upstream_headers
 from gateway.jwks import JwksCache
 from gateway.paths import BadPath, canonical_path
 from gateway.routing import Route, RouteTable, request_host
 from tokengate.asgi import Receive, Scope, Send
-from tokengate.jsonlog import AuditLog, log_event
+from tokengate.jsonlog import AuditLog, log_event, rfc3339_now
 
 STARTUP_WAIT = 10.0  # seconds the first start waits for every issuer's keys
 
@@ -68,6 +67,8 @@ class GatewayApp:
         self.authenticator = Authenticator(config, self.jwks, clock=clock)
         self.session_factory = session_factory
         self.forwarder: Forwarder | None = None
+        self.request_ids = RequestIds()
+        self.match_hosts = any(r.host is not None for r in config.routes)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -107,7 +108,7 @@ class GatewayApp:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         headers = scope["headers"]
-        rid = pick_request_id(headers)
+        rid = self.request_ids.pick(headers)
         rid_bytes = rid.encode()
         host_header = None
         authorization = []
@@ -128,7 +129,8 @@ class GatewayApp:
                 )
             except BadPath as exc:
                 raise Denied(Reason.BAD_PATH, "the request path is not allowed") from exc
-            route = self.routes.match(scope["method"], request_host(host_header), path)
+            host = request_host(host_header) if self.match_hosts else None
+            route = self.routes.match(scope["method"], host, path)
             if route is None:
                 raise Denied(Reason.NO_ROUTE, "no route matches this request")
             if not route.config.public:
@@ -178,6 +180,8 @@ class GatewayApp:
     ) -> None:
         client = scope.get("client")
         line: dict[str, Any] = {
+            "ts": rfc3339_now(),
+            "event": "gateway.request",
             "request_id": rid,
             "route": route.name if route is not None else "(none)",
             "method": scope["method"],
@@ -195,7 +199,7 @@ class GatewayApp:
             "bytes_in": exchange.bytes_in,
             "bytes_out": exchange.bytes_out,
         }
-        self.audit.emit("gateway.request", **line)
+        self.audit.sink.write(line)
 
 
 def create_app(config: GatewayConfig, *, audit: AuditLog) -> GatewayApp:

@@ -18,7 +18,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import cachetools
 import jwt
 
 from gateway.config import ALGORITHMS, GatewayConfig, IssuerConfig
@@ -78,9 +77,8 @@ class Authenticator:
         self.max_token_bytes = config.max_token_bytes
         self.jwks = jwks
         self.clock = clock
-        self._verified: cachetools.LRUCache[bytes, Principal] = cachetools.LRUCache(
-            config.token_cache_size
-        )
+        self._verified: dict[bytes, Principal] = {}
+        self._cache_size = config.token_cache_size
 
     async def authenticate(self, token: str) -> Principal:
         if len(token) > self.max_token_bytes:
@@ -92,6 +90,8 @@ class Authenticator:
                 return cached
             self._verified.pop(digest, None)
         principal = await self._verify(token)
+        if len(self._verified) >= self._cache_size:  # bounded: evict the oldest entry
+            del self._verified[next(iter(self._verified))]
         self._verified[digest] = principal
         return principal
 

@@ -38,6 +38,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     reason: Reason = Reason.OK
+    body_done: bool = False  # the request body has been read to its end
 
 
 def new_session(limit: int = 1000) -> aiohttp.ClientSession:
@@ -75,8 +76,6 @@ class Forwarder:
         request_id: bytes,
         exchange: Exchange,
     ) -> None:
-        body_done = asyncio.Event()
-
         async def request_body() -> AsyncIterator[bytes]:
             while True:
                 message = await receive()
@@ -87,7 +86,7 @@ class Forwarder:
                     exchange.bytes_in += len(chunk)
                     yield chunk
                 if not message.get("more_body", False):
-                    body_done.set()
+                    exchange.body_done = True
                     return
 
         body = None
@@ -97,7 +96,7 @@ class Forwarder:
             if length is not None:
                 headers = [*headers, ("Content-Length", length.decode("latin-1"))]
         else:
-            body_done.set()
+            exchange.body_done = True
         try:
             upstream = await self.session.request(
                 scope["method"],
@@ -121,7 +120,7 @@ class Forwarder:
                 }
             )
             length = upstream.content_length
-            if body_done.is_set() and (length is None or length > WATCH_ABOVE):
+            if exchange.body_done and (length is None or length > WATCH_ABOVE):
                 await _until_disconnect(self._relay(upstream, send, exchange), receive)
             else:
                 await self._relay(upstream, send, exchange)
@@ -141,9 +140,16 @@ class Forwarder:
 
     @staticmethod
     async def _relay(upstream: aiohttp.ClientResponse, send: Send, exchange: Exchange) -> None:
+        length = upstream.content_length
+        if length == 0 or upstream.method == "HEAD" or upstream.status in (204, 304):
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         async for chunk in upstream.content.iter_any():
             exchange.bytes_out += len(chunk)
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            last = length is not None and exchange.bytes_out >= length
+            await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+            if last:  # the whole body went out with its last chunk
+                return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 

@@ -10,8 +10,9 @@ forwards the token. Added: ``X-Request-Id``, ``X-Forwarded-For/Proto/Host`` and 
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from collections.abc import Iterable
 
 from gateway.authn import Principal
@@ -40,12 +41,19 @@ _NEVER_FORWARDED = HOP_BY_HOP | {
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@+=/-]{1,128}")
 
 
-def request_id(headers: Iterable[tuple[bytes, bytes]]) -> str:
-    """The client's ``X-Request-Id`` if it is well-formed, else a new one."""
-    for name, value in headers:
-        if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
-            return value.decode("ascii")
-    return uuid.uuid4().hex
+class RequestIds:
+    """New request ids: a random per-process prefix and a counter, unique and cheap."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._counter = itertools.count()
+
+    def pick(self, headers: Iterable[tuple[bytes, bytes]]) -> str:
+        """The client's ``X-Request-Id`` if it is well-formed, else a new one."""
+        for name, value in headers:
+            if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+                return value.decode("ascii")
+        return f"{self._prefix}{next(self._counter):08x}"
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:

@@ -10,10 +10,17 @@ and dot segments, plain or encoded, that climb above the root.
 
 from __future__ import annotations
 
+import re
+
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 _UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 # Bytes allowed raw in a path segment (RFC 3986 pchar without pct-encoded).
 _PCHAR = _UNRESERVED | frozenset(b"!$&'()*+,;=:@")
+
+
+# Paths with nothing to decode, refuse or remove: no %, ;, \\, control bytes, empty
+# segments, or segments starting with a dot. Most requests take only this check.
+_PLAIN = re.compile(rb"(?:/[A-Za-z0-9\-_~!$&'()*+,=:@][A-Za-z0-9\-._~!$&'()*+,=:@]*)+/?|/")
 
 
 class BadPath(ValueError):
@@ -22,6 +29,8 @@ class BadPath(ValueError):
 
 def canonical_path(raw: bytes, *, allow_path_parameters: bool = False) -> str:
     """``raw`` (the request target's path, still percent-encoded) -> canonical path."""
+    if _PLAIN.fullmatch(raw):
+        return raw.decode("ascii")
     if not raw.startswith(b"/"):
         raise BadPath("not an absolute path")
     segments: list[str] = []

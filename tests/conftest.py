@@ -105,8 +105,11 @@ def config_from(data: dict[str, Any]) -> Config:
 class AuthServer:
     """An in-process authorization server and what a test needs to inspect it."""
 
-    def __init__(self, services: AuthServices, audit_path: Path, clock: FakeClock) -> None:
+    def __init__(
+        self, services: AuthServices, audit: AuditLog, audit_path: Path, clock: FakeClock
+    ) -> None:
         self.services = services
+        self.audit = audit
         self.app = AuthServerApp(services)
         self.audit_path = audit_path
         self.clock = clock
@@ -118,6 +121,7 @@ class AuthServer:
         return httpx.AsyncClient(transport=self.transport(), base_url=PUBLIC_URL, **kwargs)
 
     def audit_lines(self) -> list[dict[str, Any]]:
+        self.audit.sink.flush()
         if not self.audit_path.exists():
             return []
         return [json.loads(line) for line in self.audit_path.read_text().splitlines()]
@@ -132,7 +136,7 @@ def billing_key() -> tuple[ec.EllipticCurvePrivateKey, dict[str, str]]:
 def make_authserver(
     tmp_path: Path, billing_key: tuple[Any, dict[str, str]]
 ) -> Iterator[Callable[..., AuthServer]]:
-    started: list[AuthServices] = []
+    started: list[AuthServer] = []
 
     def make(
         mutate: Callable[[dict[str, Any]], None] | None = None,
@@ -147,16 +151,17 @@ def make_authserver(
         assert config.authserver is not None
         clock = clock or FakeClock()
         audit_path = tmp_path / "audit.log"
-        services = AuthServices.build(
-            config.authserver, audit=AuditLog(LineSink(str(audit_path))), clock=clock, http=http
-        )
+        audit = AuditLog(LineSink(str(audit_path)))
+        services = AuthServices.build(config.authserver, audit=audit, clock=clock, http=http)
         services.start()
-        started.append(services)
-        return AuthServer(services, audit_path, clock)
+        server = AuthServer(services, audit, audit_path, clock)
+        started.append(server)
+        return server
 
     yield make
-    for services in started:
-        services.store.close()
+    for server in started:
+        server.services.store.close()
+        server.audit.sink.close()
 
 
 @pytest.fixture

@@ -66,5 +66,8 @@ async def send_bytes(
     await send({"type": "http.response.body", "body": body})
 
 
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+
+
 def json_bytes(document: Any) -> bytes:
-    return json.dumps(document, separators=(",", ":")).encode()
+    return _ENCODER.encode(document).encode()

@@ -7,54 +7,109 @@ or a client assertion: callers pass identifiers such as a token's ``jti``.
 
 from __future__ import annotations
 
+import collections
+import functools
 import json
 import os
+import select
+import stat
 import sys
 import threading
-from datetime import UTC, datetime
-from typing import Any, TextIO
+import time
+from typing import Any
 
 
 def rfc3339_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    now = time.time()
+    second = int(now)
+    return f"{_second_prefix(second)}.{int((now - second) * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second_prefix(second: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+
+
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
 
 def encode_line(fields: dict[str, Any]) -> bytes:
-    return (json.dumps(fields, separators=(",", ":"), ensure_ascii=False) + "\n").encode()
+    return (_ENCODER.encode(fields) + "\n").encode()
 
 
 class LineSink:
-    """Appends whole lines to a file descriptor with one ``write`` each.
+    """Whole JSON lines to stdout or a file, written by a thread, never by the caller.
 
-    A file is opened ``O_APPEND`` so lines from several worker processes never
-    interleave. A failed write (full disk, closed pipe) is counted, never raised
-    into a request.
+    ``write`` encodes the line and queues it; a writer thread drains the queue every
+    ``interval`` seconds in batches of whole lines. A file is opened ``O_APPEND``, and
+    on a pipe a batch never exceeds ``PIPE_BUF``, so lines from several worker
+    processes never interleave. A failed write (full disk, closed pipe) or a full
+    queue loses lines: they are counted in ``lost`` and reported on stderr, never
+    raised into a request.
     """
 
-    def __init__(self, path: str, *, stream: TextIO | None = None) -> None:
+    MAX_PENDING = 100_000
+
+    def __init__(self, path: str, *, interval: float = 0.02) -> None:
         self.path = path
+        self.interval = interval
+        self.lost = 0
         self.failures = 0
-        self._lock = threading.Lock()
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._lock = threading.Lock()  # one drainer at a time: thread, flush(), close()
+        self._last_report = 0.0
         if path == "-":
-            stream = stream or sys.stdout
-            self._fd = stream.fileno()
+            self._fd = sys.stdout.fileno()
             self._owned = False
         else:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._owned = True
+        regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._batch = 256 * 1024 if regular else select.PIPE_BUF
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
+        self._thread.start()
 
     def write(self, fields: dict[str, Any]) -> None:
-        line = encode_line(fields)
+        if len(self._pending) >= self.MAX_PENDING:
+            self.lost += 1
+            return
+        self._pending.append(encode_line(fields))
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write everything queued so far."""
         with self._lock:
-            try:
-                view = memoryview(line)
-                while view:
-                    written = os.write(self._fd, view)
-                    view = view[written:]
-            except OSError:
-                self.failures += 1
+            while self._pending:
+                batch = [self._pending.popleft()]
+                size = len(batch[0])
+                while self._pending and size + len(self._pending[0]) <= self._batch:
+                    line = self._pending.popleft()
+                    batch.append(line)
+                    size += len(line)
+                self._write(b"".join(batch), len(batch))
+
+    def _write(self, data: bytes, lines: int) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            self.failures += 1
+            self.lost += lines
+            now = time.monotonic()
+            if now - self._last_report >= 60 or self.failures == 1:
+                self._last_report = now
+                log_event("audit.write_failed", path=self.path, error=str(exc), lost=self.lost)
 
     def close(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join()
+        self.flush()
         if self._owned:
             os.close(self._fd)
             self._owned = False

@@ -166,6 +166,7 @@ class Gateway:
         )
 
     def audit_lines(self) -> list[dict[str, Any]]:
+        self.app.audit.sink.flush()
         if not self.audit_path.exists():
             return []
         return [json.loads(x) for x in self.audit_path.read_text().splitlines()]
@@ -237,3 +238,4 @@ async def make_gateway(
     yield make
     for app in started:
         await app.shutdown()
+        app.audit.sink.close()

@@ -89,6 +89,7 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
 
 
 def audit(stack: Stack) -> list[dict[str, Any]]:
+    time.sleep(0.2)  # the audit writer drains its queue every 20 ms
     path = stack.main.workdir / "audit.log"
     return [json.loads(x) for x in path.read_text().splitlines()]
 

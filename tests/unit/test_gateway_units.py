@@ -12,7 +12,7 @@ from gateway.authn import Principal, bearer_token
 from gateway.authz import authorize, claim_satisfies
 from gateway.config import ClaimRule, IssuerConfig
 from gateway.errors import Denied, Reason, denial_response
-from gateway.headers import downstream_headers, request_id, upstream_headers
+from gateway.headers import RequestIds, downstream_headers, upstream_headers
 from gateway.paths import BadPath, canonical_path
 from gateway.routing import RouteTable, request_host
 from tokengate.config import parse_config
@@ -396,7 +396,7 @@ def test_upstream_headers_strip_spoofable_and_hop_by_hop() -> None:
         client_ip="198.51.100.9",
         scheme="https",
         host=b"api.example.com",
-        request_id=request_id(incoming),
+        request_id=RequestIds().pick(incoming),
         principal=principal(scope="orders:read"),
         forward_token=False,
     )
@@ -414,8 +414,10 @@ def test_upstream_headers_strip_spoofable_and_hop_by_hop() -> None:
 
 
 def test_request_id_is_generated_when_missing_or_malformed() -> None:
-    assert re.fullmatch(r"[0-9a-f]{32}", request_id([]))
-    assert re.fullmatch(r"[0-9a-f]{32}", request_id([(b"x-request-id", b"bad id\xff")]))
+    ids = RequestIds()
+    first, second = ids.pick([]), ids.pick([(b"x-request-id", b"bad id\xff")])
+    assert re.fullmatch(r"[0-9a-f]{24}", first) and re.fullmatch(r"[0-9a-f]{24}", second)
+    assert first != second and first[:16] == second[:16]
 
 
 def test_downstream_headers() -> None:
