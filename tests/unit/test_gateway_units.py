@@ -449,3 +449,25 @@ def test_denial_responses_follow_rfc6750() -> None:
         "error": "insufficient_scope",
         "error_description": "the token lacks a required scope",
     }
+
+
+def test_check_prints_shadowing_warnings_and_exits_0(tmp_path: Any) -> None:
+    import subprocess
+    import sys
+
+    path = tmp_path / "shadow.yaml"
+    path.write_text(
+        GATEWAY + "    - name: order-42\n      match: {path: /orders/42, methods: [GET]}\n"
+        "      upstream: http://x\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "tokengate", "check", "-c", str(path)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0
+    assert result.stdout.splitlines() == [
+        "warning: gateway.routes[2]: never matches; routes[0] (orders-read) matches everything "
+        "it does",
+        f"{path}: ok",
+    ]
