@@ -6,7 +6,8 @@ SHA-256 (read as a stream, never held). Query parameters change the answer:
 
 - ``status=N``: answer with status N
 - ``delay=S``: wait S seconds before answering
-- ``bytes=N``: send N bytes (``Content-Length`` set), streamed in 64 KiB chunks
+- ``bytes=N``: send N bytes (``Content-Length`` set), streamed in 64 KiB chunks;
+  with ``fail_after=M``, drop the connection after M of them (a broken upstream)
 - ``chunks=N&interval=S``: send N lines, S seconds apart, chunked
 - ``events=N&interval=S``: the same as server-sent events
 """
@@ -34,6 +35,10 @@ def _number(query: dict[str, list[str]], name: str, default: float, limit: float
         return default
 
 
+class UpstreamFailure(Exception):
+    """Raised on purpose: the server closes the connection mid-body."""
+
+
 class EchoApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -58,7 +63,9 @@ class EchoApp:
         await asyncio.sleep(_number(query, "delay", 0, 3600))
         status = int(_number(query, "status", 200, 599)) or 200
         if "bytes" in query:
-            await self._bytes(send, status, int(_number(query, "bytes", 0, MAX_BYTES)))
+            count = int(_number(query, "bytes", 0, MAX_BYTES))
+            fail_after = int(_number(query, "fail_after", count + 1, MAX_BYTES))
+            await self._bytes(send, status, count, fail_after)
             return
         for kind in ("chunks", "events"):
             if kind in query:
@@ -92,7 +99,7 @@ class EchoApp:
         await send({"type": "http.response.body", "body": body})
 
     @staticmethod
-    async def _bytes(send: Send, status: int, count: int) -> None:
+    async def _bytes(send: Send, status: int, count: int, fail_after: int) -> None:
         await send(
             {
                 "type": "http.response.start",
@@ -106,6 +113,8 @@ class EchoApp:
         block = b"x" * CHUNK
         remaining = count
         while remaining > 0:
+            if count - remaining >= fail_after:
+                raise UpstreamFailure(f"dropping the connection after {fail_after} bytes")
             piece = block if remaining >= CHUNK else block[:remaining]
             remaining -= len(piece)
             await send({"type": "http.response.body", "body": piece, "more_body": remaining > 0})

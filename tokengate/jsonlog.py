@@ -10,6 +10,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import logging
 import os
 import select
 import stat
@@ -133,3 +134,33 @@ def log_event(event: str, **fields: Any) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+class JsonFormatter(logging.Formatter):
+    """Library log records (uvicorn, aiohttp, asyncio) as JSON lines like our own."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "ts": rfc3339_now(),
+            "event": "log",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info and record.exc_info[1] is not None:
+            exc = record.exc_info[1]
+            fields["error"] = f"{type(exc).__name__}: {exc}"
+            fields["traceback"] = self.formatException(record.exc_info)
+        return _ENCODER.encode(fields)
+
+
+def configure_logging() -> None:
+    """Every library logger: warnings and errors, as JSON lines on stderr."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True

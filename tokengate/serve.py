@@ -28,7 +28,7 @@ import uvloop
 
 from tokengate.asgi import ASGIApp
 from tokengate.config import Config, load_config
-from tokengate.jsonlog import AuditLog, LineSink, log_event
+from tokengate.jsonlog import AuditLog, LineSink, configure_logging, log_event
 from tokengate.yamlconf import ConfigErrors, Listen
 
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
@@ -92,6 +92,7 @@ class QuietServer(uvicorn.Server):
 
 
 async def serve_all(config: Config, sockets: dict[str, socket.socket]) -> None:
+    configure_logging()
     apps, audit = build_apps(config, list(sockets))
     servers = []
     for name, sock in sockets.items():

@@ -354,3 +354,19 @@ def test_the_default_config_demo(tmp_path: Path) -> None:
         assert write.status_code == 403
     finally:
         assert demo.stop() == 0
+
+
+def test_an_upstream_failing_mid_body_closes_the_client_connection(stack: Stack) -> None:
+    token = stack.token()
+    with pytest.raises(httpx.RemoteProtocolError):  # the body is cut short, never "complete"
+        httpx.get(
+            f"{stack.gateway}/orders/x?bytes=1000000&fail_after=65536",
+            headers={"Authorization": f"Bearer {token}"},
+        )
+    lines = [x for x in audit(stack) if x["event"] == "gateway.request"]
+    assert (lines[-1]["status"], lines[-1]["reason"]) == (200, "upstream_unavailable")
+    assert lines[-1]["bytes_out"] >= 65536
+    stderr = stack.main.stderr().splitlines()
+    assert stderr and all(line.startswith("{") for line in stderr), stderr  # JSON lines only
+    logged = [json.loads(line) for line in stderr if '"event":"log"' in line]
+    assert logged and logged[-1]["level"] == "error"
