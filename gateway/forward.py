@@ -39,6 +39,7 @@ class Exchange:
     bytes_out: int = 0
     reason: Reason = Reason.OK
     body_done: bool = False  # the request body has been read to its end
+    client_gone: bool = False  # the client disconnected before the exchange finished
 
 
 def new_session(limit: int = 1000) -> aiohttp.ClientSession:
@@ -80,6 +81,7 @@ class Forwarder:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
+                    exchange.client_gone = True
                     raise ClientGone
                 chunk = message.get("body", b"")
                 if chunk:
@@ -106,9 +108,14 @@ class Forwarder:
                 allow_redirects=False,
                 timeout=limits,
             )
-        except TimeoutError:
-            raise Denied(Reason.UPSTREAM_TIMEOUT, "the upstream did not answer in time") from None
-        except aiohttp.ClientError:
+        except (ClientGone, aiohttp.ClientError, TimeoutError) as exc:
+            if exchange.client_gone:  # mid-upload: aiohttp reports it as a send failure
+                exchange.status = 499
+                return
+            if isinstance(exc, TimeoutError):
+                raise Denied(
+                    Reason.UPSTREAM_TIMEOUT, "the upstream did not answer in time"
+                ) from None
             raise Denied(Reason.UPSTREAM_UNAVAILABLE, "the upstream is unavailable") from None
         try:
             exchange.status = upstream.status

@@ -433,3 +433,44 @@ async def test_a_rotated_key_is_picked_up_on_an_unknown_kid(
     assert json.loads(base64.urlsafe_b64decode(token.split(".")[0] + "=="))["kid"] == record.kid
     async with gw.client() as client:
         assert (await client.get("/orders/1", headers=bearer(token))).status_code == 200
+
+
+async def test_a_client_leaving_mid_upload_is_499_not_an_upstream_failure(
+    gw: Gateway, upstream: tuple[RecordingUpstream, str]
+) -> None:
+    token = await gw.token("admin")
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/orders/1",
+        "raw_path": b"/orders/1",
+        "query_string": b"",
+        "headers": [
+            (b"host", b"api.test"),
+            (b"authorization", f"Bearer {token}".encode()),
+            (b"content-length", b"1000000"),
+        ],
+        "client": ("198.51.100.9", 4321),
+    }
+    messages = [
+        {"type": "http.request", "body": b"x" * 1000, "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await gw.app(scope, receive, send)
+    assert sent == []  # nobody to answer
+    line = gw.audit_lines()[-1]
+    assert (line["status"], line["decision"], line["reason"], line["bytes_in"]) == (
+        499,
+        "allow",
+        "ok",
+        1000,
+    )
