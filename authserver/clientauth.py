@@ -17,11 +17,12 @@ from urllib.parse import unquote_plus
 import httpx
 import jwt
 
-from authserver.config import AuthMethod, AuthServerConfig, ClientConfig, ClientKey, client_key
+from authserver.config import AuthMethod, AuthServerConfig, ClientConfig
 from authserver.errors import OAuthError, invalid_client, invalid_request
 from authserver.forms import Form
 from authserver.store import Store
 from tokengate.jsonlog import log_event
+from tokengate.jwk import PublicKey, load_public_jwk
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME = 3600  # a client assertion's exp may be at most this far ahead
@@ -174,7 +175,7 @@ class ClientAuthenticator:
 
     async def _assertion_key(
         self, client: ClientConfig, alg: object, kid: object
-    ) -> ClientKey | None:
+    ) -> PublicKey | None:
         if not isinstance(alg, str):
             return None
         if client.jwks_uri is None:
@@ -185,12 +186,12 @@ class ClientAuthenticator:
         return key
 
 
-def _select(keys: tuple[ClientKey, ...], alg: str, kid: object) -> ClientKey | None:
+def _select(keys: tuple[PublicKey, ...], alg: str, kid: object) -> PublicKey | None:
     if kid is None:
         candidates = keys if len(keys) == 1 else ()
     else:
         candidates = tuple(k for k in keys if k.kid == kid)
-    return next((k for k in candidates if k.accepts(alg)), None)
+    return next((k for k in candidates if alg in k.algorithms), None)
 
 
 def _claimed(exc: OAuthError, client_id: str) -> OAuthError:
@@ -231,10 +232,10 @@ class ClientKeyFetcher:
         self.ttl = ttl
         self.min_interval = min_interval
         self.clock = clock
-        self._cache: dict[str, tuple[float, tuple[ClientKey, ...]]] = {}
-        self._inflight: dict[str, asyncio.Task[tuple[ClientKey, ...]]] = {}
+        self._cache: dict[str, tuple[float, tuple[PublicKey, ...]]] = {}
+        self._inflight: dict[str, asyncio.Task[tuple[PublicKey, ...]]] = {}
 
-    async def keys(self, client: ClientConfig, *, refresh: bool = False) -> tuple[ClientKey, ...]:
+    async def keys(self, client: ClientConfig, *, refresh: bool = False) -> tuple[PublicKey, ...]:
         cached = self._cache.get(client.client_id)
         now = self.clock()
         if cached is not None:
@@ -253,7 +254,7 @@ class ClientKeyFetcher:
                 return cached[1]
             raise
 
-    async def _fetch(self, client: ClientConfig) -> tuple[ClientKey, ...]:
+    async def _fetch(self, client: ClientConfig) -> tuple[PublicKey, ...]:
         assert client.jwks_uri is not None
         try:
             response = await self.http.get(client.jwks_uri, timeout=5.0)
@@ -274,7 +275,7 @@ class ClientKeyFetcher:
         keys = []
         for raw in raw_keys:
             try:
-                keys.append(client_key(raw))
+                keys.append(load_public_jwk(raw))
             except ValueError:
                 continue  # skip keys we cannot use, as any JWKS consumer does
         result = tuple(keys)

@@ -10,8 +10,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
-import jwt
-
+from tokengate.jwk import PublicKey, load_public_jwk
 from tokengate.yamlconf import (
     ConfigError,
     Fields,
@@ -38,15 +37,6 @@ AUTH_METHODS: tuple[AuthMethod, ...] = (
     "private_key_jwt",
 )
 GRANT_TYPES = ("client_credentials",)
-
-# Algorithms accepted on private_key_jwt client assertions, by key type.
-ASSERTION_ALGS: dict[str, frozenset[str]] = {
-    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
-    "EC:P-256": frozenset({"ES256"}),
-    "EC:P-384": frozenset({"ES384"}),
-    "EC:P-521": frozenset({"ES512"}),
-    "OKP:Ed25519": frozenset({"EdDSA"}),
-}
 
 # Claims the authorization server sets itself; a client's `claims` cannot override them.
 RESERVED_CLAIMS = frozenset(
@@ -86,24 +76,11 @@ class ServerConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ClientKey:
-    """A public key a private_key_jwt client signs its assertions with."""
-
-    kid: str | None
-    kind: str  # a key of ASSERTION_ALGS
-    alg: str | None  # the JWK's own `alg`, if it pins one
-    key: Any = field(repr=False)
-
-    def accepts(self, alg: str) -> bool:
-        return alg in ASSERTION_ALGS[self.kind] and (self.alg is None or self.alg == alg)
-
-
-@dataclass(frozen=True, slots=True)
 class ClientConfig:
     client_id: str
     auth_methods: frozenset[AuthMethod]
     secret_digest: bytes | None = field(repr=False)
-    jwks: tuple[ClientKey, ...]
+    jwks: tuple[PublicKey, ...]  # private_key_jwt: the client's public keys
     jwks_uri: str | None
     grant_types: frozenset[str]
     scopes: tuple[str, ...] | None  # None: every scope of the server
@@ -333,9 +310,9 @@ def as_claims(node: Node) -> dict[str, Any]:
     return claims
 
 
-def as_client_jwks(node: Node) -> tuple[ClientKey, ...]:
+def as_client_jwks(node: Node) -> tuple[PublicKey, ...]:
     f = node.fields(required=("keys",))
-    keys: list[ClientKey] = []
+    keys: list[PublicKey] = []
     for item in f.node_at("keys").items():
         key = guarded(item, as_client_key)
         if key is not None:
@@ -348,32 +325,8 @@ def as_client_jwks(node: Node) -> tuple[ClientKey, ...]:
     return tuple(keys)
 
 
-def as_client_key(node: Node) -> ClientKey:
+def as_client_key(node: Node) -> PublicKey:
     try:
-        return client_key(node.plain())
+        return load_public_jwk(node.plain())
     except ValueError as exc:
         raise ConfigError(node.path, str(exc)) from None
-
-
-def client_key(data: Any) -> ClientKey:
-    """A client's public JWK (from config or its jwks_uri) -> ClientKey; ValueError if not."""
-    if not isinstance(data, dict):
-        raise ValueError("must be a JWK (a mapping)")
-    if "d" in data or data.get("kty") == "oct":
-        raise ValueError("must be a public key; never put a private or symmetric key here")
-    if data.get("use", "sig") != "sig":
-        raise ValueError("use must be sig")
-    kind = str(data.get("kty", ""))
-    if kind in ("EC", "OKP"):
-        kind = f"{kind}:{data.get('crv')}"
-    if kind not in ASSERTION_ALGS:
-        raise ValueError(f"unsupported key type {kind!r}")
-    alg = data.get("alg")
-    if alg is not None and alg not in ASSERTION_ALGS[kind]:
-        raise ValueError(f"alg {alg!r} does not fit a {kind} key")
-    try:
-        key = jwt.PyJWK(data, algorithm=alg or min(ASSERTION_ALGS[kind])).key
-    except (jwt.PyJWTError, ValueError, TypeError, KeyError) as exc:
-        raise ValueError(f"is not a valid JWK ({exc})") from None
-    kid = data.get("kid")
-    return ClientKey(kid=str(kid) if kid is not None else None, kind=kind, alg=alg, key=key)

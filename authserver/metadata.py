@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from authserver.config import ASSERTION_ALGS, AUTH_METHODS, ServerConfig
+from authserver.config import AUTH_METHODS, ServerConfig
 from authserver.grants import GRANT_TYPE
+from tokengate.jwk import ALGORITHMS
 
 
 def authorization_server_metadata(server: ServerConfig) -> dict[str, Any]:
     auth_methods = list(AUTH_METHODS)
-    signing_algs = sorted(set().union(*ASSERTION_ALGS.values()))  # for client assertions
+    signing_algs = list(ALGORITHMS)  # what client assertions may be signed with
     return {
         "issuer": server.issuer,
         "token_endpoint": server.token_endpoint,

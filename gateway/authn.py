@@ -20,9 +20,10 @@ from typing import Any
 
 import jwt
 
-from gateway.config import ALGORITHMS, GatewayConfig, IssuerConfig
+from gateway.config import GatewayConfig, IssuerConfig
 from gateway.errors import Denied, Reason
 from gateway.jwks import JwksCache, KeysUnavailable, KeyUnknown
+from tokengate.jwk import ALGORITHMS
 
 _B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 section 2.1
 _ACCESS_TYP = frozenset({"at+jwt", "application/at+jwt"})

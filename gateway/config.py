@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tokengate.jwk import ALGORITHMS
 from tokengate.yamlconf import (
     ConfigError,
     Fields,
@@ -23,19 +24,6 @@ from tokengate.yamlconf import (
     positive_int,
 )
 
-# Asymmetric algorithms only: `none` and HMAC are never accepted from an issuer.
-ALGORITHMS = (
-    "RS256",
-    "RS384",
-    "RS512",
-    "PS256",
-    "PS384",
-    "PS512",
-    "ES256",
-    "ES384",
-    "ES512",
-    "EdDSA",
-)
 METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 _PATTERN_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,=:@%-]+")
 

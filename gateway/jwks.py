@@ -19,28 +19,20 @@ import re
 import time
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cachetools
 import httpx
-import jwt
 
 from gateway.config import IssuerConfig
 from tokengate.jsonlog import log_event
+from tokengate.jwk import PublicKey, load_public_jwk
 
 MAX_DOCUMENT_BYTES = 512 * 1024
 FETCH_TIMEOUT = 5.0
 MAX_BACKOFF = 30.0
 _MAX_AGE = re.compile(r"(?:^|,)\s*max-age\s*=\s*(\d+)", re.IGNORECASE)
-# Algorithms a key of each type can verify.
-_KEY_ALGS = {
-    "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
-    "EC:P-256": frozenset({"ES256"}),
-    "EC:P-384": frozenset({"ES384"}),
-    "EC:P-521": frozenset({"ES512"}),
-    "OKP:Ed25519": frozenset({"EdDSA"}),
-}
 
 
 class KeyUnknown(Exception):
@@ -52,45 +44,24 @@ class KeysUnavailable(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class VerifyKey:
-    kid: str | None
-    key: Any = field(repr=False)
-    algorithms: frozenset[str]
-
-
-@dataclass(frozen=True, slots=True)
 class KeySet:
-    keys: Mapping[str | None, VerifyKey]
+    keys: Mapping[str | None, PublicKey]
     fetched_at: float  # monotonic clock
     fetched_at_wall: float
     ttl: float
 
 
-def parse_jwks(document: Any, algorithms: tuple[str, ...]) -> dict[str | None, VerifyKey]:
+def parse_jwks(document: Any, algorithms: tuple[str, ...]) -> dict[str | None, PublicKey]:
     """Usable signature keys, by kid. Keys of other uses, types or algorithms are skipped."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise ValueError("not a JWK set")
-    pinned = frozenset(algorithms)
-    out: dict[str | None, VerifyKey] = {}
+    out: dict[str | None, PublicKey] = {}
     for jwk in document["keys"]:
-        if not isinstance(jwk, dict) or jwk.get("use", "sig") != "sig":
-            continue
-        kind = str(jwk.get("kty"))
-        if kind in ("EC", "OKP"):
-            kind = f"{kind}:{jwk.get('crv')}"
-        usable = _KEY_ALGS.get(kind, frozenset()) & pinned
-        alg = jwk.get("alg")
-        if alg is not None:
-            usable &= {alg}
-        if not usable:
-            continue
         try:
-            key = jwt.PyJWK(jwk, algorithm=min(usable)).key
-        except (jwt.PyJWTError, ValueError, TypeError, KeyError):
-            continue
-        kid = jwk.get("kid")
-        kid = kid if isinstance(kid, str) else None
-        out[kid] = VerifyKey(kid, key, usable)
+            key = load_public_jwk(jwk, algorithms)
+        except ValueError:
+            continue  # a key we may not or cannot use, as any JWKS consumer skips it
+        out[key.kid] = key
     return out
 
 
@@ -136,7 +107,7 @@ class IssuerKeys:
             return None
         return keyset
 
-    async def key(self, kid: str | None) -> VerifyKey:
+    async def key(self, kid: str | None) -> PublicKey:
         keyset = self.current()
         if keyset is not None:
             found = _lookup(keyset, kid)
@@ -246,7 +217,7 @@ class IssuerKeys:
             await asyncio.sleep(delay)
 
 
-def _lookup(keyset: KeySet, kid: str | None) -> VerifyKey | None:
+def _lookup(keyset: KeySet, kid: str | None) -> PublicKey | None:
     found = keyset.keys.get(kid)
     if found is None and kid is None and len(keyset.keys) == 1:
         return next(iter(keyset.keys.values()))  # an issuer that sets no kid
