@@ -23,6 +23,7 @@ from authserver.store import SqliteStore, Store
 from authserver.tokens import TokenVerifier
 from tokengate.asgi import ClientDisconnected, Receive, Scope, Send, json_bytes
 from tokengate.jsonlog import AuditLog, log_event
+from tokengate.metrics import Metrics
 
 Handler = Callable[[ServerConfig, Scope, Receive, Send], Awaitable[None]]
 PURGE_INTERVAL = 60
@@ -48,6 +49,7 @@ class AuthServices:
         clock: Callable[[], float] = time.time,
         http: httpx.AsyncClient | None = None,
         store: Store | None = None,
+        metrics: Metrics | None = None,
     ) -> AuthServices:
         store = store or SqliteStore(config.data_dir)
         manager = KeyManager(
@@ -68,9 +70,14 @@ class AuthServices:
             audit=audit,
             max_body_bytes=config.max_body_bytes,
             jwks_max_age=config.jwks_max_age,
+            metrics=metrics or Metrics(),
             clock=clock,
         )
         return cls(config, store, keyring, endpoints, http, clock)
+
+    def not_ready(self) -> list[str]:
+        """What keeps this authorization server from serving: named for /readyz."""
+        return [f"authserver: no signing key loaded for {name}" for name in self.keyring.missing()]
 
     def start(self) -> None:
         for record in self.keyring.start():
@@ -158,7 +165,5 @@ def build_routes(
     return routes
 
 
-def create_app(
-    config: AuthServerConfig, *, audit: AuditLog, clock: Callable[[], float] = time.time
-) -> AuthServerApp:
-    return AuthServerApp(AuthServices.build(config, audit=audit, clock=clock))
+def create_app(config: AuthServerConfig, *, audit: AuditLog, metrics: Metrics) -> AuthServerApp:
+    return AuthServerApp(AuthServices.build(config, audit=audit, metrics=metrics))

@@ -33,6 +33,7 @@ from tokengate.asgi import (
     send_bytes,
 )
 from tokengate.jsonlog import AuditLog
+from tokengate.metrics import Metrics
 
 
 class Endpoints:
@@ -46,9 +47,11 @@ class Endpoints:
         audit: AuditLog,
         max_body_bytes: int,
         jwks_max_age: int,
+        metrics: Metrics,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.keyring = keyring
+        self.metrics = metrics
         self.authenticator = authenticator
         self.verifier = verifier
         self.store = store
@@ -73,6 +76,7 @@ class Endpoints:
             request = client_credentials(server, authn.client, form)
         except OAuthError as exc:
             self._emit_error("token.denied", event, exc, outcome="denied")
+            self.metrics.token_errors.labels(server.name, exc.error).inc()
             await send_error(send, exc)
             return
         now = int(self.clock())
@@ -81,6 +85,7 @@ class Endpoints:
         token = self.keyring.current(server.name).signer.sign(claims)
         event.update(scopes=list(request.scopes), jti=jti)
         self.audit.emit("token.issued", **event, outcome="issued", reason="ok")
+        self.metrics.tokens_issued.labels(server.name, GRANT_TYPE).inc()
         body = json_bytes(
             {
                 "access_token": token,

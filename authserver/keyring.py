@@ -56,6 +56,10 @@ class KeyRing:
                 changed.append(name)
         return changed
 
+    def missing(self) -> list[str]:
+        """Servers without loaded keys (before the first start, or never)."""
+        return [name for name in self.servers if name not in self._sets]
+
     def current(self, name: str) -> KeySet:
         keys = self._sets[name]
         if self.clock() >= keys.valid_until:

@@ -26,6 +26,7 @@ from gateway.paths import BadPath, canonical_path
 from gateway.routing import Route, RouteTable, request_host
 from tokengate.asgi import Receive, Scope, Send
 from tokengate.jsonlog import AuditLog, log_event, rfc3339_now
+from tokengate.metrics import Metrics
 
 STARTUP_WAIT = 10.0  # seconds the first start waits for every issuer's keys
 
@@ -46,11 +47,13 @@ class GatewayApp:
         audit: AuditLog,
         http: httpx.AsyncClient | None = None,
         session_factory: Callable[[], aiohttp.ClientSession] = new_session,
+        metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.config = config
         self.audit = audit
+        self.metrics = metrics or Metrics()
         self.routes = RouteTable(config.routes)
         self.upstreams = {
             r.name: Upstream(
@@ -63,10 +66,12 @@ class GatewayApp:
             config.issuers,
             http or httpx.AsyncClient(follow_redirects=False, trust_env=False),
             clock=monotonic,
+            metrics=self.metrics,
         )
         self.authenticator = Authenticator(config, self.jwks, clock=clock)
         self.session_factory = session_factory
         self.forwarder: Forwarder | None = None
+        self.started = False
         self.request_ids = RequestIds()
         self.match_hosts = any(r.host is not None for r in config.routes)
 
@@ -78,6 +83,13 @@ class GatewayApp:
         missing = await self.jwks.wait_loaded(STARTUP_WAIT)
         for issuer in missing:
             log_event("gateway.issuer_not_ready", issuer=issuer)
+        self.started = True
+
+    def not_ready(self) -> list[str]:
+        """What keeps this gateway from serving: named for /readyz."""
+        if not self.started:
+            return ["gateway: starting"]
+        return [f"gateway: no keys for issuer {url}" for url in self.jwks.not_ready()]
 
     async def shutdown(self) -> None:
         await self.jwks.aclose()
@@ -107,6 +119,8 @@ class GatewayApp:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
+        inflight = self.metrics.inflight
+        inflight.inc()
         headers = scope["headers"]
         rid = self.request_ids.pick(headers)
         rid_bytes = rid.encode()
@@ -166,9 +180,10 @@ class GatewayApp:
             exchange.status = denied.status
             exchange.bytes_out = await send_denial(send, denied, [(b"x-request-id", rid_bytes)])
         finally:
-            self._audit(scope, rid, route, principal, path, exchange, started)
+            inflight.dec()
+            self._record(scope, rid, route, principal, path, exchange, started)
 
-    def _audit(
+    def _record(
         self,
         scope: Scope,
         rid: str,
@@ -178,16 +193,26 @@ class GatewayApp:
         exchange: Exchange,
         started: float,
     ) -> None:
+        """One metric update and one audit line per request."""
+        elapsed = time.perf_counter() - started
+        route_label = route.name if route is not None else "(none)"
+        status = exchange.status or 500
+        decision = "allow" if exchange.reason.allowed else "deny"
+        self.metrics.request(
+            route_label, scope["method"], status, decision, exchange.reason.value, elapsed
+        )
+        if exchange.upstream_seconds is not None:
+            self.metrics.upstream_duration.labels(route_label).observe(exchange.upstream_seconds)
         client = scope.get("client")
         line: dict[str, Any] = {
             "ts": rfc3339_now(),
             "event": "gateway.request",
             "request_id": rid,
-            "route": route.name if route is not None else "(none)",
+            "route": route_label,
             "method": scope["method"],
             "path": path,
-            "status": exchange.status or 500,
-            "decision": "allow" if exchange.reason.allowed else "deny",
+            "status": status,
+            "decision": decision,
             "reason": exchange.reason.value,
             "client_id": principal.client_id if principal else None,
             "sub": principal.sub if principal else None,
@@ -195,12 +220,12 @@ class GatewayApp:
             "jti": principal.jti if principal else None,
             "scopes": list(principal.scope_list) if principal else [],
             "remote_addr": client[0] if client else None,
-            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "duration_ms": round(elapsed * 1000, 3),
             "bytes_in": exchange.bytes_in,
             "bytes_out": exchange.bytes_out,
         }
         self.audit.sink.write(line)
 
 
-def create_app(config: GatewayConfig, *, audit: AuditLog) -> GatewayApp:
-    return GatewayApp(config, audit=audit)
+def create_app(config: GatewayConfig, *, audit: AuditLog, metrics: Metrics) -> GatewayApp:
+    return GatewayApp(config, audit=audit, metrics=metrics)

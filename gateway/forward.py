@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ class Exchange:
     reason: Reason = Reason.OK
     body_done: bool = False  # the request body has been read to its end
     client_gone: bool = False  # the client disconnected before the exchange finished
+    upstream_seconds: float | None = None  # set once the upstream was called
 
 
 def new_session(limit: int = 1000) -> aiohttp.ClientSession:
@@ -99,6 +101,7 @@ class Forwarder:
                 headers = [*headers, ("Content-Length", length.decode("latin-1"))]
         else:
             exchange.body_done = True
+        started = time.perf_counter()
         try:
             upstream = await self.session.request(
                 scope["method"],
@@ -112,6 +115,7 @@ class Forwarder:
             if exchange.client_gone:  # mid-upload: aiohttp reports it as a send failure
                 exchange.status = 499
                 return
+            exchange.upstream_seconds = time.perf_counter() - started
             if isinstance(exc, TimeoutError):
                 raise Denied(
                     Reason.UPSTREAM_TIMEOUT, "the upstream did not answer in time"
@@ -144,6 +148,7 @@ class Forwarder:
             raise
         finally:
             upstream.release()
+            exchange.upstream_seconds = time.perf_counter() - started
 
     @staticmethod
     async def _relay(upstream: aiohttp.ClientResponse, send: Send, exchange: Exchange) -> None:

@@ -28,6 +28,7 @@ import httpx
 from gateway.config import IssuerConfig
 from tokengate.jsonlog import log_event
 from tokengate.jwk import PublicKey, load_public_jwk
+from tokengate.metrics import Metrics
 
 MAX_DOCUMENT_BYTES = 512 * 1024
 FETCH_TIMEOUT = 5.0
@@ -82,8 +83,10 @@ class IssuerKeys:
         *,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
+        metrics: Metrics | None = None,
     ) -> None:
         self.issuer = issuer
+        self.metrics = metrics
         self.http = http
         self.clock = clock
         self.wall = wall
@@ -156,6 +159,8 @@ class IssuerKeys:
         except (httpx.HTTPError, ValueError) as exc:
             self.fetches["error"] += 1
             self.failures += 1
+            if self.metrics is not None:
+                self.metrics.jwks_fetches.labels(self.issuer.issuer, "error").inc()
             log_event(
                 "jwks.fetch_failed",
                 issuer=self.issuer.issuer,
@@ -175,6 +180,11 @@ class IssuerKeys:
         self.keyset = KeySet(keys, self.clock(), self.wall(), float(ttl))
         self.fetches["success"] += 1
         self.failures = 0
+        if self.metrics is not None:
+            url = self.issuer.issuer
+            self.metrics.jwks_fetches.labels(url, "success").inc()
+            self.metrics.jwks_keys.labels(url).set(len(keys))
+            self.metrics.jwks_last_success.labels(url).set(self.keyset.fetched_at_wall)
         self._unknown.clear()
         self.loaded.set()
 
@@ -233,8 +243,11 @@ class JwksCache:
         http: httpx.AsyncClient,
         *,
         clock: Callable[[], float] = time.monotonic,
+        metrics: Metrics | None = None,
     ) -> None:
-        self.issuers = {i.issuer: IssuerKeys(i, http, clock=clock) for i in issuers}
+        self.issuers = {
+            i.issuer: IssuerKeys(i, http, clock=clock, metrics=metrics) for i in issuers
+        }
         self.http = http
         self._tasks: list[asyncio.Task[None]] = []
 

@@ -22,12 +22,17 @@ from tokengate.yamlconf import (
 )
 
 DEFAULT_PATH = Path("config/tokengate.yaml")
-SECTIONS = ("version", "authserver", "gateway", "echo", "audit")
+SECTIONS = ("version", "authserver", "gateway", "admin", "echo", "audit")
 
 
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
     path: str  # "-" is stdout; anything else a file, appended as JSON lines
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: Listen  # /healthz, /readyz, /metrics
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +44,7 @@ class EchoConfig:
 class Config:
     authserver: AuthServerConfig | None
     gateway: GatewayConfig | None
+    admin: AdminConfig | None
     echo: EchoConfig | None
     audit: AuditConfig
 
@@ -71,6 +77,7 @@ def parse_config(
     f.get("version", _version, 1)
     authserver = f.get("authserver", parse_authserver, None)
     gateway = f.get("gateway", parse_gateway, None)
+    admin = f.get("admin", _admin, None)
     echo = f.get("echo", _echo, None)
     audit = f.get("audit", _audit, AuditConfig("-"))
     if top.is_mapping() and not any(f.has(s) for s in ("authserver", "gateway", "echo")):
@@ -85,13 +92,18 @@ def parse_config(
             if listen == earlier and listen.port != 0:
                 top.report.add(f"{name}.listen", f"{listen} is also {other}.listen")
     top.report.raise_if_any()
-    return Config(authserver=authserver, gateway=gateway, echo=echo, audit=audit)
+    return Config(authserver=authserver, gateway=gateway, admin=admin, echo=echo, audit=audit)
 
 
 def _version(node: Node) -> int:
     if as_int(node) != 1:
         raise ConfigError(node.path, f"unsupported version {node.value!r}; this is version 1")
     return 1
+
+
+def _admin(node: Node) -> AdminConfig:
+    f = node.fields(required=("listen",))
+    return AdminConfig(listen=f.get("listen", as_listen))
 
 
 def _echo(node: Node) -> EchoConfig:

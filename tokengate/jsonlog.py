@@ -106,6 +106,21 @@ class LineSink:
                 self._last_report = now
                 log_event("audit.write_failed", path=self.path, error=str(exc), lost=self.lost)
 
+    def reopen(self) -> None:
+        """Write to a fresh file at ``path`` (after logrotate moved the old one away)."""
+        if not self._owned:
+            return
+        self.flush()
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
+        except OSError as exc:  # keep writing where we were rather than lose lines
+            log_event("audit.reopen_failed", path=self.path, error=str(exc))
+            return
+        with self._lock:
+            old, self._fd = self._fd, fd
+            os.close(old)
+        log_event("audit.reopened", path=self.path)
+
     def close(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():

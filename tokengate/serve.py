@@ -13,10 +13,12 @@ import gc
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
 import sqlite3
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,10 +27,13 @@ from typing import Any
 
 import uvicorn
 import uvloop
+from prometheus_client.multiprocess import mark_process_dead
 
+from tokengate.admin import AdminApp, NotReady
 from tokengate.asgi import ASGIApp
 from tokengate.config import Config, load_config
 from tokengate.jsonlog import AuditLog, LineSink, configure_logging, log_event
+from tokengate.metrics import MULTIPROC_ENV, Metrics
 from tokengate.yamlconf import ConfigErrors, Listen
 
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
@@ -49,6 +54,8 @@ def listeners(config: Config, only: str | None) -> list[Listener]:
         out.append(Listener("authserver", config.authserver.listen))
     if config.gateway is not None and only in (None, "gateway"):
         out.append(Listener("gateway", config.gateway.listen))
+    if config.admin is not None:
+        out.append(Listener("admin", config.admin.listen))
     if config.echo is not None and only is None:
         out.append(Listener("echo", config.echo.listen))
     return out
@@ -57,15 +64,23 @@ def listeners(config: Config, only: str | None) -> list[Listener]:
 def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], AuditLog]:
     """One app per listener; each side is imported only when it is served."""
     audit = AuditLog(LineSink(config.audit.path))
+    metrics = Metrics()
     apps: dict[str, ASGIApp] = {}
+    checks: list[NotReady] = []
     if "authserver" in names and config.authserver is not None:
         from authserver.app import create_app as authserver_app
 
-        apps["authserver"] = authserver_app(config.authserver, audit=audit)
+        authserver = authserver_app(config.authserver, audit=audit, metrics=metrics)
+        apps["authserver"] = authserver
+        checks.append(authserver.services.not_ready)
     if "gateway" in names and config.gateway is not None:
         from gateway.app import create_app as gateway_app
 
-        apps["gateway"] = gateway_app(config.gateway, audit=audit)
+        gateway = gateway_app(config.gateway, audit=audit, metrics=metrics)
+        apps["gateway"] = gateway
+        checks.append(gateway.not_ready)
+    if "admin" in names:
+        apps["admin"] = AdminApp(metrics, checks)
     if "echo" in names:
         from tokengate.echo import EchoApp
 
@@ -127,6 +142,7 @@ async def serve_all(config: Config, sockets: dict[str, socket.socket]) -> None:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig)
+    loop.add_signal_handler(signal.SIGUSR1, audit.sink.reopen)  # after logrotate moved it
     try:
         await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
     finally:
@@ -171,7 +187,13 @@ def run(config_path: Path, config: Config, *, workers: int = 1, only: str | None
         except SystemExit as exc:
             return int(exc.code or 0)
         return 0
-    return _supervise(str(config_path), sockets, workers)
+    # Workers keep their metrics in files here, so /metrics on any of them sums all.
+    metrics_dir = tempfile.mkdtemp(prefix="tokengate-metrics-")
+    os.environ[MULTIPROC_ENV] = metrics_dir
+    try:
+        return _supervise(str(config_path), sockets, workers)
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _supervise(config_path: str, sockets: dict[str, socket.socket], workers: int) -> int:
@@ -187,7 +209,13 @@ def _supervise(config_path: str, sockets: dict[str, socket.socket], workers: int
     def on_signal(sig: int, _frame: object) -> None:
         stopping.append(sig)
 
+    def on_reopen(sig: int, _frame: object) -> None:
+        for proc, _ in procs:
+            if proc.is_alive():
+                os.kill(proc.pid, signal.SIGUSR1)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_reopen)
     procs = [spawn() for _ in range(workers)]
     exit_code = 0
     try:
@@ -203,6 +231,7 @@ def _supervise(config_path: str, sockets: dict[str, socket.socket], workers: int
                     stopping.append(0)
                     break
                 log_event("worker.replaced", pid=proc.pid, exitcode=code)
+                mark_process_dead(proc.pid)  # its live gauges no longer count
                 procs[i] = spawn()
     finally:
         for proc, _ in procs:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import signal
 import socket
 import threading
 import time
@@ -23,11 +24,14 @@ from tests.e2e.conftest import ROOT, Tokengate, e2e_config, free_port
 
 
 class Stack:
-    def __init__(self, main: Tokengate, upstream: Tokengate, auth_port: int, gw_port: int) -> None:
+    def __init__(
+        self, main: Tokengate, upstream: Tokengate, auth_port: int, gw_port: int, admin_port: int
+    ) -> None:
         self.main = main
         self.upstream = upstream
         self.issuer = f"http://127.0.0.1:{auth_port}/oauth2/default"
         self.gateway = f"http://127.0.0.1:{gw_port}"
+        self.admin = f"http://127.0.0.1:{admin_port}"
 
     def token(self, client: str = "admin") -> str:
         secret = {"admin": ADMIN_SECRET, "reporting": REPORTING_SECRET}[client]
@@ -39,7 +43,7 @@ class Stack:
 def start_stack(
     tmp_path: Path, *args: str, authserver: dict[str, Any] | None = None, **issuer: Any
 ) -> Stack:
-    up_port, auth_port, gw_port = free_port(), free_port(), free_port()
+    up_port, auth_port, gw_port, admin_port = free_port(), free_port(), free_port(), free_port()
     (tmp_path / "upstream").mkdir()
     (tmp_path / "main").mkdir()
     upstream = Tokengate(tmp_path / "upstream", {"echo": {"listen": f"127.0.0.1:{up_port}"}})
@@ -74,9 +78,10 @@ def start_stack(
         ],
     }
     config["audit"] = {"path": str(tmp_path / "main" / "audit.log")}
+    config["admin"] = {"listen": f"127.0.0.1:{admin_port}"}
     main = Tokengate(tmp_path / "main", config, *args)
-    main.start(f"http://127.0.0.1:{gw_port}/health")
-    return Stack(main, upstream, auth_port, gw_port)
+    main.start(f"http://127.0.0.1:{admin_port}/readyz")
+    return Stack(main, upstream, auth_port, gw_port, admin_port)
 
 
 @pytest.fixture
@@ -324,7 +329,7 @@ def test_key_rotation_with_no_restart_and_no_failed_request(tmp_path: Path) -> N
 def test_the_default_config_demo(tmp_path: Path) -> None:
     """`make run`: the shipped config, with free ports instead of 9000/8080/7000."""
     text = (ROOT / "config/tokengate.yaml").read_text()
-    ports = {old: str(free_port()) for old in ("9000", "8080", "7000")}
+    ports = {old: str(free_port()) for old in ("9000", "8080", "7000", "9100")}
     for old, new in ports.items():
         text = text.replace(f":{old}", f":{new}")
     workdir = tmp_path / "demo"
@@ -352,6 +357,8 @@ def test_the_default_config_demo(tmp_path: Path) -> None:
             headers={"Authorization": f"Bearer {token}"},
         )
         assert write.status_code == 403
+        ready = httpx.get(f"http://127.0.0.1:{ports['9100']}/readyz")
+        assert (ready.status_code, ready.json()) == (200, {"ready": True, "not_ready": []})
     finally:
         assert demo.stop() == 0
 
@@ -370,3 +377,57 @@ def test_an_upstream_failing_mid_body_closes_the_client_connection(stack: Stack)
     assert stderr and all(line.startswith("{") for line in stderr), stderr  # JSON lines only
     logged = [json.loads(line) for line in stderr if '"event":"log"' in line]
     assert logged and logged[-1]["level"] == "error"
+
+
+def test_metrics_sum_over_workers_and_sigusr1_reopens_the_audit_file(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    stack = start_stack(tmp_path, "--workers", "2")
+    try:
+        token = stack.token()
+        for _ in range(20):  # a new connection each: the kernel spreads them over workers
+            assert (
+                httpx.get(
+                    f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
+                ).status_code
+                == 200
+            )
+        for _ in range(10):
+            assert httpx.get(f"{stack.gateway}/orders/1").status_code == 401
+
+        def counts() -> dict[tuple[str, str], float]:
+            text = httpx.get(f"{stack.admin}/metrics").text
+            out: dict[tuple[str, str], float] = {}
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == "tokengate_gateway_requests_total":
+                        key = (sample.labels["route"], sample.labels["reason"])
+                        out[key] = out.get(key, 0) + sample.value
+                    if sample.name == "tokengate_authserver_tokens_issued_total":
+                        out[("tokens", "issued")] = sample.value
+            return out
+
+        for _ in range(4):  # whichever worker answers, the totals cover both
+            got = counts()
+            assert got[("orders", "ok")] == 20
+            assert got[("orders", "token_missing")] == 10
+            assert got[("tokens", "issued")] == 1
+
+        audit_path = stack.main.workdir / "audit.log"
+        time.sleep(0.2)
+        audit_path.rename(stack.main.workdir / "audit.log.1")  # what logrotate does
+        assert stack.main.proc is not None
+        stack.main.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and stack.main.stderr().count("audit.reopened") < 2:
+            time.sleep(0.05)
+        assert stack.main.stderr().count("audit.reopened") == 2  # both workers
+        assert httpx.get(f"{stack.gateway}/orders/2").status_code == 401
+        time.sleep(0.2)
+        new_lines = [json.loads(x) for x in audit_path.read_text().splitlines()]
+        assert [x["path"] for x in new_lines] == ["/orders/2"]
+        old = (stack.main.workdir / "audit.log.1").read_text()
+        assert "/orders/2" not in old and old.count("gateway.request") >= 30
+    finally:
+        assert stack.main.stop() == 0
+        stack.upstream.stop()

@@ -1,0 +1,257 @@
+"""The admin listener: health, readiness, and metrics checked with Prometheus' own parser."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import GatewayApp
+from tests.asgi.gateway_fixtures import (
+    Gateway,
+    RecordingUpstream,
+    gateway_section,
+    make_gateway,
+    upstream,
+)
+from tests.conftest import ISSUER, config_from
+from tokengate.admin import AdminApp
+from tokengate.jsonlog import AuditLog, LineSink
+
+pytestmark = pytest.mark.anyio
+__all__ = ["make_gateway", "upstream"]  # fixtures
+
+
+def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def value(parsed: dict[Any, float], name: str, **labels: str) -> float:
+    return parsed.get((name, frozenset(labels.items())), 0.0)
+
+
+async def scrape(app: AdminApp) -> tuple[httpx.Response, dict[Any, float]]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+        response = await client.get("/metrics")
+    return response, samples(response.text)
+
+
+async def test_metrics_count_known_traffic_exactly(make_gateway: Any) -> None:
+    gw: Gateway = await make_gateway()
+    admin = AdminApp(gw.app.metrics, [gw.app.not_ready])
+    token = await gw.token()
+    async with gw.client() as client:
+        for _ in range(3):
+            assert (
+                await client.get("/orders/1", headers={"authorization": f"Bearer {token}"})
+            ).status_code == 200
+        for _ in range(2):
+            assert (await client.get("/orders/1")).status_code == 401
+        assert (
+            await client.post("/orders/1", headers={"authorization": f"Bearer {token}"})
+        ).status_code == 403
+        assert (await client.get("/nowhere")).status_code == 404
+        assert (await client.request("FETCH", "/nowhere")).status_code == 404
+        assert (await client.get("/dead/x")).status_code == 502
+    response, parsed = await scrape(admin)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    requests = "tokengate_gateway_requests_total"
+    assert (
+        value(
+            parsed,
+            requests,
+            route="orders-read",
+            method="GET",
+            code="200",
+            decision="allow",
+            reason="ok",
+        )
+        == 3
+    )
+    assert (
+        value(
+            parsed,
+            requests,
+            route="orders-read",
+            method="GET",
+            code="401",
+            decision="deny",
+            reason="token_missing",
+        )
+        == 2
+    )
+    assert (
+        value(
+            parsed,
+            requests,
+            route="orders-write",
+            method="POST",
+            code="403",
+            decision="deny",
+            reason="insufficient_scope",
+        )
+        == 1
+    )
+    assert (
+        value(
+            parsed,
+            requests,
+            route="(none)",
+            method="GET",
+            code="404",
+            decision="deny",
+            reason="no_route",
+        )
+        == 1
+    )
+    assert (
+        value(
+            parsed,
+            requests,
+            route="(none)",
+            method="OTHER",
+            code="404",
+            decision="deny",
+            reason="no_route",
+        )
+        == 1
+    )
+    assert (
+        value(
+            parsed,
+            requests,
+            route="dead",
+            method="GET",
+            code="502",
+            decision="allow",
+            reason="upstream_unavailable",
+        )
+        == 1
+    )
+    total = sum(v for (name, _), v in parsed.items() if name == requests)
+    assert total == 9
+    assert (
+        value(parsed, "tokengate_gateway_request_duration_seconds_count", route="orders-read") == 5
+    )
+    assert (
+        value(parsed, "tokengate_gateway_upstream_duration_seconds_count", route="orders-read") == 3
+    )
+    assert value(parsed, "tokengate_gateway_inflight_requests") == 0
+    assert value(parsed, "tokengate_jwks_fetches_total", issuer=ISSUER, result="success") == 1
+    assert value(parsed, "tokengate_jwks_keys", issuer=ISSUER) == 1
+    assert value(parsed, "tokengate_jwks_last_success_timestamp_seconds", issuer=ISSUER) > 1.7e9
+    for _name, labels in parsed:  # bounded labels: never a path or a subject
+        assert not {v for _, v in labels} & {"/orders/1", "/nowhere", "reporting"}
+
+
+async def test_authserver_metrics(make_authserver: Any) -> None:
+    from tests.conftest import REPORTING_SECRET
+
+    server = make_authserver()
+    metrics = server.services.endpoints.metrics
+    async with server.client() as http:
+        for _ in range(2):
+            await http.post(
+                f"{ISSUER}/v1/token",
+                data={"grant_type": "client_credentials"},
+                auth=("reporting", REPORTING_SECRET),
+            )
+        await http.post(
+            f"{ISSUER}/v1/token",
+            data={"grant_type": "client_credentials"},
+            auth=("reporting", "wrong"),
+        )
+        await http.post(
+            f"{ISSUER}/v1/token",
+            data={"grant_type": "password"},
+            auth=("reporting", REPORTING_SECRET),
+        )
+    _, parsed = await scrape(AdminApp(metrics, [server.services.not_ready]))
+    assert (
+        value(
+            parsed,
+            "tokengate_authserver_tokens_issued_total",
+            server="default",
+            grant_type="client_credentials",
+        )
+        == 2
+    )
+    assert (
+        value(
+            parsed,
+            "tokengate_authserver_token_errors_total",
+            server="default",
+            error="invalid_client",
+        )
+        == 1
+    )
+    assert (
+        value(
+            parsed,
+            "tokengate_authserver_token_errors_total",
+            server="default",
+            error="unsupported_grant_type",
+        )
+        == 1
+    )
+
+
+async def test_health_and_readiness(make_gateway: Any, tmp_path: Path) -> None:
+    gw: Gateway = await make_gateway()
+    admin = AdminApp(gw.app.metrics, [gw.app.not_ready, gw.authserver.services.not_ready])
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=admin), base_url="http://a"
+    ) as client:
+        health = await client.get("/healthz")
+        ready = await client.get("/readyz")
+        post = await client.post("/readyz")
+        missing = await client.get("/nope")
+    assert (health.status_code, health.json()) == (200, {"status": "ok"})
+    assert (ready.status_code, ready.json()) == (200, {"ready": True, "not_ready": []})
+    assert (post.status_code, post.headers["allow"]) == (405, "GET, HEAD")
+    assert missing.status_code == 404
+
+
+async def test_not_ready_names_what_is_missing(
+    upstream: tuple[RecordingUpstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("gateway.app.STARTUP_WAIT", 0.2)
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    config = config_from({"gateway": gateway_section(upstream[1])})
+    assert config.gateway is not None
+    app = GatewayApp(
+        config.gateway,
+        audit=AuditLog(LineSink(str(tmp_path / "audit.log"))),
+        http=httpx.AsyncClient(transport=httpx.MockTransport(refuse)),
+    )
+    admin = AdminApp(app.metrics, [app.not_ready])
+    transport = httpx.ASGITransport(app=admin)
+    async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
+        starting = (await client.get("/readyz")).json()
+        await app.startup()
+        response = await client.get("/readyz")
+    await app.shutdown()
+    app.audit.sink.close()
+    assert starting == {"ready": False, "not_ready": ["gateway: starting"]}
+    assert response.status_code == 503
+    assert response.json() == {
+        "ready": False,
+        "not_ready": [
+            f"gateway: no keys for issuer {ISSUER}",
+            "gateway: no keys for issuer http://auth.test/oauth2/partners",
+        ],
+    }
+    _, parsed = await scrape(admin)
+    assert value(parsed, "tokengate_jwks_fetches_total", issuer=ISSUER, result="error") >= 1
