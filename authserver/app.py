@@ -39,6 +39,8 @@ class AuthServices:
     endpoints: Endpoints
     http: httpx.AsyncClient
     clock: Callable[[], float]
+    audit: AuditLog
+    metrics: Metrics
 
     @classmethod
     def build(
@@ -61,6 +63,7 @@ class AuthServices:
         )
         keyring = KeyRing(manager, config.servers, clock=clock)
         http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        metrics = metrics or Metrics()
         authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), clock=clock)
         endpoints = Endpoints(
             keyring=keyring,
@@ -70,10 +73,26 @@ class AuthServices:
             audit=audit,
             max_body_bytes=config.max_body_bytes,
             jwks_max_age=config.jwks_max_age,
-            metrics=metrics or Metrics(),
+            metrics=metrics,
             clock=clock,
         )
-        return cls(config, store, keyring, endpoints, http, clock)
+        return cls(config, store, keyring, endpoints, http, clock, audit, metrics)
+
+    def reconfigure(self, config: AuthServerConfig) -> None:
+        """Take new servers and clients: keys for new servers are created and loaded
+        before anything switches. The store stays: its directory cannot change live."""
+        if config.data_dir != self.config.data_dir:
+            raise ValueError("authserver.data_dir: changing the data dir needs a restart")
+        new = AuthServices.build(
+            config,
+            audit=self.audit,
+            clock=self.clock,
+            http=self.http,
+            store=self.store,
+            metrics=self.metrics,
+        )
+        new.start()
+        self.config, self.keyring, self.endpoints = new.config, new.keyring, new.endpoints
 
     def not_ready(self) -> list[str]:
         """What keeps this authorization server from serving: named for /readyz."""
@@ -109,6 +128,10 @@ class AuthServerApp:
     def __init__(self, services: AuthServices) -> None:
         self.services = services
         self.routes = build_routes(services.config.servers, services.endpoints)
+
+    def reconfigure(self, config: AuthServerConfig) -> None:
+        self.services.reconfigure(config)
+        self.routes = build_routes(self.services.config.servers, self.services.endpoints)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

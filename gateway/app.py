@@ -39,6 +39,36 @@ class Upstream:
     timeout: aiohttp.ClientTimeout
 
 
+@dataclass(frozen=True, slots=True)
+class GatewayState:
+    """Everything one configuration decides, swapped whole on reload: a request uses
+    the state it started with until it ends."""
+
+    config: GatewayConfig
+    routes: RouteTable
+    upstreams: dict[str, Upstream]
+    jwks: JwksCache
+    authenticator: Authenticator
+    match_hosts: bool
+
+
+def build_state(config: GatewayConfig, jwks: JwksCache, clock: Callable[[], float]) -> GatewayState:
+    return GatewayState(
+        config=config,
+        routes=RouteTable(config.routes),
+        upstreams={
+            r.name: Upstream(
+                r.upstream,
+                aiohttp.ClientTimeout(total=None, sock_connect=r.timeout, sock_read=r.timeout),
+            )
+            for r in config.routes
+        },
+        jwks=jwks,
+        authenticator=Authenticator(config, jwks, clock=clock),
+        match_hosts=any(r.host is not None for r in config.routes),
+    )
+
+
 class GatewayApp:
     def __init__(
         self,
@@ -51,29 +81,41 @@ class GatewayApp:
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.config = config
         self.audit = audit
         self.metrics = metrics or Metrics()
-        self.routes = RouteTable(config.routes)
-        self.upstreams = {
-            r.name: Upstream(
-                r.upstream,
-                aiohttp.ClientTimeout(total=None, sock_connect=r.timeout, sock_read=r.timeout),
-            )
-            for r in config.routes
-        }
-        self.jwks = JwksCache(
-            config.issuers,
-            http or httpx.AsyncClient(follow_redirects=False, trust_env=False),
-            clock=monotonic,
-            metrics=self.metrics,
-        )
-        self.authenticator = Authenticator(config, self.jwks, clock=clock)
+        self.http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
+        self.clock = clock
+        self.monotonic = monotonic
+        jwks = JwksCache(config.issuers, self.http, clock=monotonic, metrics=self.metrics)
+        self.state = build_state(config, jwks, clock)
         self.session_factory = session_factory
         self.forwarder: Forwarder | None = None
         self.started = False
         self.request_ids = RequestIds()
-        self.match_hosts = any(r.host is not None for r in config.routes)
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.state.config
+
+    @property
+    def jwks(self) -> JwksCache:
+        return self.state.jwks
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self.state.authenticator
+
+    async def reconfigure(self, config: GatewayConfig) -> None:
+        """Swap in a new configuration; new issuers' keys are loaded first."""
+        old = self.state
+        jwks = JwksCache(
+            config.issuers, self.http, clock=self.monotonic, metrics=self.metrics, reuse=old.jwks
+        )
+        jwks.start()
+        for issuer in await jwks.wait_loaded(STARTUP_WAIT):
+            log_event("gateway.issuer_not_ready", issuer=issuer)
+        self.state = build_state(config, jwks, self.clock)
+        await old.jwks.stop(keep=jwks)
 
     # -- lifecycle ---------------------------------------------------------------
 
@@ -92,7 +134,8 @@ class GatewayApp:
         return [f"gateway: no keys for issuer {url}" for url in self.jwks.not_ready()]
 
     async def shutdown(self) -> None:
-        await self.jwks.aclose()
+        await self.state.jwks.stop()
+        await self.http.aclose()
         if self.forwarder is not None:
             await self.forwarder.session.close()
 
@@ -119,6 +162,7 @@ class GatewayApp:
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
+        state = self.state
         inflight = self.metrics.inflight
         inflight.inc()
         headers = scope["headers"]
@@ -139,19 +183,19 @@ class GatewayApp:
             try:
                 path = canonical_path(
                     scope.get("raw_path") or scope["path"].encode("utf-8"),
-                    allow_path_parameters=self.config.allow_path_parameters,
+                    allow_path_parameters=state.config.allow_path_parameters,
                 )
             except BadPath as exc:
                 raise Denied(Reason.BAD_PATH, "the request path is not allowed") from exc
-            host = request_host(host_header) if self.match_hosts else None
-            route = self.routes.match(scope["method"], host, path)
+            host = request_host(host_header) if state.match_hosts else None
+            route = state.routes.match(scope["method"], host, path)
             if route is None:
                 raise Denied(Reason.NO_ROUTE, "no route matches this request")
             if not route.config.public:
-                principal = await self.authenticator.authenticate(bearer_token(authorization))
+                principal = await state.authenticator.authenticate(bearer_token(authorization))
                 authorize(principal, route)
             assert self.forwarder is not None, "the gateway has not started"
-            upstream = self.upstreams[route.name]
+            upstream = state.upstreams[route.name]
             query = scope.get("query_string") or b""
             target = upstream.base + route.upstream_path(path)
             if query:

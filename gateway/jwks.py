@@ -96,6 +96,7 @@ class IssuerKeys:
         self.failures = 0  # consecutive
         self._last_attempt = float("-inf")
         self._inflight: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # the background refresher
         self._unknown: cachetools.TTLCache[str | None, bool] = cachetools.TTLCache(
             maxsize=1024, ttl=issuer.jwks_cache_min, timer=clock
         )
@@ -213,6 +214,17 @@ class IssuerKeys:
             raise ValueError(f"{url} sent more than {MAX_DOCUMENT_BYTES} bytes")
         return response
 
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self.run())
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
     async def run(self) -> None:
         """Keep the keys fresh: fetch now, then before each expiry; back off on failure."""
         while True:
@@ -235,7 +247,11 @@ def _lookup(keyset: KeySet, kid: str | None) -> PublicKey | None:
 
 
 class JwksCache:
-    """Every configured issuer's keys, and their background refreshers."""
+    """Every configured issuer's keys, and their background refreshers.
+
+    A new configuration builds a new cache that takes over the ``IssuerKeys`` of
+    every issuer whose settings did not change, keys and refresher included.
+    """
 
     def __init__(
         self,
@@ -244,33 +260,37 @@ class JwksCache:
         *,
         clock: Callable[[], float] = time.monotonic,
         metrics: Metrics | None = None,
+        reuse: JwksCache | None = None,
     ) -> None:
-        self.issuers = {
-            i.issuer: IssuerKeys(i, http, clock=clock, metrics=metrics) for i in issuers
-        }
-        self.http = http
-        self._tasks: list[asyncio.Task[None]] = []
+        previous = reuse.issuers if reuse is not None else {}
+        self.issuers: dict[str, IssuerKeys] = {}
+        for issuer in issuers:
+            old = previous.get(issuer.issuer)
+            if old is not None and old.issuer == issuer:
+                self.issuers[issuer.issuer] = old
+            else:
+                self.issuers[issuer.issuer] = IssuerKeys(issuer, http, clock=clock, metrics=metrics)
 
     def __getitem__(self, issuer: str) -> IssuerKeys:
         return self.issuers[issuer]
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(keys.run()) for keys in self.issuers.values()]
+        for keys in self.issuers.values():
+            keys.start()
 
     async def wait_loaded(self, seconds: float) -> list[str]:
         """Wait up to ``seconds`` for every issuer's first keys; name those still missing."""
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(seconds):
                 await asyncio.gather(*(k.loaded.wait() for k in self.issuers.values()))
-        return [url for url, k in self.issuers.items() if k.current() is None]
+        return self.not_ready()
 
     def not_ready(self) -> list[str]:
         return [url for url, k in self.issuers.items() if k.current() is None]
 
-    async def aclose(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        await self.http.aclose()
+    async def stop(self, *, keep: JwksCache | None = None) -> None:
+        """Stop the refreshers, except those ``keep`` took over."""
+        kept = {id(k) for k in keep.issuers.values()} if keep is not None else set()
+        for keys in self.issuers.values():
+            if id(keys) not in kept:
+                await keys.stop()

@@ -99,6 +99,12 @@ class Metrics:
             ["server", "error"],
             registry=r,
         )
+        self.config_reloads = Counter(
+            "tokengate_config_reloads",
+            "Configuration reloads by result (ok or error).",
+            ["result"],
+            registry=r,
+        )
         self._request_children: dict[tuple[str, str, int, str, str], Counter] = {}
 
     def request(

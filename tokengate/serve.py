@@ -34,6 +34,7 @@ from tokengate.asgi import ASGIApp
 from tokengate.config import Config, load_config
 from tokengate.jsonlog import AuditLog, LineSink, configure_logging, log_event
 from tokengate.metrics import MULTIPROC_ENV, Metrics
+from tokengate.reload import Apply, ConfigWatcher
 from tokengate.yamlconf import ConfigErrors, Listen
 
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
@@ -61,7 +62,7 @@ def listeners(config: Config, only: str | None) -> list[Listener]:
     return out
 
 
-def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], AuditLog]:
+def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], AuditLog, Metrics]:
     """One app per listener; each side is imported only when it is served."""
     audit = AuditLog(LineSink(config.audit.path))
     metrics = Metrics()
@@ -85,7 +86,32 @@ def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], Au
         from tokengate.echo import EchoApp
 
         apps["echo"] = EchoApp()
-    return apps, audit
+    return apps, audit, metrics
+
+
+def applier(current: Config, apps: dict[str, Any]) -> Apply:
+    """How a reloaded config reaches the running apps; names what needs a restart."""
+    state = {"config": current}
+
+    async def apply(new: Config) -> list[str]:
+        old = state["config"]
+        restart = []
+        for name in ("authserver", "gateway", "admin", "echo"):
+            before, after = getattr(old, name), getattr(new, name)
+            if (before is None) != (after is None):
+                restart.append(f"{name}: adding or removing a section needs a restart")
+            elif before is not None and before.listen != after.listen:
+                restart.append(f"{name}.listen: changing a listen address needs a restart")
+        if old.audit != new.audit:
+            restart.append("audit.path: changing the audit sink needs a restart")
+        if "authserver" in apps and new.authserver is not None:
+            apps["authserver"].reconfigure(new.authserver)
+        if "gateway" in apps and new.gateway is not None:
+            await apps["gateway"].reconfigure(new.gateway)
+        state["config"] = new
+        return restart
+
+    return apply
 
 
 def bind(listen: Listen) -> socket.socket:
@@ -106,9 +132,11 @@ class QuietServer(uvicorn.Server):
         yield
 
 
-async def serve_all(config: Config, sockets: dict[str, socket.socket]) -> None:
+async def serve_all(
+    config: Config, sockets: dict[str, socket.socket], config_path: Path | None = None
+) -> None:
     configure_logging()
-    apps, audit = build_apps(config, list(sockets))
+    apps, audit, metrics = build_apps(config, list(sockets))
     servers = []
     for name, sock in sockets.items():
         uv_config = uvicorn.Config(
@@ -143,17 +171,26 @@ async def serve_all(config: Config, sockets: dict[str, socket.socket]) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig)
     loop.add_signal_handler(signal.SIGUSR1, audit.sink.reopen)  # after logrotate moved it
+    watcher_task = None
+    if config_path is not None:
+        watcher = ConfigWatcher(config_path, applier(config, apps), metrics)
+        loop.add_signal_handler(signal.SIGHUP, watcher.request)
+        watcher_task = asyncio.create_task(watcher.run())
     try:
         await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
     finally:
+        if watcher_task is not None:
+            watcher_task.cancel()
         audit.sink.close()
 
 
-def run_process(config: Config, sockets: dict[str, socket.socket]) -> None:
+def run_process(
+    config: Config, sockets: dict[str, socket.socket], config_path: Path | None = None
+) -> None:
     """Serve until a signal; exits STARTUP_FAILURE if the data dir or store is unusable."""
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve_all(config, sockets))
+            runner.run(serve_all(config, sockets, config_path))
     except (OSError, sqlite3.Error) as exc:
         log_event("startup_failed", error=f"{type(exc).__name__}: {exc}")
         sys.exit(STARTUP_FAILURE)
@@ -165,7 +202,7 @@ def _worker(config_path: str, sockets: dict[str, socket.socket]) -> None:
     except ConfigErrors as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
-    run_process(config, sockets)
+    run_process(config, sockets, Path(config_path))
 
 
 def run(config_path: Path, config: Config, *, workers: int = 1, only: str | None = None) -> int:
@@ -183,7 +220,7 @@ def run(config_path: Path, config: Config, *, workers: int = 1, only: str | None
         log_event("listening", listener=name, address=str(Listen(host, port)), workers=workers)
     if workers == 1:
         try:
-            run_process(config, sockets)
+            run_process(config, sockets, config_path)
         except SystemExit as exc:
             return int(exc.code or 0)
         return 0
@@ -209,13 +246,14 @@ def _supervise(config_path: str, sockets: dict[str, socket.socket], workers: int
     def on_signal(sig: int, _frame: object) -> None:
         stopping.append(sig)
 
-    def on_reopen(sig: int, _frame: object) -> None:
+    def forward(sig: int, _frame: object) -> None:  # SIGHUP, SIGUSR1: every worker acts
         for proc, _ in procs:
             if proc.is_alive():
-                os.kill(proc.pid, signal.SIGUSR1)
+                os.kill(proc.pid, sig)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    previous[signal.SIGUSR1] = signal.signal(signal.SIGUSR1, on_reopen)
+    for sig in (signal.SIGHUP, signal.SIGUSR1):
+        previous[sig] = signal.signal(sig, forward)
     procs = [spawn() for _ in range(workers)]
     exit_code = 0
     try:

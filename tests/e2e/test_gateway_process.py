@@ -431,3 +431,50 @@ def test_metrics_sum_over_workers_and_sigusr1_reopens_the_audit_file(tmp_path: P
     finally:
         assert stack.main.stop() == 0
         stack.upstream.stop()
+
+
+def test_hot_reload_of_routes_and_a_refused_invalid_config(stack: Stack) -> None:
+    import yaml
+
+    path = stack.main.config_path
+    config = yaml.safe_load(path.read_text())
+    upstream_url = config["gateway"]["routes"][0]["upstream"]
+    assert httpx.get(f"{stack.gateway}/reports/1").status_code == 404
+    config["gateway"]["routes"].insert(
+        0,
+        {
+            "name": "reports",
+            "match": {"path": "/reports/**"},
+            "upstream": upstream_url,
+            "public": True,
+        },
+    )
+    path.write_text(yaml.safe_dump(config))
+    deadline = time.monotonic() + 10
+    while (
+        time.monotonic() < deadline and httpx.get(f"{stack.gateway}/reports/1").status_code != 200
+    ):
+        time.sleep(0.1)
+    assert httpx.get(f"{stack.gateway}/reports/1").status_code == 200
+
+    broken = dict(config, gateway={**config["gateway"], "routes": [{"name": "x"}]})
+    path.write_text(yaml.safe_dump(broken))
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and "config.reload_failed" not in stack.main.stderr():
+        time.sleep(0.1)
+    failure = next(e for e in stack.main.log_events() if e["event"] == "config.reload_failed")
+    assert "gateway.routes[0].match: is required" in failure["problems"]
+    assert "gateway.routes[0].upstream: is required" in failure["problems"]
+    assert httpx.get(f"{stack.gateway}/reports/1").status_code == 200  # the old config serves
+    metrics = httpx.get(f"{stack.admin}/metrics").text
+    assert 'tokengate_config_reloads_total{result="error"} 1.0' in metrics
+    assert 'tokengate_config_reloads_total{result="ok"} 1.0' in metrics
+
+    # SIGHUP reloads at once, changed or not
+    path.write_text(yaml.safe_dump(config))
+    assert stack.main.proc is not None
+    stack.main.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and stack.main.stderr().count('"config.reloaded"') < 2:
+        time.sleep(0.05)
+    assert stack.main.stderr().count('"config.reloaded"') >= 2
