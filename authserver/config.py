@@ -105,12 +105,6 @@ class AuthServerConfig:
     servers: tuple[ServerConfig, ...]
     clients: tuple[ClientConfig, ...]
 
-    def server(self, name: str) -> ServerConfig | None:
-        return next((s for s in self.servers if s.name == name), None)
-
-    def client(self, client_id: str) -> ClientConfig | None:
-        return next((c for c in self.clients if c.client_id == client_id), None)
-
 
 # --------------------------------------------------------------------------- parsing
 

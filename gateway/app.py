@@ -246,7 +246,7 @@ class GatewayApp:
             route_label, scope["method"], status, decision, exchange.reason.value, elapsed
         )
         if exchange.upstream_seconds is not None:
-            self.metrics.upstream_duration.labels(route_label).observe(exchange.upstream_seconds)
+            self.metrics.upstream(route_label, exchange.upstream_seconds)
         client = scope.get("client")
         line: dict[str, Any] = {
             "ts": rfc3339_now(),

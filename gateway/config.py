@@ -85,9 +85,6 @@ class GatewayConfig:
     token_cache_size: int
     warnings: tuple[str, ...] = ()
 
-    def issuer(self, url: str) -> IssuerConfig | None:
-        return next((i for i in self.issuers if i.issuer == url), None)
-
 
 # --------------------------------------------------------------------------- parsing
 

@@ -11,6 +11,7 @@ tokens.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -105,7 +106,10 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        self._request_children: dict[tuple[str, str, int, str, str], Counter] = {}
+        # labels() looks children up on every call; the request path keeps its own map
+        self._request_children: dict[tuple[str, str, int, str, str], Any] = {}
+        self._duration_children: dict[str, Any] = {}
+        self._upstream_children: dict[str, Any] = {}
 
     def request(
         self, route: str, method: str, code: int, decision: str, reason: str, seconds: float
@@ -117,7 +121,16 @@ class Metrics:
             child = self.requests.labels(route, label, str(code), decision, reason)
             self._request_children[key] = child
         child.inc()
-        self.request_duration.labels(route).observe(seconds)
+        duration = self._duration_children.get(route)
+        if duration is None:
+            duration = self._duration_children[route] = self.request_duration.labels(route)
+        duration.observe(seconds)
+
+    def upstream(self, route: str, seconds: float) -> None:
+        child = self._upstream_children.get(route)
+        if child is None:
+            child = self._upstream_children[route] = self.upstream_duration.labels(route)
+        child.observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric, summed over processes when there are several."""

@@ -77,10 +77,6 @@ class Tokengate:
     def stderr(self) -> str:
         return self.stderr_path.read_text() if self.stderr_path.exists() else ""
 
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        lines = [json.loads(x) for x in self.stdout_path.read_text().splitlines() if x.strip()]
-        return [x for x in lines if name is None or x["event"] == name]
-
     def log_events(self) -> list[dict[str, Any]]:
         return [json.loads(x) for x in self.stderr().splitlines() if x.startswith("{")]
 
