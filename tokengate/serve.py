@@ -40,7 +40,7 @@ from tokengate.yamlconf import ConfigErrors, Listen
 GC_THRESHOLD = 20_000  # allocations between young-generation collections (default 700)
 DRAIN_TIMEOUT = 30  # seconds in-flight requests get after SIGTERM
 STARTUP_FAILURE = 3
-EARLY_EXIT_WINDOW = 10  # a worker dying this soon after start is a startup failure
+EARLY_EXIT_WINDOW = 10  # a worker exiting with an error this soon failed to start
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,9 +263,11 @@ def _supervise(config_path: str, sockets: dict[str, socket.socket], workers: int
                 if proc.is_alive() or stopping:
                     continue
                 code = proc.exitcode
-                if time.monotonic() - started < EARLY_EXIT_WINDOW and code != 0:
+                # An exit code > 0 is tokengate's own (2 config, 3 startup): restarting
+                # would fail the same way. A signal (crash, OOM kill) gets a new worker.
+                if code is not None and code > 0 and time.monotonic() - started < EARLY_EXIT_WINDOW:
                     log_event("worker.failed_to_start", pid=proc.pid, exitcode=code)
-                    exit_code = code if code and code > 0 else STARTUP_FAILURE
+                    exit_code = code
                     stopping.append(0)
                     break
                 log_event("worker.replaced", pid=proc.pid, exitcode=code)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import os
 import signal
 import socket
 import threading
@@ -428,6 +429,8 @@ def test_metrics_sum_over_workers_and_sigusr1_reopens_the_audit_file(tmp_path: P
         assert [x["path"] for x in new_lines] == ["/orders/2"]
         old = (stack.main.workdir / "audit.log.1").read_text()
         assert "/orders/2" not in old and old.count("gateway.request") >= 30
+        for line in old.splitlines():  # two workers, one file: every line whole
+            json.loads(line)
     finally:
         assert stack.main.stop() == 0
         stack.upstream.stop()
@@ -478,3 +481,62 @@ def test_hot_reload_of_routes_and_a_refused_invalid_config(stack: Stack) -> None
     while time.monotonic() < deadline and stack.main.stderr().count('"config.reloaded"') < 2:
         time.sleep(0.05)
     assert stack.main.stderr().count('"config.reloaded"') >= 2
+
+
+def test_sigterm_lets_in_flight_requests_finish(stack: Stack) -> None:
+    token = stack.token()
+    result: list[int] = []
+
+    def slow() -> None:
+        response = httpx.get(
+            f"{stack.gateway}/orders/x?delay=1.5",
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        result.append(response.status_code)
+
+    worker = threading.Thread(target=slow)
+    worker.start()
+    time.sleep(0.4)  # the request is with the upstream
+    assert stack.main.proc is not None
+    stack.main.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.ConnectError):  # no longer accepting
+        httpx.get(f"{stack.gateway}/health", timeout=2)
+    worker.join()
+    assert result == [200]
+    assert stack.main.proc.wait(timeout=30) == 0
+
+
+def test_a_crashed_worker_is_replaced(tmp_path: Path) -> None:
+    stack = start_stack(tmp_path, "--workers", "2")
+    try:
+        assert stack.main.proc is not None
+        children = [
+            int(pid)
+            for pid in Path(f"/proc/{stack.main.proc.pid}/task/{stack.main.proc.pid}/children")
+            .read_text()
+            .split()
+        ]
+        workers = [p for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+        assert len(workers) == 2, children
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and "worker.replaced" not in stack.main.stderr():
+            time.sleep(0.1)
+        replaced = next(e for e in stack.main.log_events() if e["event"] == "worker.replaced")
+        assert replaced["pid"] == workers[0] and replaced["exitcode"] == -signal.SIGKILL
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and httpx.get(f"{stack.admin}/readyz").status_code != 200:
+            time.sleep(0.1)
+        token = stack.token()
+        for _ in range(10):  # both workers answer again
+            assert (
+                httpx.get(
+                    f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
+                ).status_code
+                == 200
+            )
+    finally:
+        assert stack.main.stop() == 0
+        stack.upstream.stop()
