@@ -86,12 +86,26 @@ def start_stack(
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
-    s = start_stack(tmp_path)
-    yield s
-    for process in (s.main, s.upstream):
-        if process.proc and process.proc.poll() is None:
-            process.stop()
+def make_stack(tmp_path: Path) -> Iterator[Any]:
+    """Start a stack; whatever happens in the test, its processes end with it."""
+    started: list[Stack] = []
+
+    def make(*args: str, **kwargs: Any) -> Stack:
+        s = start_stack(tmp_path, *args, **kwargs)
+        started.append(s)
+        return s
+
+    yield make
+    for s in started:
+        for process in (s.main, s.upstream):
+            if process.proc and process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
+
+
+@pytest.fixture
+def stack(make_stack: Any) -> Stack:
+    return make_stack()  # type: ignore[no-any-return]
 
 
 def audit(stack: Stack) -> list[dict[str, Any]]:
@@ -284,47 +298,43 @@ def test_upstream_down_is_502_and_slow_is_504(stack: Stack) -> None:
     assert reasons[-2:] == ["upstream_timeout", "upstream_unavailable"]
 
 
-def test_key_rotation_with_no_restart_and_no_failed_request(tmp_path: Path) -> None:
-    stack = start_stack(
-        tmp_path,
+def test_key_rotation_with_no_restart_and_no_failed_request(make_stack: Any) -> None:
+    stack = make_stack(
         "--workers",
         "2",
         authserver={"jwks_max_age": "1s"},
         jwks_cache_min="1s",
         jwks_cache_max="2s",
     )
-    try:
-        results: list[tuple[str, int]] = []
-        stop = threading.Event()
+    results: list[tuple[str, int]] = []
+    stop = threading.Event()
 
-        def traffic() -> None:
-            with OAuth2Client("admin", ADMIN_SECRET) as oauth:
-                while not stop.is_set():
-                    token = oauth.fetch_token(
-                        f"{stack.issuer}/v1/token", grant_type="client_credentials"
-                    )["access_token"]
-                    status = httpx.get(
-                        f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
-                    ).status_code
-                    results.append((jwt.get_unverified_header(token)["kid"], status))
+    def traffic() -> None:
+        with OAuth2Client("admin", ADMIN_SECRET) as oauth:
+            while not stop.is_set():
+                token = oauth.fetch_token(
+                    f"{stack.issuer}/v1/token", grant_type="client_credentials"
+                )["access_token"]
+                status = httpx.get(
+                    f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
+                ).status_code
+                results.append((jwt.get_unverified_header(token)["kid"], status))
 
-        worker = threading.Thread(target=traffic)
-        worker.start()
-        time.sleep(1)
-        rotated = stack.main.cli("keys", "rotate")
-        assert rotated.returncode == 0, rotated.stderr
-        new_kid = rotated.stdout.split("next key ")[1].split()[0]
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and sum(k == new_kid for k, _ in results) < 20:
-            time.sleep(0.1)
-        stop.set()
-        worker.join()
-        kids = {k for k, _ in results}
-        assert len(kids) == 2 and new_kid in kids
-        assert [s for _, s in results if s != 200] == []
-    finally:
-        stack.main.stop()
-        stack.upstream.stop()
+    worker = threading.Thread(target=traffic)
+    worker.start()
+    time.sleep(1)
+    rotated = stack.main.cli("keys", "rotate")
+    assert rotated.returncode == 0, rotated.stderr
+    new_kid = rotated.stdout.split("next key ")[1].split()[0]
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and sum(k == new_kid for k, _ in results) < 20:
+        time.sleep(0.1)
+    stop.set()
+    worker.join()
+    kids = {k for k, _ in results}
+    assert len(kids) == 2 and new_kid in kids
+    assert [s for _, s in results if s != 200] == []
+    assert stack.main.stop() == 0
 
 
 def test_the_default_config_demo(tmp_path: Path) -> None:
@@ -380,60 +390,57 @@ def test_an_upstream_failing_mid_body_closes_the_client_connection(stack: Stack)
     assert logged and logged[-1]["level"] == "error"
 
 
-def test_metrics_sum_over_workers_and_sigusr1_reopens_the_audit_file(tmp_path: Path) -> None:
+def test_metrics_sum_over_workers_and_sigusr1_reopens_the_audit_file(make_stack: Any) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
-    stack = start_stack(tmp_path, "--workers", "2")
-    try:
-        token = stack.token()
-        for _ in range(20):  # a new connection each: the kernel spreads them over workers
-            assert (
-                httpx.get(
-                    f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
-                ).status_code
-                == 200
-            )
-        for _ in range(10):
-            assert httpx.get(f"{stack.gateway}/orders/1").status_code == 401
+    stack = make_stack("--workers", "2")
+    token = stack.token()
+    for _ in range(20):  # a new connection each: the kernel spreads them over workers
+        assert (
+            httpx.get(
+                f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
+            ).status_code
+            == 200
+        )
+    for _ in range(10):
+        assert httpx.get(f"{stack.gateway}/orders/1").status_code == 401
 
-        def counts() -> dict[tuple[str, str], float]:
-            text = httpx.get(f"{stack.admin}/metrics").text
-            out: dict[tuple[str, str], float] = {}
-            for family in text_string_to_metric_families(text):
-                for sample in family.samples:
-                    if sample.name == "tokengate_gateway_requests_total":
-                        key = (sample.labels["route"], sample.labels["reason"])
-                        out[key] = out.get(key, 0) + sample.value
-                    if sample.name == "tokengate_authserver_tokens_issued_total":
-                        out[("tokens", "issued")] = sample.value
-            return out
+    def counts() -> dict[tuple[str, str], float]:
+        text = httpx.get(f"{stack.admin}/metrics").text
+        out: dict[tuple[str, str], float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "tokengate_gateway_requests_total":
+                    key = (sample.labels["route"], sample.labels["reason"])
+                    out[key] = out.get(key, 0) + sample.value
+                if sample.name == "tokengate_authserver_tokens_issued_total":
+                    out[("tokens", "issued")] = sample.value
+        return out
 
-        for _ in range(4):  # whichever worker answers, the totals cover both
-            got = counts()
-            assert got[("orders", "ok")] == 20
-            assert got[("orders", "token_missing")] == 10
-            assert got[("tokens", "issued")] == 1
+    for _ in range(4):  # whichever worker answers, the totals cover both
+        got = counts()
+        assert got[("orders", "ok")] == 20
+        assert got[("orders", "token_missing")] == 10
+        assert got[("tokens", "issued")] == 1
 
-        audit_path = stack.main.workdir / "audit.log"
-        time.sleep(0.2)
-        audit_path.rename(stack.main.workdir / "audit.log.1")  # what logrotate does
-        assert stack.main.proc is not None
-        stack.main.proc.send_signal(signal.SIGUSR1)
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and stack.main.stderr().count("audit.reopened") < 2:
-            time.sleep(0.05)
-        assert stack.main.stderr().count("audit.reopened") == 2  # both workers
-        assert httpx.get(f"{stack.gateway}/orders/2").status_code == 401
-        time.sleep(0.2)
-        new_lines = [json.loads(x) for x in audit_path.read_text().splitlines()]
-        assert [x["path"] for x in new_lines] == ["/orders/2"]
-        old = (stack.main.workdir / "audit.log.1").read_text()
-        assert "/orders/2" not in old and old.count("gateway.request") >= 30
-        for line in old.splitlines():  # two workers, one file: every line whole
-            json.loads(line)
-    finally:
-        assert stack.main.stop() == 0
-        stack.upstream.stop()
+    audit_path = stack.main.workdir / "audit.log"
+    time.sleep(0.2)
+    audit_path.rename(stack.main.workdir / "audit.log.1")  # what logrotate does
+    assert stack.main.proc is not None
+    stack.main.proc.send_signal(signal.SIGUSR1)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and stack.main.stderr().count("audit.reopened") < 2:
+        time.sleep(0.05)
+    assert stack.main.stderr().count("audit.reopened") == 2  # both workers
+    assert httpx.get(f"{stack.gateway}/orders/2").status_code == 401
+    time.sleep(0.2)
+    new_lines = [json.loads(x) for x in audit_path.read_text().splitlines()]
+    assert [x["path"] for x in new_lines] == ["/orders/2"]
+    old = (stack.main.workdir / "audit.log.1").read_text()
+    assert "/orders/2" not in old and old.count("gateway.request") >= 30
+    for line in old.splitlines():  # two workers, one file: every line whole
+        json.loads(line)
+    assert stack.main.stop() == 0
 
 
 def test_hot_reload_of_routes_and_a_refused_invalid_config(stack: Stack) -> None:
@@ -508,35 +515,32 @@ def test_sigterm_lets_in_flight_requests_finish(stack: Stack) -> None:
     assert stack.main.proc.wait(timeout=30) == 0
 
 
-def test_a_crashed_worker_is_replaced(tmp_path: Path) -> None:
-    stack = start_stack(tmp_path, "--workers", "2")
-    try:
-        assert stack.main.proc is not None
-        children = [
-            int(pid)
-            for pid in Path(f"/proc/{stack.main.proc.pid}/task/{stack.main.proc.pid}/children")
-            .read_text()
-            .split()
-        ]
-        workers = [p for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
-        assert len(workers) == 2, children
-        os.kill(workers[0], signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and "worker.replaced" not in stack.main.stderr():
-            time.sleep(0.1)
-        replaced = next(e for e in stack.main.log_events() if e["event"] == "worker.replaced")
-        assert replaced["pid"] == workers[0] and replaced["exitcode"] == -signal.SIGKILL
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and httpx.get(f"{stack.admin}/readyz").status_code != 200:
-            time.sleep(0.1)
-        token = stack.token()
-        for _ in range(10):  # both workers answer again
-            assert (
-                httpx.get(
-                    f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
-                ).status_code
-                == 200
-            )
-    finally:
-        assert stack.main.stop() == 0
-        stack.upstream.stop()
+def test_a_crashed_worker_is_replaced(make_stack: Any) -> None:
+    stack = make_stack("--workers", "2")
+    assert stack.main.proc is not None
+    children = [
+        int(pid)
+        for pid in Path(f"/proc/{stack.main.proc.pid}/task/{stack.main.proc.pid}/children")
+        .read_text()
+        .split()
+    ]
+    workers = [p for p in children if "spawn_main" in Path(f"/proc/{p}/cmdline").read_text()]
+    assert len(workers) == 2, children
+    os.kill(workers[0], signal.SIGKILL)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and "worker.replaced" not in stack.main.stderr():
+        time.sleep(0.1)
+    replaced = next(e for e in stack.main.log_events() if e["event"] == "worker.replaced")
+    assert replaced["pid"] == workers[0] and replaced["exitcode"] == -signal.SIGKILL
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and httpx.get(f"{stack.admin}/readyz").status_code != 200:
+        time.sleep(0.1)
+    token = stack.token()
+    for _ in range(10):  # both workers answer again
+        assert (
+            httpx.get(
+                f"{stack.gateway}/orders/1", headers={"Authorization": f"Bearer {token}"}
+            ).status_code
+            == 200
+        )
+    assert stack.main.stop() == 0
