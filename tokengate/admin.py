@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
-from tokengate.asgi import JSON_TYPE, Receive, Scope, Send, json_bytes, send_bytes
+from tokengate.asgi import (
+    JSON_TYPE,
+    Receive,
+    Scope,
+    Send,
+    json_bytes,
+    send_bytes,
+    stateless_lifespan,
+)
 from tokengate.metrics import Metrics
 
 NotReady = Callable[[], list[str]]  # names what is not ready; empty when ready
@@ -17,9 +25,7 @@ class AdminApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await stateless_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return

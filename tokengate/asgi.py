@@ -71,3 +71,10 @@ _ENCODER = json.JSONEncoder(separators=(",", ":"))
 
 def json_bytes(document: Any) -> bytes:
     return _ENCODER.encode(document).encode()
+
+
+async def stateless_lifespan(receive: Receive, send: Send) -> None:
+    """The lifespan protocol for an app with nothing to start or stop."""
+    while (await receive())["type"] != "lifespan.shutdown":
+        await send({"type": "lifespan.startup.complete"})
+    await send({"type": "lifespan.shutdown.complete"})

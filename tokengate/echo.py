@@ -21,7 +21,7 @@ import json
 from collections.abc import AsyncIterator
 from urllib.parse import parse_qs
 
-from tokengate.asgi import Receive, Scope, Send, json_bytes
+from tokengate.asgi import Receive, Scope, Send, json_bytes, stateless_lifespan
 from tokengate.jsonlog import log_event
 
 CHUNK = 64 * 1024
@@ -42,9 +42,7 @@ class UpstreamFailure(Exception):
 class EchoApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
+            await stateless_lifespan(receive, send)
             return
         if scope["type"] != "http":
             return
