@@ -611,6 +611,13 @@ async def test_bad_assertions_are_invalid_client(
     assert [line["event"] for line in authserver.audit_lines()] == ["token.denied"]
 
 
+def use_jwks_uri(data: dict[str, Any]) -> None:
+    """The billing client publishes its keys at a jwks_uri instead of in the config."""
+    client = data["authserver"]["clients"][2]
+    del client["jwks"]
+    client["jwks_uri"] = "https://billing.test/jwks.json"
+
+
 async def test_jwks_uri_client_keys_are_fetched_and_cached(
     make_authserver: Any, billing_key: Any
 ) -> None:
@@ -619,11 +626,6 @@ async def test_jwks_uri_client_keys_are_fetched_and_cached(
     def handler(request: httpx.Request) -> httpx.Response:
         fetches.append(str(request.url))
         return httpx.Response(200, json={"keys": [billing_key[1]]})
-
-    def use_jwks_uri(data: dict[str, Any]) -> None:
-        client = data["authserver"]["clients"][2]
-        del client["jwks"]
-        client["jwks_uri"] = "https://billing.test/jwks.json"
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     server = make_authserver(use_jwks_uri, http=http)
@@ -639,11 +641,6 @@ async def test_jwks_uri_client_keys_are_fetched_and_cached(
 async def test_jwks_uri_failure_is_invalid_client(make_authserver: Any, billing_key: Any) -> None:
     def handler(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectError("refused", request=request)
-
-    def use_jwks_uri(data: dict[str, Any]) -> None:
-        client = data["authserver"]["clients"][2]
-        del client["jwks"]
-        client["jwks_uri"] = "https://billing.test/jwks.json"
 
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     server = make_authserver(use_jwks_uri, http=http)
