@@ -62,24 +62,17 @@ def _segment(raw: bytes, allow_path_parameters: bool) -> str:
     i, n = 0, len(raw)
     while i < n:
         byte = raw[i]
-        if byte == 0x25:  # %
-            if i + 2 > n - 1 or raw[i + 1] not in _HEX or raw[i + 2] not in _HEX:
+        encoded = byte == 0x25  # %
+        if encoded:
+            if i + 2 >= n or raw[i + 1] not in _HEX or raw[i + 2] not in _HEX:
                 raise BadPath("malformed percent-encoding")
-            value = int(raw[i + 1 : i + 3], 16)
+            byte = int(raw[i + 1 : i + 3], 16)
             i += 3
-            if value in (0x2F, 0x5C):
-                raise BadPath("encoded slash or backslash")
-            if value < 0x20 or value == 0x7F:
-                raise BadPath("encoded control byte")
-            if value == 0x3B and not allow_path_parameters:
-                raise BadPath("encoded ; path parameter")
-            decoded.append(value)
-            if value in _UNRESERVED:
-                out.append(value)
-            else:
-                out += b"%%%02X" % value
-            continue
-        i += 1
+            if byte == 0x2F:
+                raise BadPath("encoded slash")
+        else:
+            i += 1
+        # the same rules whether the byte came raw or percent-encoded
         if byte == 0x5C:
             raise BadPath("backslash")
         if byte < 0x20 or byte == 0x7F:
@@ -87,9 +80,9 @@ def _segment(raw: bytes, allow_path_parameters: bool) -> str:
         if byte == 0x3B and not allow_path_parameters:
             raise BadPath("; path parameter")
         decoded.append(byte)
-        if byte in _PCHAR:
+        if byte in _UNRESERVED or (not encoded and byte in _PCHAR):
             out.append(byte)
-        else:  # raw non-ASCII or other bytes: keep them, percent-encoded
+        else:  # reserved when encoded, or raw bytes no path may hold: keep them encoded
             out += b"%%%02X" % byte
     try:
         decoded.decode("utf-8")
