@@ -166,15 +166,17 @@ class GatewayApp:
         inflight = self.metrics.inflight
         inflight.inc()
         headers = scope["headers"]
-        rid = self.request_ids.pick(headers)
-        rid_bytes = rid.encode()
-        host_header = None
+        host_header = sent_id = None
         authorization = []
-        for name, value in headers:
+        for name, value in headers:  # the one pass over the request headers here
             if name == b"host":
                 host_header = value
             elif name == b"authorization":
                 authorization.append(value)
+            elif name == b"x-request-id":
+                sent_id = value
+        rid = self.request_ids.pick(sent_id)
+        rid_bytes = rid.encode()
         route: Route | None = None
         principal: Principal | None = None
         path = scope["path"]

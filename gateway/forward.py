@@ -54,13 +54,14 @@ def new_session(limit: int = 1000) -> aiohttp.ClientSession:
     )
 
 
-def has_body(scope: Scope) -> bool:
+def body_framing(scope: Scope) -> tuple[bool, bytes | None]:
+    """Does the request have a body, and its Content-Length if it declares one."""
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return value.strip() != b"0"
+            return value.strip() != b"0", value
         if name == b"transfer-encoding":
-            return True
-    return False
+            return True, None
+    return False, None
 
 
 class Forwarder:
@@ -94,9 +95,9 @@ class Forwarder:
                     return
 
         body = None
-        if has_body(scope):
+        with_body, length = body_framing(scope)
+        if with_body:
             body = request_body()
-            length = next((v for n, v in scope["headers"] if n == b"content-length"), None)
             if length is not None:
                 headers = [*headers, ("Content-Length", length.decode("latin-1"))]
         else:

@@ -48,11 +48,10 @@ class RequestIds:
         self._prefix = os.urandom(8).hex()
         self._counter = itertools.count()
 
-    def pick(self, headers: Iterable[tuple[bytes, bytes]]) -> str:
+    def pick(self, sent: bytes | None) -> str:
         """The client's ``X-Request-Id`` if it is well-formed, else a new one."""
-        for name, value in headers:
-            if name == b"x-request-id" and _REQUEST_ID.fullmatch(value):
-                return value.decode("ascii")
+        if sent is not None and _REQUEST_ID.fullmatch(sent):
+            return sent.decode("ascii")
         return f"{self._prefix}{next(self._counter):08x}"
 
 
