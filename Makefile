@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint format check bench-tokens clean
+.PHONY: run test lint format check bench-tokens bench-gateway clean
 
 run: $(VENV)/.runtime
 	$(BIN)/tokengate run
@@ -25,8 +25,11 @@ format: $(VENV)/.test
 check: $(VENV)/.runtime
 	$(BIN)/tokengate check
 
-bench-tokens: $(VENV)/.test
+bench-tokens: $(VENV)/.bench
 	$(BIN)/python bench/token_issuance.py
+
+bench-gateway: $(VENV)/.bench
+	$(BIN)/python bench/gateway_overhead.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -37,6 +40,10 @@ $(VENV)/.runtime: $(VENV)/bin/python pyproject.toml constraints.txt
 
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install -c constraints.txt -e '.[test]'
+	touch $@
+
+$(VENV)/.bench: $(VENV)/.test
+	$(PIP) install -c constraints.txt -e '.[test,bench]'
 	touch $@
 
 clean:

@@ -6,28 +6,30 @@ request -> canonical path -> route -> bearer token -> authorize -> forward
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from urllib.parse import quote, urlsplit
 
-import aiohttp
 import httpx
-from yarl import URL
 
+from gateway.audit import NO_IDENTITY, NO_ROUTE, request_line
 from gateway.authn import Authenticator, Principal, bearer_token
 from gateway.authz import authorize
 from gateway.config import GatewayConfig
 from gateway.errors import Denied, Reason, send_denial
-from gateway.forward import Exchange, Forwarder, new_session
+from gateway.forward import Exchange, Forwarder
 from gateway.headers import RequestIds, upstream_headers
 from gateway.jwks import JwksCache
 from gateway.paths import BadPath, canonical_path
 from gateway.routing import Route, RouteTable, request_host
+from gateway.upstream import Origin, UpstreamClient
 from tokengate.asgi import Receive, Scope, Send
 from tokengate.jsonlog import AuditLog, log_event, rfc3339_now
 from tokengate.metrics import Metrics
 
+_UNSAFE_IN_QUERY = re.compile(rb"[\x00-\x20\x7f#]")  # would end or split the request line
 STARTUP_WAIT = 10.0  # seconds the first start waits for every issuer's keys
 
 
@@ -35,8 +37,14 @@ STARTUP_WAIT = 10.0  # seconds the first start waits for every issuer's keys
 class Upstream:
     """Per-route forwarding settings, built once."""
 
-    base: str
-    timeout: aiohttp.ClientTimeout
+    origin: Origin
+    base_path: bytes  # the upstream URL's path, percent-encoded; "" for none
+    timeout: float
+
+    @classmethod
+    def of(cls, url: str, timeout: float) -> Upstream:
+        path = quote(urlsplit(url).path, safe="/%!$&'()*+,;=:@-._~")
+        return cls(Origin.of(url), path.encode("ascii"), timeout)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,13 +64,7 @@ def build_state(config: GatewayConfig, jwks: JwksCache, clock: Callable[[], floa
     return GatewayState(
         config=config,
         routes=RouteTable(config.routes),
-        upstreams={
-            r.name: Upstream(
-                r.upstream,
-                aiohttp.ClientTimeout(total=None, sock_connect=r.timeout, sock_read=r.timeout),
-            )
-            for r in config.routes
-        },
+        upstreams={r.name: Upstream.of(r.upstream, r.timeout) for r in config.routes},
         jwks=jwks,
         authenticator=Authenticator(config, jwks, clock=clock),
         match_hosts=any(r.host is not None for r in config.routes),
@@ -76,7 +78,7 @@ class GatewayApp:
         *,
         audit: AuditLog,
         http: httpx.AsyncClient | None = None,
-        session_factory: Callable[[], aiohttp.ClientSession] = new_session,
+        client_factory: Callable[[], UpstreamClient] = UpstreamClient,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
@@ -88,7 +90,7 @@ class GatewayApp:
         self.monotonic = monotonic
         jwks = JwksCache(config.issuers, self.http, clock=monotonic, metrics=self.metrics)
         self.state = build_state(config, jwks, clock)
-        self.session_factory = session_factory
+        self.client_factory = client_factory
         self.forwarder: Forwarder | None = None
         self.started = False
         self.request_ids = RequestIds()
@@ -120,7 +122,7 @@ class GatewayApp:
     # -- lifecycle ---------------------------------------------------------------
 
     async def startup(self) -> None:
-        self.forwarder = Forwarder(self.session_factory())
+        self.forwarder = Forwarder(self.client_factory())
         self.jwks.start()
         missing = await self.jwks.wait_loaded(STARTUP_WAIT)
         for issuer in missing:
@@ -137,7 +139,7 @@ class GatewayApp:
         await self.state.jwks.stop()
         await self.http.aclose()
         if self.forwarder is not None:
-            await self.forwarder.session.close()
+            await self.forwarder.client.close()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -163,8 +165,8 @@ class GatewayApp:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         state = self.state
-        inflight = self.metrics.inflight
-        inflight.inc()
+        metrics = self.metrics
+        metrics.request_started()
         headers = scope["headers"]
         host_header = sent_id = None
         authorization = []
@@ -198,26 +200,29 @@ class GatewayApp:
                 authorize(principal, route)
             assert self.forwarder is not None, "the gateway has not started"
             upstream = state.upstreams[route.name]
-            query = scope.get("query_string") or b""
-            target = upstream.base + route.upstream_path(path)
+            target = upstream.base_path + route.upstream_path(path).encode("ascii")
+            query = scope.get("query_string")
             if query:
-                target += "?" + query.decode("latin-1")
+                if _UNSAFE_IN_QUERY.search(query):  # the server's parser lets none through
+                    raise Denied(Reason.BAD_PATH, "the query string is not allowed")
+                target += b"?" + query
             client = scope.get("client")
             await self.forwarder.forward(
                 scope,
                 receive,
                 send,
-                url=URL(target, encoded=True),
+                origin=upstream.origin,
+                target=target,
                 headers=upstream_headers(
                     headers,
                     client_ip=client[0] if client else None,
                     scheme=scope.get("scheme", "http"),
                     host=host_header,
                     request_id=rid,
-                    principal=principal,
+                    identity=principal.identity_headers if principal is not None else (),
                     forward_token=route.config.forward_token,
                 ),
-                limits=upstream.timeout,
+                stall_timeout=upstream.timeout,
                 request_id=rid_bytes,
                 exchange=exchange,
             )
@@ -226,7 +231,6 @@ class GatewayApp:
             exchange.status = denied.status
             exchange.bytes_out = await send_denial(send, denied, [(b"x-request-id", rid_bytes)])
         finally:
-            inflight.dec()
             self._record(scope, rid, route, principal, path, exchange, started)
 
     def _record(
@@ -241,36 +245,37 @@ class GatewayApp:
     ) -> None:
         """One metric update and one audit line per request."""
         elapsed = time.perf_counter() - started
-        route_label = route.name if route is not None else "(none)"
         status = exchange.status or 500
-        decision = "allow" if exchange.reason.allowed else "deny"
-        self.metrics.request(
-            route_label, scope["method"], status, decision, exchange.reason.value, elapsed
+        reason = exchange.reason
+        decision = reason.decision
+        method = scope["method"]
+        self.metrics.request_finished(
+            route.name if route is not None else "(none)",
+            method,
+            status,
+            decision,
+            reason,
+            elapsed,
+            exchange.upstream_seconds,
         )
-        if exchange.upstream_seconds is not None:
-            self.metrics.upstream(route_label, exchange.upstream_seconds)
         client = scope.get("client")
-        line: dict[str, Any] = {
-            "ts": rfc3339_now(),
-            "event": "gateway.request",
-            "request_id": rid,
-            "route": route_label,
-            "method": scope["method"],
-            "path": path,
-            "status": status,
-            "decision": decision,
-            "reason": exchange.reason.value,
-            "client_id": principal.client_id if principal else None,
-            "sub": principal.sub if principal else None,
-            "iss": principal.issuer.issuer if principal else None,
-            "jti": principal.jti if principal else None,
-            "scopes": list(principal.scope_list) if principal else [],
-            "remote_addr": client[0] if client else None,
-            "duration_ms": round(elapsed * 1000, 3),
-            "bytes_in": exchange.bytes_in,
-            "bytes_out": exchange.bytes_out,
-        }
-        self.audit.sink.write(line)
+        self.audit.sink.write_line(
+            request_line(
+                ts=rfc3339_now(),
+                request_id=rid,
+                route=route.audit_name if route is not None else NO_ROUTE,
+                method=method,
+                path=path,
+                status=status,
+                decision=decision,
+                reason=reason,
+                identity=principal.audit_identity if principal is not None else NO_IDENTITY,
+                remote_addr=client[0] if client else None,
+                duration_ms=round(elapsed * 1000, 3),
+                bytes_in=exchange.bytes_in,
+                bytes_out=exchange.bytes_out,
+            )
+        )
 
 
 def create_app(config: GatewayConfig, *, audit: AuditLog, metrics: Metrics) -> GatewayApp:

@@ -20,8 +20,10 @@ from typing import Any
 
 import jwt
 
+from gateway.audit import identity_fields
 from gateway.config import GatewayConfig, IssuerConfig
 from gateway.errors import Denied, Reason
+from gateway.headers import identity_headers
 from gateway.jwks import JwksCache, KeysUnavailable, KeyUnknown
 from tokengate.jwk import ALGORITHMS
 
@@ -44,10 +46,30 @@ class Principal:
     kid: str | None
     exp: float
     claims: Mapping[str, Any] = field(repr=False)
+    # Derived once per verified token; the verified-token cache reuses them.
+    identity_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
+    audit_identity: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        issuer = self.issuer.issuer
+        object.__setattr__(
+            self,
+            "identity_headers",
+            identity_headers(self.sub, self.client_id, self.scope_list, issuer),
+        )
+        object.__setattr__(
+            self,
+            "audit_identity",
+            identity_fields(self.client_id, self.sub, issuer, self.jti, self.scope_list),
+        )
 
 
-def bearer_token(authorization: list[bytes]) -> str:
-    """The token of ``Authorization: Bearer <token>``; Denied otherwise."""
+def bearer_token(authorization: list[bytes]) -> bytes:
+    """The credentials of ``Authorization: Bearer <token>``; Denied otherwise.
+
+    Their shape is checked by :meth:`Authenticator.authenticate`, and only for tokens
+    it has not verified already.
+    """
     if not authorization:
         raise Denied(Reason.TOKEN_MISSING, "a bearer token is required")
     if len(authorization) > 1:
@@ -55,10 +77,7 @@ def bearer_token(authorization: list[bytes]) -> str:
     scheme, _, value = authorization[0].strip().partition(b" ")
     if scheme.lower() != b"bearer":
         raise Denied(Reason.TOKEN_MISSING, "a bearer token is required")
-    value = value.strip()
-    if not _B64TOKEN.fullmatch(value):
-        raise Denied(Reason.TOKEN_INVALID, "the bearer token is malformed")
-    return value.decode("ascii")
+    return value.strip()
 
 
 def _b64json(segment: str) -> Any:
@@ -81,16 +100,19 @@ class Authenticator:
         self._verified: dict[bytes, Principal] = {}
         self._cache_size = config.token_cache_size
 
-    async def authenticate(self, token: str) -> Principal:
+    async def authenticate(self, token: bytes) -> Principal:
+        """The principal of a bearer token (as :func:`bearer_token` returns it)."""
         if len(token) > self.max_token_bytes:
             raise Denied(Reason.TOKEN_INVALID, "the token is too large")
-        digest = hashlib.sha256(token.encode("ascii")).digest()
+        digest = hashlib.sha256(token).digest()
         cached = self._verified.get(digest)
         if cached is not None:
             if self.clock() < cached.exp and self.jwks[cached.issuer.issuer].has(cached.kid):
                 return cached
             self._verified.pop(digest, None)
-        principal = await self._verify(token)
+        if not _B64TOKEN.fullmatch(token):
+            raise Denied(Reason.TOKEN_INVALID, "the bearer token is malformed")
+        principal = await self._verify(token.decode("ascii"))
         if len(self._verified) >= self._cache_size:  # bounded: evict the oldest entry
             del self._verified[next(iter(self._verified))]
         self._verified[digest] = principal
@@ -146,7 +168,12 @@ class Authenticator:
             raise Denied(Reason.TOKEN_NOT_YET_VALID, "the token is not yet valid") from None
         except jwt.PyJWTError:
             raise Denied(Reason.TOKEN_INVALID, "the token is invalid") from None
-        return _principal(issuer, kid, claims)
+        try:
+            return _principal(issuer, kid, claims)
+        except ValueError:  # an identity claim no header can carry
+            raise Denied(
+                Reason.TOKEN_INVALID, "the token's identity claims cannot be forwarded"
+            ) from None
 
 
 def _principal(issuer: IssuerConfig, kid: str | None, claims: dict[str, Any]) -> Principal:

@@ -31,9 +31,15 @@ class Reason(StrEnum):
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
 
     @property
-    def allowed(self) -> bool:
-        """Upstream failures happen after the request was allowed."""
-        return self in (Reason.OK, Reason.UPSTREAM_TIMEOUT, Reason.UPSTREAM_UNAVAILABLE)
+    def decision(self) -> str:
+        """``allow`` or ``deny``: upstream failures happen after the request was allowed."""
+        return _DECISION[self]
+
+
+_DECISION = {
+    reason: "allow" if reason in ("ok", "upstream_timeout", "upstream_unavailable") else "deny"
+    for reason in Reason
+}
 
 
 class Denied(Exception):

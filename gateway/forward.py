@@ -1,10 +1,10 @@
 """Stream an allowed request to its upstream and the response back, buffering nothing.
 
-One pooled aiohttp ClientSession per process: keep-alive, no cookie jar (one
-caller's cookies never reach another), no redirects followed, no decompression,
-no default headers added. Upstream failures are translated here: refused or reset
--> 502, slower than the route's timeout -> 504. When the client goes away
-mid-stream the upstream response is closed, so its connection is not reused.
+The upstream side is :mod:`gateway.upstream`: one pooled client per process,
+keep-alive, no cookies, no redirects, no decompression. Upstream failures are
+translated here: refused, reset or invalid -> 502, no progress within the route's
+timeout -> 504. When the client goes away mid-stream the upstream exchange is
+closed, so its connection is not reused.
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
-
-import aiohttp
-from yarl import URL
 
 from gateway.errors import Denied, Reason
 from gateway.headers import downstream_headers
+from gateway.upstream import (
+    Origin,
+    Response,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from tokengate.asgi import Receive, Scope, Send
 
 # Responses longer than this (or of unknown length) are watched for a client
@@ -44,29 +48,19 @@ class Exchange:
     upstream_seconds: float | None = None  # set once the upstream was called
 
 
-def new_session(limit: int = 1000) -> aiohttp.ClientSession:
-    return aiohttp.ClientSession(
-        connector=aiohttp.TCPConnector(limit=limit, ttl_dns_cache=60, keepalive_timeout=30),
-        cookie_jar=aiohttp.DummyCookieJar(),
-        auto_decompress=False,
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        timeout=aiohttp.ClientTimeout(total=None),
-    )
-
-
 def body_framing(scope: Scope) -> tuple[bool, bytes | None]:
     """Does the request have a body, and its Content-Length if it declares one."""
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return value.strip() != b"0", value
+            return value.strip() != b"0", value.strip()
         if name == b"transfer-encoding":
             return True, None
     return False, None
 
 
 class Forwarder:
-    def __init__(self, session: aiohttp.ClientSession) -> None:
-        self.session = session
+    def __init__(self, client: UpstreamClient) -> None:
+        self.client = client
 
     async def forward(
         self,
@@ -74,9 +68,10 @@ class Forwarder:
         receive: Receive,
         send: Send,
         *,
-        url: URL,
-        headers: list[tuple[str, str]],
-        limits: aiohttp.ClientTimeout,
+        origin: Origin,
+        target: bytes,
+        headers: list[tuple[bytes, bytes]],
+        stall_timeout: float,
         request_id: bytes,
         exchange: Exchange,
     ) -> None:
@@ -98,26 +93,25 @@ class Forwarder:
         with_body, length = body_framing(scope)
         if with_body:
             body = request_body()
-            if length is not None:
-                headers = [*headers, ("Content-Length", length.decode("latin-1"))]
         else:
             exchange.body_done = True
         started = time.perf_counter()
         try:
-            upstream = await self.session.request(
+            upstream = await self.client.request(
+                origin,
                 scope["method"],
-                url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                timeout=limits,
+                target,
+                headers,
+                body=body,
+                content_length=length,
+                stall_timeout=stall_timeout,
             )
-        except (ClientGone, aiohttp.ClientError, TimeoutError) as exc:
-            if exchange.client_gone:  # mid-upload: aiohttp reports it as a send failure
-                exchange.status = 499
-                return
+        except ClientGone:  # mid-upload
+            exchange.status = 499
+            return
+        except UpstreamError as exc:
             exchange.upstream_seconds = time.perf_counter() - started
-            if isinstance(exc, TimeoutError):
+            if isinstance(exc, UpstreamTimeout):
                 raise Denied(
                     Reason.UPSTREAM_TIMEOUT, "the upstream did not answer in time"
                 ) from None
@@ -128,52 +122,52 @@ class Forwarder:
                 {
                     "type": "http.response.start",
                     "status": upstream.status,
-                    "headers": downstream_headers(upstream.raw_headers, request_id),
+                    "headers": downstream_headers(upstream.headers, request_id),
                 }
             )
             length = upstream.content_length
-            if exchange.body_done and (length is None or length > WATCH_ABOVE):
-                await _until_disconnect(self._relay(upstream, send, exchange), receive)
+            if (
+                exchange.body_done
+                and not upstream.complete
+                and (length is None or length > WATCH_ABOVE)
+            ):
+                await _until_disconnect(_relay(upstream, send, exchange), receive)
             else:
-                await self._relay(upstream, send, exchange)
+                await _relay(upstream, send, exchange)
         except ClientGone:
             upstream.close()  # the connection is not reused
             exchange.status = 499
-        except TimeoutError:
+        except UpstreamError as exc:
             upstream.close()
-            exchange.reason = Reason.UPSTREAM_TIMEOUT
+            exchange.reason = (
+                Reason.UPSTREAM_TIMEOUT
+                if isinstance(exc, UpstreamTimeout)
+                else Reason.UPSTREAM_UNAVAILABLE
+            )
             raise  # the response has started: only closing the connection says it failed
-        except aiohttp.ClientError:
-            upstream.close()
-            exchange.reason = Reason.UPSTREAM_UNAVAILABLE
-            raise
         finally:
             upstream.release()
             exchange.upstream_seconds = time.perf_counter() - started
 
-    @staticmethod
-    async def _relay(upstream: aiohttp.ClientResponse, send: Send, exchange: Exchange) -> None:
-        length = upstream.content_length
-        if length == 0 or upstream.method == "HEAD" or upstream.status in (204, 304):
-            await send({"type": "http.response.body", "body": b"", "more_body": False})
-            return
-        async for chunk in upstream.content.iter_any():
-            exchange.bytes_out += len(chunk)
-            last = length is not None and exchange.bytes_out >= length
+
+async def _relay(upstream: Response, send: Send, exchange: Exchange) -> None:
+    while True:
+        chunk, last = await upstream.next_chunk()
+        exchange.bytes_out += len(chunk)
+        if chunk or last:
             await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-            if last:  # the whole body went out with its last chunk
-                return
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if last:
+            return
 
 
-async def _until_disconnect(relay: object, receive: Receive) -> None:
+async def _until_disconnect(relay: Awaitable[None], receive: Receive) -> None:
     """Run ``relay``; if the client disconnects first, cancel it and raise ClientGone."""
 
     async def disconnected() -> None:
         while (await receive())["type"] != "http.disconnect":
             pass
 
-    relay_task = asyncio.ensure_future(relay)  # type: ignore[arg-type]
+    relay_task = asyncio.ensure_future(relay)
     watch_task = asyncio.ensure_future(disconnected())
     try:
         done, _ = await asyncio.wait({relay_task, watch_task}, return_when=asyncio.FIRST_COMPLETED)

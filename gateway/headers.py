@@ -15,8 +15,6 @@ import os
 import re
 from collections.abc import Iterable
 
-from gateway.authn import Principal
-
 HOP_BY_HOP = frozenset(
     {
         b"connection",
@@ -38,6 +36,9 @@ _NEVER_FORWARDED = HOP_BY_HOP | {
     b"x-real-ip",
     b"x-request-id",
 }
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
+_NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@+=/-]{1,128}")
 
 
@@ -55,17 +56,41 @@ class RequestIds:
         return f"{self._prefix}{next(self._counter):08x}"
 
 
-def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> set[bytes]:
+def _connection_tokens(values: Iterable[bytes]) -> set[bytes]:
     tokens: set[bytes] = set()
-    for name, value in headers:
-        if name == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b",") if t.strip())
+    for value in values:
+        lowered = value.lower()
+        if lowered in _PLAIN_CONNECTION:
+            tokens.add(lowered)
+        else:
+            tokens.update(t.strip() for t in lowered.split(b",") if t.strip())
     return tokens
 
 
 def _spoofable(name: bytes) -> bool:
     normalized = name.replace(b"_", b"-")
     return normalized.startswith((b"x-auth-", b"x-forwarded-"))
+
+
+def identity_headers(
+    sub: str | None, client_id: str | None, scopes: Iterable[str], issuer: str
+) -> tuple[tuple[bytes, bytes], ...]:
+    """The ``X-Auth-*`` headers for a verified token (built once per token).
+
+    Values are UTF-8; one holding a control character (a line break that would
+    start a header of its own) raises ValueError.
+    """
+    out = []
+    if sub is not None:
+        out.append((b"x-auth-subject", sub))
+    if client_id is not None:
+        out.append((b"x-auth-client-id", client_id))
+    out.append((b"x-auth-scopes", " ".join(scopes)))
+    out.append((b"x-auth-issuer", issuer))
+    for name, value in out:
+        if _CONTROL.search(value):
+            raise ValueError(f"{name.decode()} would hold a control character")
+    return tuple((name, value.encode("utf-8")) for name, value in out)
 
 
 def upstream_headers(
@@ -75,31 +100,31 @@ def upstream_headers(
     scheme: str,
     host: bytes | None,
     request_id: str,
-    principal: Principal | None,
+    identity: tuple[tuple[bytes, bytes], ...],
     forward_token: bool,
-) -> list[tuple[str, str]]:
-    drop = _connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else ()
-    out = [
-        (name.decode("latin-1"), value.decode("latin-1"))
-        for name, value in headers
-        if name not in _NEVER_FORWARDED
-        and name not in drop
-        and not _spoofable(name)
-        and (forward_token or name != b"authorization")
-    ]
-    out.append(("X-Request-Id", request_id))
+) -> list[tuple[bytes, bytes]]:
+    """What the upstream is sent: the client's headers as they came (lowercase names,
+    as ASGI gives them) less everything listed above, then the gateway's own."""
+    out = []
+    connection = None
+    for name, value in headers:
+        if name in _NEVER_FORWARDED:
+            if name == b"connection":
+                connection = [*(connection or ()), value]
+        elif name.startswith((b"x-", b"x_")) and _spoofable(name):
+            pass
+        elif name != b"authorization" or forward_token:
+            out.append((name, value))
+    if connection is not None:  # headers the client named hop-by-hop go too
+        drop = _connection_tokens(connection)
+        out = [(name, value) for name, value in out if name not in drop]
+    out.append((b"x-request-id", request_id.encode("ascii")))
     if client_ip:
-        out.append(("X-Forwarded-For", client_ip))
-    out.append(("X-Forwarded-Proto", scheme))
+        out.append((b"x-forwarded-for", client_ip.encode("ascii")))
+    out.append((b"x-forwarded-proto", scheme.encode("ascii")))
     if host:
-        out.append(("X-Forwarded-Host", host.decode("latin-1")))
-    if principal is not None:
-        if principal.sub is not None:
-            out.append(("X-Auth-Subject", principal.sub))
-        if principal.client_id is not None:
-            out.append(("X-Auth-Client-Id", principal.client_id))
-        out.append(("X-Auth-Scopes", " ".join(principal.scope_list)))
-        out.append(("X-Auth-Issuer", principal.issuer.issuer))
+        out.append((b"x-forwarded-host", host))
+    out.extend(identity)
     return out
 
 
@@ -107,12 +132,18 @@ def downstream_headers(
     raw: Iterable[tuple[bytes, bytes]], request_id: bytes
 ) -> list[tuple[bytes, bytes]]:
     """The upstream's response headers without hop-by-hop ones, plus X-Request-Id."""
-    lowered = [(name.lower(), value) for name, value in raw]
-    drop = _connection_tokens(lowered)
-    out = [
-        (name, value)
-        for name, value in lowered
-        if name not in HOP_BY_HOP and name not in drop and name != b"x-request-id"
-    ]
+    out = []
+    connection = None
+    for name, value in raw:
+        name = name.lower()
+        if name in _NOT_RETURNED:
+            if name == b"connection":
+                connection = [*(connection or ()), value]
+        else:
+            out.append((name, value))
+    if connection is not None:
+        drop = _connection_tokens(connection) - HOP_BY_HOP
+        if drop:
+            out = [(name, value) for name, value in out if name not in drop]
     out.append((b"x-request-id", request_id))
     return out

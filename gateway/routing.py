@@ -6,6 +6,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from gateway.audit import quote
 from gateway.config import RouteConfig
 
 
@@ -28,6 +29,7 @@ class Route:
     config: RouteConfig
     regex: re.Pattern[str]
     audiences: tuple[str, ...] | None  # the audiences a token must name; None: its issuer's
+    audit_name: str  # the name as a JSON string, for the audit line
 
     @property
     def name(self) -> str:
@@ -55,6 +57,7 @@ class RouteTable:
                 config=r,
                 regex=compile_pattern(r.path),
                 audiences=(r.require.audience,) if r.require.audience else None,
+                audit_name=quote(r.name),
             )
             for r in routes
         )

@@ -8,7 +8,6 @@ or a client assertion: callers pass identifiers such as a token's ``jti``.
 from __future__ import annotations
 
 import collections
-import functools
 import json
 import logging
 import os
@@ -20,15 +19,25 @@ import time
 from typing import Any
 
 
-def rfc3339_now() -> str:
-    now = time.time()
-    second = int(now)
-    return f"{_second_prefix(second)}.{int((now - second) * 1000):03d}Z"
+class _Rfc3339Clock:
+    """The current UTC time in RFC 3339 with milliseconds; formats each second once."""
+
+    __slots__ = ("_prefix", "_second")
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+            self._second = second
+        return f"{self._prefix}.{int((now - second) * 1000):03d}Z"
 
 
-@functools.lru_cache(maxsize=4)
-def _second_prefix(second: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+rfc3339_now = _Rfc3339Clock()
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -72,10 +81,14 @@ class LineSink:
         self._thread.start()
 
     def write(self, fields: dict[str, Any]) -> None:
+        self.write_line(encode_line(fields))
+
+    def write_line(self, line: bytes) -> None:
+        """Queue one encoded line, ending in a newline."""
         if len(self._pending) >= self.MAX_PENDING:
             self.lost += 1
             return
-        self._pending.append(encode_line(fields))
+        self._pending.append(line)
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -152,7 +165,7 @@ def log_event(event: str, **fields: Any) -> None:
 
 
 class JsonFormatter(logging.Formatter):
-    """Library log records (uvicorn, aiohttp, asyncio) as JSON lines like our own."""
+    """Library log records (uvicorn, asyncio) as JSON lines like our own."""
 
     def format(self, record: logging.LogRecord) -> str:
         fields: dict[str, Any] = {

@@ -6,10 +6,18 @@ files there, and ``/metrics`` on any worker adds them up (gauges as noted below)
 With one process, a private registry is used. Labels are bounded: route names,
 reasons, issuers, server names, a fixed set of methods; never paths, subjects or
 tokens.
+
+Gateway requests are the hot path: each is tallied in plain per-process counters
+(one dict update, no lock, no file write) and :meth:`Metrics.publish` moves the
+tallies into the Prometheus values. Every scrape publishes its own process first;
+with several workers each one also publishes every ``PUBLISH_INTERVAL`` seconds,
+so a scrape may lag the other workers by that much.
 """
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 from typing import Any
 
@@ -28,6 +36,7 @@ METHODS = frozenset(
     {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
 )
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+PUBLISH_INTERVAL = 1.0  # seconds
 
 
 def multiprocess() -> bool:
@@ -106,36 +115,82 @@ class Metrics:
             ["result"],
             registry=r,
         )
-        # labels() looks children up on every call; the request path keeps its own map
-        self._request_children: dict[tuple[str, str, int, str, str], Any] = {}
-        self._duration_children: dict[str, Any] = {}
-        self._upstream_children: dict[str, Any] = {}
+        # gateway request tallies since the last publish()
+        self._inflight = 0
+        self._requests: dict[tuple[str, str, int, str, str], int] = {}
+        self._durations: dict[str, list[float]] = {}  # route -> bucket counts + [sum]
+        self._upstream: dict[str, list[float]] = {}
 
-    def request(
-        self, route: str, method: str, code: int, decision: str, reason: str, seconds: float
+    def request_started(self) -> None:
+        self._inflight += 1
+
+    def request_finished(
+        self,
+        route: str,
+        method: str,
+        code: int,
+        decision: str,
+        reason: str,
+        seconds: float,
+        upstream_seconds: float | None,
     ) -> None:
+        """One gateway request: its outcome, duration and upstream time, if any."""
+        self._inflight -= 1
         key = (route, method, code, decision, reason)
-        child = self._request_children.get(key)
-        if child is None:
-            label = method if method in METHODS else "OTHER"
-            child = self.requests.labels(route, label, str(code), decision, reason)
-            self._request_children[key] = child
-        child.inc()
-        duration = self._duration_children.get(route)
-        if duration is None:
-            duration = self._duration_children[route] = self.request_duration.labels(route)
-        duration.observe(seconds)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        _tally(self._durations, route, seconds)
+        if upstream_seconds is not None:
+            _tally(self._upstream, route, upstream_seconds)
 
-    def upstream(self, route: str, seconds: float) -> None:
-        child = self._upstream_children.get(route)
-        if child is None:
-            child = self._upstream_children[route] = self.upstream_duration.labels(route)
-        child.observe(seconds)
+    def publish(self) -> None:
+        """Move this process's request tallies into the Prometheus values."""
+        requests, self._requests = self._requests, {}
+        for (route, method, code, decision, reason), count in requests.items():
+            label = method if method in METHODS else "OTHER"
+            self.requests.labels(route, label, str(code), decision, reason).inc(count)
+        durations, self._durations = self._durations, {}
+        upstream, self._upstream = self._upstream, {}
+        for histogram, tallies in (
+            (self.request_duration, durations),
+            (self.upstream_duration, upstream),
+        ):
+            for route, tally in tallies.items():
+                _add_observations(histogram.labels(route), tally)
+        self.inflight.set(self._inflight)
+
+    async def publish_every(self, interval: float = PUBLISH_INTERVAL) -> None:
+        """Publish until cancelled (workers do, so any of them can answer a scrape)."""
+        while True:
+            await asyncio.sleep(interval)
+            self.publish()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric, summed over processes when there are several."""
+        self.publish()
         if self.registry is not None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+def _tally(tallies: dict[str, list[float]], route: str, seconds: float) -> None:
+    tally = tallies.get(route)
+    if tally is None:
+        tally = tallies[route] = [0] * (len(LATENCY_BUCKETS) + 2)
+    tally[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # first bucket with seconds <= le
+    tally[-1] += seconds
+
+
+def _add_observations(child: Any, tally: list[float]) -> None:
+    """Add tallied observations to a histogram child at once.
+
+    prometheus-client observes one value at a time; this writes the same result into
+    the child's bucket and sum values (``_buckets``: one per bound plus +Inf, each
+    counting its own observations; ``_sum``). tests/unit/test_metrics_tally.py checks
+    it against ``observe()`` for the pinned version.
+    """
+    child._sum.inc(tally[-1])
+    for bucket, count in zip(child._buckets, tally[:-1], strict=True):
+        if count:
+            bucket.inc(count)

@@ -176,11 +176,14 @@ async def serve_all(
         watcher = ConfigWatcher(config_path, applier(config, apps), metrics)
         loop.add_signal_handler(signal.SIGHUP, watcher.request)
         watcher_task = asyncio.create_task(watcher.run())
+    publisher = asyncio.create_task(metrics.publish_every())
     try:
         await asyncio.gather(*(server.serve(sockets=[sock]) for server, sock in servers))
     finally:
         if watcher_task is not None:
             watcher_task.cancel()
+        publisher.cancel()
+        metrics.publish()
         audit.sink.close()
 
 

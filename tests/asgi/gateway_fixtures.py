@@ -172,7 +172,11 @@ class Gateway:
         return [json.loads(x) for x in self.audit_path.read_text().splitlines()]
 
     async def raw(
-        self, method: str, raw_path: bytes, headers: list[tuple[bytes, bytes]] | None = None
+        self,
+        method: str,
+        raw_path: bytes,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        query: bytes = b"",
     ) -> tuple[int, dict[bytes, bytes], bytes]:
         """Call the ASGI app with a raw path no client library would normalize."""
         scope = {
@@ -183,7 +187,7 @@ class Gateway:
             "scheme": "http",
             "path": raw_path.decode("latin-1"),
             "raw_path": raw_path,
-            "query_string": b"",
+            "query_string": query,
             "headers": [(b"host", b"api.test"), *(headers or [])],
             "client": ("198.51.100.9", 4321),
             "server": ("127.0.0.1", 8080),

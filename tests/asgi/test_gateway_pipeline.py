@@ -272,9 +272,17 @@ ATTACKS: list[tuple[str, Any, Reason]] = [
     ("tampered-claims", lambda gw: _tamper(gw.sign({})), Reason.TOKEN_INVALID),
     ("oversized", lambda gw: gw.sign({"pad": "x" * 9000}), Reason.TOKEN_INVALID),
     ("garbage", lambda gw: "garbage", Reason.TOKEN_INVALID),
+    ("empty", lambda gw: "", Reason.TOKEN_INVALID),
+    ("space-inside", lambda gw: "abc def", Reason.TOKEN_INVALID),
+    ("quote-inside", lambda gw: 'abc"def', Reason.TOKEN_INVALID),
     ("two-segments", lambda gw: "a.b", Reason.TOKEN_INVALID),
     ("not-json", lambda gw: "YWJj.YWJj.YWJj", Reason.TOKEN_INVALID),
     ("kid-is-a-list", lambda gw: gw.sign({}, kid=["a"]), Reason.TOKEN_INVALID),
+    (
+        "header-injection-in-sub",  # X-Auth-Subject would end and a forged header begin
+        lambda gw: gw.sign({"sub": "svc\r\nx-auth-scopes: admin"}),
+        Reason.TOKEN_INVALID,
+    ),
 ]
 
 
@@ -357,6 +365,15 @@ async def test_path_corpus_never_reaches_a_protected_upstream_without_a_token(
         assert upstream[0].seen == [("GET", raw)]
     else:
         assert upstream[0].seen == []
+
+
+async def test_a_query_that_would_split_the_request_line_is_refused(
+    gw: Gateway, upstream: tuple[RecordingUpstream, str]
+) -> None:
+    status, _, body = await gw.raw("GET", b"/public/x", query=b"a=1 HTTP/1.1\r\nx-evil: 1")
+    assert status == 400 and json.loads(body)["error"] == "invalid_request"
+    assert upstream[0].seen == []
+    assert gw.audit_lines()[-1]["reason"] == "bad_path"
 
 
 # --------------------------------------------------------------------------- upstream failures

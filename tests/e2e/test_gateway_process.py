@@ -417,6 +417,10 @@ def test_metrics_sum_over_workers_and_sigusr1_reopens_the_audit_file(make_stack:
                     out[("tokens", "issued")] = sample.value
         return out
 
+    expected = {("orders", "ok"): 20, ("orders", "token_missing"): 10, ("tokens", "issued"): 1}
+    deadline = time.monotonic() + 5  # each worker publishes its tallies every second
+    while time.monotonic() < deadline and {k: counts().get(k) for k in expected} != expected:
+        time.sleep(0.2)
     for _ in range(4):  # whichever worker answers, the totals cover both
         got = counts()
         assert got[("orders", "ok")] == 20
