@@ -122,7 +122,7 @@ class Forwarder:
                 {
                     "type": "http.response.start",
                     "status": upstream.status,
-                    "headers": downstream_headers(upstream.headers, request_id),
+                    "headers": downstream_headers(upstream.headers, request_id, upstream.status),
                 }
             )
             length = upstream.content_length

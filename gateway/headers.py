@@ -129,17 +129,22 @@ def upstream_headers(
 
 
 def downstream_headers(
-    raw: Iterable[tuple[bytes, bytes]], request_id: bytes
+    raw: Iterable[tuple[bytes, bytes]], request_id: bytes, status: int = 200
 ) -> list[tuple[bytes, bytes]]:
-    """The upstream's response headers without hop-by-hop ones, plus X-Request-Id."""
+    """The upstream's response headers without hop-by-hop ones, plus X-Request-Id.
+
+    A 204 or 304 loses its Content-Length: it describes no body here, and the
+    server side would otherwise wait for that many body bytes.
+    """
     out = []
     connection = None
+    bodiless = status in (204, 304)
     for name, value in raw:
         name = name.lower()
         if name in _NOT_RETURNED:
             if name == b"connection":
                 connection = [*(connection or ()), value]
-        else:
+        elif not (bodiless and name == b"content-length"):
             out.append((name, value))
     if connection is not None:
         drop = _connection_tokens(connection) - HOP_BY_HOP

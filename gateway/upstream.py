@@ -260,27 +260,25 @@ class _Connection(asyncio.Protocol):
                     break
                 finally:
                     self.waiting_on_client = False
-                if self.lost:
-                    return
                 self.activity = self.loop.time()
                 if not chunk:
                     continue  # an empty chunk would end a chunked body
-                if chunked:
-                    self.transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-                else:
-                    self.transport.write(chunk)
+                self._write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
                 if self.writing_paused:
                     await self._drain()
-            if chunked and not self.lost:
-                self.transport.write(_CHUNKED_END)
+            if chunked:
+                self._write(_CHUNKED_END)
             self.request_sent = True
         except UpstreamError:
             pass  # the connection failed; the response says so
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:  # the client's side of the body failed: so does the exchange
+        except Exception as exc:  # the client's side of the body failed: so does the exchange
             self._fail(exc)
             self._abort()
+
+    def _write(self, data: bytes) -> None:
+        if self.lost or self.transport is None or self.transport.is_closing():
+            raise UpstreamUnavailable("the connection to the upstream is closed")
+        self.transport.write(data)
 
     async def _drain(self) -> None:
         self.drained = self.loop.create_future()

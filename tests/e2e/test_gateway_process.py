@@ -140,6 +140,22 @@ def test_allowed_and_denied_over_sockets(stack: Stack) -> None:
     assert ("gateway.request", "ok") in reasons and ("gateway.request", "token_missing") in reasons
 
 
+def test_bodiless_statuses_and_head_keep_the_connection_sound(stack: Stack) -> None:
+    with httpx.Client(base_url=stack.gateway) as client:  # one keep-alive connection
+        for method, query, status in [
+            ("GET", "status=304", 304),
+            ("GET", "status=204", 204),
+            ("HEAD", "", 200),
+            ("GET", "", 200),
+        ]:
+            response = client.request(method, f"/health?{query}")
+            assert response.status_code == status
+            if status != 200 or method == "HEAD":
+                assert response.content == b""
+    # uvicorn reports a body shorter than the Content-Length it was given as an error
+    assert '"level":"error"' not in stack.main.stderr()
+
+
 def test_raw_path_bypasses_over_a_real_socket(stack: Stack) -> None:
     """No client library normalization in the way: bytes on the wire."""
 
