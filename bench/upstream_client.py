@@ -28,25 +28,10 @@ import uvloop
 from yarl import URL
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from gateway_overhead import NGINX
 from token_issuance import free_port
 
 from gateway.upstream import Origin, UpstreamClient
-
-NGINX = """
-worker_processes 1;
-daemon off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{ default_type text/plain; return 200 "hello from upstream\\n"; }}
-    }}
-}}
-"""
 
 HEADERS = [
     (b"user-agent", b"wrk"),

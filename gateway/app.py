@@ -165,8 +165,7 @@ class GatewayApp:
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         state = self.state
-        metrics = self.metrics
-        metrics.request_started()
+        self.metrics.request_started()
         headers = scope["headers"]
         host_header = sent_id = None
         authorization = []

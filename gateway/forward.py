@@ -49,10 +49,14 @@ class Exchange:
 
 
 def body_framing(scope: Scope) -> tuple[bool, bytes | None]:
-    """Does the request have a body, and its Content-Length if it declares one."""
+    """Does the request have a body, and its Content-Length if it declares one
+    (``Content-Length: 0`` is passed on as sent: some servers require it)."""
     for name, value in scope["headers"]:
         if name == b"content-length":
-            return value.strip() != b"0", value.strip()
+            length = value.strip()
+            if length.isdigit():
+                return int(length) > 0, length
+            return True, None  # never sent as it came: the body goes chunked
         if name == b"transfer-encoding":
             return True, None
     return False, None

@@ -501,15 +501,16 @@ class UpstreamClient:
         """Send a request and wait for its response's status and headers.
 
         ``body`` streams the request body: with ``content_length`` as given, else
-        chunked. Raises :class:`UpstreamUnavailable` or :class:`UpstreamTimeout`, or
-        whatever ``body`` raised.
+        chunked. A body-less request may still declare ``content_length`` (``b"0"``).
+        Raises :class:`UpstreamUnavailable` or :class:`UpstreamTimeout`, or whatever
+        ``body`` raised.
         """
-        if body is None:
-            framing = b""
-        elif content_length is not None:
+        if content_length is not None:
             framing = b"content-length: %b\r\n" % content_length
-        else:
+        elif body is not None:
             framing = b"transfer-encoding: chunked\r\n"
+        else:
+            framing = b""
         head = request_head(method, target, origin.host_header, headers, framing)
         conn = self._pooled(origin)
         retry = body is None and method in IDEMPOTENT

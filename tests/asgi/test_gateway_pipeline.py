@@ -106,6 +106,10 @@ async def test_request_bodies_reach_the_upstream_intact(gw: Gateway) -> None:
     assert response.json()["body_bytes"] == len(body)
     assert response.json()["body_sha256"] == hashlib.sha256(body).hexdigest()
     assert gw.audit_lines()[-1]["bytes_in"] == len(body)
+    async with gw.client() as client:
+        response = await client.post("/orders/1", content=b"", headers=bearer(token))
+    assert response.json()["body_bytes"] == 0
+    assert response.json()["headers"]["content-length"] == "0"
 
 
 async def test_strip_prefix_and_forward_token(gw: Gateway) -> None:

@@ -257,6 +257,32 @@ async def test_bytes_after_a_response_never_answer_the_next_request(
     assert server.connections == 2
 
 
+async def test_a_response_closed_mid_body_drops_its_connection(client: UpstreamClient) -> None:
+    closed = asyncio.Event()
+
+    def make(server: Server) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_head(reader)
+            if server.connections == 1:
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+                await reader.read()  # returns at EOF: the client closed the connection
+                closed.set()
+            else:
+                writer.write(OK)
+                await reader.read()
+
+        return handler
+
+    async with await serving(make) as server:
+        response = await client.request(server.origin, "GET", b"/", [], stall_timeout=2)
+        assert await response.next_chunk() == (b"partial", False)
+        response.close()  # what the gateway does when its client leaves
+        await asyncio.wait_for(closed.wait(), 2)
+        assert client.idle_connections() == 0
+        assert (await get(client, server))[1] == b"ok"
+    assert server.connections == 2
+
+
 # --------------------------------------------------------------------------- stale connections
 
 
@@ -358,8 +384,11 @@ async def test_request_bodies_with_length_or_chunked(client: UpstreamClient) -> 
         assert body == b"abcde"
         _, body = await get(client, server, "POST", body=_body(b"abc", b"", b"defg"))
         assert body == b"abcdefg"
+        _, body = await get(client, server, "POST", content_length=b"0")
+        assert body == b""
     assert server.connections == 1
     assert b"content-length: 5\r\n" in server.requests[0]
+    assert server.requests[2].endswith(b"content-length: 0\r\n\r\n")
     assert b"transfer-encoding: chunked\r\n" in server.requests[1]
 
 
