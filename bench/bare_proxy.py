@@ -1,8 +1,9 @@
-"""The least a Python proxy on the same stack can do: uvicorn + aiohttp, no checks.
+"""A uvicorn + aiohttp proxy with no checks at all: a reference point.
 
-A reference point for bench/gateway_overhead.py, which measures it in the same run:
-no token, no route table, no header rules, no audit line. Whatever tokengate costs
-beyond this is the price of its checks.
+bench/gateway_overhead.py measures it in the same run as tokengate: no token, no route
+table, no header rules, no audit line, and aiohttp's ClientSession for the upstream
+where tokengate uses its own client (gateway/upstream.py). tokengate's figures next to
+it show what its checks cost and what its upstream client saves.
 
     BARE_PROXY_UPSTREAM=http://127.0.0.1:7000 uvicorn bare_proxy:app --app-dir bench
 """

@@ -9,8 +9,8 @@ on every request (its verified-token cache skips the signature for repeats), che
 scope, and streams to nginx. Printed: req/s, p50, p99 for both, the ratio, and the
 gateway's CPU time per request (user + system of the tokengate processes over the
 measured run, divided by the requests they served). The same is measured for
-bench/bare_proxy.py, uvicorn + aiohttp with no checks at all, as a reference for
-what the stack itself costs.
+bench/bare_proxy.py, a uvicorn + aiohttp proxy with no checks at all, as a
+reference point.
 
 A second phase sends 10,000 requests whose tokens carry random unknown ``kid``s and
 counts the JWKS fetches they cause (nginx serves the JWKS copy and logs each fetch).
