@@ -25,10 +25,12 @@ from gateway.upstream import (
     UpstreamTimeout,
 )
 from tokengate.asgi import Receive, Scope, Send
+from tokengate.jsonlog import log_event
 
 # Responses longer than this (or of unknown length) are watched for a client
 # disconnect while they stream; shorter ones finish on their own.
 WATCH_ABOVE = 64 * 1024
+REPORT_EVERY = 10.0  # seconds between reports of one origin's failures
 
 
 class ClientGone(Exception):
@@ -65,6 +67,23 @@ def body_framing(scope: Scope) -> tuple[bool, bytes | None]:
 class Forwarder:
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
+        self._reported: dict[Origin, tuple[float, int]] = {}  # last report, failures since
+
+    def _report(self, origin: Origin, error: UpstreamError) -> None:
+        """Why an upstream failed, on stderr: at most once per ``REPORT_EVERY`` seconds
+        per origin, with the number of failures left unreported in between."""
+        now = time.monotonic()
+        last, unreported = self._reported.get(origin, (-REPORT_EVERY, 0))
+        if now - last < REPORT_EVERY:
+            self._reported[origin] = (last, unreported + 1)
+            return
+        self._reported[origin] = (now, 0)
+        log_event(
+            "gateway.upstream_failed",
+            upstream=f"{origin.scheme}://{origin.host_header.decode()}",
+            error=str(error),
+            unreported=unreported,
+        )
 
     async def forward(
         self,
@@ -115,6 +134,7 @@ class Forwarder:
             return
         except UpstreamError as exc:
             exchange.upstream_seconds = time.perf_counter() - started
+            self._report(origin, exc)
             if isinstance(exc, UpstreamTimeout):
                 raise Denied(
                     Reason.UPSTREAM_TIMEOUT, "the upstream did not answer in time"
@@ -143,6 +163,7 @@ class Forwarder:
             exchange.status = 499
         except UpstreamError as exc:
             upstream.close()
+            self._report(origin, exc)
             exchange.reason = (
                 Reason.UPSTREAM_TIMEOUT
                 if isinstance(exc, UpstreamTimeout)

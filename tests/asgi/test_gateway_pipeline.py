@@ -383,13 +383,22 @@ async def test_a_query_that_would_split_the_request_line_is_refused(
 # --------------------------------------------------------------------------- upstream failures
 
 
-async def test_upstream_down_is_502(gw: Gateway) -> None:
+async def test_upstream_down_is_502(gw: Gateway, capsys: pytest.CaptureFixture[str]) -> None:
     async with gw.client() as client:
         response = await client.get("/dead/x")
+        for _ in range(3):
+            await client.get("/dead/x")
     assert response.status_code == 502
     assert response.json()["error"] == "bad_gateway"
     line = gw.audit_lines()[-1]
     assert (line["decision"], line["reason"]) == ("allow", "upstream_unavailable")
+    # why, for operators: once, not once per request
+    reports = [
+        json.loads(x) for x in capsys.readouterr().err.splitlines() if "upstream_failed" in x
+    ]
+    assert len(reports) == 1
+    assert reports[0]["upstream"] == "http://127.0.0.1:9"
+    assert reports[0]["error"].startswith("cannot connect:")
 
 
 async def test_upstream_timeout_is_504(gw: Gateway) -> None:
