@@ -21,7 +21,8 @@ HTTP/1.1 (RFC 9112) around it:
 - Response bodies are queued up to ``HIGH_WATER`` bytes, then the upstream socket
   stops being read until the client has taken them: memory stays flat whatever the
   body's size. Request bodies wait for the upstream socket to drain the same way.
-- Response headers are limited to ``MAX_HEADER_BYTES``.
+- Response headers (and trailers, which are dropped) are limited to
+  ``MAX_HEADER_BYTES``.
 
 No cookies, no redirects, no decompression, no proxy settings from the environment.
 """
@@ -205,7 +206,8 @@ class _Connection(asyncio.Protocol):
         self.head_request = False
         self.interim = False  # parsing a 1xx response
         self.got_bytes = False
-        self.header_bytes = 0
+        self.header_bytes = 0  # in header lines parsed, trailers included
+        self.head_bytes = 0  # received before the headers were complete
         self.request_sent = False
         self.keep_alive = False
         self.timeout = 0.0
@@ -234,7 +236,7 @@ class _Connection(asyncio.Protocol):
         self.headers_ready = self.loop.create_future()
         self.head_request = head_request
         self.interim = self.got_bytes = self.request_sent = self.keep_alive = False
-        self.header_bytes = self.queued = 0
+        self.header_bytes = self.head_bytes = self.queued = 0
         self.timeout = stall_timeout
         self.activity = self.loop.time()
         self.timer = self.loop.call_at(self.activity + stall_timeout, self._on_timer)
@@ -368,6 +370,14 @@ class _Connection(asyncio.Protocol):
             reason = str(cause) if isinstance(cause, UpstreamError) else f"invalid response: {exc}"
             self._fail(UpstreamUnavailable(reason))
             self._abort()
+            return
+        ready = self.headers_ready
+        if ready is not None and not ready.done():
+            # the parser holds a header until it ends: bound what waits for the headers
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEADER_BYTES:
+                self._fail(UpstreamUnavailable("the response headers are too large"))
+                self._abort()
 
     def eof_received(self) -> bool:
         return False  # close our side too; connection_lost follows
@@ -416,8 +426,9 @@ class _Connection(asyncio.Protocol):
         self.header_bytes += len(name) + len(value) + 4
         if self.header_bytes > MAX_HEADER_BYTES:
             raise UpstreamUnavailable("the response headers are too large")
-        assert self.response is not None
-        self.response.headers.append((name, value))
+        assert self.response is not None and self.headers_ready is not None
+        if not self.headers_ready.done():  # after them come trailers, which are dropped
+            self.response.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response

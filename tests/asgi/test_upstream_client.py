@@ -204,6 +204,35 @@ async def test_chunked_and_until_close_bodies(client: UpstreamClient) -> None:
         assert (response.until_close, body) == (True, b"all of it")
 
 
+async def test_a_response_split_into_single_bytes(client: UpstreamClient) -> None:
+    response = (
+        b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n"
+        b"3\r\nabc\r\n2\r\nde\r\n0\r\nX-Trailer: t\r\n\r\n"
+    )
+
+    def make(server: Server) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for _ in range(2):
+                await server.read_head(reader)
+                for i in range(len(response)):
+                    writer.write(response[i : i + 1])
+                    await writer.drain()
+                    await asyncio.sleep(0)
+
+        return handler
+
+    async with await serving(make) as server:
+        for _ in range(2):  # and the connection is sound for the next one
+            got, body = await get(client, server)
+            assert (got.status, got.headers, body) == (
+                200,
+                [(b"Transfer-Encoding", b"chunked"), (b"X-A", b"1")],
+                b"abcde",
+            )
+    assert server.connections == 1
+
+
 @pytest.mark.parametrize(
     "response",
     [
@@ -232,6 +261,28 @@ async def test_invalid_responses_are_unavailable(client: UpstreamClient, respons
     async with await serving(answering(response)) as server:
         with pytest.raises(UpstreamUnavailable):
             await get(client, server)
+
+
+async def test_a_header_that_never_ends_is_cut_off(client: UpstreamClient) -> None:
+    sent = 0
+
+    def make(server: Server) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            nonlocal sent
+            await server.read_head(reader)
+            writer.write(b"HTTP/1.1 200 OK\r\nX-Big: ")
+            while sent < 10 * 1024 * 1024:
+                writer.write(b"a" * 1024)
+                sent += 1024
+                await writer.drain()
+                await asyncio.sleep(0)
+
+        return handler
+
+    async with await serving(make) as server:
+        with pytest.raises(UpstreamUnavailable, match="too large"):
+            await get(client, server, stall_timeout=5)
+    assert sent < 1024 * 1024  # cut off long before the upstream ran out
 
 
 async def test_bytes_after_a_response_never_answer_the_next_request(
