@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from tokengate.asgi import HTTP_METHODS
 from tokengate.jwk import ALGORITHMS
 from tokengate.yamlconf import (
     ConfigError,
@@ -24,7 +25,6 @@ from tokengate.yamlconf import (
     positive_int,
 )
 
-METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT")
 _PATTERN_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,=:@%-]+")
 
 
@@ -198,7 +198,7 @@ def _parse_route(node: Node, issuers: dict[str, IssuerConfig]) -> RouteConfig:
     require = _parse_require(r, issuers)
     if public and r.has("require"):
         r.node_at("require").error("a public route takes no token, so it cannot require one")
-    methods = m.get("methods", list_of(one_of(*METHODS)), None)
+    methods = m.get("methods", list_of(one_of(*HTTP_METHODS)), None)
     return RouteConfig(
         name=r.get("name", as_name),
         path=path,

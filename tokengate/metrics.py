@@ -31,10 +31,10 @@ from prometheus_client import (
 )
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from tokengate.asgi import HTTP_METHODS
+
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"}
-)
+METHODS = frozenset(HTTP_METHODS)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PUBLISH_INTERVAL = 1.0  # seconds
 
