@@ -32,10 +32,13 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
 class Server:
-    """A loopback server running ``handler`` for every connection it accepts."""
+    """A loopback server: ``make(server)`` is the handler for every connection it accepts."""
 
-    def __init__(self, handler: Handler) -> None:
-        self.handler = handler
+    def __init__(
+        self, make: Callable[[Server], Handler], *, tls: ssl.SSLContext | None = None
+    ) -> None:
+        self.handler = make(self)
+        self.tls = tls
         self.connections = 0
         self.requests: list[bytes] = []
 
@@ -51,11 +54,9 @@ class Server:
 
         self.server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=self.tls)
         port = self.server.sockets[0].getsockname()[1]
-        self.origin = Origin.of(f"{self.scheme}://127.0.0.1:{port}")
+        scheme = "https" if self.tls is not None else "http"
+        self.origin = Origin.of(f"{scheme}://127.0.0.1:{port}")
         return self
-
-    tls: ssl.SSLContext | None = None
-    scheme = "http"
 
     async def __aexit__(self, *exc: object) -> None:
         self.server.close()
@@ -99,12 +100,6 @@ def answering(*responses: bytes, then_close: bool = False) -> Callable[[Server],
     return make
 
 
-async def serving(make: Callable[[Server], Handler]) -> Server:
-    server = Server(lambda r, w: asyncio.sleep(0))
-    server.handler = make(server)
-    return server
-
-
 async def get(
     client: UpstreamClient, server: Server, method: str = "GET", **kwargs: object
 ) -> tuple[Response, bytes]:
@@ -138,7 +133,7 @@ async def client() -> AsyncIterator[UpstreamClient]:
 
 
 async def test_request_head_and_keep_alive_reuse(client: UpstreamClient) -> None:
-    async with await serving(answering(OK, OK, OK)) as server:
+    async with Server(answering(OK, OK, OK)) as server:
         for _ in range(3):
             response, body = await get(client, server)
             assert (response.status, body) == (200, b"ok")
@@ -162,7 +157,7 @@ def test_a_method_that_is_not_a_token_is_never_sent() -> None:
 
 async def test_connection_close_is_honoured(client: UpstreamClient) -> None:
     closing = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
-    async with await serving(answering(closing, then_close=True)) as server:
+    async with Server(answering(closing, then_close=True)) as server:
         for _ in range(2):
             assert (await get(client, server))[1] == b"ok"
     assert server.connections == 2
@@ -172,7 +167,7 @@ async def test_head_responses_have_no_body_and_end_the_connection(
     client: UpstreamClient,
 ) -> None:
     head = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
-    async with await serving(by_method(HEAD=head, GET=OK)) as server:
+    async with Server(by_method(HEAD=head, GET=OK)) as server:
         response, body = await get(client, server, "HEAD")
         assert (response.status, response.content_length, body) == (200, 0, b"")
         assert (await get(client, server))[1] == b"ok"
@@ -182,7 +177,7 @@ async def test_head_responses_have_no_body_and_end_the_connection(
 async def test_interim_responses_are_skipped(client: UpstreamClient) -> None:
     hints = b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"
     final = b"HTTP/1.1 201 Created\r\nX-A: 1\r\nContent-Length: 2\r\n\r\nok"
-    async with await serving(answering(hints + final)) as server:
+    async with Server(answering(hints + final)) as server:
         response, body = await get(client, server)
     assert (response.status, response.headers, body) == (
         201,
@@ -195,11 +190,11 @@ async def test_chunked_and_until_close_bodies(client: UpstreamClient) -> None:
     chunked = (
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     )
-    async with await serving(answering(chunked)) as server:
+    async with Server(answering(chunked)) as server:
         response, body = await get(client, server)
         assert (response.content_length, body) == (None, b"abcde")
     until_close = b"HTTP/1.1 200 OK\r\n\r\nall of it"
-    async with await serving(answering(until_close, then_close=True)) as server:
+    async with Server(answering(until_close, then_close=True)) as server:
         response, body = await get(client, server)
         assert (response.until_close, body) == (True, b"all of it")
 
@@ -222,7 +217,7 @@ async def test_a_response_split_into_single_bytes(client: UpstreamClient) -> Non
 
         return handler
 
-    async with await serving(make) as server:
+    async with Server(make) as server:
         for _ in range(2):  # and the connection is sound for the next one
             got, body = await get(client, server)
             assert (got.status, got.headers, body) == (
@@ -241,7 +236,7 @@ async def test_a_response_split_into_single_bytes(client: UpstreamClient) -> Non
     ],
 )
 async def test_a_body_cut_short_is_an_error(client: UpstreamClient, response: bytes) -> None:
-    async with await serving(answering(response, then_close=True)) as server:
+    async with Server(answering(response, then_close=True)) as server:
         with pytest.raises(UpstreamUnavailable):
             await get(client, server)
 
@@ -258,7 +253,7 @@ async def test_a_body_cut_short_is_an_error(client: UpstreamClient, response: by
     ids=["garbage", "two-lengths", "bad-header", "upgrade", "huge-headers"],
 )
 async def test_invalid_responses_are_unavailable(client: UpstreamClient, response: bytes) -> None:
-    async with await serving(answering(response)) as server:
+    async with Server(answering(response)) as server:
         with pytest.raises(UpstreamUnavailable):
             await get(client, server)
 
@@ -279,7 +274,7 @@ async def test_a_header_that_never_ends_is_cut_off(client: UpstreamClient) -> No
 
         return handler
 
-    async with await serving(make) as server:
+    async with Server(make) as server:
         with pytest.raises(UpstreamUnavailable, match="too large"):
             await get(client, server, stall_timeout=5)
     assert sent < 1024 * 1024  # cut off long before the upstream ran out
@@ -301,7 +296,7 @@ async def test_bytes_after_a_response_never_answer_the_next_request(
 
         return handler
 
-    async with await serving(make) as server:
+    async with Server(make) as server:
         assert (await get(client, server))[1] == b"ok"
         await asyncio.sleep(0.05)
         assert (await get(client, server))[1] == b"ok"  # from a new connection
@@ -324,7 +319,7 @@ async def test_a_response_closed_mid_body_drops_its_connection(client: UpstreamC
 
         return handler
 
-    async with await serving(make) as server:
+    async with Server(make) as server:
         response = await client.request(server.origin, "GET", b"/", [], stall_timeout=2)
         assert await response.next_chunk() == (b"partial", False)
         response.close()  # what the gateway does when its client leaves
@@ -349,7 +344,7 @@ async def test_a_stale_pooled_connection_is_retried_for_idempotent_requests(
 
         return handler
 
-    async with await serving(make) as server:
+    async with Server(make) as server:
         assert (await get(client, server))[1] == b"ok"
         assert (await get(client, server))[1] == b"ok"  # retried on a new connection
         assert server.connections == 2
@@ -360,7 +355,7 @@ async def test_a_stale_pooled_connection_is_retried_for_idempotent_requests(
 
 async def test_idle_connections_expire(client: UpstreamClient) -> None:
     quick = UpstreamClient(idle_timeout=0.2)
-    async with await serving(answering(OK, OK)) as server:
+    async with Server(answering(OK, OK)) as server:
         await get(quick, server)
         assert quick.idle_connections() == 1
         await asyncio.sleep(0.5)
@@ -390,10 +385,10 @@ async def test_silence_times_out_but_slow_progress_does_not(client: UpstreamClie
 
         return handler
 
-    async with await serving(slow) as server:
+    async with Server(slow) as server:
         _, body = await get(client, server, stall_timeout=0.3)
         assert body == b"slow"  # 0.6 s in all, never 0.3 s without progress
-    async with await serving(lambda s: lambda r, w: r.read()) as server:
+    async with Server(lambda s: lambda r, w: r.read()) as server:
         with pytest.raises(UpstreamTimeout):
             await get(client, server, stall_timeout=0.2)
 
@@ -430,7 +425,7 @@ def echoing_body(server: Server) -> Handler:
 
 
 async def test_request_bodies_with_length_or_chunked(client: UpstreamClient) -> None:
-    async with await serving(echoing_body) as server:
+    async with Server(echoing_body) as server:
         _, body = await get(client, server, "POST", body=_body(b"abc", b"de"), content_length=b"5")
         assert body == b"abcde"
         _, body = await get(client, server, "POST", body=_body(b"abc", b"", b"defg"))
@@ -451,7 +446,7 @@ async def test_a_failing_request_body_fails_the_exchange(client: UpstreamClient)
         yield b"abc"
         raise Gone
 
-    async with await serving(echoing_body) as server:
+    async with Server(echoing_body) as server:
         with pytest.raises(Gone):
             await get(client, server, "POST", body=failing(), content_length=b"10")
 
@@ -467,7 +462,7 @@ async def test_an_early_response_ends_the_upload_and_the_connection(
         await forever.wait()
         yield b"never"
 
-    async with await serving(by_method(PUT=too_large, GET=OK)) as server:
+    async with Server(by_method(PUT=too_large, GET=OK)) as server:
         response, _ = await get(client, server, "PUT", body=endless(), content_length=b"99999")
         assert response.status == 413
         assert (await get(client, server))[1] == b"ok"
@@ -491,7 +486,7 @@ async def test_an_unread_response_stops_reading_the_upstream(client: UpstreamCli
 
         return handler
 
-    async with await serving(make) as server:
+    async with Server(make) as server:
         response = await client.request(server.origin, "GET", b"/", [], stall_timeout=5)
         await asyncio.sleep(0.5)  # nobody reads: the upstream is held back
         queued = sum(len(c) for c in response._chunks)
@@ -545,9 +540,7 @@ async def test_https_upstreams_are_verified(tmp_path: Path, client: UpstreamClie
     cert, key = _certificate(tmp_path)
     server_tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server_tls.load_cert_chain(cert, key)
-    server = await serving(answering(OK, OK))
-    server.tls, server.scheme = server_tls, "https"
-    async with server:
+    async with Server(answering(OK, OK), tls=server_tls) as server:
         with pytest.raises(UpstreamUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             await get(client, server)  # the system trust store does not know it
         trusting = UpstreamClient(ssl_context=ssl.create_default_context(cafile=str(cert)))
