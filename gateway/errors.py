@@ -36,10 +36,8 @@ class Reason(StrEnum):
         return _DECISION[self]
 
 
-_DECISION = {
-    reason: "allow" if reason in ("ok", "upstream_timeout", "upstream_unavailable") else "deny"
-    for reason in Reason
-}
+_ALLOWED = {Reason.OK, Reason.UPSTREAM_TIMEOUT, Reason.UPSTREAM_UNAVAILABLE}
+_DECISION = {reason: "allow" if reason in _ALLOWED else "deny" for reason in Reason}
 
 
 class Denied(Exception):
