@@ -11,6 +11,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from tokengate.jwk import PublicKey, load_public_jwk
+from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
 from tokengate.yamlconf import (
     ConfigError,
     Fields,
@@ -104,6 +105,7 @@ class AuthServerConfig:
     max_body_bytes: int
     servers: tuple[ServerConfig, ...]
     clients: tuple[ClientConfig, ...]
+    limits: Limits = DEFAULT_LIMITS
 
 
 # --------------------------------------------------------------------------- parsing
@@ -120,6 +122,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "leeway",
             "max_body_bytes",
             "clients",
+            "limits",
         ),
     )
     listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
@@ -137,6 +140,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         max_body_bytes=f.get("max_body_bytes", positive_int, 65536),
         servers=servers,
         clients=clients,
+        limits=f.get("limits", as_limits, DEFAULT_LIMITS),
     )
 
 

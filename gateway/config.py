@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from tokengate.asgi import HTTP_METHODS
 from tokengate.jwk import ALGORITHMS
+from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
 from tokengate.yamlconf import (
     ConfigError,
     Fields,
@@ -83,6 +84,7 @@ class GatewayConfig:
     max_token_bytes: int
     allow_path_parameters: bool
     token_cache_size: int
+    limits: Limits = DEFAULT_LIMITS
     warnings: tuple[str, ...] = ()
 
 
@@ -98,6 +100,7 @@ def parse_gateway(node: Node) -> GatewayConfig:
             "max_token_bytes",
             "allow_path_parameters",
             "token_cache_size",
+            "limits",
         ),
     )
     issuers = _parse_issuers(f)
@@ -130,6 +133,7 @@ def parse_gateway(node: Node) -> GatewayConfig:
         max_token_bytes=f.get("max_token_bytes", positive_int, 8192),
         allow_path_parameters=f.get("allow_path_parameters", as_bool, False),
         token_cache_size=f.get("token_cache_size", positive_int, 10000),
+        limits=f.get("limits", as_limits, DEFAULT_LIMITS),
         warnings=tuple(
             f"{f.node.key_path('routes')}[{later}]: never matches; "
             f"routes[{earlier}] ({routes[earlier].name}) matches everything it does"

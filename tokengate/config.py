@@ -9,6 +9,7 @@ from pathlib import Path
 
 from authserver.config import AuthServerConfig, parse_authserver
 from gateway.config import GatewayConfig, parse_gateway
+from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
 from tokengate.yamlconf import (
     ConfigError,
     ConfigErrors,
@@ -33,6 +34,7 @@ class AuditConfig:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Listen  # /healthz, /readyz, /metrics
+    limits: Limits = DEFAULT_LIMITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,8 +104,10 @@ def _version(node: Node) -> int:
 
 
 def _admin(node: Node) -> AdminConfig:
-    f = node.fields(required=("listen",))
-    return AdminConfig(listen=f.get("listen", as_listen))
+    f = node.fields(required=("listen",), optional=("limits",))
+    return AdminConfig(
+        listen=f.get("listen", as_listen), limits=f.get("limits", as_limits, DEFAULT_LIMITS)
+    )
 
 
 def _echo(node: Node) -> EchoConfig:

@@ -109,6 +109,18 @@ class Metrics:
             ["server", "error"],
             registry=r,
         )
+        self.client_auth_failures = Counter(
+            "tokengate_authserver_client_auth_failures",
+            "Failed or throttled client authentications, by authorization server and result.",
+            ["server", "result"],
+            registry=r,
+        )
+        self.listener_refusals = Counter(
+            "tokengate_listener_refusals",
+            "Connections and requests a listener refused before any app saw them, by reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "tokengate_config_reloads",
             "Configuration reloads by result (ok or error).",
