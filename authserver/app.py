@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import sqlite3
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -15,17 +16,19 @@ import httpx
 from authserver.clientauth import ClientAuthenticator, ClientKeyFetcher
 from authserver.config import AuthServerConfig, ServerConfig
 from authserver.endpoints import Endpoints
-from authserver.errors import not_found, send_error
+from authserver.errors import not_found, send_error, server_error
 from authserver.keyring import KeyRing
 from authserver.keys import RELOAD_INTERVAL, KeyFiles, KeyManager
 from authserver.metadata import authorization_server_metadata, openid_configuration
 from authserver.store import SqliteStore, Store
+from authserver.throttle import AuthThrottle, MemoryThrottle
 from authserver.tokens import TokenVerifier
-from tokengate.asgi import ClientDisconnected, Receive, Scope, Send, json_bytes
+from tokengate.asgi import ClientDisconnected, Message, Receive, Scope, Send, json_bytes
 from tokengate.jsonlog import AuditLog, log_event
 from tokengate.metrics import Metrics
 
 Handler = Callable[[ServerConfig, Scope, Receive, Send], Awaitable[None]]
+Route = tuple[Handler, ServerConfig, str | None]
 PURGE_INTERVAL = 60
 
 
@@ -41,6 +44,7 @@ class AuthServices:
     clock: Callable[[], float]
     audit: AuditLog
     metrics: Metrics
+    throttle: AuthThrottle
 
     @classmethod
     def build(
@@ -52,6 +56,7 @@ class AuthServices:
         http: httpx.AsyncClient | None = None,
         store: Store | None = None,
         metrics: Metrics | None = None,
+        throttle: AuthThrottle | None = None,
     ) -> AuthServices:
         store = store or SqliteStore(config.data_dir)
         manager = KeyManager(
@@ -65,9 +70,12 @@ class AuthServices:
         http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
         metrics = metrics or Metrics()
         authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), clock=clock)
+        if throttle is None or throttle.policy != config.client_auth_throttle:
+            throttle = MemoryThrottle(config.client_auth_throttle, clock=clock)
         endpoints = Endpoints(
             keyring=keyring,
             authenticator=authenticator,
+            throttle=throttle,
             verifier=TokenVerifier(leeway=config.leeway, clock=clock),
             store=store,
             audit=audit,
@@ -76,7 +84,7 @@ class AuthServices:
             metrics=metrics,
             clock=clock,
         )
-        return cls(config, store, keyring, endpoints, http, clock, audit, metrics)
+        return cls(config, store, keyring, endpoints, http, clock, audit, metrics, throttle)
 
     def reconfigure(self, config: AuthServerConfig) -> None:
         """Take new servers and clients: keys for new servers are created and loaded
@@ -90,9 +98,11 @@ class AuthServices:
             http=self.http,
             store=self.store,
             metrics=self.metrics,
+            throttle=self.throttle,  # failures so far still count, unless the policy changed
         )
         new.start()
         self.config, self.keyring, self.endpoints = new.config, new.keyring, new.endpoints
+        self.throttle = new.throttle
 
     def not_ready(self) -> list[str]:
         """What keeps this authorization server from serving: named for /readyz."""
@@ -139,11 +149,38 @@ class AuthServerApp:
             if route is None:
                 await send_error(send, not_found("no such endpoint"))
                 return
-            handler, server = route
-            with contextlib.suppress(ClientDisconnected):
-                await handler(server, scope, receive, send)
+            await self._handle(route, scope, receive, send)
         elif scope["type"] == "lifespan":
             await self._lifespan(receive, send)
+
+    async def _handle(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the handler; an unexpected exception is a logged, audited 500, never a
+        traceback for the client."""
+        handler, server, audit_event = route
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await handler(server, scope, receive, tracked)
+        except ClientDisconnected:
+            pass
+        except Exception as exc:  # the safety net: bugs are 500s, logged with their traceback
+            log_event(
+                "authserver.internal_error",
+                server=server.name,
+                path=scope["path"],
+                error=type(exc).__name__,
+                traceback=_frames(exc),
+            )
+            if audit_event is not None:
+                self.services.endpoints.internal_error(audit_event, server, scope)
+            if started:
+                raise  # the server ends the half-sent response
+            await send_error(send, server_error())
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         task: asyncio.Task[None] | None = None
@@ -167,25 +204,31 @@ class AuthServerApp:
                 return
 
 
-def build_routes(
-    servers: tuple[ServerConfig, ...], endpoints: Endpoints
-) -> dict[str, tuple[Handler, ServerConfig]]:
-    routes: dict[str, tuple[Handler, ServerConfig]] = {}
+def build_routes(servers: tuple[ServerConfig, ...], endpoints: Endpoints) -> dict[str, Route]:
+    """Path -> (handler, server, the audit event its requests write)."""
+    routes: dict[str, Route] = {}
     for server in servers:
         base = urlsplit(server.issuer).path
         metadata = endpoints.document(json_bytes(authorization_server_metadata(server)))
         oidc = endpoints.document(json_bytes(openid_configuration(server)))
-        for path, handler in (
-            (f"{base}/.well-known/oauth-authorization-server", metadata),
-            (f"/.well-known/oauth-authorization-server{base}", metadata),  # RFC 8414 3.1
-            (f"{base}/.well-known/openid-configuration", oidc),
-            (f"{base}/v1/keys", endpoints.keys),
-            (f"{base}/v1/token", endpoints.token),
-            (f"{base}/v1/introspect", endpoints.introspect),
-            (f"{base}/v1/revoke", endpoints.revoke),
+        for path, handler, audit_event in (
+            (f"{base}/.well-known/oauth-authorization-server", metadata, None),
+            (f"/.well-known/oauth-authorization-server{base}", metadata, None),  # RFC 8414 3.1
+            (f"{base}/.well-known/openid-configuration", oidc, None),
+            (f"{base}/v1/keys", endpoints.keys, None),
+            (f"{base}/v1/token", endpoints.token, "token.denied"),
+            (f"{base}/v1/introspect", endpoints.introspect, "token.introspected"),
+            (f"{base}/v1/revoke", endpoints.revoke, "token.revoked"),
         ):
-            routes[path] = (handler, server)
+            routes[path] = (handler, server, audit_event)
     return routes
+
+
+def _frames(exc: BaseException) -> str:
+    """The traceback's frames (file, line, function, code) and the exception type, but
+    not its message: a message may quote request data such as a token or a secret."""
+    frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__qualname__}"
 
 
 def create_app(config: AuthServerConfig, *, audit: AuditLog, metrics: Metrics) -> AuthServerApp:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import unquote_plus
 
 import httpx
@@ -27,12 +29,32 @@ from tokengate.jwk import PublicKey, load_public_jwk
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME = 3600  # a client assertion's exp may be at most this far ahead
 MAX_JWKS_BYTES = 64 * 1024
+JWKS_UNAVAILABLE = "jwks_unavailable"  # the client's jwks_uri failed: not the client's guess
 
 
 @dataclass(frozen=True, slots=True)
 class AuthenticatedClient:
     client: ClientConfig
     method: AuthMethod
+
+
+@dataclass(frozen=True, slots=True)
+class Credentials:
+    """What a request presents to authenticate, unverified: one method and the
+    client_id it claims (what throttling counts failures against)."""
+
+    method: AuthMethod
+    client_id: str
+    basic: bool
+    secret: str = field(repr=False, default="")
+    assertion: str = field(repr=False, default="")
+    assertion_header: dict[str, Any] = field(repr=False, default_factory=dict)
+
+
+# Errors that decoding an untrusted JWT may raise besides PyJWT's own: JSON nested too
+# deep (RecursionError), claims of the wrong type reaching int() (TypeError, ValueError,
+# OverflowError for Infinity).
+_DECODE_ERRORS = (jwt.PyJWTError, ValueError, TypeError, ArithmeticError, RecursionError)
 
 
 class ClientAuthenticator:
@@ -50,14 +72,15 @@ class ClientAuthenticator:
         self.fetcher = fetcher
         self.clock = clock
 
-    async def authenticate(
-        self, authorization: bytes | None, form: Form, audiences: list[str]
-    ) -> AuthenticatedClient:
-        """Authenticate with the one method the request uses.
+    def is_client(self, client_id: object) -> bool:
+        """Whether ``client_id`` names a configured client (only those are logged)."""
+        return isinstance(client_id, str) and client_id in self.clients
 
-        ``audiences`` are the values a client assertion's ``aud`` may name (the
-        endpoint URL, the token endpoint, the issuer). Raises :class:`OAuthError`;
-        its ``client_id`` attribute names the client that was claimed, if any.
+    def credentials(self, authorization: bytes | None, form: Form) -> Credentials:
+        """The one authentication method the request uses, and the client_id it claims.
+
+        Raises :class:`OAuthError`: ``invalid_request`` for a malformed request (two
+        methods), ``invalid_client`` for absent or unreadable credentials.
         """
         used = [
             name
@@ -77,106 +100,85 @@ class ClientAuthenticator:
                 "use exactly one client authentication method, not " + " and ".join(used)
             )
         if not used:
-            raise invalid_client("client authentication is required")
+            raise invalid_client("no_credentials", client_id=form.get("client_id"))
         if used[0] == "client_secret_basic":
             assert authorization is not None
             client_id, secret = parse_basic(authorization)
             if form.get("client_id") not in (None, client_id):
-                raise _claimed(
-                    invalid_client("client_id differs from the Basic credentials", basic=True),
-                    client_id,
-                )
-            return AuthenticatedClient(
-                self._check_secret(client_id, secret, "client_secret_basic"), "client_secret_basic"
-            )
+                raise invalid_client("client_id_mismatch", basic=True, client_id=client_id)
+            return Credentials("client_secret_basic", client_id, True, secret=secret)
         if used[0] == "client_secret_post":
             client_id = form.get("client_id")
             if client_id is None:
                 raise invalid_request("client_id is required with client_secret")
-            return AuthenticatedClient(
-                self._check_secret(
-                    client_id, form.get("client_secret") or "", "client_secret_post"
-                ),
-                "client_secret_post",
+            return Credentials(
+                "client_secret_post", client_id, False, secret=form.get("client_secret") or ""
             )
-        return AuthenticatedClient(await self._check_assertion(form, audiences), "private_key_jwt")
+        return _assertion_credentials(form)
 
-    def _lookup(self, client_id: str, method: AuthMethod, *, basic: bool = False) -> ClientConfig:
-        client = self.clients.get(client_id)
+    async def verify(self, credentials: Credentials, audiences: list[str]) -> AuthenticatedClient:
+        """Check the credentials against the client's configuration.
+
+        ``audiences`` are the values a client assertion's ``aud`` may name (the
+        endpoint URL, the token endpoint, the issuer). Raises ``invalid_client``.
+        """
+        if credentials.method == "private_key_jwt":
+            client = await self._check_assertion(credentials, audiences)
+        else:
+            client = self._lookup(credentials)
+            if not client.secret_matches(credentials.secret):
+                raise _failed("wrong_secret", credentials)
+        return AuthenticatedClient(client, credentials.method)
+
+    def _lookup(self, credentials: Credentials) -> ClientConfig:
+        client = self.clients.get(credentials.client_id)
         if client is None:
-            raise _claimed(invalid_client("unknown client", basic=basic), client_id)
-        if method not in client.auth_methods:
-            raise _claimed(
-                invalid_client(f"the client may not authenticate with {method}", basic=basic),
-                client_id,
-            )
+            raise _failed("unknown_client", credentials)
+        if credentials.method not in client.auth_methods:
+            raise _failed("method_not_allowed", credentials)
         return client
 
-    def _check_secret(self, client_id: str, secret: str, method: AuthMethod) -> ClientConfig:
-        basic = method == "client_secret_basic"
-        client = self._lookup(client_id, method, basic=basic)
-        if not client.secret_matches(secret):
-            raise _claimed(invalid_client("client authentication failed", basic=basic), client_id)
-        return client
-
-    async def _check_assertion(self, form: Form, audiences: list[str]) -> ClientConfig:
-        if form.get("client_assertion_type") != JWT_BEARER:
-            raise invalid_client(f"client_assertion_type must be {JWT_BEARER}")
-        assertion = form.get("client_assertion")
-        if assertion is None:
-            raise invalid_request("client_assertion is required")
-        try:
-            header = jwt.get_unverified_header(assertion)
-            unverified = jwt.decode(assertion, options={"verify_signature": False})
-        except jwt.PyJWTError:
-            raise invalid_client("the client assertion is not a well-formed JWT") from None
-        client_id = unverified.get("sub")
-        if not isinstance(client_id, str) or unverified.get("iss") != client_id:
-            raise invalid_client("the client assertion's iss and sub must both be the client_id")
-        if form.get("client_id") not in (None, client_id):
-            raise _claimed(invalid_client("client_id differs from the client assertion"), client_id)
-        client = self._lookup(client_id, "private_key_jwt")
-        alg, kid = header.get("alg"), header.get("kid")
+    async def _check_assertion(
+        self, credentials: Credentials, audiences: list[str]
+    ) -> ClientConfig:
+        client = self._lookup(credentials)
+        client_id = client.client_id
+        alg = credentials.assertion_header.get("alg")
+        kid = credentials.assertion_header.get("kid")
         key = await self._assertion_key(client, alg, kid)
         if key is None:
-            raise _claimed(
-                invalid_client("no key of the client matches the assertion's kid and alg"),
-                client_id,
-            )
+            raise _failed("assertion_key_unknown", credentials)
         try:
             claims = jwt.decode(
-                assertion,
+                credentials.assertion,
                 key.key,
-                algorithms=[alg],
+                algorithms=[str(alg)],
                 audience=audiences,
                 issuer=client_id,
                 leeway=self.leeway,
                 options={"require": ["exp", "iss", "sub", "aud", "jti"]},
             )
         except jwt.ExpiredSignatureError:
-            raise _claimed(invalid_client("the client assertion has expired"), client_id) from None
+            raise _failed("assertion_expired", credentials) from None
         except jwt.InvalidAudienceError:
-            raise _claimed(
-                invalid_client("the client assertion's aud must be the token endpoint or issuer"),
-                client_id,
-            ) from None
-        except jwt.PyJWTError:
-            raise _claimed(invalid_client("the client assertion is invalid"), client_id) from None
+            raise _failed("assertion_audience", credentials) from None
+        except _DECODE_ERRORS:
+            raise _failed("assertion_invalid", credentials) from None
         exp, jti = claims["exp"], claims["jti"]
+        if not _is_time(exp):
+            raise _failed("assertion_invalid", credentials)
         if exp > self.clock() + MAX_ASSERTION_LIFETIME + self.leeway:
-            raise _claimed(
-                invalid_client("the client assertion's exp is more than one hour ahead"), client_id
-            )
+            raise _failed("assertion_lifetime", credentials)
         if not isinstance(jti, str) or not 0 < len(jti) <= 256:
-            raise _claimed(invalid_client("the client assertion's jti is invalid"), client_id)
+            raise _failed("assertion_jti", credentials)
         if not self.store.remember_assertion(client_id, jti, int(exp) + self.leeway):
-            raise _claimed(invalid_client("the client assertion was already used"), client_id)
+            raise _failed("assertion_replayed", credentials)
         return client
 
     async def _assertion_key(
         self, client: ClientConfig, alg: object, kid: object
     ) -> PublicKey | None:
-        if not isinstance(alg, str):
+        if not isinstance(alg, str) or not (kid is None or isinstance(kid, str)):
             return None
         if client.jwks_uri is None:
             return _select(client.jwks, alg, kid)
@@ -186,7 +188,41 @@ class ClientAuthenticator:
         return key
 
 
-def _select(keys: tuple[PublicKey, ...], alg: str, kid: object) -> PublicKey | None:
+def _assertion_credentials(form: Form) -> Credentials:
+    """private_key_jwt (RFC 7523 2.2): the assertion decoded, not yet verified."""
+    presented = form.get("client_id")
+    if form.get("client_assertion_type") != JWT_BEARER:
+        raise invalid_client("assertion_type", client_id=presented)
+    assertion = form.get("client_assertion")
+    if assertion is None:
+        raise invalid_request("client_assertion is required")
+    try:
+        header = jwt.get_unverified_header(assertion)
+        claims = jwt.decode(assertion, options={"verify_signature": False})
+    except _DECODE_ERRORS:
+        raise invalid_client("assertion_malformed", client_id=presented) from None
+    client_id = claims.get("sub")
+    if not isinstance(client_id, str) or claims.get("iss") != client_id:
+        raise invalid_client("assertion_iss_sub", client_id=presented)
+    if presented not in (None, client_id):
+        raise invalid_client("client_id_mismatch", client_id=client_id)
+    return Credentials(
+        "private_key_jwt",
+        client_id,
+        False,
+        assertion=assertion,
+        assertion_header=header,
+    )
+
+
+def _is_time(value: object) -> bool:
+    """A JSON number usable as a time: not a bool, NaN or infinite (a big int is fine)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _select(keys: tuple[PublicKey, ...], alg: str, kid: str | None) -> PublicKey | None:
     if kid is None:
         candidates = keys if len(keys) == 1 else ()
     else:
@@ -194,16 +230,15 @@ def _select(keys: tuple[PublicKey, ...], alg: str, kid: object) -> PublicKey | N
     return next((k for k in candidates if alg in k.algorithms), None)
 
 
-def _claimed(exc: OAuthError, client_id: str) -> OAuthError:
-    exc.client_id = client_id
-    return exc
+def _failed(detail: str, credentials: Credentials) -> OAuthError:
+    return invalid_client(detail, basic=credentials.basic, client_id=credentials.client_id)
 
 
 def parse_basic(value: bytes) -> tuple[str, str]:
     """RFC 6749 2.3.1: Base64 of form-urlencoded ``client_id:client_secret``."""
     scheme, _, credentials = value.strip().partition(b" ")
     if scheme.lower() != b"basic":
-        raise invalid_client("unsupported Authorization scheme; use Basic", basic=True)
+        raise invalid_client("unsupported_scheme", basic=True)
     try:
         decoded = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
         client_id, sep, secret = decoded.partition(":")
@@ -213,8 +248,8 @@ def parse_basic(value: bytes) -> tuple[str, str]:
             unquote_plus(client_id, errors="strict"),
             unquote_plus(secret, errors="strict"),
         )
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise invalid_client("malformed Basic credentials", basic=True) from None
+    except (binascii.Error, UnicodeError, ValueError):
+        raise invalid_client("malformed_basic", basic=True) from None
 
 
 class ClientKeyFetcher:
@@ -268,10 +303,7 @@ class ClientKeyFetcher:
             log_event(
                 "client_jwks.fetch_failed", client_id=client.client_id, error=type(exc).__name__
             )
-            raise _claimed(
-                invalid_client("the client's keys could not be fetched from its jwks_uri"),
-                client.client_id,
-            ) from None
+            raise invalid_client(JWKS_UNAVAILABLE, client_id=client.client_id) from None
         keys = []
         for raw in raw_keys:
             try:

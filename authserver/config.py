@@ -17,7 +17,9 @@ from tokengate.yamlconf import (
     Fields,
     Listen,
     Node,
+    as_duration,
     as_http_url,
+    as_int,
     as_listen,
     as_name,
     as_seconds,
@@ -38,6 +40,8 @@ AUTH_METHODS: tuple[AuthMethod, ...] = (
     "private_key_jwt",
 )
 GRANT_TYPES = ("client_credentials",)
+IntrospectAccess = Literal["own", "any"]
+INTROSPECT_ACCESS: tuple[IntrospectAccess, ...] = ("own", "any")
 
 # Claims the authorization server sets itself; a client's `claims` cannot override them.
 RESERVED_CLAIMS = frozenset(
@@ -87,12 +91,31 @@ class ClientConfig:
     scopes: tuple[str, ...] | None  # None: every scope of the server
     servers: frozenset[str]
     claims: MappingProxyType[str, Any]
+    introspect: IntrospectAccess = "own"  # "any": every token of its servers (resource servers)
 
     def secret_matches(self, presented: str) -> bool:
         if self.secret_digest is None:
             return False
         digest = hashlib.sha256(presented.encode("utf-8", "surrogateescape")).digest()
         return hmac.compare_digest(digest, self.secret_digest)
+
+
+@dataclass(frozen=True, slots=True)
+class ClientAuthThrottle:
+    """Failed client authentications before a lock, per presented client_id and per IP.
+
+    After ``failures`` (``ip_failures``) free failures, each further failure locks the
+    key for 1 s, doubling up to ``max_lock``; failures are forgotten ``reset_after``
+    the last one. 0 turns that key's throttling off.
+    """
+
+    failures: int = 5
+    ip_failures: int = 20
+    max_lock: float = 300.0
+    reset_after: float = 900.0
+
+
+DEFAULT_CLIENT_AUTH_THROTTLE = ClientAuthThrottle()
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +129,7 @@ class AuthServerConfig:
     servers: tuple[ServerConfig, ...]
     clients: tuple[ClientConfig, ...]
     limits: Limits = DEFAULT_LIMITS
+    client_auth_throttle: ClientAuthThrottle = DEFAULT_CLIENT_AUTH_THROTTLE
 
 
 # --------------------------------------------------------------------------- parsing
@@ -123,6 +147,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "max_body_bytes",
             "clients",
             "limits",
+            "client_auth_throttle",
         ),
     )
     listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
@@ -141,6 +166,10 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         servers=servers,
         clients=clients,
         limits=f.get("limits", as_limits, DEFAULT_LIMITS),
+        client_auth_throttle=f.get(
+            "client_auth_throttle", as_client_auth_throttle, DEFAULT_CLIENT_AUTH_THROTTLE
+        )
+        or DEFAULT_CLIENT_AUTH_THROTTLE,
     )
 
 
@@ -199,6 +228,7 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
             "scopes",
             "servers",
             "claims",
+            "introspect",
         ),
     )
     client_id = c.get("client_id", as_client_id)
@@ -249,6 +279,7 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         scopes=scopes,
         servers=frozenset(server_names or ()),
         claims=MappingProxyType(c.get("claims", as_claims, {}) or {}),
+        introspect=c.get("introspect", one_of(*INTROSPECT_ACCESS), "own") or "own",  # type: ignore[arg-type]
     )
 
 
@@ -270,6 +301,36 @@ def _parse_secret(c: Fields) -> bytes | None:
 
 
 # --------------------------------------------------------------------------- converters
+
+
+def as_client_auth_throttle(node: Node) -> ClientAuthThrottle:
+    f = node.fields(optional=("failures", "ip_failures", "max_lock", "reset_after"))
+    d = DEFAULT_CLIENT_AUTH_THROTTLE
+    failures = f.get("failures", non_negative_int, d.failures)
+    ip_failures = f.get("ip_failures", non_negative_int, d.ip_failures)
+    max_lock = f.get("max_lock", as_duration, d.max_lock) or d.max_lock
+    if max_lock < 1:
+        f.node_at("max_lock").error(f"must be at least 1s, got {f.node_at('max_lock').value!r}")
+        max_lock = d.max_lock
+    # unset: long enough to outlast the longest lock
+    reset_after = f.get("reset_after", as_duration, max(d.reset_after, max_lock)) or max_lock
+    if reset_after < max_lock:
+        f.node_at("reset_after").error(
+            f"must be at least max_lock ({max_lock:g}s), got {reset_after:g}s"
+        )
+    return ClientAuthThrottle(
+        failures=d.failures if failures is None else failures,
+        ip_failures=d.ip_failures if ip_failures is None else ip_failures,
+        max_lock=max_lock,
+        reset_after=reset_after,
+    )
+
+
+def non_negative_int(node: Node) -> int:
+    value = as_int(node)
+    if value < 0:
+        raise ConfigError(node.path, f"must be an integer >= 0, got {value}")
+    return value
 
 
 def as_scope(node: Node) -> str:

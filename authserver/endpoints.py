@@ -7,7 +7,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from authserver.clientauth import AuthenticatedClient, ClientAuthenticator
+from authserver.clientauth import JWKS_UNAVAILABLE, AuthenticatedClient, ClientAuthenticator
 from authserver.config import ServerConfig
 from authserver.errors import (
     NO_STORE,
@@ -15,11 +15,18 @@ from authserver.errors import (
     invalid_request,
     method_not_allowed,
     send_error,
+    throttled,
 )
 from authserver.forms import Form, read_form
-from authserver.grants import GRANT_TYPE, client_credentials, requested_scopes
+from authserver.grants import (
+    GRANT_TYPE,
+    KNOWN_GRANT_TYPES,
+    client_credentials,
+    requested_scopes,
+)
 from authserver.keyring import KeyRing
 from authserver.store import Store
+from authserver.throttle import AuthThrottle
 from authserver.tokens import TokenVerifier, access_token_claims, new_jti
 from tokengate.asgi import (
     JSON_TYPE,
@@ -42,6 +49,7 @@ class Endpoints:
         *,
         keyring: KeyRing,
         authenticator: ClientAuthenticator,
+        throttle: AuthThrottle,
         verifier: TokenVerifier,
         store: Store,
         audit: AuditLog,
@@ -53,6 +61,7 @@ class Endpoints:
         self.keyring = keyring
         self.metrics = metrics
         self.authenticator = authenticator
+        self.throttle = throttle
         self.verifier = verifier
         self.store = store
         self.audit = audit
@@ -66,14 +75,17 @@ class Endpoints:
         event = _event(server, scope)
         try:
             form = await self._form(scope, receive)
-            grant_type = event["grant_type"] = form.get("grant_type")
-            event["scopes"] = list(_audit_scopes(form))
+            grant_type = form.get("grant_type")
+            event["grant_type"] = grant_type if grant_type in KNOWN_GRANT_TYPES else None
             if grant_type is None:
                 raise invalid_request("grant_type is required")
             if grant_type != GRANT_TYPE:
                 raise OAuthError("unsupported_grant_type", f"only {GRANT_TYPE} is supported")
             authn = await self._authenticate(scope, form, server, server.token_endpoint, event)
-            request = client_credentials(server, authn.client, form)
+            # only now, for an authenticated client: parse what it asks for
+            requested = requested_scopes(form)
+            event["scopes"] = list(requested or ())
+            request = client_credentials(server, authn.client, requested, form.all("resource"))
         except OAuthError as exc:
             self._emit_error("token.denied", event, exc, outcome="denied")
             self.metrics.token_errors.labels(server.name, exc.error).inc()
@@ -104,19 +116,28 @@ class Endpoints:
         event = _event(server, scope)
         try:
             form = await self._form(scope, receive)
-            await self._authenticate(scope, form, server, server.introspection_endpoint, event)
+            authn = await self._authenticate(
+                scope, form, server, server.introspection_endpoint, event
+            )
             token = _required(form, "token")
         except OAuthError as exc:
             self._emit_error("token.introspected", event, exc)
             await send_error(send, exc)
             return
         claims, reason = self._verify(server, token)
+        jti = claims["jti"] if claims else None
+        if (
+            claims is not None
+            and authn.client.introspect == "own"
+            and claims.get("client_id") != authn.client.client_id
+        ):
+            claims, reason = None, "not_permitted"  # another client's token: not this caller's
         if claims is None:
             document: dict[str, Any] = {"active": False}
         else:
             document = {"active": True, **claims, "token_type": "Bearer"}
         event.update(
-            jti=claims["jti"] if claims else None,
+            jti=jti,
             scopes=_scopes_of(claims),
             outcome="active" if claims else "inactive",
             reason=reason,
@@ -195,18 +216,42 @@ class Endpoints:
         endpoint: str,
         event: dict[str, Any],
     ) -> AuthenticatedClient:
+        """Authenticate the client, throttled per presented client_id and per address."""
         if header_count(scope, b"authorization") > 1:
             raise invalid_request("more than one Authorization header")
+        ip = remote_addr(scope)
         audiences = list(dict.fromkeys([endpoint, server.token_endpoint, server.issuer]))
-        authn = await self.authenticator.authenticate(
-            header(scope, b"authorization"), form, audiences
-        )
+        presented: str | None = None
+        try:
+            try:
+                credentials = self.authenticator.credentials(header(scope, b"authorization"), form)
+            except OAuthError:
+                self._check_throttle(server, None, ip)  # a locked address: 429, whatever it sent
+                raise
+            presented = credentials.client_id
+            self._check_throttle(server, presented, ip)  # before the credentials are checked
+            authn = await self.authenticator.verify(credentials, audiences)
+        except OAuthError as exc:
+            presented = presented or exc.client_id
+            if self.authenticator.is_client(presented):
+                event["client_id"] = presented
+            if exc.error == "invalid_client" and exc.detail != JWKS_UNAVAILABLE:
+                self.throttle.failed(presented, ip)
+                self.metrics.client_auth_failures.labels(server.name, "failed").inc()
+            raise
+        self.throttle.succeeded(authn.client.client_id)
         event["client_id"] = authn.client.client_id
         if server.name not in authn.client.servers:
             raise OAuthError(
                 "unauthorized_client", f"the client may not use authorization server {server.name}"
             )
         return authn
+
+    def _check_throttle(self, server: ServerConfig, client_id: str | None, ip: str | None) -> None:
+        retry_after = self.throttle.retry_after(client_id, ip)
+        if retry_after is not None:
+            self.metrics.client_auth_failures.labels(server.name, "throttled").inc()
+            raise throttled(retry_after)
 
     def _verify(self, server: ServerConfig, token: str) -> tuple[dict[str, Any] | None, str]:
         claims = self.verifier.verify(token, server, self.keyring.current(server.name))
@@ -219,11 +264,16 @@ class Endpoints:
     def _emit_error(
         self, name: str, event: dict[str, Any], exc: OAuthError, *, outcome: str = "error"
     ) -> None:
-        event.setdefault("scopes", [])
-        event.update(
-            client_id=event["client_id"] or exc.client_id, outcome=outcome, reason=exc.error
-        )
+        event.update(outcome=outcome, reason=exc.reason, detail=exc.detail)
         self.audit.emit(name, **event)
+
+    def internal_error(self, name: str, server: ServerConfig, scope: Scope) -> None:
+        """The audit line (and metric) of a request whose handler failed unexpectedly."""
+        event = _event(server, scope)
+        event.update(outcome="error", reason="internal_error")
+        self.audit.emit(name, **event)
+        if name == "token.denied":
+            self.metrics.token_errors.labels(server.name, "server_error").inc()
 
 
 def _event(server: ServerConfig, scope: Scope) -> dict[str, Any]:
@@ -235,6 +285,7 @@ def _event(server: ServerConfig, scope: Scope) -> dict[str, Any]:
         "scopes": [],
         "jti": None,
         "remote_addr": remote_addr(scope),
+        "detail": None,  # why client authentication failed, as a fixed code
     }
 
 
@@ -248,13 +299,6 @@ def _required(form: Form, name: str) -> str:
 def _scopes_of(claims: dict[str, Any] | None) -> list[str]:
     scope = claims.get("scope") if claims else None
     return scope.split() if isinstance(scope, str) else []
-
-
-def _audit_scopes(form: Form) -> tuple[str, ...]:
-    try:
-        return requested_scopes(form) or ()
-    except OAuthError:
-        return ()
 
 
 async def _send_document(

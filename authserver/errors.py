@@ -26,17 +26,49 @@ class OAuthError(Exception):
         self.description = _NOT_DESCRIPTION_CHARS.sub("?", description)
         self.status = status
         self.headers = headers or []
-        self.client_id: str | None = None  # the client that was claimed, for the audit line
+        self.client_id: str | None = None  # the client_id presented, unverified
+        self.reason = error  # the audit line's reason
+        self.detail: str | None = None  # a machine code for the audit line only, never sent
 
 
 def invalid_request(description: str, status: int = 400) -> OAuthError:
     return OAuthError("invalid_request", description, status)
 
 
-def invalid_client(description: str, *, basic: bool = False) -> OAuthError:
-    """401; a client that tried HTTP Basic gets the matching challenge (RFC 6749 5.2)."""
+# One answer for every failed client authentication: whether the client exists, which
+# methods it may use and what was wrong go to the audit line's detail, never the client.
+CLIENT_AUTH_FAILED = "client authentication failed"
+
+
+def invalid_client(detail: str, *, basic: bool = False, client_id: str | None = None) -> OAuthError:
+    """401; a client that tried HTTP Basic gets the matching challenge (RFC 6749 5.2).
+
+    ``detail`` is a fixed machine code (``unknown_client``, ``wrong_secret``, ...);
+    ``client_id`` the id the request presented, if any.
+    """
     challenge = [(b"www-authenticate", b'Basic realm="tokengate"')] if basic else []
-    return OAuthError("invalid_client", description, 401, challenge)
+    exc = OAuthError("invalid_client", CLIENT_AUTH_FAILED, 401, challenge)
+    exc.detail = detail
+    exc.client_id = client_id
+    return exc
+
+
+def throttled(retry_after: int) -> OAuthError:
+    """429 while a client_id or an address is locked after failed authentications."""
+    exc = OAuthError(
+        "temporarily_unavailable",
+        "too many failed client authentications; retry later",
+        429,
+        [(b"retry-after", str(retry_after).encode())],
+    )
+    exc.reason = "throttled"
+    return exc
+
+
+def server_error() -> OAuthError:
+    exc = OAuthError("server_error", "internal error", 500)
+    exc.reason = "internal_error"
+    return exc
 
 
 def method_not_allowed(allow: str) -> OAuthError:

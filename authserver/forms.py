@@ -9,6 +9,20 @@ from tokengate.asgi import BodyTooLarge, Receive, Scope, header, read_body
 
 # Parameters that may legitimately repeat (RFC 8707 section 2).
 REPEATABLE = frozenset({"resource"})
+# Parameters an error description may name; any other name is client input, not echoed.
+KNOWN_PARAMETERS = frozenset(
+    {
+        "grant_type",
+        "scope",
+        "client_id",
+        "client_secret",
+        "client_assertion",
+        "client_assertion_type",
+        "token",
+        "token_type_hint",
+        "audience",
+    }
+)
 
 
 class Form:
@@ -40,7 +54,8 @@ def parse_form(body: bytes) -> Form:
             repeated.setdefault(name, []).append(value)
             values.setdefault(name, value)
         elif name in values:
-            raise invalid_request(f"parameter {name} is repeated")
+            shown = f"parameter {name}" if name in KNOWN_PARAMETERS else "a parameter"
+            raise invalid_request(f"{shown} is repeated")
         else:
             values[name] = value
     return Form(values, repeated)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import secrets
 import time
 from collections.abc import Callable
@@ -37,7 +38,12 @@ def access_token_claims(request: TokenRequest, now: int, jti: str) -> dict[str, 
 
 
 class TokenVerifier:
-    """Verifies tokens this authorization server issued; None for anything else."""
+    """Verifies tokens this authorization server issued; None for anything else.
+
+    RFC 7662: a token is inactive from its ``exp`` on and before its ``nbf``, with no
+    leeway (the server judges its own tokens by its own clock); ``iat`` may be up to
+    ``leeway`` ahead, for replicas whose clocks differ a little.
+    """
 
     def __init__(self, *, leeway: int, clock: Callable[[], float] = time.time) -> None:
         self.leeway = leeway
@@ -46,7 +52,7 @@ class TokenVerifier:
     def verify(self, token: str, server: ServerConfig, keys: KeySet) -> dict[str, Any] | None:
         try:
             header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+        except _DECODE_ERRORS:
             return None
         kid = header.get("kid")
         key = keys.published.get(kid) if isinstance(kid, str) else None
@@ -66,12 +72,23 @@ class TokenVerifier:
                     "verify_nbf": False,
                 },
             )
-        except jwt.PyJWTError:
+        except _DECODE_ERRORS:
             return None
         now = self.clock()
-        exp, iat = claims.get("exp"), claims.get("iat")
-        if not isinstance(exp, int | float) or not isinstance(iat, int | float):
+        exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf", now)
+        if not all(_is_time(t) for t in (exp, iat, nbf)) or not isinstance(claims["jti"], str):
             return None
-        if exp <= now - self.leeway or iat > now + self.leeway:
+        if exp <= now or nbf > now or iat > now + self.leeway:
             return None
         return claims
+
+
+# Decoding untrusted JSON may fail past PyJWT's own errors: nesting too deep, odd types.
+_DECODE_ERRORS = (jwt.PyJWTError, ValueError, TypeError, ArithmeticError, RecursionError)
+
+
+def _is_time(value: object) -> bool:
+    """A JSON number usable as a time: not a bool, NaN or infinite (a big int is fine)."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)

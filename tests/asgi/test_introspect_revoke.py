@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -17,6 +18,16 @@ INTROSPECT = f"{ISSUER}/v1/introspect"
 REVOKE = f"{ISSUER}/v1/revoke"
 REPORTING = ("reporting", REPORTING_SECRET)
 ADMIN = ("admin", ADMIN_SECRET)
+
+
+def admin_introspects_any(data: dict[str, Any]) -> None:
+    """admin plays a resource server: it may introspect every client's tokens."""
+    data["authserver"]["clients"][1]["introspect"] = "any"
+
+
+@pytest.fixture
+def authserver(make_authserver: Callable[..., AuthServer]) -> AuthServer:
+    return make_authserver(admin_introspects_any)
 
 
 async def issue(http: httpx.AsyncClient, auth: tuple[str, str], issuer: str = ISSUER) -> str:
@@ -166,3 +177,123 @@ async def test_revocations_are_kept_until_exp_then_purged(authserver: AuthServer
     assert store.is_revoked(jti)
     assert store.purge(now + 3601) == 1
     assert not store.is_revoked(jti)
+
+
+# --------------------------------------------------------------------------- who may introspect
+
+
+async def test_by_default_a_client_introspects_only_its_own_tokens(
+    make_authserver: Callable[..., AuthServer],
+) -> None:
+    server = make_authserver()  # no client has introspect: any
+    async with server.client() as http:
+        reporting_token = await issue(http, REPORTING)
+        admin_token = await issue(http, ADMIN)
+        own = await introspect(http, reporting_token, auth=REPORTING)
+        others = await introspect(http, admin_token, auth=REPORTING)
+        others_too = await introspect(http, reporting_token, auth=ADMIN)
+    assert own["active"] is True and own["client_id"] == "reporting"
+    assert others == others_too == {"active": False}
+    lines = [x for x in server.audit_lines() if x["event"] == "token.introspected"]
+    admin_jti = jwt.decode(admin_token, options={"verify_signature": False})["jti"]
+    assert [(x["client_id"], x["outcome"], x["reason"]) for x in lines] == [
+        ("reporting", "active", "ok"),
+        ("reporting", "inactive", "not_permitted"),
+        ("admin", "inactive", "not_permitted"),
+    ]
+    assert lines[1]["jti"] == admin_jti  # which token was asked about, for the security team
+    assert lines[1]["scopes"] == []
+
+
+async def test_introspect_any_reads_every_token_of_its_servers(
+    make_authserver: Callable[..., AuthServer],
+) -> None:
+    def reporting_is_a_resource_server(data: dict[str, Any]) -> None:
+        data["authserver"]["clients"][0]["introspect"] = "any"
+
+    server = make_authserver(reporting_is_a_resource_server)
+    async with server.client() as http:
+        admin_token = await issue(http, ADMIN)
+        document = await introspect(http, admin_token, auth=REPORTING)
+        # not at a server the client may not use
+        partners = await http.post(
+            "http://auth.test/oauth2/partners/v1/introspect",
+            data={"token": await issue(http, ADMIN, "http://auth.test/oauth2/partners")},
+            auth=REPORTING,
+        )
+    assert document["active"] is True and document["client_id"] == "admin"
+    assert_oauth_error(partners, 400, "unauthorized_client")
+
+
+# --------------------------------------------------------------------------- exp and nbf, no leeway
+
+
+@pytest.mark.parametrize(
+    ("after_issue", "active"),
+    [(3599, True), (3600, False), (3601.5, False)],
+    ids=["before-exp", "at-exp", "1.5s-past-exp"],
+)
+async def test_a_token_is_inactive_from_its_exp_on(
+    authserver: AuthServer, after_issue: float, active: bool
+) -> None:
+    async with authserver.client() as http:
+        token = await issue(http, REPORTING)
+        authserver.clock.advance(after_issue)
+        document = await introspect(http, token)
+    assert document["active"] is active
+    assert authserver.audit_lines()[-1]["reason"] == ("ok" if active else "token_invalid")
+
+
+def own_token(server: AuthServer, **claims: Any) -> str:
+    """A token signed with the server's own current key, with the given claims."""
+    now = int(server.clock.now)
+    base = {
+        "iss": ISSUER,
+        "sub": "reporting",
+        "aud": "api://default",
+        "exp": now + 600,
+        "iat": now,
+        "jti": "jti-" + str(len(claims)),
+        "client_id": "reporting",
+        "scope": "orders:read",
+    }
+    base.update(claims)
+    return server.services.keyring.current("default").signer.sign(base)
+
+
+async def test_a_token_is_inactive_before_its_nbf(authserver: AuthServer) -> None:
+    token = own_token(authserver, nbf=int(authserver.clock.now) + 60)
+    async with authserver.client() as http:
+        before = await introspect(http, token)
+        authserver.clock.advance(60)
+        after = await introspect(http, token)
+    assert before == {"active": False}
+    assert after["active"] is True and after["nbf"] == int(authserver.clock.now)
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"exp": "2099-01-01"},
+        {"exp": True},
+        {"exp": float("nan")},
+        {"exp": float("inf")},
+        {"iat": [1]},
+        {"nbf": {"at": 1}},
+        {"nbf": "0"},
+        {"jti": ["a"]},
+        {"aud": 7},
+        {"iss": [ISSUER]},
+    ],
+    ids=lambda c: "-".join(f"{k}={v!r}" for k, v in c.items()),
+)
+async def test_own_tokens_with_odd_claims_are_inactive(
+    authserver: AuthServer, claims: dict[str, Any]
+) -> None:
+    async with authserver.client() as http:
+        assert await introspect(http, own_token(authserver, **claims)) == {"active": False}
+        revoke = await http.post(
+            REVOKE, data={"token": own_token(authserver, **claims)}, auth=REPORTING
+        )
+    assert revoke.status_code == 200
+    assert authserver.audit_lines()[-1]["outcome"] == "ignored"

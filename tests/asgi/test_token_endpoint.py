@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import base64
+import itertools
+import string
 import time
 import uuid
 from typing import Any
-from urllib.parse import quote_plus
+from urllib.parse import quote_plus, urlencode
 
 import httpx
 import jwt
@@ -434,6 +436,17 @@ def assert_oauth_error(
     assert response.headers.get("www-authenticate") == challenge
 
 
+CLIENT_AUTH_FAILED = (
+    b'{"error":"invalid_client","error_description":"client authentication failed"}'
+)
+
+
+def assert_client_auth_failed(response: httpx.Response, challenge: str | None = None) -> None:
+    """Every failed client authentication gets these very bytes, whatever the cause."""
+    assert_oauth_error(response, 401, "invalid_client", challenge)
+    assert response.content == CLIENT_AUTH_FAILED
+
+
 @pytest.mark.parametrize(
     ("method", "headers", "body", "status", "error", "challenge"),
     [case[1:] for case in ERROR_CASES],
@@ -451,6 +464,8 @@ async def test_token_errors(
     async with authserver.client() as http:
         response = await http.request(method, TOKEN_URL, headers=headers, content=body)
     assert_oauth_error(response, status, error, challenge)
+    if error == "invalid_client":
+        assert_client_auth_failed(response, challenge)
     if status == 405:
         assert response.headers["allow"] == "POST"
     lines = authserver.audit_lines()
@@ -565,10 +580,10 @@ async def test_replayed_assertion_is_refused(authserver: AuthServer, billing_key
     token = assertion(billing_key[0])
     assert_token_response(await post_assertion(authserver, token))
     replay = await post_assertion(authserver, token)
-    assert_oauth_error(replay, 401, "invalid_client")
-    assert "already used" in replay.json()["error_description"]
-    events = [line["event"] for line in authserver.audit_lines()]
-    assert events == ["token.issued", "token.denied"]
+    assert_client_auth_failed(replay)
+    lines = authserver.audit_lines()
+    assert [line["event"] for line in lines] == ["token.issued", "token.denied"]
+    assert (lines[1]["client_id"], lines[1]["detail"]) == ("billing", "assertion_replayed")
     assert token not in authserver.audit_path.read_text()  # never log an assertion
 
 
@@ -577,27 +592,28 @@ def _other_key() -> Any:
 
 
 ASSERTION_ERRORS = [
-    ("exp-over-an-hour", {"exp": int(time.time()) + 3700 + 31}, "one hour"),
-    ("expired", {"exp": int(time.time()) - 120}, "expired"),
-    ("no-exp", {"exp": None}, "invalid"),
-    ("no-jti", {"jti": None}, "invalid"),
-    ("wrong-aud", {"aud": "https://elsewhere/token"}, "aud"),
-    ("iss-not-sub", {"iss": "someone"}, "iss and sub"),
-    ("unknown-client", {"iss": "ghost", "sub": "ghost"}, "unknown client"),
-    ("secret-client", {"iss": "reporting", "sub": "reporting"}, "private_key_jwt"),
-    ("unknown-kid", {"_kid": "other"}, "no key"),
-    ("wrong-alg-for-key", {"_alg": "HS256"}, "no key"),
-    ("signed-by-another-key", {"_key": "other"}, "invalid"),
+    # id, overrides, the audit line's detail (the response is always the same)
+    ("exp-over-an-hour", {"exp": int(time.time()) + 3700 + 31}, "assertion_lifetime"),
+    ("expired", {"exp": int(time.time()) - 120}, "assertion_expired"),
+    ("no-exp", {"exp": None}, "assertion_invalid"),
+    ("no-jti", {"jti": None}, "assertion_invalid"),
+    ("wrong-aud", {"aud": "https://elsewhere/token"}, "assertion_audience"),
+    ("iss-not-sub", {"iss": "someone"}, "assertion_iss_sub"),
+    ("unknown-client", {"iss": "ghost", "sub": "ghost"}, "unknown_client"),
+    ("secret-client", {"iss": "reporting", "sub": "reporting"}, "method_not_allowed"),
+    ("unknown-kid", {"_kid": "other"}, "assertion_key_unknown"),
+    ("wrong-alg-for-key", {"_alg": "HS256"}, "assertion_key_unknown"),
+    ("signed-by-another-key", {"_key": "other"}, "assertion_invalid"),
 ]
 
 
 @pytest.mark.parametrize(
-    ("overrides", "fragment"),
+    ("overrides", "detail"),
     [c[1:] for c in ASSERTION_ERRORS],
     ids=[c[0] for c in ASSERTION_ERRORS],
 )
 async def test_bad_assertions_are_invalid_client(
-    authserver: AuthServer, billing_key: Any, overrides: dict[str, Any], fragment: str
+    authserver: AuthServer, billing_key: Any, overrides: dict[str, Any], detail: str
 ) -> None:
     overrides = dict(overrides)
     kid = overrides.pop("_kid", "billing-1")
@@ -606,9 +622,10 @@ async def test_bad_assertions_are_invalid_client(
     if alg == "HS256":
         key = "a-shared-secret-that-is-long-enough-for-hs256"
     response = await post_assertion(authserver, assertion(key, kid=kid, alg=alg, **overrides))
-    assert_oauth_error(response, 401, "invalid_client")
-    assert fragment in response.json()["error_description"]
-    assert [line["event"] for line in authserver.audit_lines()] == ["token.denied"]
+    assert_client_auth_failed(response)
+    lines = authserver.audit_lines()
+    assert [line["event"] for line in lines] == ["token.denied"]
+    assert (lines[0]["reason"], lines[0]["detail"]) == ("invalid_client", detail)
 
 
 def use_jwks_uri(data: dict[str, Any]) -> None:
@@ -645,6 +662,96 @@ async def test_jwks_uri_failure_is_invalid_client(make_authserver: Any, billing_
     http = httpx.AsyncClient(transport=httpx.MockTransport(handler))
     server = make_authserver(use_jwks_uri, http=http)
     response = await post_assertion(server, assertion(billing_key[0]))
-    assert_oauth_error(response, 401, "invalid_client")
-    assert "jwks_uri" in response.json()["error_description"]
+    assert_client_auth_failed(response)
+    assert server.audit_lines()[-1]["detail"] == "jwks_unavailable"
     await http.aclose()
+
+
+# --------------------------------------------------------------------------- bounded input
+
+
+def scope_flood(count: int = 16384) -> str:
+    """``count`` distinct short scope tokens, about 62 KB: under the 64 KiB body limit."""
+    alphabet = string.ascii_letters + string.digits
+    two = ["".join(p) for p in itertools.product(alphabet, repeat=2)]
+    three = ("".join(p) for p in itertools.product(alphabet, repeat=3))
+    return " ".join(two + list(itertools.islice(three, count - len(two))))
+
+
+async def timed_post(server: AuthServer, **kwargs: Any) -> tuple[httpx.Response, float]:
+    async with server.client() as http:
+        started = time.perf_counter()
+        response = await http.post(TOKEN_URL, **kwargs)
+        return response, time.perf_counter() - started
+
+
+@pytest.mark.parametrize(
+    ("auth", "status", "error"),
+    [
+        (("nobody", "wrong"), 401, "invalid_client"),
+        (("reporting", REPORTING_SECRET), 400, "invalid_scope"),
+    ],
+    ids=["unknown-client", "valid-client"],
+)
+async def test_a_scope_flood_is_cheap(
+    authserver: AuthServer, auth: tuple[str, str], status: int, error: str
+) -> None:
+    flood = scope_flood()
+    data = {"grant_type": "client_credentials", "scope": flood}
+    assert len(urlencode(data)) < 65536
+    response, seconds = await timed_post(authserver, data=data, auth=auth)
+    assert_oauth_error(response, status, error, BASIC_CHALLENGE if status == 401 else None)
+    assert seconds < 0.5
+    assert len(response.json()["error_description"]) <= 100
+    line = authserver.audit_lines()[-1]
+    assert line["scopes"] == []  # what was asked is parsed only for an authenticated client
+    if status == 400:
+        assert response.json()["error_description"] == "more than 100 scopes requested"
+
+
+async def test_a_hundred_scopes_pass_and_a_long_one_does_not(make_authserver: Any) -> None:
+    many = [f"s{i}" for i in range(100)]
+
+    def offer_many(data: dict[str, Any]) -> None:
+        data["authserver"]["servers"][0]["scopes"] += many
+
+    server = make_authserver(offer_many)
+    ok, _ = await timed_post(
+        server,
+        data={"grant_type": "client_credentials", "scope": " ".join([*many, *many])},
+        auth=("admin", ADMIN_SECRET),
+    )
+    assert assert_token_response(ok)["scope"] == " ".join(many)
+    long, seconds = await timed_post(
+        server,
+        data={"grant_type": "client_credentials", "scope": "a" * 60000},
+        auth=("admin", ADMIN_SECRET),
+    )
+    assert_oauth_error(long, 400, "invalid_scope")
+    assert long.json()["error_description"] == "a scope is longer than 256 characters"
+    assert seconds < 0.5
+
+
+async def test_refused_scopes_are_not_echoed_at_length(authserver: AuthServer) -> None:
+    refused = " ".join(f"{i:03d}" + "x" * 252 for i in range(100))  # 100 scopes of 255
+    response, _ = await timed_post(
+        authserver,
+        data={"grant_type": "client_credentials", "scope": refused},
+        auth=("reporting", REPORTING_SECRET),
+    )
+    assert_oauth_error(response, 400, "invalid_scope")
+    description = response.json()["error_description"]
+    assert description == "scope not allowed: 000" + "x" * 61 + "... and 99 more"
+    assert len(authserver.audit_lines()[-1]["scopes"]) == 100  # logged once authenticated
+
+
+async def test_a_repeated_parameter_is_named_only_when_known(authserver: AuthServer) -> None:
+    name = "p" * 30000
+    async with authserver.client() as http:
+        unknown = await http.post(
+            TOKEN_URL, content=f"{name}=1&{name}=2".encode(), headers=GOOD_BASIC
+        )
+        known = await http.post(TOKEN_URL, content=CC + b"&scope=a&scope=b", headers=GOOD_BASIC)
+    assert_oauth_error(unknown, 400, "invalid_request")
+    assert unknown.json()["error_description"] == "a parameter is repeated"
+    assert known.json()["error_description"] == "parameter scope is repeated"

@@ -96,7 +96,7 @@ def e2e_config(data_dir: Path, port: int, **authserver: Any) -> dict[str, Any]:
             ],
             "clients": [
                 {"client_id": "reporting", "secret": REPORTING_SECRET, "scopes": ["orders:read"]},
-                {"client_id": "admin", "secret": ADMIN_SECRET},
+                {"client_id": "admin", "secret": ADMIN_SECRET, "introspect": "any"},
             ],
             **authserver,
         }
