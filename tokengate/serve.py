@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import functools
 import gc
 import multiprocessing
 import multiprocessing.connection
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -32,7 +35,9 @@ from prometheus_client.multiprocess import mark_process_dead
 from tokengate.admin import AdminApp, NotReady
 from tokengate.asgi import ASGIApp
 from tokengate.config import Config, load_config
+from tokengate.httpserver import GuardedProtocol
 from tokengate.jsonlog import AuditLog, LineSink, configure_logging, log_event
+from tokengate.limits import DEFAULT_LIMITS, Limits
 from tokengate.metrics import MULTIPROC_ENV, Metrics
 from tokengate.reload import Apply, ConfigWatcher
 from tokengate.yamlconf import ConfigErrors, Listen
@@ -41,6 +46,8 @@ GC_THRESHOLD = 20_000  # allocations between young-generation collections (defau
 DRAIN_TIMEOUT = 30  # seconds in-flight requests get after SIGTERM
 STARTUP_FAILURE = 3
 EARLY_EXIT_WINDOW = 10  # a worker exiting with an error this soon failed to start
+FD_RESERVE = 256  # descriptors kept for files, the store, JWKS fetches and the like
+REPORT_EVERY = 10.0  # seconds between stderr reports of one listener's refusals
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +67,66 @@ def listeners(config: Config, only: str | None) -> list[Listener]:
     if config.echo is not None and only is None:
         out.append(Listener("echo", config.echo.listen))
     return out
+
+
+def listener_limits(config: Config, name: str) -> Limits:
+    section = {"authserver": config.authserver, "gateway": config.gateway, "admin": config.admin}
+    return getattr(section.get(name), "limits", DEFAULT_LIMITS)
+
+
+def descriptors_needed(config: Config, names: list[str]) -> int:
+    """File descriptors every listener at its connection cap would hold: a gateway
+    connection also holds one to its upstream."""
+    caps = (
+        listener_limits(config, n).max_connections * (2 if n == "gateway" else 1) for n in names
+    )
+    return sum(caps) + FD_RESERVE
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open-file limit to the hard limit; the soft limit in effect."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft if soft != resource.RLIM_INFINITY else target
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError):
+        return soft
+    return target
+
+
+def fitted_limits(config: Config, names: list[str], fd_limit: int) -> dict[str, Limits]:
+    """Each listener's limits, connection caps scaled down to what ``fd_limit`` allows,
+    so that a flood is answered 503 instead of failing at the descriptor limit."""
+    limits = {name: listener_limits(config, name) for name in names}
+    needed = descriptors_needed(config, names) - FD_RESERVE
+    room = fd_limit - FD_RESERVE
+    if needed <= room:
+        return limits
+    return {
+        name: dataclasses.replace(lim, max_connections=max(1, lim.max_connections * room // needed))
+        for name, lim in limits.items()
+    }
+
+
+class RefusalReporter:
+    """Counts a listener's refusals, and says so on stderr at most every REPORT_EVERY s."""
+
+    def __init__(self, listener: str, metrics: Metrics) -> None:
+        self.listener = listener
+        self.metrics = metrics
+        self.last = -REPORT_EVERY
+        self.unreported: dict[str, int] = {}
+
+    def __call__(self, reason: str) -> None:
+        self.metrics.listener_refusals.labels(self.listener, reason).inc()
+        self.unreported[reason] = self.unreported.get(reason, 0) + 1
+        now = time.monotonic()
+        if now - self.last >= REPORT_EVERY:
+            self.last = now
+            counts, self.unreported = self.unreported, {}
+            log_event("listener.refused", listener=self.listener, counts=counts)
 
 
 def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], AuditLog, Metrics]:
@@ -137,11 +204,16 @@ async def serve_all(
 ) -> None:
     configure_logging()
     apps, audit, metrics = build_apps(config, list(sockets))
+    limits = fitted_limits(config, list(sockets), raise_fd_limit())
     servers = []
     for name, sock in sockets.items():
+        protocol = functools.partial(
+            GuardedProtocol, limits=limits[name], on_refusal=RefusalReporter(name, metrics)
+        )
         uv_config = uvicorn.Config(
             apps[name],
-            http="httptools",
+            http=protocol,  # type: ignore[arg-type]
+            ws="none",
             lifespan="on",
             access_log=False,
             log_config=None,
@@ -213,6 +285,10 @@ def run(config_path: Path, config: Config, *, workers: int = 1, only: str | None
     if not plan:
         print(f"nothing to serve: the config has no {only or 'listener'} section", file=sys.stderr)
         return 2
+    fd_limit = raise_fd_limit()  # workers inherit it
+    needed = descriptors_needed(config, [item.name for item in plan])
+    if needed > fd_limit:
+        log_event("limits.fd_limit_low", fd_limit=fd_limit, needed=needed, scaled_down=True)
     try:
         sockets = {item.name: bind(item.listen) for item in plan}
     except OSError as exc:

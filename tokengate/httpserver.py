@@ -1,0 +1,377 @@
+"""The HTTP/1.1 server side of every listener: uvicorn's httptools protocol, bounded.
+
+uvicorn's protocol parses with llhttp (through httptools) but bounds neither the
+bytes nor the time of a request head, lets chunked-body trailers join the request
+headers, and takes whatever ``Host`` it is given. :class:`GuardedProtocol` keeps
+its request/response cycle and adds what a listener facing the network needs:
+
+- **Head size.** Request line and headers (trailers too) may take at most
+  ``max_header_bytes``; past it, 431 and close. While a head is incomplete only whole
+  lines are handed to the parser, so httptools never concatenates a header piece by
+  piece (quadratic in a header that arrives a byte at a time).
+- **Head time.** A request head must arrive whole within ``header_timeout`` of the
+  connection opening (or of its first byte, on a kept-alive connection): 408 and
+  close, or just close when nothing was sent.
+- **Body time.** A request body that stalls for ``body_idle_timeout`` (the client's
+  own stall, not ours: time while reading is paused for backpressure or a
+  ``100 Continue`` is owed does not count) ends the request: 408 if no response has
+  started, and close. The app sees a disconnect, and the scope's extension
+  ``tokengate.body_timeout`` says why.
+- **Connections.** Beyond ``max_connections`` open connections, a new one is
+  answered 503 at once and closed.
+- **One host.** A second ``Host`` is 400; so is an HTTP/1.1 request without one, or
+  one whose value is not a host. An absolute-form target's authority replaces
+  ``Host`` (RFC 9112 section 3.2.2), so every app sees the host the request names.
+- **Trailers** are read and dropped: they never become headers.
+- **Upgrades** are not served: a body-less ``Upgrade`` request (an ``h2c`` or
+  WebSocket probe) is answered as plain HTTP/1.1 and the connection closed after
+  it; one that declares a body is 400 (llhttp would leave its body unread).
+
+Every refusal is reported through ``on_refusal(reason)`` with one of
+:data:`REFUSAL_REASONS`; none is logged per request (an attacker would choose the
+log volume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Callable
+from typing import Any
+
+import httptools
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from tokengate.asgi import json_bytes
+from tokengate.limits import Limits
+
+REFUSAL_REASONS = (
+    "header_too_large",
+    "header_timeout",
+    "body_timeout",
+    "too_many_connections",
+    "bad_request",
+)
+LINGER = 2.0  # seconds a refused connection's late request bytes are read and dropped
+CHUNK_OVERHEAD = 64  # framing bytes allowed per chunk (size line, CRLFs) beyond the limit
+BODY_TIMEOUT_EXTENSION = "tokengate.body_timeout"
+
+# RFC 3986 host: an IP literal or a reg-name (percent-encoding allowed), then a port.
+_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_REASON_PHRASES = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+    503: b"Service Unavailable",
+}
+
+
+def error_response(status: int, error: str, description: str, *extra: bytes) -> bytes:
+    """A whole HTTP/1.1 response that closes the connection, with a JSON error body."""
+    body = json_bytes({"error": error, "error_description": description})
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %b\r\n" % (status, _REASON_PHRASES[status]),
+            b"content-type: application/json\r\n",
+            b"cache-control: no-store\r\n",
+            *extra,
+            b"connection: close\r\n",
+            b"content-length: %d\r\n\r\n" % len(body),
+            body,
+        ]
+    )
+
+
+BAD_REQUEST = error_response(400, "invalid_request", "the request is not valid HTTP/1.1")
+TOO_LARGE = error_response(431, "invalid_request", "the request header fields are too large")
+HEAD_TIMEOUT = error_response(408, "invalid_request", "the request head took too long")
+BODY_TIMEOUT = error_response(408, "invalid_request", "the request body stalled")
+TOO_MANY = error_response(
+    503, "temporarily_unavailable", "too many connections; try again", b"retry-after: 1\r\n"
+)
+
+
+class _Refused(Exception):
+    """Raised inside a parser callback to stop parsing; the protocol answers."""
+
+    def __init__(self, reason: str, response: bytes) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.response = response
+
+
+def _bad(description: str) -> _Refused:
+    return _Refused("bad_request", error_response(400, "invalid_request", description))
+
+
+class GuardedProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with the limits in :class:`~tokengate.limits.Limits`."""
+
+    def __init__(
+        self,
+        config: Any,
+        server_state: Any,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: Limits,
+        on_refusal: Callable[[str], None] = lambda reason: None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self.limits = limits
+        self.on_refusal = on_refusal
+        self.refused = False  # answered and closing: everything further is dropped
+        self.in_head = True  # the parser expects (or is inside) a request head
+        self.head_bytes = 0  # bytes received since the current head began
+        self.pending = bytearray()  # an unfinished head line, not yet parsed
+        self.parsed_head = 0  # request line + header bytes the parser reported
+        self.framing = 0  # chunked framing and trailer bytes of the current body
+        self.header_timer: asyncio.TimerHandle | None = None
+        self.body_timer: asyncio.TimerHandle | None = None
+        self.body_activity = 0.0
+        self.upgrade_ignored = False
+
+    # -- connection --------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            self.transport = transport
+            self.refused = True
+            self.on_refusal("too_many_connections")
+            transport.write(TOO_MANY)
+            self._linger()
+            return
+        super().connection_made(transport)
+        self.header_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timers()
+        if self.flow is None:  # refused before it was served
+            self.parser = None  # type: ignore[assignment]
+            return
+        super().connection_lost(exc)
+
+    def _cancel_timers(self) -> None:
+        for timer in (self.header_timer, self.body_timer):
+            if timer is not None:
+                timer.cancel()
+        self.header_timer = self.body_timer = None
+
+    def _linger(self) -> None:
+        """Half-close after the answer, drop what the client still sends, close soon:
+        closing at once with unread bytes would reset the connection and could destroy
+        the answer before the client reads it."""
+        transport = self.transport
+        if transport.can_write_eof():
+            transport.write_eof()
+        self.loop.call_later(LINGER, transport.close)
+
+    def _refuse(self, reason: str, response: bytes | None) -> None:
+        """Answer ``response`` (unless a response has started) and close."""
+        self.on_refusal(reason)
+        self.refused = True
+        self._cancel_timers()
+        if self.flow is not None:
+            self.flow.resume_reading()  # what still arrives is read and dropped
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            if cycle.response_started:
+                response = None  # only closing the connection can say it failed now
+            cycle.disconnected = True  # the app sees a disconnect; its answer is dropped
+            cycle.message_event.set()
+        if response is None:
+            self.transport.close()
+        else:
+            self.transport.write(response)
+            self._linger()
+
+    # -- bytes in ----------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.refused or self.upgrade_ignored:
+            return
+        self._unset_keepalive_if_required()
+        if self.in_head:
+            self._read_head(data)
+        else:
+            self._read_body(data)
+
+    def _read_head(self, data: bytes) -> None:
+        """Hand the parser whole lines only; bound what a head may take."""
+        if self.header_timer is None:
+            self.header_timer = self.loop.call_later(
+                self.limits.header_timeout, self._head_timed_out
+            )
+        self.head_bytes += len(data)
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:  # no line ends here: keep it until one does
+            self.pending += data
+            if self.head_bytes > self.limits.max_header_bytes:
+                self._refuse("header_too_large", TOO_LARGE)
+            return
+        if self.pending:
+            self.pending += data[:cut]
+            lines = bytes(self.pending)
+            self.pending.clear()
+        else:
+            lines = data if cut == len(data) else data[:cut]
+        if not self._feed(lines):
+            return
+        rest = data[cut:]
+        if self.in_head:
+            if self.head_bytes > self.limits.max_header_bytes:
+                self._refuse("header_too_large", TOO_LARGE)
+            elif rest:
+                self.pending += rest
+        elif rest:
+            self._read_body(rest)
+
+    def _read_body(self, data: bytes) -> None:
+        self.framing += len(data)  # on_body takes the body bytes back out
+        if not self._feed(data):
+            return
+        if not self.in_head:
+            if self.body_timer is None:
+                self.body_activity = self.loop.time()
+                self.body_timer = self.loop.call_later(
+                    self.limits.body_idle_timeout, self._body_timed_out
+                )
+            if self.framing > self.limits.max_header_bytes:
+                self._refuse("header_too_large", TOO_LARGE)  # endless trailers or framing
+
+    def _feed(self, data: bytes) -> bool:
+        """Parse ``data``; False when the connection was refused."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # a body-less Upgrade request, answered as plain HTTP; nothing after it is read
+            self.upgrade_ignored = True
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
+            self.flow.pause_reading()
+            return False
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__
+            if isinstance(refused, _Refused):
+                self._refuse(refused.reason, refused.response)
+            else:
+                self._refuse("bad_request", BAD_REQUEST)
+            return False
+        return True
+
+    # -- timers ------------------------------------------------------------------
+
+    def _head_timed_out(self) -> None:
+        self.header_timer = None
+        if not self.in_head or self.refused:
+            return
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:  # a pipelined head waits for us
+            self.header_timer = self.loop.call_later(
+                self.limits.header_timeout, self._head_timed_out
+            )
+            return
+        self._refuse("header_timeout", HEAD_TIMEOUT if self.head_bytes else None)
+
+    def _body_timed_out(self) -> None:
+        self.body_timer = None
+        if self.in_head or self.refused:
+            return
+        now = self.loop.time()
+        cycle = self.cycle
+        if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
+            self.body_activity = now  # held up by us, not by the client
+        idle_until = self.body_activity + self.limits.body_idle_timeout
+        if now < idle_until:
+            self.body_timer = self.loop.call_at(idle_until, self._body_timed_out)
+            return
+        if cycle is not None:
+            cycle.scope.setdefault("extensions", {})[BODY_TIMEOUT_EXTENSION] = {}
+        self._refuse("body_timeout", BODY_TIMEOUT)
+
+    # -- llhttp callbacks ------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.in_head = True
+        self.parsed_head = 0
+
+    def on_url(self, url: bytes) -> None:
+        self.parsed_head += len(url) + 16  # method, version, spaces, CRLF: at least this
+        if self.parsed_head > self.limits.max_header_bytes:
+            raise _Refused("header_too_large", TOO_LARGE)
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self.in_head:  # a trailer: framing, never a header
+            return
+        self.parsed_head += len(name) + len(value) + 4
+        if self.parsed_head > self.limits.max_header_bytes:
+            raise _Refused("header_too_large", TOO_LARGE)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self.in_head = False
+        self.head_bytes = 0
+        self.framing = 0
+        if self.header_timer is not None:
+            self.header_timer.cancel()
+            self.header_timer = None
+        self._one_host()
+        parser = self.parser
+        if parser.should_upgrade():
+            for name, value in self.headers:
+                if name == b"transfer-encoding" or (
+                    name == b"content-length" and value.strip() not in (b"", b"0")
+                ):
+                    raise _bad("an Upgrade request with a body is not supported")
+        super().on_headers_complete()
+
+    def _one_host(self) -> None:
+        """Exactly one valid Host, the absolute-form target's authority if there is one."""
+        headers = self.headers
+        at = [i for i, (name, _) in enumerate(headers) if name == b"host"]
+        if len(at) > 1:
+            raise _bad("more than one Host header")
+        url = self.url
+        if url[:1] not in (b"/", b"*"):  # absolute-form (RFC 9112 section 3.2.2)
+            try:
+                parsed = httptools.parse_url(url)
+            except httptools.HttpParserInvalidURLError:
+                raise _bad("the request target is not a valid URL") from None
+            if (parsed.schema or b"").lower() not in (b"http", b"https") or not parsed.host:
+                raise _bad("an absolute request target must be an http(s) URL")
+            if parsed.userinfo is not None:
+                raise _bad("the request target must not carry credentials")
+            host = parsed.host
+            if b":" in host:
+                host = b"[%b]" % host
+            if parsed.port is not None:
+                host += b":%d" % parsed.port
+            if at:
+                headers[at[0]] = (b"host", host)
+            else:
+                headers.append((b"host", host))
+            return
+        if not at:
+            if self.parser.get_http_version() == "1.1":
+                raise _bad("an HTTP/1.1 request needs a Host header")
+            return
+        if not _HOST.fullmatch(headers[at[0]][1]):
+            raise _bad("the Host header is not a valid host")
+
+    def on_body(self, body: bytes) -> None:
+        self.framing = max(0, self.framing - len(body))
+        self.body_activity = self.loop.time()
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.in_head = True
+        self.head_bytes = 0
+        if self.body_timer is not None:
+            self.body_timer.cancel()
+            self.body_timer = None
+
+    def _unsupported_upgrade_warning(self) -> None:
+        pass  # answered as plain HTTP; a warning per request would be the client's to set
