@@ -85,7 +85,7 @@ async def listening(limits: Limits = FAST) -> AsyncIterator[Listening]:
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started:
+    while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for it
         await asyncio.sleep(0.01)
     try:
         yield Listening(sock.getsockname()[1], refusals, seen)
@@ -99,11 +99,11 @@ async def connect(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter
     return await asyncio.open_connection("127.0.0.1", port)
 
 
-async def read_all(reader: asyncio.StreamReader, timeout: float = 5.0) -> bytes:
-    """Everything until the server closes the connection."""
+async def read_all(reader: asyncio.StreamReader) -> bytes:
+    """Everything until the server closes the connection (within 5 s)."""
     chunks = []
     with contextlib.suppress(ConnectionResetError):
-        async with asyncio.timeout(timeout):
+        async with asyncio.timeout(5):
             while chunk := await reader.read(65536):
                 chunks.append(chunk)
     return b"".join(chunks)
