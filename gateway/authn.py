@@ -23,11 +23,15 @@ import jwt
 from gateway.audit import identity_fields
 from gateway.config import GatewayConfig, IssuerConfig
 from gateway.errors import Denied, Reason
-from gateway.headers import identity_headers
+from gateway.headers import CONTROL, identity_headers
 from gateway.jwks import JwksCache, KeysUnavailable, KeyUnknown
 from tokengate.jwk import ALGORITHMS
 
 _B64TOKEN = re.compile(rb"[A-Za-z0-9\-._~+/]+=*")  # RFC 6750 section 2.1
+_SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
+# What decoding an untrusted JWT may raise besides PyJWT's own errors: JSON nested too
+# deep, numbers too large for a time (1e400 is infinity), claims of the wrong type.
+_DECODE_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError, binascii.Error)
 _ACCESS_TYP = frozenset({"at+jwt", "application/at+jwt"})
 _JWT_TYP = frozenset({"jwt", "application/jwt", None})
 
@@ -124,14 +128,17 @@ class Authenticator:
             raise Denied(Reason.TOKEN_INVALID, "the token is not a signed JWT")
         try:
             header, unverified = _b64json(parts[0]), _b64json(parts[1])
-        except (ValueError, binascii.Error, UnicodeDecodeError):
+        except _DECODE_ERRORS:
             raise Denied(Reason.TOKEN_INVALID, "the token is not a signed JWT") from None
         if not isinstance(header, dict) or not isinstance(unverified, dict):
             raise Denied(Reason.TOKEN_INVALID, "the token is not a signed JWT")
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in ALGORITHMS:
             raise Denied(Reason.TOKEN_INVALID, "the token's algorithm is not allowed")
-        issuer = self.issuers.get(unverified.get("iss"))  # type: ignore[arg-type]
+        iss = unverified.get("iss")
+        if iss is not None and not isinstance(iss, str):
+            raise Denied(Reason.TOKEN_INVALID, "the token's iss is not a string")
+        issuer = self.issuers.get(iss) if iss is not None else None
         if issuer is None:
             raise Denied(Reason.ISSUER_UNKNOWN, "the token's issuer is not trusted")
         if alg not in issuer.algorithms:
@@ -166,42 +173,87 @@ class Authenticator:
             raise Denied(Reason.TOKEN_EXPIRED, "the token has expired") from None
         except jwt.ImmatureSignatureError:
             raise Denied(Reason.TOKEN_NOT_YET_VALID, "the token is not yet valid") from None
-        except jwt.PyJWTError:
+        except (jwt.PyJWTError, *_DECODE_ERRORS):
             raise Denied(Reason.TOKEN_INVALID, "the token is invalid") from None
         try:
             return _principal(issuer, kid, claims)
-        except ValueError:  # an identity claim no header can carry
-            raise Denied(
-                Reason.TOKEN_INVALID, "the token's identity claims cannot be forwarded"
-            ) from None
+        except ClaimError as exc:
+            raise Denied(Reason.TOKEN_INVALID, str(exc)) from None
+
+
+class ClaimError(ValueError):
+    """A claim of the wrong type, or one no identity header could carry unambiguously."""
 
 
 def _principal(issuer: IssuerConfig, kid: str | None, claims: dict[str, Any]) -> Principal:
-    scope_list: list[str] = []
-    scope = claims.get("scope")
-    if isinstance(scope, str):
-        scope_list.extend(scope.split())
-    scp = claims.get("scp")
-    if isinstance(scp, list):
-        scope_list.extend(s for s in scp if isinstance(s, str) and s not in scope_list)
-    aud = claims.get("aud")
-    audiences = (
-        (aud,) if isinstance(aud, str) else tuple(a for a in aud or () if isinstance(a, str))
-    )
-    sub, client_id, jti = (
-        claims.get("sub"),
-        claims.get("client_id", claims.get("cid")),
-        claims.get("jti"),
-    )
+    exp = claims["exp"]
+    if isinstance(exp, bool) or not isinstance(exp, int | float):
+        raise ClaimError("the token's exp is not a number")
     return Principal(
         issuer=issuer,
-        sub=sub if isinstance(sub, str) else None,
-        client_id=client_id if isinstance(client_id, str) else None,
-        scopes=frozenset(scope_list),
-        scope_list=tuple(dict.fromkeys(scope_list)),
-        audiences=audiences,
-        jti=jti if isinstance(jti, str) else None,
+        sub=_identity(claims, "sub"),
+        client_id=_identity(claims, "client_id" if "client_id" in claims else "cid"),
+        scopes=frozenset(scope_list := _scopes(claims)),
+        scope_list=scope_list,
+        audiences=_audiences(claims.get("aud")),
+        jti=jti if isinstance(jti := claims.get("jti"), str) else None,  # logged, not forwarded
         kid=kid,
-        exp=float(claims["exp"]),
+        exp=float(exp),
         claims=claims,
     )
+
+
+def _identity(claims: dict[str, Any], name: str) -> str | None:
+    """A string claim forwarded in a header: absent is None; anything that would not
+    reach the upstream exactly as it is (another type, no characters, surrounding
+    whitespace, a control character) refuses the token."""
+    value = claims.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ClaimError(f"the token's {name} is not a string")
+    if not value or value != value.strip() or CONTROL.search(value) or not _utf8(value):
+        raise ClaimError(f"the token's {name} cannot be forwarded as it is")
+    return value
+
+
+def _utf8(value: str) -> bool:
+    """Whether ``value`` is valid Unicode (JSON lets a lone surrogate through)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _scopes(claims: dict[str, Any]) -> tuple[str, ...]:
+    """Distinct scopes, in token order, from ``scope`` (a space-separated string, RFC
+    8693) and ``scp`` (a list, or a string as some issuers send it). Each must be a
+    scope token (RFC 6749 3.3): one holding a space, a control or a non-ASCII
+    character would mean something else once joined into ``X-Auth-Scopes``."""
+    tokens: list[str] = []
+    for name in ("scope", "scp"):
+        value = claims.get(name)
+        if value is None:
+            continue
+        if isinstance(value, str):
+            tokens.extend(value.split(" "))
+        elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+            tokens.extend(value)
+        else:
+            raise ClaimError(f"the token's {name} is not a string or a list of strings")
+    tokens = [t for t in tokens if t]
+    for token in tokens:
+        if not _SCOPE_TOKEN.fullmatch(token):
+            raise ClaimError("the token's scopes hold a character no scope may hold")
+    return tuple(dict.fromkeys(tokens))
+
+
+def _audiences(aud: object) -> tuple[str, ...]:
+    if aud is None:
+        return ()
+    if isinstance(aud, str):
+        return (aud,)
+    if isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        return tuple(aud)
+    raise ClaimError("the token's aud is not a string or a list of strings")

@@ -287,7 +287,53 @@ ATTACKS: list[tuple[str, Any, Reason]] = [
         lambda gw: gw.sign({"sub": "svc\r\nx-auth-scopes: admin"}),
         Reason.TOKEN_INVALID,
     ),
+    # claims of the wrong JSON type, or that an identity header could not carry as they are
+    ("iss-is-a-list", lambda gw: gw.sign({"iss": [ISSUER]}), Reason.TOKEN_INVALID),
+    ("iss-is-an-object", lambda gw: gw.sign({"iss": {"url": ISSUER}}), Reason.TOKEN_INVALID),
+    ("aud-is-a-number", lambda gw: gw.sign({"aud": 5}), Reason.TOKEN_INVALID),
+    ("aud-holds-a-number", lambda gw: gw.sign({"aud": ["api://default", 5]}), Reason.TOKEN_INVALID),
+    ("sub-is-a-number", lambda gw: gw.sign({"sub": 42}), Reason.TOKEN_INVALID),
+    ("client-id-is-an-object", lambda gw: gw.sign({"client_id": {}}), Reason.TOKEN_INVALID),
+    ("sub-padded", lambda gw: gw.sign({"sub": " admin"}), Reason.TOKEN_INVALID),
+    ("client-id-padded", lambda gw: gw.sign({"client_id": "reporting\t"}), Reason.TOKEN_INVALID),
+    ("sub-lone-surrogate", lambda gw: gw.sign({"sub": "\ud800x"}), Reason.TOKEN_INVALID),
+    (
+        "scp-entry-with-space",
+        lambda gw: gw.sign({"scp": ["orders:read admin"]}),
+        Reason.TOKEN_INVALID,
+    ),
+    ("scope-with-tab", lambda gw: gw.sign({"scope": "orders:read\tadmin"}), Reason.TOKEN_INVALID),
+    ("scp-is-a-number", lambda gw: gw.sign({"scp": 1}), Reason.TOKEN_INVALID),
+    ("exp-is-infinite", lambda gw: gw.sign({"exp": float("inf")}), Reason.TOKEN_INVALID),
+    ("exp-is-a-string", lambda gw: gw.sign({"exp": "soon"}), Reason.TOKEN_INVALID),
+    ("nested-1100-deep", lambda gw: _signed_text(gw, _deep(1100)), Reason.TOKEN_INVALID),
+    ("header-nested-deep", lambda gw: _deep_header(gw), Reason.TOKEN_INVALID),
 ]
+
+
+def _deep(depth: int) -> str:
+    now = int(time.time())
+    return (
+        f'{{"iss":"{ISSUER}","aud":"api://default","exp":{now + 300},'
+        f'"scope":"orders:read","x":{"[" * depth}{"]" * depth}}}'
+    )
+
+
+def _signed_text(gw: Gateway, payload: str) -> str:
+    """A token signed by the issuer's real key over a payload given as JSON text."""
+    key = gw.authserver.services.keyring.current("default").signer
+    head = _b64(json.dumps({"alg": key.alg, "kid": key.kid, "typ": "at+jwt"}).encode())
+    signing_input = f"{head}.{_b64(payload.encode())}".encode()
+    from jwt.algorithms import get_default_algorithms
+
+    signature = get_default_algorithms()[key.alg].sign(signing_input, key.private_key)
+    return f"{signing_input.decode()}.{_b64(signature)}"
+
+
+def _deep_header(gw: Gateway) -> str:
+    _, payload, signature = gw.sign({}).split(".")
+    header = '{"x":' + "[" * 1100 + "]" * 1100 + "}"
+    return f"{_b64(header.encode())}.{payload}.{signature}"
 
 
 def _tamper(token: str) -> str:
