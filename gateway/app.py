@@ -20,13 +20,13 @@ from gateway.authz import authorize
 from gateway.config import GatewayConfig
 from gateway.errors import Denied, Reason, send_denial
 from gateway.forward import Exchange, Forwarder
-from gateway.headers import RequestIds, upstream_headers
+from gateway.headers import SPOOFABLE, RequestIds, upstream_headers
 from gateway.jwks import JwksCache
 from gateway.paths import BadPath, canonical_path
 from gateway.routing import Route, RouteTable, request_host
-from gateway.upstream import Origin, UpstreamClient
+from gateway.upstream import Origin, UpstreamClient, UpstreamError
 from tokengate.asgi import Receive, Scope, Send
-from tokengate.jsonlog import AuditLog, log_event, rfc3339_now
+from tokengate.jsonlog import AuditLog, EventLimiter, log_event, rfc3339_now, traceback_frames
 from tokengate.metrics import Metrics
 
 _UNSAFE_IN_QUERY = re.compile(rb"[\x00-\x20\x7f#]")  # would end or split the request line
@@ -58,6 +58,7 @@ class GatewayState:
     jwks: JwksCache
     authenticator: Authenticator
     match_hosts: bool
+    strip: frozenset[bytes]  # request headers never forwarded, normalized names
 
 
 def build_state(config: GatewayConfig, jwks: JwksCache, clock: Callable[[], float]) -> GatewayState:
@@ -68,6 +69,7 @@ def build_state(config: GatewayConfig, jwks: JwksCache, clock: Callable[[], floa
         jwks=jwks,
         authenticator=Authenticator(config, jwks, clock=clock),
         match_hosts=any(r.host is not None for r in config.routes),
+        strip=SPOOFABLE | {name.encode("ascii") for name in config.strip_headers},
     )
 
 
@@ -94,6 +96,7 @@ class GatewayApp:
         self.forwarder: Forwarder | None = None
         self.started = False
         self.request_ids = RequestIds()
+        self.internal_errors = EventLimiter()
 
     @property
     def config(self) -> GatewayConfig:
@@ -220,6 +223,7 @@ class GatewayApp:
                     request_id=rid,
                     identity=principal.identity_headers if principal is not None else (),
                     forward_token=route.config.forward_token,
+                    strip=state.strip,
                 ),
                 stall_timeout=upstream.timeout,
                 request_id=rid_bytes,
@@ -229,8 +233,31 @@ class GatewayApp:
             exchange.reason = denied.reason
             exchange.status = denied.status
             exchange.bytes_out = await send_denial(send, denied, [(b"x-request-id", rid_bytes)])
+        except UpstreamError:
+            raise  # mid-response: only closing the client connection can say it failed
+        except Exception as exc:  # a bug: a logged, audited 500, never a traceback to the client
+            exchange.reason = Reason.INTERNAL_ERROR
+            self._report_internal(exc, route)
+            if exchange.status:
+                raise  # the response has started: the server closes the connection
+            denied = Denied(Reason.INTERNAL_ERROR, "internal error")
+            exchange.status = denied.status
+            exchange.bytes_out = await send_denial(send, denied, [(b"x-request-id", rid_bytes)])
         finally:
             self._record(scope, rid, route, principal, path, exchange, started)
+
+    def _report_internal(self, exc: Exception, route: Route | None) -> None:
+        """The traceback on stderr, at most every 10 s per exception type and route. Its
+        frames only: an exception's message may quote request data such as a token."""
+        unreported = self.internal_errors.due((type(exc), route.name if route else None))
+        if unreported is not None:
+            log_event(
+                "gateway.internal_error",
+                route=route.name if route is not None else None,
+                error=type(exc).__name__,
+                traceback=traceback_frames(exc),
+                unreported=unreported,
+            )
 
     def _record(
         self,

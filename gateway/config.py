@@ -84,6 +84,7 @@ class GatewayConfig:
     max_token_bytes: int
     allow_path_parameters: bool
     token_cache_size: int
+    strip_headers: tuple[str, ...] = ()  # more request headers never forwarded (lowercase)
     limits: Limits = DEFAULT_LIMITS
     warnings: tuple[str, ...] = ()
 
@@ -100,6 +101,7 @@ def parse_gateway(node: Node) -> GatewayConfig:
             "max_token_bytes",
             "allow_path_parameters",
             "token_cache_size",
+            "strip_headers",
             "limits",
         ),
     )
@@ -133,6 +135,7 @@ def parse_gateway(node: Node) -> GatewayConfig:
         max_token_bytes=f.get("max_token_bytes", positive_int, 8192),
         allow_path_parameters=f.get("allow_path_parameters", as_bool, False),
         token_cache_size=f.get("token_cache_size", positive_int, 10000),
+        strip_headers=f.get("strip_headers", list_of(as_header_name), ()),
         limits=f.get("limits", as_limits, DEFAULT_LIMITS),
         warnings=tuple(
             f"{f.node.key_path('routes')}[{later}]: never matches; "
@@ -267,6 +270,14 @@ def as_path_prefix(node: Node) -> str:
     if not text.startswith("/") or "*" in text or "//" in text:
         raise ConfigError(node.path, f"must be a literal path starting with /, got {text!r}")
     return text.rstrip("/") or "/"
+
+
+def as_header_name(node: Node) -> str:
+    """A header field name (RFC 9110 token), lowercase, ``_`` folded to ``-``."""
+    text = as_str(node)
+    if not re.fullmatch(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+", text):
+        raise ConfigError(node.path, f"is not a header name, got {text!r}")
+    return text.lower().replace("_", "-")
 
 
 def as_host(node: Node) -> str:

@@ -1,11 +1,14 @@
 """What crosses the gateway in headers, each way. Pure.
 
-Removed from requests: hop-by-hop headers (and any named in ``Connection``), every
-client-sent ``X-Auth-*`` (any case, ``_`` spelling too), client ``X-Forwarded-*``,
-``Forwarded`` and ``X-Real-IP`` (never trusted), ``Host`` and ``Content-Length``
-(set by the client library), ``Expect``, and ``Authorization`` unless the route
-forwards the token. Added: ``X-Request-Id``, ``X-Forwarded-For/Proto/Host`` and the
-``X-Auth-*`` identity of the verified token.
+Removed from requests: hop-by-hop headers (and any named in ``Connection``), ``Host``
+and ``Content-Length`` (set by the upstream client), ``Expect``, ``Authorization``
+unless the route forwards the token, and every header an upstream might take as the
+gateway's word: ``X-Auth-*`` and ``X-Forwarded-*``, the client-address headers
+(``Forwarded``, ``X-Real-IP``, ``True-Client-IP``, ...), the URL-rewrite headers
+(``X-Original-URL``, ``X-Rewrite-URL``), the method-override headers, and those the
+config lists. Names are compared after lowercasing and turning ``_`` into ``-``, the
+way CGI-style servers fold them. Added: ``X-Request-Id``, ``X-Forwarded-For/Proto/Host``
+and the ``X-Auth-*`` identity of the verified token.
 """
 
 from __future__ import annotations
@@ -28,17 +31,30 @@ HOP_BY_HOP = frozenset(
         b"upgrade",
     }
 )
-_NEVER_FORWARDED = HOP_BY_HOP | {
-    b"host",
-    b"content-length",
-    b"expect",
-    b"forwarded",
-    b"x-real-ip",
-    b"x-request-id",
-}
+_NEVER_FORWARDED = HOP_BY_HOP | {b"host", b"content-length", b"expect", b"x-request-id"}
+# Headers an upstream may trust as the gateway's (or a proxy's) word, never the client's.
+SPOOFABLE = frozenset(
+    {
+        b"forwarded",
+        b"x-real-ip",
+        b"true-client-ip",
+        b"x-client-ip",
+        b"x-cluster-client-ip",
+        b"client-ip",
+        b"cf-connecting-ip",
+        b"fastly-client-ip",
+        b"x-original-url",
+        b"x-rewrite-url",
+        b"x-original-uri",
+        b"x-http-method-override",
+        b"x-http-method",
+        b"x-method-override",
+    }
+)
+_SPOOFABLE_PREFIXES = (b"x-auth-", b"x-forwarded-")
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 _NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # never in an identity header value
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@+=/-]{1,128}")
 
 
@@ -67,11 +83,6 @@ def _connection_tokens(values: Iterable[bytes]) -> set[bytes]:
     return tokens
 
 
-def _spoofable(name: bytes) -> bool:
-    normalized = name.replace(b"_", b"-")
-    return normalized.startswith((b"x-auth-", b"x-forwarded-"))
-
-
 def identity_headers(
     sub: str | None, client_id: str | None, scopes: Iterable[str], issuer: str
 ) -> tuple[tuple[bytes, bytes], ...]:
@@ -88,7 +99,7 @@ def identity_headers(
     out.append((b"x-auth-scopes", " ".join(scopes)))
     out.append((b"x-auth-issuer", issuer))
     for name, value in out:
-        if _CONTROL.search(value):
+        if CONTROL.search(value):
             raise ValueError(f"{name.decode()} would hold a control character")
     return tuple((name, value.encode("utf-8")) for name, value in out)
 
@@ -102,18 +113,22 @@ def upstream_headers(
     request_id: str,
     identity: tuple[tuple[bytes, bytes], ...],
     forward_token: bool,
+    strip: frozenset[bytes] = SPOOFABLE,
 ) -> list[tuple[bytes, bytes]]:
     """What the upstream is sent: the client's headers as they came (lowercase names,
-    as ASGI gives them) less everything listed above, then the gateway's own."""
+    as ASGI gives them) less everything listed above, then the gateway's own.
+    ``strip`` holds lowercase names with ``-`` for ``_``."""
     out = []
     connection = None
     for name, value in headers:
-        if name in _NEVER_FORWARDED:
+        folded = name.replace(b"_", b"-") if b"_" in name else name
+        if folded in _NEVER_FORWARDED:
             if name == b"connection":
                 connection = [*(connection or ()), value]
-        elif name.startswith((b"x-", b"x_")) and _spoofable(name):
-            pass
-        elif name != b"authorization" or forward_token:
+            continue
+        if folded in strip or folded.startswith(_SPOOFABLE_PREFIXES):
+            continue
+        if name != b"authorization" or forward_token:
             out.append((name, value))
     if connection is not None:  # headers the client named hop-by-hop go too
         drop = _connection_tokens(connection)

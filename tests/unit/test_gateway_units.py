@@ -251,7 +251,13 @@ def test_strip_prefix() -> None:
 
 @pytest.mark.parametrize(
     ("header", "host"),
-    [(b"API.Example.com:8443", "api.example.com"), (b"[::1]:80", "[::1]"), (None, None)],
+    [
+        (b"API.Example.com:8443", "api.example.com"),
+        (b"[::1]:80", "[::1]"),
+        (None, None),
+        (b"admin.example.com.", "admin.example.com"),
+        (b"Admin.Example.COM.:443", "admin.example.com"),
+    ],
 )
 def test_request_host(header: bytes | None, host: str | None) -> None:
     assert request_host(header) == host
@@ -408,6 +414,67 @@ def test_upstream_headers_strip_spoofable_and_hop_by_hop() -> None:
         (b"x-auth-scopes", b"orders:read"),
         (b"x-auth-issuer", b"https://idp.example.com/oauth2/default"),
     ]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        b"x-real-ip",
+        b"x_real_ip",
+        b"true-client-ip",
+        b"true_client_ip",
+        b"x-client-ip",
+        b"cf-connecting-ip",
+        b"forwarded",
+        b"x-original-url",
+        b"x_original_url",
+        b"x-rewrite-url",
+        b"x-http-method-override",
+        b"x_http_method_override",
+        b"x-http-method",
+        b"x-method-override",
+        b"x_request_id",
+        b"x-forwarded-prefix",
+        b"x_forwarded_for",
+        b"x-auth-groups",
+        b"x_auth_subject",
+        b"transfer_encoding",
+    ],
+)
+def test_headers_an_upstream_might_trust_are_never_forwarded(name: bytes) -> None:
+    out = upstream_headers(
+        [(b"host", b"a"), (name, b"spoofed"), (b"accept", b"*/*")],
+        client_ip=None,
+        scheme="http",
+        host=b"a",
+        request_id="rid",
+        identity=(),
+        forward_token=False,
+    )
+    assert b"spoofed" not in dict(out).values()
+    assert (b"accept", b"*/*") in out
+
+
+def test_configured_headers_are_stripped_too() -> None:
+    config = gateway(
+        GATEWAY.replace("  routes:", "  strip_headers: [X-Tenant-Override, x_debug]\n  routes:")
+    )
+    assert config.strip_headers == ("x-tenant-override", "x-debug")
+    from gateway.headers import SPOOFABLE
+
+    strip = SPOOFABLE | {n.encode() for n in config.strip_headers}
+    incoming = [(b"x-tenant-override", b"1"), (b"x_tenant_override", b"2"), (b"x-debug", b"3")]
+    out = upstream_headers(
+        incoming,
+        client_ip=None,
+        scheme="http",
+        host=None,
+        request_id="rid",
+        identity=(),
+        forward_token=False,
+        strip=strip,
+    )
+    assert [name for name, _ in out] == [b"x-request-id", b"x-forwarded-proto"]
 
 
 def test_request_id_is_generated_when_missing_or_malformed() -> None:
