@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import sqlite3
 import time
-import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -24,7 +23,7 @@ from authserver.store import SqliteStore, Store
 from authserver.throttle import AuthThrottle, MemoryThrottle
 from authserver.tokens import TokenVerifier
 from tokengate.asgi import ClientDisconnected, Message, Receive, Scope, Send, json_bytes
-from tokengate.jsonlog import AuditLog, log_event
+from tokengate.jsonlog import AuditLog, log_event, traceback_frames
 from tokengate.metrics import Metrics
 
 Handler = Callable[[ServerConfig, Scope, Receive, Send], Awaitable[None]]
@@ -174,7 +173,7 @@ class AuthServerApp:
                 server=server.name,
                 path=scope["path"],
                 error=type(exc).__name__,
-                traceback=_frames(exc),
+                traceback=traceback_frames(exc),
             )
             if audit_event is not None:
                 self.services.endpoints.internal_error(audit_event, server, scope)
@@ -222,13 +221,6 @@ def build_routes(servers: tuple[ServerConfig, ...], endpoints: Endpoints) -> dic
         ):
             routes[path] = (handler, server, audit_event)
     return routes
-
-
-def _frames(exc: BaseException) -> str:
-    """The traceback's frames (file, line, function, code) and the exception type, but
-    not its message: a message may quote request data such as a token or a secret."""
-    frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
-    return f"Traceback (most recent call last):\n{frames}{type(exc).__qualname__}"
 
 
 def create_app(config: AuthServerConfig, *, audit: AuditLog, metrics: Metrics) -> AuthServerApp:

@@ -9,8 +9,11 @@ each by the standard library's JSON string encoder.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from json.encoder import encode_basestring as quote  # type: ignore[attr-defined]
+
+from tokengate.jsonlog import MAX_LINE, fit_line
 
 NO_ROUTE = quote("(none)")
 NO_IDENTITY = '"client_id":null,"sub":null,"iss":null,"jti":null,"scopes":[]'
@@ -51,11 +54,16 @@ def request_line(
 
     ``decision`` and ``reason`` are fixed machine codes, ``ts`` an RFC 3339 time.
     A string that is not valid Unicode (a lone surrogate) is escaped, not refused.
+    A line longer than ``MAX_LINE`` has its longest values cut short (a long path,
+    many scopes), so it stays one atomic write.
     """
-    return (
+    line = (
         f'{{"ts":"{ts}","event":"gateway.request","request_id":{quote(request_id)},'
         f'"route":{route},"method":{quote(method)},"path":{quote(path)},'
         f'"status":{status},"decision":"{decision}","reason":"{reason}",{identity},'
         f'"remote_addr":{_quote_or_null(remote_addr)},"duration_ms":{duration_ms!r},'
         f'"bytes_in":{bytes_in},"bytes_out":{bytes_out}}}\n'
     ).encode("utf-8", "backslashreplace")
+    if len(line) <= MAX_LINE:
+        return line
+    return fit_line(json.loads(line))

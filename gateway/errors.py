@@ -29,15 +29,24 @@ class Reason(StrEnum):
     JWKS_UNAVAILABLE = "jwks_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    INTERNAL_ERROR = "internal_error"
 
     @property
     def decision(self) -> str:
-        """``allow`` or ``deny``: upstream failures happen after the request was allowed."""
+        """``allow``, ``deny``, or ``error`` when tokengate itself failed: upstream
+        failures happen after the request was allowed."""
         return _DECISION[self]
 
 
 _ALLOWED = {Reason.OK, Reason.UPSTREAM_TIMEOUT, Reason.UPSTREAM_UNAVAILABLE}
-_DECISION = {reason: "allow" if reason in _ALLOWED else "deny" for reason in Reason}
+_DECISION = {
+    reason: "allow"
+    if reason in _ALLOWED
+    else "error"
+    if reason is Reason.INTERNAL_ERROR
+    else "deny"
+    for reason in Reason
+}
 
 
 class Denied(Exception):
@@ -69,6 +78,7 @@ _STATUS = {
     Reason.JWKS_UNAVAILABLE: 503,
     Reason.UPSTREAM_TIMEOUT: 504,
     Reason.UPSTREAM_UNAVAILABLE: 502,
+    Reason.INTERNAL_ERROR: 500,
 }
 
 _ERROR = {
@@ -79,6 +89,7 @@ _ERROR = {
     503: "temporarily_unavailable",
     504: "gateway_timeout",
     502: "bad_gateway",
+    500: "server_error",
 }
 
 

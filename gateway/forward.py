@@ -25,7 +25,8 @@ from gateway.upstream import (
     UpstreamTimeout,
 )
 from tokengate.asgi import Receive, Scope, Send
-from tokengate.jsonlog import log_event
+from tokengate.httpserver import BODY_TIMEOUT_EXTENSION
+from tokengate.jsonlog import EventLimiter, log_event
 
 # Responses longer than this (or of unknown length) are watched for a client
 # disconnect while they stream; shorter ones finish on their own.
@@ -67,17 +68,14 @@ def body_framing(scope: Scope) -> tuple[bool, bytes | None]:
 class Forwarder:
     def __init__(self, client: UpstreamClient) -> None:
         self.client = client
-        self._reported: dict[Origin, tuple[float, int]] = {}  # last report, failures since
+        self._reports = EventLimiter(REPORT_EVERY)
 
     def _report(self, origin: Origin, error: UpstreamError) -> None:
         """Why an upstream failed, on stderr: at most once per ``REPORT_EVERY`` seconds
         per origin, with the number of failures left unreported in between."""
-        now = time.monotonic()
-        last, unreported = self._reported.get(origin, (-REPORT_EVERY, 0))
-        if now - last < REPORT_EVERY:
-            self._reported[origin] = (last, unreported + 1)
+        unreported = self._reports.due(origin)
+        if unreported is None:
             return
-        self._reported[origin] = (now, 0)
         log_event(
             "gateway.upstream_failed",
             upstream=f"{origin.scheme}://{origin.host_header.decode()}",
@@ -129,8 +127,8 @@ class Forwarder:
                 content_length=length,
                 stall_timeout=stall_timeout,
             )
-        except ClientGone:  # mid-upload
-            exchange.status = 499
+        except ClientGone:  # mid-upload: the client left, or its body stalled
+            exchange.status = 408 if BODY_TIMEOUT_EXTENSION in scope.get("extensions", {}) else 499
             return
         except UpstreamError as exc:
             exchange.upstream_seconds = time.perf_counter() - started

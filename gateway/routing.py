@@ -78,13 +78,15 @@ def _host_matches(pattern: str, host: str | None) -> bool:
 
 
 def request_host(value: bytes | None) -> str | None:
-    """The Host header, lowercase, without its port."""
+    """The Host header as routes match it: lowercase, without its port or a trailing
+    dot (``Admin.Example.COM.:443`` is ``admin.example.com``)."""
     if not value:
         return None
     text = value.decode("latin-1").strip().lower()
     if text.startswith("["):
         return text.split("]", 1)[0] + "]"
-    return text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    host = text.rsplit(":", 1)[0] if text.count(":") == 1 else text
+    return host[:-1] if host.endswith(".") else host
 
 
 # --------------------------------------------------------------------------- shadowing

@@ -16,6 +16,7 @@ import stat
 import sys
 import threading
 import time
+import traceback
 from typing import Any
 
 
@@ -41,10 +42,56 @@ rfc3339_now = _Rfc3339Clock()
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+# An audit line is at most this long, newline included: below PIPE_BUF (4096 bytes on
+# Linux), so one write() of it is atomic on a pipe shared by several workers.
+MAX_LINE = 4095
+TRUNCATED = "...[truncated]"
 
 
 def encode_line(fields: dict[str, Any]) -> bytes:
-    return (_ENCODER.encode(fields) + "\n").encode()
+    """One JSON line. A string that is not valid Unicode (a lone surrogate from a
+    client's JSON) is written as its JSON escape, never refused."""
+    return (_ENCODER.encode(fields) + "\n").encode("utf-8", "backslashreplace")
+
+
+def fit_line(fields: dict[str, Any], limit: int = MAX_LINE) -> bytes:
+    """:func:`encode_line`, with the longest values cut short (marked ``TRUNCATED``)
+    until the line is at most ``limit`` bytes."""
+    line = encode_line(fields)
+    if len(line) <= limit:
+        return line
+    fields = dict(fields)
+    for _ in range(4 * len(fields) + 8):  # each round shrinks the largest value
+        excess = len(line) - limit
+        if excess <= 0:
+            return line
+        name, size = max(((k, _encoded_size(v)) for k, v in fields.items()), key=lambda x: x[1])
+        fields[name] = _shrink(fields[name], size, excess + len(TRUNCATED) + 8)
+        line = encode_line(fields)
+    return line if len(line) <= limit else encode_line({k: None for k in fields})
+
+
+def _encoded_size(value: Any) -> int:
+    return len(_ENCODER.encode(value).encode("utf-8", "backslashreplace"))
+
+
+def _shrink(value: Any, size: int, by: int) -> Any:
+    """``value`` (of encoded ``size`` bytes) made at least ``by`` bytes smaller."""
+    if isinstance(value, str):
+        per_char = max(1.0, size / max(1, len(value)))  # escapes and multi-byte characters
+        keep = max(0, len(value) - int(by / per_char) - 1)
+        return value[:keep] + TRUNCATED
+    if isinstance(value, list):
+        budget, kept = size - by - 32, 0  # 32: room for the marker
+        for item in value:
+            budget -= _encoded_size(item) + 1
+            if budget < 0:
+                break
+            kept += 1
+        return [*value[:kept], f"{TRUNCATED} {len(value) - kept} more"]
+    if isinstance(value, dict):
+        return TRUNCATED
+    return None
 
 
 class LineSink:
@@ -81,7 +128,7 @@ class LineSink:
         self._thread.start()
 
     def write(self, fields: dict[str, Any]) -> None:
-        self.write_line(encode_line(fields))
+        self.write_line(fit_line(fields))
 
     def write_line(self, line: bytes) -> None:
         """Queue one encoded line, ending in a newline."""
@@ -154,6 +201,27 @@ class AuditLog:
         self.sink.write({"ts": rfc3339_now(), "event": event, **fields})
 
 
+class EventLimiter:
+    """Says when an event that may repeat fast (an attacker's doing, a failing peer) is
+    due on stderr again: at most once per ``every`` seconds per key."""
+
+    def __init__(self, every: float = 10.0, clock: Any = time.monotonic) -> None:
+        self.every = every
+        self.clock = clock
+        self._state: dict[Any, tuple[float, int]] = {}  # key -> last report, since then
+
+    def due(self, key: Any) -> int | None:
+        """None if ``key`` was reported within ``every`` seconds (this one is counted);
+        otherwise how many went unreported since the last report."""
+        now = self.clock()
+        last, unreported = self._state.get(key, (now - self.every, 0))
+        if now - last < self.every:
+            self._state[key] = (last, unreported + 1)
+            return None
+        self._state[key] = (now, 0)
+        return unreported
+
+
 def log_event(event: str, **fields: Any) -> None:
     """An operational event on stderr as one JSON line."""
     line = encode_line({"ts": rfc3339_now(), "event": event, **fields}).decode()
@@ -162,6 +230,13 @@ def log_event(event: str, **fields: Any) -> None:
         sys.stderr.flush()
     except (OSError, ValueError):
         pass
+
+
+def traceback_frames(exc: BaseException) -> str:
+    """The traceback's frames (file, line, function, code) and the exception type, but
+    not its message: a message may quote request data such as a token or a secret."""
+    frames = "".join(traceback.format_list(traceback.extract_tb(exc.__traceback__)))
+    return f"Traceback (most recent call last):\n{frames}{type(exc).__qualname__}"
 
 
 class JsonFormatter(logging.Formatter):

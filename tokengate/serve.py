@@ -36,7 +36,7 @@ from tokengate.admin import AdminApp, NotReady
 from tokengate.asgi import ASGIApp
 from tokengate.config import Config, load_config
 from tokengate.httpserver import GuardedProtocol
-from tokengate.jsonlog import AuditLog, LineSink, configure_logging, log_event
+from tokengate.jsonlog import AuditLog, EventLimiter, LineSink, configure_logging, log_event
 from tokengate.limits import DEFAULT_LIMITS, Limits
 from tokengate.metrics import MULTIPROC_ENV, Metrics
 from tokengate.reload import Apply, ConfigWatcher
@@ -116,17 +116,15 @@ class RefusalReporter:
     def __init__(self, listener: str, metrics: Metrics) -> None:
         self.listener = listener
         self.metrics = metrics
-        self.last = -REPORT_EVERY
-        self.unreported: dict[str, int] = {}
+        self.reports = EventLimiter(REPORT_EVERY)
 
     def __call__(self, reason: str) -> None:
         self.metrics.listener_refusals.labels(self.listener, reason).inc()
-        self.unreported[reason] = self.unreported.get(reason, 0) + 1
-        now = time.monotonic()
-        if now - self.last >= REPORT_EVERY:
-            self.last = now
-            counts, self.unreported = self.unreported, {}
-            log_event("listener.refused", listener=self.listener, counts=counts)
+        unreported = self.reports.due(reason)
+        if unreported is not None:
+            log_event(
+                "listener.refused", listener=self.listener, reason=reason, unreported=unreported
+            )
 
 
 def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], AuditLog, Metrics]:
