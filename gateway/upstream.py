@@ -8,8 +8,11 @@ HTTP/1.1 (RFC 9112) around it:
   only after a complete response to a completely sent request, when neither side
   asked to close, and never after a HEAD request (whose response a non-conforming
   upstream might follow with a body).
-- Bytes arriving when no response is expected end the connection: a response can
-  never be read as the answer to a later request.
+- Bytes arriving when no response is expected end the connection, and so do bytes
+  waiting unread in the socket when a pooled connection is picked for a request: a
+  stray response is never read as the answer to a later request, unless the
+  upstream sends it while that later request is already on its way (no HTTP/1.1
+  client can tell the two apart then; see the README).
 - A pooled connection the upstream closed while idle is dropped on checkout; a
   request that fails on a reused connection before any response byte arrives is
   retried once on a new connection when it is idempotent and has no body
@@ -32,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import re
+import select
 import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -196,6 +200,7 @@ class _Connection(asyncio.Protocol):
         self.origin = origin
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
+        self.poller: select.poll | None = None  # is anything unread in the socket?
         self.parser = HttpResponseParser(self)
         self.lost = False
         self.used = False  # has carried a request before this one
@@ -336,6 +341,11 @@ class _Connection(asyncio.Protocol):
     def usable(self) -> bool:
         return not self.lost and self.transport is not None and not self.transport.is_closing()
 
+    def quiet(self) -> bool:
+        """Nothing waits unread in the socket: no stray bytes, no close from the
+        upstream that the event loop has not delivered yet."""
+        return self.poller is None or not self.poller.poll(0)
+
     def close(self) -> None:
         self.lost = True
         if self.transport is not None:
@@ -357,6 +367,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.poller = select.poll()
+            self.poller.register(sock.fileno(), select.POLLIN)
 
     def data_received(self, data: bytes) -> None:
         if self.response is None:  # nothing was asked: never read it as an answer
@@ -569,7 +583,7 @@ class UpstreamClient:
         now = self.loop.time()
         while idle:
             conn = idle.pop()
-            if conn.usable() and now - conn.idle_since < self.idle_timeout:
+            if conn.usable() and now - conn.idle_since < self.idle_timeout and conn.quiet():
                 return conn
             conn.close()
         return None

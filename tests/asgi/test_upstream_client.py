@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import socket
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -301,6 +304,85 @@ async def test_bytes_after_a_response_never_answer_the_next_request(
         await asyncio.sleep(0.05)
         assert (await get(client, server))[1] == b"ok"  # from a new connection
     assert server.connections == 2
+
+
+async def test_a_stray_response_while_idle_closes_the_connection(client: UpstreamClient) -> None:
+    """The attack review's upstream: a second, unsolicited response 300 ms after the
+    first. It arrives while the connection is idle in the pool and ends it there."""
+    forged = b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nforged!"
+
+    def make(server: Server) -> Handler:
+        async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_head(reader)
+            writer.write(OK)
+            if server.connections == 1:
+                await asyncio.sleep(0.3)
+                writer.write(forged)
+            await reader.read()
+
+        return handler
+
+    async with Server(make) as server:
+        assert (await get(client, server))[1] == b"ok"
+        await asyncio.sleep(0.5)
+        assert (await get(client, server))[1] == b"ok"  # from a new connection
+    assert server.connections == 2
+
+
+def test_unread_bytes_in_a_pooled_connection_keep_it_from_being_reused() -> None:
+    """A stray response already in the socket, which the event loop has not read yet
+    (it was busy), is noticed when the connection is picked: a new one is used."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+    first_done = threading.Event()
+    stray_sent = threading.Event()
+    accepted: list[socket.socket] = []
+
+    def serve() -> None:
+        for n in range(2):
+            conn, _ = listener.accept()
+            accepted.append(conn)
+            conn.recv(65536)
+            conn.sendall(OK)
+            if n == 0:
+                first_done.wait(5)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nforged!")
+                stray_sent.set()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def run() -> list[bytes]:
+        client = UpstreamClient()
+        origin = Origin.of(f"http://127.0.0.1:{port}")
+        bodies = []
+        for i in range(2):
+            response = await client.request(origin, "GET", b"/", [], stall_timeout=2)
+            body = b""
+            while True:
+                chunk, last = await response.next_chunk()
+                body += chunk
+                if last:
+                    break
+            response.release()
+            bodies.append(body)
+            if i == 0:
+                first_done.set()
+                stray_sent.wait(5)  # blocks the loop: the stray bytes stay unread
+                time.sleep(0.05)  # noqa: ASYNC251 - blocking the loop is the point
+        await client.close()
+        return bodies
+
+    try:
+        assert asyncio.run(run()) == [b"ok", b"ok"]
+        assert len(accepted) == 2  # the second request went out on a new connection
+    finally:
+        thread.join(5)
+        for conn in accepted:
+            conn.close()
+        listener.close()
 
 
 async def test_a_response_closed_mid_body_drops_its_connection(client: UpstreamClient) -> None:
