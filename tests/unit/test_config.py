@@ -156,6 +156,49 @@ def test_problems_name_the_key_path(old: str, new: str, expected: str) -> None:
     assert expected in problems(VALID.replace(old, new))
 
 
+def test_limits_every_listener_takes() -> None:
+    text = VALID.replace(
+        "  listen: 127.0.0.1:9000",
+        "  listen: 127.0.0.1:9000\n  limits: {max_header_bytes: 16384, header_timeout: 5s,"
+        " body_idle_timeout: 1m, max_connections: 100}",
+    )
+    text += "admin:\n  listen: 127.0.0.1:9100\n  limits: {max_connections: 10}\n"
+    config = parse_config(text, {})
+    assert config.authserver is not None and config.admin is not None
+    limits = config.authserver.limits
+    assert (limits.max_header_bytes, limits.header_timeout) == (16384, 5.0)
+    assert (limits.body_idle_timeout, limits.max_connections) == (60.0, 100)
+    assert config.admin.limits.max_connections == 10
+    assert config.admin.limits.max_header_bytes == 64 * 1024  # the defaults
+    assert config.admin.limits.header_timeout == 10.0
+    assert config.admin.limits.body_idle_timeout == 30.0
+
+
+@pytest.mark.parametrize(
+    ("limits", "expected"),
+    [
+        (
+            "{max_header_bytes: 100}",
+            "authserver.limits.max_header_bytes: must be at least 1024, got 100",
+        ),
+        ("{header_timeout: 0}", "authserver.limits.header_timeout: must be a duration > 0, got 0"),
+        (
+            "{max_connections: -1}",
+            "authserver.limits.max_connections: must be an integer > 0, got -1",
+        ),
+        (
+            "{max_conections: 5}",
+            "authserver.limits.max_conections: unknown key (did you mean 'max_connections'?)",
+        ),
+    ],
+)
+def test_limits_problems_name_the_key_path(limits: str, expected: str) -> None:
+    text = VALID.replace(
+        "  listen: 127.0.0.1:9000", f"  listen: 127.0.0.1:9000\n  limits: {limits}"
+    )
+    assert expected in problems(text)
+
+
 def test_every_problem_is_reported_at_once() -> None:
     text = VALID.replace("15m", "never").replace("api://default", "") + "bogus_section: 1\n"
     assert problems(text) == [
