@@ -550,3 +550,48 @@ async def test_a_client_leaving_mid_upload_is_499_not_an_upstream_failure(
         "ok",
         1000,
     )
+
+
+async def test_a_failure_inside_the_gateway_is_an_audited_500_without_a_traceback(
+    gw: Gateway,
+    upstream: tuple[RecordingUpstream, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    message = "-".join(["secret", "detail"])  # would a traceback's message show it?
+
+    def broken(principal: Any, route: Any) -> None:
+        raise RuntimeError(message)
+
+    monkeypatch.setattr("gateway.app.authorize", broken)
+    token = await gw.token()
+    async with gw.client() as client:
+        response = await client.get("/orders/1", headers=bearer(token))
+    assert response.status_code == 500
+    assert response.json() == {"error": "server_error", "error_description": "internal error"}
+    assert "RuntimeError" not in response.text and "Traceback" not in response.text
+    line = gw.audit_lines()[-1]
+    assert (line["status"], line["decision"], line["reason"]) == (500, "error", "internal_error")
+    assert line["route"] == "orders-read"
+    assert upstream[0].seen == []
+    events = [json.loads(x) for x in capsys.readouterr().err.splitlines() if x.startswith("{")]
+    failure = next(e for e in events if e["event"] == "gateway.internal_error")
+    assert failure["error"] == "RuntimeError" and "authorize" in failure["traceback"]
+    assert "secret-detail" not in json.dumps(events)  # frames only, never the message
+    body, _ = gw.app.metrics.exposition()
+    assert (
+        b'tokengate_gateway_requests_total{code="500",decision="error",method="GET",'
+        b'reason="internal_error",route="orders-read"} 1.0'
+    ) in body
+
+
+async def test_a_long_path_is_audited_in_one_line_below_pipe_buf(gw: Gateway) -> None:
+    async with gw.client() as client:
+        response = await client.get("/nothing/" + "a" * 20000)
+    assert response.status_code == 404
+    gw.app.audit.sink.flush()
+    raw = gw.audit_path.read_bytes().splitlines()[-1]
+    assert len(raw) < 4096
+    line = json.loads(raw)
+    assert line["path"].startswith("/nothing/aaaa") and line["path"].endswith("...[truncated]")
+    assert (line["status"], line["reason"]) == (404, "no_route")
