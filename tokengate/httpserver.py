@@ -53,6 +53,7 @@ REFUSAL_REASONS = (
     "bad_request",
 )
 LINGER = 2.0  # seconds a refused connection's late request bytes are read and dropped
+LINGER_BYTES = 1024 * 1024  # and at most this many: then it is closed at once
 CHUNK_OVERHEAD = 64  # framing bytes allowed per chunk (size line, CRLFs) beyond the limit
 BODY_TIMEOUT_EXTENSION = "tokengate.body_timeout"
 
@@ -130,6 +131,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.body_timer: asyncio.TimerHandle | None = None
         self.body_activity = 0.0
         self.upgrade_ignored = False
+        self.dropped = 0  # bytes read and dropped after the connection was refused
 
     # -- connection --------------------------------------------------------------
 
@@ -189,6 +191,9 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.refused or self.upgrade_ignored:
+            self.dropped += len(data)
+            if self.dropped > LINGER_BYTES:
+                self.transport.abort()
             return
         self._unset_keepalive_if_required()
         if self.in_head:
