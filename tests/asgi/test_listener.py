@@ -503,3 +503,21 @@ async def test_garbage_is_a_json_400() -> None:
             "error_description": "the request is not valid HTTP/1.1",
         }
         assert at.refusals == ["bad_request"]
+
+
+async def test_a_refused_client_that_keeps_sending_is_cut_off() -> None:
+    async with listening() as at:
+        _, writer = await connect(at.port)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nX-Flood: ")
+        started = time.monotonic()
+        sent = 0
+        with contextlib.suppress(ConnectionError):
+            while sent < 64 * 1024 * 1024 and time.monotonic() - started < 5:
+                writer.write(b"a" * 65536)
+                await writer.drain()
+                sent += 65536
+        # the server reads at most LINGER_BYTES after its answer, then resets
+        assert sent < 16 * 1024 * 1024
+        assert time.monotonic() - started < 2.0
+        writer.close()
+        assert at.refusals == ["header_too_large"]
