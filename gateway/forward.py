@@ -25,7 +25,7 @@ from gateway.upstream import (
     UpstreamTimeout,
 )
 from tokengate.asgi import Receive, Scope, Send
-from tokengate.httpserver import BODY_TIMEOUT_EXTENSION
+from tokengate.httpserver import REFUSED_EXTENSION
 from tokengate.jsonlog import EventLimiter, log_event
 
 # Responses longer than this (or of unknown length) are watched for a client
@@ -127,8 +127,9 @@ class Forwarder:
                 content_length=length,
                 stall_timeout=stall_timeout,
             )
-        except ClientGone:  # mid-upload: the client left, or its body stalled
-            exchange.status = 408 if BODY_TIMEOUT_EXTENSION in scope.get("extensions", {}) else 499
+        except ClientGone:  # mid-upload: the client left, or the listener ended the request
+            refused = scope.get("extensions", {}).get(REFUSED_EXTENSION)
+            exchange.status = refused["status"] if refused and refused["status"] else 499
             return
         except UpstreamError as exc:
             exchange.upstream_seconds = time.perf_counter() - started

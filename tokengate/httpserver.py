@@ -15,8 +15,7 @@ its request/response cycle and adds what a listener facing the network needs:
 - **Body time.** A request body that stalls for ``body_idle_timeout`` (the client's
   own stall, not ours: time while reading is paused for backpressure or a
   ``100 Continue`` is owed does not count) ends the request: 408 if no response has
-  started, and close. The app sees a disconnect, and the scope's extension
-  ``tokengate.body_timeout`` says why.
+  started, and close.
 - **Connections.** Beyond ``max_connections`` open connections, a new one is
   answered 503 at once and closed.
 - **One host.** A second ``Host`` is 400; so is an HTTP/1.1 request without one, or
@@ -29,7 +28,10 @@ its request/response cycle and adds what a listener facing the network needs:
 
 Every refusal is reported through ``on_refusal(reason)`` with one of
 :data:`REFUSAL_REASONS`; none is logged per request (an attacker would choose the
-log volume).
+log volume). When a request an app is already serving is ended (a stalled body,
+endless trailers), the app sees a disconnect, and the scope's extension
+``tokengate.refused`` holds ``{"status": ..., "reason": ...}``: what the client was
+answered instead.
 """
 
 from __future__ import annotations
@@ -54,8 +56,7 @@ REFUSAL_REASONS = (
 )
 LINGER = 2.0  # seconds a refused connection's late request bytes are read and dropped
 LINGER_BYTES = 1024 * 1024  # and at most this many: then it is closed at once
-CHUNK_OVERHEAD = 64  # framing bytes allowed per chunk (size line, CRLFs) beyond the limit
-BODY_TIMEOUT_EXTENSION = "tokengate.body_timeout"
+REFUSED_EXTENSION = "tokengate.refused"  # scope extension: why the listener ended a request
 
 # RFC 3986 host: an IP literal or a reg-name (percent-encoding allowed), then a port.
 _HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
@@ -126,7 +127,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # bytes received since the current head began
         self.pending = bytearray()  # an unfinished head line, not yet parsed
         self.parsed_head = 0  # request line + header bytes the parser reported
-        self.framing = 0  # chunked framing and trailer bytes of the current body
+        self.framing = 0  # bytes since the last body byte: chunk framing, trailers
+        self.body_in_feed = False
         self.header_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
         self.body_activity = 0.0
@@ -177,6 +179,9 @@ class GuardedProtocol(HttpToolsProtocol):
             self.flow.resume_reading()  # what still arrives is read and dropped
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
+            status = int(response[9:12]) if response is not None else None
+            refused = {"status": status, "reason": reason}
+            cycle.scope.setdefault("extensions", {})[REFUSED_EXTENSION] = refused
             if cycle.response_started:
                 response = None  # only closing the connection can say it failed now
             cycle.disconnected = True  # the app sees a disconnect; its answer is dropped
@@ -226,23 +231,36 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.in_head:
             if self.head_bytes > self.limits.max_header_bytes:
                 self._refuse("header_too_large", TOO_LARGE)
-            elif rest:
+                return
+            if rest:
                 self.pending += rest
+            if self.header_timer is None and self.pending:  # a pipelined head has begun
+                self.header_timer = self.loop.call_later(
+                    self.limits.header_timeout, self._head_timed_out
+                )
         elif rest:
             self._read_body(rest)
+        else:
+            self._arm_body_timer()  # the head ended with this read; the body is to come
 
     def _read_body(self, data: bytes) -> None:
-        self.framing += len(data)  # on_body takes the body bytes back out
+        self.body_in_feed = False
         if not self._feed(data):
             return
         if not self.in_head:
-            if self.body_timer is None:
-                self.body_activity = self.loop.time()
-                self.body_timer = self.loop.call_later(
-                    self.limits.body_idle_timeout, self._body_timed_out
-                )
+            self._arm_body_timer()
+            # What is not body between body bytes is chunk framing, a size line and a
+            # CRLF; after the last chunk, trailers. Either may take max_header_bytes.
+            self.framing = 0 if self.body_in_feed else self.framing + len(data)
             if self.framing > self.limits.max_header_bytes:
-                self._refuse("header_too_large", TOO_LARGE)  # endless trailers or framing
+                self._refuse("header_too_large", TOO_LARGE)
+
+    def _arm_body_timer(self) -> None:
+        if self.body_timer is None:
+            self.body_activity = self.loop.time()
+            self.body_timer = self.loop.call_later(
+                self.limits.body_idle_timeout, self._body_timed_out
+            )
 
     def _feed(self, data: bytes) -> bool:
         """Parse ``data``; False when the connection was refused."""
@@ -290,8 +308,6 @@ class GuardedProtocol(HttpToolsProtocol):
         if now < idle_until:
             self.body_timer = self.loop.call_at(idle_until, self._body_timed_out)
             return
-        if cycle is not None:
-            cycle.scope.setdefault("extensions", {})[BODY_TIMEOUT_EXTENSION] = {}
         self._refuse("body_timeout", BODY_TIMEOUT)
 
     # -- llhttp callbacks ------------------------------------------------------------
@@ -366,7 +382,7 @@ class GuardedProtocol(HttpToolsProtocol):
             raise _bad("the Host header is not a valid host")
 
     def on_body(self, body: bytes) -> None:
-        self.framing = max(0, self.framing - len(body))
+        self.body_in_feed = True
         self.body_activity = self.loop.time()
         super().on_body(body)
 

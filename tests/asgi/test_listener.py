@@ -17,7 +17,7 @@ import pytest
 import uvicorn
 
 from tokengate.asgi import Receive, Scope, Send, json_bytes, send_bytes
-from tokengate.httpserver import BODY_TIMEOUT_EXTENSION, GuardedProtocol
+from tokengate.httpserver import REFUSED_EXTENSION, GuardedProtocol
 from tokengate.limits import Limits
 from tokengate.serve import QuietServer
 
@@ -326,7 +326,20 @@ async def test_a_body_that_stalls_ends_the_request_with_408() -> None:
         assert at.refusals == ["body_timeout"]
         assert at.seen.requests == []
         assert len(at.seen.disconnects) == 1
-        assert BODY_TIMEOUT_EXTENSION in at.seen.disconnects[0]["extensions"]
+        assert at.seen.disconnects[0]["extensions"][REFUSED_EXTENSION] == {
+            "status": 408,
+            "reason": "body_timeout",
+        }
+
+
+async def test_a_body_that_never_starts_ends_the_request_with_408() -> None:
+    async with listening() as at:
+        reader, writer = await connect(at.port)
+        writer.write(b"POST /up HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\n")
+        response = await read_all(reader)
+        writer.close()
+        assert status_of(response) == 408
+        assert at.refusals == ["body_timeout"]
 
 
 async def test_a_slow_but_moving_body_is_not_cut_off() -> None:

@@ -81,7 +81,14 @@ def start_stack(
     config["audit"] = {"path": str(tmp_path / "main" / "audit.log")}
     config["admin"] = {"listen": f"127.0.0.1:{admin_port}"}
     main = Tokengate(tmp_path / "main", config, *args)
-    main.start(f"http://127.0.0.1:{admin_port}/readyz")
+    try:
+        main.start(f"http://127.0.0.1:{admin_port}/readyz")
+    except BaseException:
+        for process in (main, upstream):  # the fixture never sees a stack that did not start
+            if process.proc is not None and process.proc.poll() is None:
+                process.proc.kill()
+                process.proc.wait()
+        raise
     return Stack(main, upstream, auth_port, gw_port, admin_port)
 
 
