@@ -1,6 +1,7 @@
 """Throttling of failed client authentication, per presented client_id and per IP.
 
-After a few free failures, each further failure locks the key for a time that
+Addresses are counted per IPv4 address and per IPv6 /64. After a few free
+failures, each further failure locks the key for a time that
 doubles from 1 s up to ``max_lock``; while either key of a request is locked, the
 request is refused before its credentials are looked at. Any presented client_id is
 a key, configured or not, so throttling does not tell which ids exist. A success
@@ -14,6 +15,7 @@ a shared implementation (Redis) can replace it behind :class:`AuthThrottle`.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import math
 import time
 from collections.abc import Callable
@@ -98,17 +100,31 @@ class MemoryThrottle:
         if client_id is not None and self.policy.failures:
             wait = self._clients.locked_for(_client_key(client_id))
         if ip is not None and self.policy.ip_failures:
-            wait = max(wait, self._ips.locked_for(ip))
+            wait = max(wait, self._ips.locked_for(address_key(ip)))
         return max(1, math.ceil(wait)) if wait > 0 else None
 
     def failed(self, client_id: str | None, ip: str | None) -> None:
         if client_id is not None and self.policy.failures:
             self._clients.failed(_client_key(client_id))
         if ip is not None and self.policy.ip_failures:
-            self._ips.failed(ip)
+            self._ips.failed(address_key(ip))
 
     def succeeded(self, client_id: str) -> None:
         self._clients.forget(_client_key(client_id))
+
+
+def address_key(ip: str) -> str:
+    """What counts as one address: an IPv4 address, or an IPv6 /64 (one host's
+    interface usually holds a whole /64, so single IPv6 addresses cost nothing)."""
+    try:
+        address = ipaddress.ip_address(ip)
+    except ValueError:
+        return ip
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return ip
 
 
 def _client_key(client_id: str) -> bytes:

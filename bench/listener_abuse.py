@@ -14,6 +14,9 @@ the built-in echo upstream, and the admin listener), then, one scenario at a tim
 3. **half-open**: 2,000 connections send a partial request head and 200 send
    nothing; after ``header_timeout`` + 2 s, how many the server still holds open, and
    the probe's latency meanwhile.
+4. **pipelined**: 100 connections each write 250 KB of pipelined requests (to a path
+   no route matches, so the gateway answers each itself) and never read the answers.
+   Printed: the server's peak RSS growth and CPU seconds, and the probe's latency.
 
 ``--source DIR`` runs tokengate from another checkout (a ``git worktree`` of an older
 commit, say), so the same attacks can be measured before and after a change in one
@@ -229,6 +232,33 @@ def scenario_half_open(port: int, pid: int, health: str, header_timeout: float) 
     print(f"  /health meanwhile: {probe.summary()}")
 
 
+def scenario_pipelined(port: int, pid: int, health: str) -> None:
+    one = b"GET /nowhere HTTP/1.1\r\nHost: bench\r\n\r\n"
+    burst = one * (250_000 // len(one))
+    cpu_before = cpu_seconds([pid])
+    socks = []
+    with Probe(health) as probe, PeakRss(pid) as rss:
+        for _ in range(100):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+            sock.connect(("127.0.0.1", port))
+            sock.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                sock.send(burst)
+            socks.append(sock)
+        time.sleep(10)
+        for sock in socks:
+            sock.close()
+        time.sleep(0.5)
+    cpu = cpu_seconds([pid]) - cpu_before
+    print(
+        f"pipelined: 100 connections x {len(burst) // 1000} KB of pipelined requests, unread, "
+        f"for 10 s: server RSS {rss.start // 1024} MiB -> peak {rss.peak // 1024} MiB, "
+        f"CPU {cpu:.2f} s"
+    )
+    print(f"  /health meanwhile: {probe.summary()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--source", type=Path, help="run tokengate from this checkout")
@@ -276,6 +306,7 @@ def main() -> None:
             scenario_flood(gw, proc.pid, health)
             scenario_whole(gw)
             scenario_half_open(gw, proc.pid, health, header_timeout=10)
+            scenario_pipelined(gw, proc.pid, health)
         finally:
             proc.terminate()
             try:

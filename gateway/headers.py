@@ -49,9 +49,16 @@ SPOOFABLE = frozenset(
         b"x-http-method-override",
         b"x-http-method",
         b"x-method-override",
+        b"x-forwarded",
+        b"x-original-forwarded-for",
+        b"x-host",
+        b"x-remote-ip",
+        b"x-remote-addr",
+        b"x-originating-ip",
+        b"x-proxyuser-ip",
     }
 )
-_SPOOFABLE_PREFIXES = (b"x-auth-", b"x-forwarded-")
+_SPOOFABLE_PREFIXES = (b"x-auth-", b"x-forwarded-", b"x-envoy-")
 _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close"})
 _NOT_RETURNED = HOP_BY_HOP | {b"x-request-id"}
 CONTROL = re.compile(r"[\x00-\x1f\x7f]")  # never in an identity header value

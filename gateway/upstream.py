@@ -448,6 +448,8 @@ class _Connection(asyncio.Protocol):
         response = self.response
         assert response is not None and self.headers_ready is not None
         status = self.parser.get_status_code()
+        if not 100 <= status <= 599:  # llhttp takes any three digits; no client would
+            raise UpstreamUnavailable(f"not an HTTP status: {status}")
         if 100 <= status < 200:
             if status == 101:
                 raise UpstreamUnavailable("the upstream switched protocols unasked")

@@ -16,6 +16,9 @@ its request/response cycle and adds what a listener facing the network needs:
   own stall, not ours: time while reading is paused for backpressure or a
   ``100 Continue`` is owed does not count) ends the request: 408 if no response has
   started, and close.
+- **Send time.** A client that takes no response bytes at all for ``send_timeout``
+  while tokengate has some to send (the socket's buffers are full) is disconnected:
+  it cannot hold a connection and a response's buffers by never reading.
 - **Connections.** Beyond ``max_connections`` open connections, a new one is
   answered 503 at once and closed.
 - **One host.** A second ``Host`` is 400; so is an HTTP/1.1 request without one, or
@@ -53,17 +56,27 @@ REFUSAL_REASONS = (
     "body_timeout",
     "too_many_connections",
     "bad_request",
+    "send_timeout",
 )
 LINGER = 2.0  # seconds a refused connection's late request bytes are read and dropped
 LINGER_BYTES = 1024 * 1024  # and at most this many: then it is closed at once
+MAX_PIPELINED = 8  # requests parsed ahead of their turn (after a chunked body only)
 REFUSED_EXTENSION = "tokengate.refused"  # scope extension: why the listener ended a request
 
-# RFC 3986 host: an IP literal or a reg-name (percent-encoding allowed), then a port.
-_HOST = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_NOT_CRLF = re.compile(rb"[^\r\n]")
+# A host as routes can match it: an IP literal, or DNS labels (letters, digits, '-', '_')
+# joined by single dots, with at most one trailing dot; then an optional port. RFC 3986
+# allows more in a reg-name (sub-delims, percent-encoding), which no route names and
+# which upstreams split differently ("a.example.com,evil").
+_LABEL = rb"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOST = re.compile(
+    rb"(?:\[[0-9A-Fa-f:.]+\]|(?:" + _LABEL + rb"\.)*" + _LABEL + rb"\.?)(?::[0-9]{1,5})?"
+)
 _REASON_PHRASES = {
     400: b"Bad Request",
     408: b"Request Timeout",
     431: b"Request Header Fields Too Large",
+    501: b"Not Implemented",
     503: b"Service Unavailable",
 }
 
@@ -85,6 +98,9 @@ def error_response(status: int, error: str, description: str, *extra: bytes) -> 
 
 
 BAD_REQUEST = error_response(400, "invalid_request", "the request is not valid HTTP/1.1")
+NOT_CHUNKED = error_response(
+    501, "invalid_request", "only the chunked transfer coding is supported in requests"
+)
 TOO_LARGE = error_response(431, "invalid_request", "the request header fields are too large")
 HEAD_TIMEOUT = error_response(408, "invalid_request", "the request head took too long")
 BODY_TIMEOUT = error_response(408, "invalid_request", "the request body stalled")
@@ -124,16 +140,21 @@ class GuardedProtocol(HttpToolsProtocol):
         self.on_refusal = on_refusal
         self.refused = False  # answered and closing: everything further is dropped
         self.in_head = True  # the parser expects (or is inside) a request head
-        self.head_bytes = 0  # bytes received since the current head began
-        self.pending = bytearray()  # an unfinished head line, not yet parsed
+        self.head_bytes = 0  # bytes of the current head given to the parser
+        self.partial = bytearray()  # an unfinished line of a request head, not yet parsed
+        self.held: tuple[bytes, int] | None = None  # pipelined bytes waiting their turn
+        self.message_started = False  # the parser is inside a request
         self.parsed_head = 0  # request line + header bytes the parser reported
         self.framing = 0  # bytes since the last body byte: chunk framing, trailers
         self.body_in_feed = False
         self.header_timer: asyncio.TimerHandle | None = None
         self.body_timer: asyncio.TimerHandle | None = None
+        self.send_timer: asyncio.TimerHandle | None = None
         self.body_activity = 0.0
         self.upgrade_ignored = False
         self.dropped = 0  # bytes read and dropped after the connection was refused
+        self.holding = False  # reading paused: pipelined requests wait for a response
+        self.body_left: int | None = None  # body bytes still to come, when the length is known
 
     # -- connection --------------------------------------------------------------
 
@@ -156,10 +177,10 @@ class GuardedProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def _cancel_timers(self) -> None:
-        for timer in (self.header_timer, self.body_timer):
+        for timer in (self.header_timer, self.body_timer, self.send_timer):
             if timer is not None:
                 timer.cancel()
-        self.header_timer = self.body_timer = None
+        self.header_timer = self.body_timer = self.send_timer = None
 
     def _linger(self) -> None:
         """Half-close after the answer, drop what the client still sends, close soon:
@@ -201,59 +222,116 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.transport.abort()
             return
         self._unset_keepalive_if_required()
-        if self.in_head:
-            self._read_head(data)
-        else:
-            self._read_body(data)
+        if self.held is not None:  # more pipelined bytes while a response is in flight
+            held, at = self.held
+            self.held = None
+            data = held[at:] + data
+        self._process(data, 0)
 
-    def _read_head(self, data: bytes) -> None:
-        """Hand the parser whole lines only; bound what a head may take."""
+    def _process(self, data: bytes, at: int) -> None:
+        """Parse as much of ``data[at:]`` as the current request may take. A request
+        head is handed to the parser whole lines at a time, never past its end; the
+        next request waits, unparsed, until the response before it is complete (as
+        nginx reads pipelined requests): however many requests a client pipelines,
+        they cost a bounded buffer, not a queue of parsed requests."""
+        end = len(data)
+        while at < end and not self.refused and not self.upgrade_ignored:
+            if not self.in_head:
+                at = self._read_body(data, at)
+            elif self.cycle is not None and not self.cycle.response_complete:
+                self._hold(data, at)
+                return
+            elif self.partial:
+                self.partial += memoryview(data)[at:]
+                if data.find(b"\n", at) < 0:  # the line has not ended yet
+                    self._check_head_size()
+                    return
+                data, at, end = bytes(self.partial), 0, len(self.partial)
+                self.partial.clear()
+            else:
+                at = self._read_head(data, at)
+
+    def _hold(self, data: bytes, at: int) -> None:
+        """Keep the bytes of pipelined requests until the response before them is
+        complete; past ``max_header_bytes`` of them, stop reading the socket too."""
+        self.held = (data, at)
+        if len(data) - at > self.limits.max_header_bytes and not self.holding:
+            self.holding = True
+            self.transport.pause_reading()  # not through flow: receive() would resume it
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.transport.is_closing() or self.refused:
+            return
+        if self.holding:
+            self.holding = False
+            self.transport.resume_reading()
+        if self.held is not None:
+            self._unset_keepalive_if_required()  # the next request starts now
+            data, at = self.held
+            self.held = None
+            self._process(data, at)
+
+    def _read_head(self, data: bytes, at: int) -> int:
+        """Feed whole lines of a request head, up to its end at most; where to go on."""
         if self.header_timer is None:
             self.header_timer = self.loop.call_later(
                 self.limits.header_timeout, self._head_timed_out
             )
-        self.head_bytes += len(data)
-        cut = data.rfind(b"\n") + 1
-        if cut == 0:  # no line ends here: keep it until one does
-            self.pending += data
-            if self.head_bytes > self.limits.max_header_bytes:
-                self._refuse("header_too_large", TOO_LARGE)
-            return
-        if self.pending:
-            self.pending += data[:cut]
-            lines = bytes(self.pending)
-            self.pending.clear()
+        end = len(data)
+        if not self.message_started:  # blank lines before a request are skipped, counted
+            first = _NOT_CRLF.search(data, at)
+            start = first.start() if first is not None else end
+            self.head_bytes += start - at
+            at = start
+            self._check_head_size()
+            if at == end:
+                return end
+        # ``at`` is where a line starts: a blank line there ends the head in progress
+        if data.startswith(b"\r\n", at):
+            cut, whole = at + 2, True
         else:
-            lines = data if cut == len(data) else data[:cut]
-        if not self._feed(lines):
-            return
-        rest = data[cut:]
-        if self.in_head:
-            if self.head_bytes > self.limits.max_header_bytes:
-                self._refuse("header_too_large", TOO_LARGE)
-                return
-            if rest:
-                self.pending += rest
-            if self.header_timer is None and self.pending:  # a pipelined head has begun
-                self.header_timer = self.loop.call_later(
-                    self.limits.header_timeout, self._head_timed_out
-                )
-        elif rest:
-            self._read_body(rest)
-        else:
-            self._arm_body_timer()  # the head ended with this read; the body is to come
+            found = data.find(b"\r\n\r\n", at)
+            whole = found >= 0
+            cut = found + 4 if whole else data.rfind(b"\n", at) + 1
+            if cut == 0:  # no line ends here
+                self.partial += memoryview(data)[at:]
+                self._check_head_size()
+                return end
+        self.head_bytes += cut - at
+        if not self._feed(memoryview(data)[at:cut]):
+            return end
+        if not self.in_head:  # headers complete: the body follows
+            if cut == end:
+                self._arm_body_timer()
+            return cut
+        if not whole:  # inside a head: keep the unfinished line
+            self.partial += memoryview(data)[cut:]
+            self._check_head_size()
+            return end
+        return cut  # a body-less request is complete; the next one may follow
 
-    def _read_body(self, data: bytes) -> None:
+    def _check_head_size(self) -> None:
+        if self.head_bytes + len(self.partial) > self.limits.max_header_bytes:
+            self._refuse("header_too_large", TOO_LARGE)
+
+    def _read_body(self, data: bytes, at: int) -> int:
+        """Feed body bytes, not past the body's end when its length is known."""
+        stop = len(data)
+        if self.body_left is not None:
+            stop = min(stop, at + self.body_left)
+            self.body_left -= stop - at
         self.body_in_feed = False
-        if not self._feed(data):
-            return
+        if not self._feed(memoryview(data)[at:stop]):
+            return len(data)
         if not self.in_head:
             self._arm_body_timer()
             # What is not body between body bytes is chunk framing, a size line and a
             # CRLF; after the last chunk, trailers. Either may take max_header_bytes.
-            self.framing = 0 if self.body_in_feed else self.framing + len(data)
+            self.framing = 0 if self.body_in_feed else self.framing + stop - at
             if self.framing > self.limits.max_header_bytes:
                 self._refuse("header_too_large", TOO_LARGE)
+        return stop
 
     def _arm_body_timer(self) -> None:
         if self.body_timer is None:
@@ -294,7 +372,7 @@ class GuardedProtocol(HttpToolsProtocol):
                 self.limits.header_timeout, self._head_timed_out
             )
             return
-        self._refuse("header_timeout", HEAD_TIMEOUT if self.head_bytes else None)
+        self._refuse("header_timeout", HEAD_TIMEOUT if self.head_bytes or self.partial else None)
 
     def _body_timed_out(self) -> None:
         self.body_timer = None
@@ -308,13 +386,39 @@ class GuardedProtocol(HttpToolsProtocol):
         if now < idle_until:
             self.body_timer = self.loop.call_at(idle_until, self._body_timed_out)
             return
-        self._refuse("body_timeout", BODY_TIMEOUT)
+        answered = cycle is not None and cycle.response_complete  # nothing more to say
+        self._refuse("body_timeout", None if answered else BODY_TIMEOUT)
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self.send_timer is None:
+            self.send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self.send_timer is not None:
+            self.send_timer.cancel()
+            self.send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self.send_timer = None
+        self.on_refusal("send_timeout")
+        self.refused = True
+        self._cancel_timers()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.scope.setdefault("extensions", {})[REFUSED_EXTENSION] = {
+                "status": None,
+                "reason": "send_timeout",
+            }
+        self.transport.abort()  # the buffers it would not take are dropped with it
 
     # -- llhttp callbacks ------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.in_head = True
+        self.message_started = True
         self.parsed_head = 0
 
     def on_url(self, url: bytes) -> None:
@@ -338,14 +442,26 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.header_timer is not None:
             self.header_timer.cancel()
             self.header_timer = None
-        self._one_host()
         parser = self.parser
-        if parser.should_upgrade():
-            for name, value in self.headers:
-                if name == b"transfer-encoding" or (
-                    name == b"content-length" and value.strip() not in (b"", b"0")
-                ):
-                    raise _bad("an Upgrade request with a body is not supported")
+        if parser.get_http_version() not in ("1.1", "1.0"):
+            raise _bad("only HTTP/1.1 and HTTP/1.0 are served")
+        if parser.get_method() == b"CONNECT":
+            raise _bad("CONNECT is not served: this is not a forward proxy")
+        self._one_host()
+        self.body_left = None
+        chunked = False
+        for name, value in self.headers:
+            if name == b"transfer-encoding":
+                if value.strip().lower() != b"chunked":
+                    raise _Refused("bad_request", NOT_CHUNKED)
+                chunked = True
+            elif name == b"content-length":
+                self.body_left = int(value)  # llhttp took it as a number, and not with chunked
+        if parser.should_upgrade() and (chunked or self.body_left):
+            # llhttp would stop at the head and leave the body to be read as a request
+            raise _bad("an Upgrade request with a body is not supported")
+        if len(self.pipeline) >= MAX_PIPELINED:
+            raise _bad("too many pipelined requests")
         super().on_headers_complete()
 
     def _one_host(self) -> None:
@@ -369,6 +485,8 @@ class GuardedProtocol(HttpToolsProtocol):
                 host = b"[%b]" % host
             if parsed.port is not None:
                 host += b":%d" % parsed.port
+            if not _HOST.fullmatch(host):
+                raise _bad("the request target's host is not a valid host")
             if at:
                 headers[at[0]] = (b"host", host)
             else:
@@ -378,7 +496,8 @@ class GuardedProtocol(HttpToolsProtocol):
             if self.parser.get_http_version() == "1.1":
                 raise _bad("an HTTP/1.1 request needs a Host header")
             return
-        if not _HOST.fullmatch(headers[at[0]][1]):
+        host = headers[at[0]][1]
+        if host and not _HOST.fullmatch(host):  # empty is allowed (RFC 9110 7.2)
             raise _bad("the Host header is not a valid host")
 
     def on_body(self, body: bytes) -> None:
@@ -389,6 +508,7 @@ class GuardedProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.in_head = True
+        self.message_started = False
         self.head_bytes = 0
         if self.body_timer is not None:
             self.body_timer.cancel()

@@ -1,8 +1,8 @@
 """The ``limits`` block every listener takes (``gateway``, ``authserver``, ``admin``).
 
-What one client may cost a listener before it has been authorized: bytes and time
-for a request head, time between request body bytes, and open connections per
-worker. :mod:`tokengate.httpserver` enforces them.
+What one client may cost a listener: bytes and time for a request head, time
+between request body bytes, time without taking any response bytes, and open
+connections per worker. :mod:`tokengate.httpserver` enforces them.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ class Limits:
     header_timeout: float = 10.0  # seconds to receive a whole request head
     body_idle_timeout: float = 30.0  # seconds a request body may stall
     max_connections: int = 4096  # open connections per worker; beyond: 503 and close
+    send_timeout: float = 60.0  # seconds a client may take no response bytes at all
 
 
 DEFAULT_LIMITS = Limits()
@@ -27,7 +28,13 @@ DEFAULT_LIMITS = Limits()
 
 def as_limits(node: Node) -> Limits:
     f = node.fields(
-        optional=("max_header_bytes", "header_timeout", "body_idle_timeout", "max_connections")
+        optional=(
+            "max_header_bytes",
+            "header_timeout",
+            "body_idle_timeout",
+            "max_connections",
+            "send_timeout",
+        )
     )
     d = DEFAULT_LIMITS
     max_header_bytes = f.get("max_header_bytes", positive_int, d.max_header_bytes)
@@ -46,4 +53,5 @@ def as_limits(node: Node) -> Limits:
         ),
         max_connections=f.get("max_connections", positive_int, d.max_connections)
         or d.max_connections,
+        send_timeout=f.get("send_timeout", as_duration, d.send_timeout) or d.send_timeout,
     )

@@ -491,3 +491,15 @@ def test_introspect_config() -> None:
     assert [str(e) for e in info.value.errors] == [
         "authserver.clients[1].introspect: must be one of own, any; got 'all'"
     ]
+
+
+def test_ipv6_addresses_count_per_slash_64() -> None:
+    from authserver.throttle import address_key
+
+    assert (
+        address_key("2001:db8:1:2::1") == address_key("2001:db8:1:2:ffff::9") == "2001:db8:1:2::/64"
+    )
+    assert address_key("2001:db8:1:3::1") != address_key("2001:db8:1:2::1")
+    assert address_key("::ffff:198.51.100.7") == "198.51.100.7"
+    assert address_key("198.51.100.7") == "198.51.100.7"
+    assert address_key("not-an-ip") == "not-an-ip"

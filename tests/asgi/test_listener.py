@@ -23,7 +23,13 @@ from tokengate.serve import QuietServer
 
 pytestmark = pytest.mark.anyio
 
-FAST = Limits(max_header_bytes=8192, header_timeout=0.5, body_idle_timeout=0.5, max_connections=8)
+FAST = Limits(
+    max_header_bytes=8192,
+    header_timeout=0.5,
+    body_idle_timeout=0.5,
+    max_connections=8,
+    send_timeout=0.5,
+)
 
 
 @dataclass
@@ -33,12 +39,24 @@ class Seen:
     requests: list[dict[str, Any]] = field(default_factory=list)
     disconnects: list[dict[str, Any]] = field(default_factory=list)
     receive_delay: float = 0.0
+    gate: asyncio.Event | None = None  # when set, requests wait for it before answering
 
 
 def echo_app(seen: Seen) -> Any:
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
+        if scope["path"] == "/big":  # 64 MiB, for a client that does not read
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            for _ in range(1024):
+                await send({"type": "http.response.body", "body": b"b" * 65536, "more_body": True})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if scope["path"] == "/early":  # answered before the body is read
+            await send_bytes(send, 200, b"early")
+            return
+        if seen.gate is not None:
+            await seen.gate.wait()
         await asyncio.sleep(seen.receive_delay)
         body = b""
         while True:
@@ -65,6 +83,10 @@ class Listening:
     port: int
     refusals: list[str]
     seen: Seen
+    server: QuietServer
+
+    def protocols(self) -> list[GuardedProtocol]:
+        return list(self.server.server_state.connections)  # type: ignore[arg-type]
 
 
 @contextlib.asynccontextmanager
@@ -88,7 +110,7 @@ async def listening(limits: Limits = FAST) -> AsyncIterator[Listening]:
     while not server.started:  # noqa: ASYNC110 - uvicorn offers no event for it
         await asyncio.sleep(0.01)
     try:
-        yield Listening(sock.getsockname()[1], refusals, seen)
+        yield Listening(sock.getsockname()[1], refusals, seen, server)
     finally:
         server.should_exit = True
         await task
@@ -402,6 +424,31 @@ async def test_connections_beyond_the_cap_are_answered_503_and_closed() -> None:
 @pytest.mark.parametrize(
     ("raw", "description"),
     [
+        (
+            b"GET / HTTP/1.1\r\nHost: a.example.com,evil\r\n\r\n",
+            "the Host header is not a valid host",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: a.example.com..\r\n\r\n", "the Host header is not a valid host"),
+        (b"GET / HTTP/1.1\r\nHost: a..example.com\r\n\r\n", "the Host header is not a valid host"),
+        (
+            b"GET / HTTP/1.1\r\nHost: %61dmin.example.com\r\n\r\n",
+            "the Host header is not a valid host",
+        ),
+        (
+            b"GET / HTTP/1.1\r\nHost: admin.example.com;x\r\n\r\n",
+            "the Host header is not a valid host",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: a:99999999\r\n\r\n", "the Host header is not a valid host"),
+        (
+            b"GET http://a..b/ HTTP/1.1\r\nHost: a\r\n\r\n",
+            "the request target's host is not a valid host",
+        ),
+        (b"GET / HTTP/2.0\r\nHost: a\r\n\r\n", "only HTTP/1.1 and HTTP/1.0 are served"),
+        (b"CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n", None),
+        (
+            b"CONNECT /x HTTP/1.1\r\nHost: a\r\n\r\n",
+            "CONNECT is not served: this is not a forward proxy",
+        ),
         (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host header"),
         (b"GET / HTTP/1.1\r\nHost: a\r\nhost: a\r\n\r\n", "more than one Host header"),
         (b"GET / HTTP/1.1\r\nX: y\r\n\r\n", "an HTTP/1.1 request needs a Host header"),
@@ -418,13 +465,26 @@ async def test_connections_beyond_the_cap_are_answered_503_and_closed() -> None:
         ),
     ],
 )
-async def test_host_must_be_one_valid_host(raw: bytes, description: str) -> None:
+async def test_host_must_be_one_valid_host(raw: bytes, description: str | None) -> None:
     async with listening() as at:
         response = await exchange(at.port, raw)
         assert status_of(response) == 400
-        assert body_of(response) == {"error": "invalid_request", "error_description": description}
+        if description is not None:
+            assert body_of(response) == {
+                "error": "invalid_request",
+                "error_description": description,
+            }
         assert at.refusals == ["bad_request"]
         assert at.seen.requests == []
+
+
+@pytest.mark.parametrize("host", [b"a_b.internal", b"[::1]:80", b"", b"Admin.Example.com.:8443"])
+async def test_hosts_that_are_hosts_pass(host: bytes) -> None:
+    async with listening() as at:
+        response = await exchange(
+            at.port, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\nConnection: close\r\n\r\n"
+        )
+        assert status_of(response) == 200
 
 
 async def test_an_http10_request_may_come_without_host() -> None:
@@ -534,3 +594,96 @@ async def test_a_refused_client_that_keeps_sending_is_cut_off() -> None:
         assert time.monotonic() - started < 2.0
         writer.close()
         assert at.refusals == ["header_too_large"]
+
+
+async def test_a_transfer_coding_other_than_chunked_is_501() -> None:
+    async with listening() as at:
+        response = await exchange(
+            at.port,
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            b"3\r\nabc\r\n0\r\n\r\n",
+        )
+        assert status_of(response) == 501
+        assert at.seen.requests == []
+
+
+async def test_blank_lines_before_a_request_count_against_the_head_limit() -> None:
+    async with listening() as at:
+        response = await exchange(at.port, b"\r\n" * 5000 + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(response) == 431
+        ok = await exchange(
+            at.port, b"\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        assert status_of(ok) == 200
+
+
+async def test_pipelined_requests_wait_unparsed_for_their_turn() -> None:
+    """A client that pipelines hundreds of requests in one write costs a buffer, not a
+    queue of parsed requests: the next head is parsed only when the response before
+    it is complete. Every request is still answered, in order."""
+    async with listening() as at:
+        at.seen.gate = asyncio.Event()
+        reader, writer = await connect(at.port)
+        count = 300
+        writer.write(b"".join(b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(count)))
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        (protocol,) = at.protocols()
+        assert len(protocol.pipeline) == 0  # nothing parsed ahead of its turn
+        assert protocol.held is not None
+        at.seen.gate.set()
+        paths = []
+        for _ in range(count):
+            status, _, body = await one_response(reader)
+            assert status == 200
+            paths.append(json.loads(body)["path"])
+        writer.close()
+        assert paths == [f"/{i}" for i in range(count)]
+        assert at.refusals == []
+
+
+async def test_pipelined_requests_after_a_body_wait_too() -> None:
+    async with listening() as at:
+        at.seen.gate = asyncio.Event()
+        reader, writer = await connect(at.port)
+        post = b"POST /p HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello"
+        writer.write(post + b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n" * 50)
+        await writer.drain()
+        await asyncio.sleep(0.3)
+        (protocol,) = at.protocols()
+        assert len(protocol.pipeline) == 0
+        at.seen.gate.set()
+        first = await one_response(reader)
+        assert json.loads(first[2])["body"] == "hello"
+        for _ in range(50):
+            assert json.loads((await one_response(reader))[2])["path"] == "/after"
+        writer.close()
+
+
+async def test_a_body_timer_after_the_answer_closes_quietly() -> None:
+    """The app answered without reading the whole body; the client stalls: the
+    connection is closed with no second, unsolicited response."""
+
+    async with listening() as at:
+        reader, writer = await connect(at.port)
+        writer.write(b"PUT /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+        response = await read_all(reader)
+        writer.close()
+        assert response.count(b"HTTP/1.1 ") == 1 and status_of(response) == 200
+        assert at.refusals == ["body_timeout"]
+
+
+async def test_a_client_that_never_reads_its_response_is_disconnected() -> None:
+    async with listening() as at:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", at.port))
+        sock.sendall(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        started = time.monotonic()
+        while "send_timeout" not in at.refusals and time.monotonic() - started < 5:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        elapsed = time.monotonic() - started
+        sock.close()
+        assert at.refusals == ["send_timeout"]
+        assert 0.4 < elapsed < 3.0
+        assert at.protocols() == []

@@ -252,8 +252,10 @@ async def test_a_body_cut_short_is_an_error(client: UpstreamClient, response: by
         b"HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\nConnection: upgrade\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 999 Weird\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nok",
     ],
-    ids=["garbage", "two-lengths", "bad-header", "upgrade", "huge-headers"],
+    ids=["garbage", "two-lengths", "bad-header", "upgrade", "huge-headers", "999", "600"],
 )
 async def test_invalid_responses_are_unavailable(client: UpstreamClient, response: bytes) -> None:
     async with Server(answering(response)) as server:

@@ -160,7 +160,7 @@ def test_limits_every_listener_takes() -> None:
     text = VALID.replace(
         "  listen: 127.0.0.1:9000",
         "  listen: 127.0.0.1:9000\n  limits: {max_header_bytes: 16384, header_timeout: 5s,"
-        " body_idle_timeout: 1m, max_connections: 100}",
+        " body_idle_timeout: 1m, max_connections: 100, send_timeout: 2m}",
     )
     text += "admin:\n  listen: 127.0.0.1:9100\n  limits: {max_connections: 10}\n"
     config = parse_config(text, {})
@@ -168,10 +168,12 @@ def test_limits_every_listener_takes() -> None:
     limits = config.authserver.limits
     assert (limits.max_header_bytes, limits.header_timeout) == (16384, 5.0)
     assert (limits.body_idle_timeout, limits.max_connections) == (60.0, 100)
+    assert limits.send_timeout == 120.0
     assert config.admin.limits.max_connections == 10
     assert config.admin.limits.max_header_bytes == 64 * 1024  # the defaults
     assert config.admin.limits.header_timeout == 10.0
     assert config.admin.limits.body_idle_timeout == 30.0
+    assert config.admin.limits.send_timeout == 60.0
 
 
 @pytest.mark.parametrize(
