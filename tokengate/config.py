@@ -9,7 +9,7 @@ from pathlib import Path
 
 from authserver.config import AuthServerConfig, parse_authserver
 from gateway.config import GatewayConfig, parse_gateway
-from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
+from tokengate.limits import ADMIN_LIMITS, Limits, as_limits
 from tokengate.yamlconf import (
     ConfigError,
     ConfigErrors,
@@ -34,7 +34,7 @@ class AuditConfig:
 @dataclass(frozen=True, slots=True)
 class AdminConfig:
     listen: Listen  # /healthz, /readyz, /metrics
-    limits: Limits = DEFAULT_LIMITS
+    limits: Limits = ADMIN_LIMITS
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,7 +106,8 @@ def _version(node: Node) -> int:
 def _admin(node: Node) -> AdminConfig:
     f = node.fields(required=("listen",), optional=("limits",))
     return AdminConfig(
-        listen=f.get("listen", as_listen), limits=f.get("limits", as_limits, DEFAULT_LIMITS)
+        listen=f.get("listen", as_listen),
+        limits=f.get("limits", lambda n: as_limits(n, ADMIN_LIMITS), ADMIN_LIMITS),
     )
 
 

@@ -24,9 +24,12 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+# The admin listener serves probes and scrapes; the echo upstream is for demos.
+ADMIN_LIMITS = Limits(max_connections=256)
+ECHO_LIMITS = Limits(max_connections=1024)
 
 
-def as_limits(node: Node) -> Limits:
+def as_limits(node: Node, d: Limits = DEFAULT_LIMITS) -> Limits:
     f = node.fields(
         optional=(
             "max_header_bytes",
@@ -36,7 +39,6 @@ def as_limits(node: Node) -> Limits:
             "send_timeout",
         )
     )
-    d = DEFAULT_LIMITS
     max_header_bytes = f.get("max_header_bytes", positive_int, d.max_header_bytes)
     if max_header_bytes is not None and max_header_bytes < MIN_HEADER_BYTES:
         f.node.report.errors.append(

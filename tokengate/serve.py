@@ -37,7 +37,7 @@ from tokengate.asgi import ASGIApp
 from tokengate.config import Config, load_config
 from tokengate.httpserver import GuardedProtocol
 from tokengate.jsonlog import AuditLog, EventLimiter, LineSink, configure_logging, log_event
-from tokengate.limits import DEFAULT_LIMITS, Limits
+from tokengate.limits import ECHO_LIMITS, Limits
 from tokengate.metrics import MULTIPROC_ENV, Metrics
 from tokengate.reload import Apply, ConfigWatcher
 from tokengate.yamlconf import ConfigErrors, Listen
@@ -71,7 +71,7 @@ def listeners(config: Config, only: str | None) -> list[Listener]:
 
 def listener_limits(config: Config, name: str) -> Limits:
     section = {"authserver": config.authserver, "gateway": config.gateway, "admin": config.admin}
-    return getattr(section.get(name), "limits", DEFAULT_LIMITS)
+    return getattr(section.get(name), "limits", ECHO_LIMITS)  # the echo has no section of its own
 
 
 def descriptors_needed(config: Config, names: list[str]) -> int:

@@ -312,3 +312,24 @@ def test_secret_command_prints_a_secret_and_its_hash(tmp_path: Path) -> None:
     config = parse_config(pasted, {})
     assert config.authserver is not None
     assert config.authserver.clients[0].secret_matches(secret)
+
+
+def test_connection_caps_are_scaled_to_the_open_file_limit() -> None:
+    from tokengate.serve import FD_RESERVE, descriptors_needed, fitted_limits
+
+    text = (
+        VALID
+        + "gateway:\n  routes: [{name: r, match: {path: /r}, upstream: http://u, public: true}]\n"
+    )
+    text += "admin:\n  listen: 127.0.0.1:9100\n"
+    config = parse_config(text, {})
+    names = ["authserver", "gateway", "admin", "echo"]
+    # a gateway connection holds one to its upstream too
+    assert descriptors_needed(config, names) == 4096 + 2 * 4096 + 256 + 1024 + FD_RESERVE
+    roomy = fitted_limits(config, names, 1 << 20)
+    assert roomy["gateway"].max_connections == 4096 and roomy["admin"].max_connections == 256
+    tight = fitted_limits(config, names, 4096 + FD_RESERVE)
+    caps = {name: limits.max_connections for name, limits in tight.items()}
+    assert caps["authserver"] + 2 * caps["gateway"] + caps["admin"] + caps["echo"] <= 4096
+    assert caps["gateway"] == 4096 * 4096 // (4096 * 3 + 256 + 1024)
+    assert tight["gateway"].header_timeout == 10.0  # only the caps change
