@@ -167,6 +167,10 @@ def applier(current: Config, apps: dict[str, Any]) -> Apply:
                 restart.append(f"{name}: adding or removing a section needs a restart")
             elif before is not None and before.listen != after.listen:
                 restart.append(f"{name}.listen: changing a listen address needs a restart")
+            elif before is not None and getattr(before, "limits", None) != getattr(
+                after, "limits", None
+            ):
+                restart.append(f"{name}.limits: changing listener limits needs a restart")
         if old.audit != new.audit:
             restart.append("audit.path: changing the audit sink needs a restart")
         if "authserver" in apps and new.authserver is not None:

@@ -333,3 +333,19 @@ def test_connection_caps_are_scaled_to_the_open_file_limit() -> None:
     assert caps["authserver"] + 2 * caps["gateway"] + caps["admin"] + caps["echo"] <= 4096
     assert caps["gateway"] == 4096 * 4096 // (4096 * 3 + 256 + 1024)
     assert tight["gateway"].header_timeout == 10.0  # only the caps change
+
+
+def test_a_reload_that_changes_limits_says_it_needs_a_restart() -> None:
+    import asyncio
+
+    from tokengate.serve import applier
+
+    before = parse_config(VALID, {})
+    after = parse_config(
+        VALID.replace(
+            "  listen: 127.0.0.1:9000", "  listen: 127.0.0.1:9000\n  limits: {max_connections: 9}"
+        ),
+        {},
+    )
+    restart = asyncio.run(applier(before, {})(after))
+    assert restart == ["authserver.limits: changing listener limits needs a restart"]
