@@ -151,6 +151,7 @@ class GuardedProtocol(HttpToolsProtocol):
         self.body_timer: asyncio.TimerHandle | None = None
         self.send_timer: asyncio.TimerHandle | None = None
         self.body_activity = 0.0
+        self.continue_owed = False  # the client waits for a 100 Continue to send its body
         self.upgrade_ignored = False
         self.dropped = 0  # bytes read and dropped after the connection was refused
         self.holding = False  # reading paused: pipelined requests wait for a response
@@ -335,6 +336,8 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _arm_body_timer(self) -> None:
         if self.body_timer is None:
+            cycle = self.cycle
+            self.continue_owed = cycle is not None and cycle.waiting_for_100_continue
             self.body_activity = self.loop.time()
             self.body_timer = self.loop.call_later(
                 self.limits.body_idle_timeout, self._body_timed_out
@@ -382,6 +385,9 @@ class GuardedProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self.flow.read_paused or (cycle is not None and cycle.waiting_for_100_continue):
             self.body_activity = now  # held up by us, not by the client
+        elif self.continue_owed:  # the 100 Continue went out since the last look: from now
+            self.continue_owed = False
+            self.body_activity = now
         idle_until = self.body_activity + self.limits.body_idle_timeout
         if now < idle_until:
             self.body_timer = self.loop.call_at(idle_until, self._body_timed_out)
