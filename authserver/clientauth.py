@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +23,7 @@ from authserver.errors import OAuthError, invalid_client, invalid_request
 from authserver.forms import Form
 from authserver.store import Store
 from tokengate.jsonlog import log_event
-from tokengate.jwk import PublicKey, load_public_jwk
+from tokengate.jwk import JWT_DECODE_ERRORS, PublicKey, is_numeric_date, load_public_jwk
 
 JWT_BEARER = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
 MAX_ASSERTION_LIFETIME = 3600  # a client assertion's exp may be at most this far ahead
@@ -49,12 +48,6 @@ class Credentials:
     secret: str = field(repr=False, default="")
     assertion: str = field(repr=False, default="")
     assertion_header: dict[str, Any] = field(repr=False, default_factory=dict)
-
-
-# Errors that decoding an untrusted JWT may raise besides PyJWT's own: JSON nested too
-# deep (RecursionError), claims of the wrong type reaching int() (TypeError, ValueError,
-# OverflowError for Infinity).
-_DECODE_ERRORS = (jwt.PyJWTError, ValueError, TypeError, ArithmeticError, RecursionError)
 
 
 class ClientAuthenticator:
@@ -162,10 +155,10 @@ class ClientAuthenticator:
             raise _failed("assertion_expired", credentials) from None
         except jwt.InvalidAudienceError:
             raise _failed("assertion_audience", credentials) from None
-        except _DECODE_ERRORS:
+        except JWT_DECODE_ERRORS:
             raise _failed("assertion_invalid", credentials) from None
         exp, jti = claims["exp"], claims["jti"]
-        if not _is_time(exp):
+        if not is_numeric_date(exp):
             raise _failed("assertion_invalid", credentials)
         if exp > self.clock() + MAX_ASSERTION_LIFETIME + self.leeway:
             raise _failed("assertion_lifetime", credentials)
@@ -199,7 +192,7 @@ def _assertion_credentials(form: Form) -> Credentials:
     try:
         header = jwt.get_unverified_header(assertion)
         claims = jwt.decode(assertion, options={"verify_signature": False})
-    except _DECODE_ERRORS:
+    except JWT_DECODE_ERRORS:
         raise invalid_client("assertion_malformed", client_id=presented) from None
     client_id = claims.get("sub")
     if not isinstance(client_id, str) or claims.get("iss") != client_id:
@@ -213,13 +206,6 @@ def _assertion_credentials(form: Form) -> Credentials:
         assertion=assertion,
         assertion_header=header,
     )
-
-
-def _is_time(value: object) -> bool:
-    """A JSON number usable as a time: not a bool, NaN or infinite (a big int is fine)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _select(keys: tuple[PublicKey, ...], alg: str, kid: str | None) -> PublicKey | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import secrets
 import time
 from collections.abc import Callable
@@ -13,6 +12,7 @@ import jwt
 from authserver.config import ServerConfig
 from authserver.grants import TokenRequest
 from authserver.keyring import KeySet
+from tokengate.jwk import JWT_DECODE_ERRORS, is_numeric_date
 
 ACCESS_TOKEN_TYP = "at+jwt"  # noqa: S105 - a media type, not a secret
 
@@ -52,7 +52,7 @@ class TokenVerifier:
     def verify(self, token: str, server: ServerConfig, keys: KeySet) -> dict[str, Any] | None:
         try:
             header = jwt.get_unverified_header(token)
-        except _DECODE_ERRORS:
+        except JWT_DECODE_ERRORS:
             return None
         kid = header.get("kid")
         key = keys.published.get(kid) if isinstance(kid, str) else None
@@ -72,23 +72,14 @@ class TokenVerifier:
                     "verify_nbf": False,
                 },
             )
-        except _DECODE_ERRORS:
+        except JWT_DECODE_ERRORS:
             return None
         now = self.clock()
         exp, iat, nbf = claims.get("exp"), claims.get("iat"), claims.get("nbf", now)
-        if not all(_is_time(t) for t in (exp, iat, nbf)) or not isinstance(claims["jti"], str):
+        if not all(is_numeric_date(t) for t in (exp, iat, nbf)) or not isinstance(
+            claims["jti"], str
+        ):
             return None
         if exp <= now or nbf > now or iat > now + self.leeway:
             return None
         return claims
-
-
-# Decoding untrusted JSON may fail past PyJWT's own errors: nesting too deep, odd types.
-_DECODE_ERRORS = (jwt.PyJWTError, ValueError, TypeError, ArithmeticError, RecursionError)
-
-
-def _is_time(value: object) -> bool:
-    """A JSON number usable as a time: not a bool, NaN or infinite (a big int is fine)."""
-    if isinstance(value, float):
-        return math.isfinite(value)
-    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,4 +1,5 @@
-"""Public JWKs: which algorithms a key can verify, and loading one safely.
+"""Public JWKs: which algorithms a key can verify, and loading one safely; and what
+reading an untrusted JWT may raise.
 
 Shared by the authorization server (its clients' assertion keys) and the gateway
 (its issuers' signing keys); neither takes an algorithm from a token without
@@ -7,6 +8,7 @@ checking it against the key's type and the configured list.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,21 @@ ALGORITHMS = (
     "ES512",
     "EdDSA",
 )
+# What decoding an untrusted JWT may raise besides PyJWT's own errors: JSON nested too
+# deep (RecursionError), a number too large for a time (1e400 is infinity, and int() of
+# it overflows), claims of the wrong type reaching int() or a comparison.
+UNTRUSTED_JSON_ERRORS = (ValueError, TypeError, ArithmeticError, RecursionError)
+JWT_DECODE_ERRORS = (jwt.PyJWTError, *UNTRUSTED_JSON_ERRORS)
+
+
+def is_numeric_date(value: object) -> bool:
+    """A JSON number usable as a time (RFC 7519 NumericDate): not a bool, NaN or
+    infinite; a big integer is fine."""
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 KEY_ALGORITHMS: dict[str, frozenset[str]] = {
     "RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
     "EC:P-256": frozenset({"ES256"}),
