@@ -9,7 +9,6 @@ import time
 import uuid
 from typing import Any
 
-import httpx
 import jwt
 import pytest
 
@@ -20,9 +19,9 @@ from tests.asgi.test_token_endpoint import (
     CLIENT_AUTH_FAILED,
     FORM,
     GOOD_BASIC,
-    JWT_BEARER,
     assert_oauth_error,
     assert_token_response,
+    post_assertion,
 )
 from tests.conftest import ISSUER, REPORTING_SECRET, TOKEN_URL, AuthServer
 
@@ -137,18 +136,6 @@ async def test_the_signed_helper_makes_a_good_assertion(
     authserver: AuthServer, billing_key: Any
 ) -> None:
     assert_token_response(await post_assertion(authserver, signed(billing_key[0])))
-
-
-async def post_assertion(server: AuthServer, assertion: str) -> httpx.Response:
-    async with server.client() as http:
-        return await http.post(
-            TOKEN_URL,
-            data={
-                "grant_type": "client_credentials",
-                "client_assertion_type": JWT_BEARER,
-                "client_assertion": assertion,
-            },
-        )
 
 
 def b64(raw: bytes) -> bytes:
