@@ -19,9 +19,15 @@ NotReady = Callable[[], list[str]]  # names what is not ready; empty when ready
 
 
 class AdminApp:
-    def __init__(self, metrics: Metrics, checks: Iterable[NotReady]) -> None:
+    """``/readyz`` lists what keeps the process from serving (``not_ready``: 503) and
+    what is wrong while it serves anyway (``degraded``: still 200)."""
+
+    def __init__(
+        self, metrics: Metrics, checks: Iterable[NotReady], degraded: Iterable[NotReady] = ()
+    ) -> None:
         self.metrics = metrics
         self.checks = tuple(checks)
+        self.degraded = tuple(degraded)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -38,7 +44,8 @@ class AdminApp:
             await send_bytes(send, 200, json_bytes({"status": "ok"}), [JSON_TYPE, no_store])
         elif path == "/readyz":
             problems = [problem for check in self.checks for problem in check()]
-            body = json_bytes({"ready": not problems, "not_ready": problems})
+            degraded = [problem for check in self.degraded for problem in check()]
+            body = json_bytes({"ready": not problems, "not_ready": problems, "degraded": degraded})
             await send_bytes(send, 503 if problems else 200, body, [JSON_TYPE, no_store])
         elif path == "/metrics":
             body, content_type = self.metrics.exposition()

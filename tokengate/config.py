@@ -15,6 +15,7 @@ from tokengate.yamlconf import (
     ConfigErrors,
     Listen,
     Node,
+    as_bool,
     as_int,
     as_listen,
     as_str,
@@ -29,6 +30,7 @@ SECTIONS = ("version", "authserver", "gateway", "admin", "echo", "audit")
 @dataclass(frozen=True, slots=True)
 class AuditConfig:
     path: str  # "-" is stdout; anything else a file, appended as JSON lines
+    required: bool = False  # True: /readyz answers 503 while audit lines are being lost
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,5 +119,5 @@ def _echo(node: Node) -> EchoConfig:
 
 
 def _audit(node: Node) -> AuditConfig:
-    f = node.fields(optional=("path",))
-    return AuditConfig(path=f.get("path", as_str, "-"))
+    f = node.fields(optional=("path", "required"))
+    return AuditConfig(path=f.get("path", as_str, "-"), required=f.get("required", as_bool, False))

@@ -121,6 +121,11 @@ class Metrics:
             ["listener", "reason"],
             registry=r,
         )
+        self.audit_lines_lost = Counter(
+            "tokengate_audit_lines_lost",
+            "Audit lines that could not be written (full disk, closed pipe, full queue).",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "tokengate_config_reloads",
             "Configuration reloads by result (ok or error).",

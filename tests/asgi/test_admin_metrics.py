@@ -154,7 +154,7 @@ async def test_health_and_readiness(make_gateway: Any, tmp_path: Path) -> None:
         post = await client.post("/readyz")
         missing = await client.get("/nope")
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
-    assert (ready.status_code, ready.json()) == (200, {"ready": True, "not_ready": []})
+    assert (ready.status_code, ready.json()) == (200, {"ready": True, "not_ready": [], "degraded": []})
     assert (post.status_code, post.headers["allow"]) == (405, "GET, HEAD")
     assert missing.status_code == 404
 
@@ -182,7 +182,7 @@ async def test_not_ready_names_what_is_missing(
         response = await client.get("/readyz")
     await app.shutdown()
     app.audit.sink.close()
-    assert starting == {"ready": False, "not_ready": ["gateway: starting"]}
+    assert starting == {"ready": False, "not_ready": ["gateway: starting"], "degraded": []}
     assert response.status_code == 503
     assert response.json() == {
         "ready": False,
@@ -190,6 +190,7 @@ async def test_not_ready_names_what_is_missing(
             f"gateway: no keys for issuer {ISSUER}",
             "gateway: no keys for issuer http://auth.test/oauth2/partners",
         ],
+        "degraded": [],
     }
     _, parsed = await scrape(admin)
     assert value(parsed, "tokengate_jwks_fetches_total", issuer=ISSUER, result="error") >= 1

@@ -392,7 +392,7 @@ def test_the_default_config_demo(tmp_path: Path) -> None:
         )
         assert write.status_code == 403
         ready = httpx.get(f"http://127.0.0.1:{ports['9100']}/readyz")
-        assert (ready.status_code, ready.json()) == (200, {"ready": True, "not_ready": []})
+        assert (ready.status_code, ready.json()) == (200, {"ready": True, "not_ready": [], "degraded": []})
     finally:
         assert demo.stop() == 0
 
