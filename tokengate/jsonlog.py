@@ -8,6 +8,7 @@ or a client assertion: callers pass identifiers such as a token's ``jti``.
 from __future__ import annotations
 
 import collections
+import fcntl
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 
@@ -100,29 +102,44 @@ class LineSink:
     ``write`` encodes the line and queues it; a writer thread drains the queue every
     ``interval`` seconds in batches of whole lines. A file is opened ``O_APPEND``, and
     on a pipe a batch never exceeds ``PIPE_BUF``, so lines from several worker
-    processes never interleave. A failed write (full disk, closed pipe) or a full
-    queue loses lines: they are counted in ``lost`` and reported on stderr, never
-    raised into a request.
+    processes never interleave.
+
+    A failed write (full disk, closed pipe) or a full queue loses lines; they are
+    never raised into a request. Every lost line is counted in ``lost`` and passed to
+    ``on_lost``; a loss episode is reported on stderr when it starts
+    (``audit.write_failed``) and when writes succeed again (``audit.write_recovered``,
+    with how many lines it cost), and :meth:`problems` names it meanwhile. On a file,
+    a write cut short by a full disk is undone to its last whole line (under an
+    exclusive ``flock`` that every worker's writer takes), so the file never holds a
+    torn line: a line is written whole or not at all.
     """
 
     MAX_PENDING = 100_000
 
-    def __init__(self, path: str, *, interval: float = 0.02) -> None:
+    def __init__(
+        self,
+        path: str,
+        *,
+        interval: float = 0.02,
+        on_lost: Callable[[int], None] = lambda count: None,
+    ) -> None:
         self.path = path
         self.interval = interval
+        self.on_lost = on_lost
         self.lost = 0
         self.failures = 0
+        self.failing_since: float | None = None  # wall-clock start of the current episode
+        self._episode_lost = 0
         self._pending: collections.deque[bytes] = collections.deque()
         self._lock = threading.Lock()  # one drainer at a time: thread, flush(), close()
-        self._last_report = 0.0
         if path == "-":
             self._fd = sys.stdout.fileno()
             self._owned = False
         else:
             self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
             self._owned = True
-        regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
-        self._batch = 256 * 1024 if regular else select.PIPE_BUF
+        self._regular = stat.S_ISREG(os.fstat(self._fd).st_mode)
+        self._batch = 256 * 1024 if self._regular else select.PIPE_BUF
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="audit-writer", daemon=True)
         self._thread.start()
@@ -133,9 +150,20 @@ class LineSink:
     def write_line(self, line: bytes) -> None:
         """Queue one encoded line, ending in a newline."""
         if len(self._pending) >= self.MAX_PENDING:
-            self.lost += 1
+            self._lose(1)
             return
         self._pending.append(line)
+
+    def problems(self) -> list[str]:
+        """What is wrong with the audit log now (for /readyz); empty when writes work."""
+        since = self.failing_since
+        if since is None:
+            return []
+        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        return [
+            f"audit: writes to {self.path} failing since {started}; "
+            f"{self._episode_lost} lines lost so far"
+        ]
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -154,17 +182,55 @@ class LineSink:
                 self._write(b"".join(batch), len(batch))
 
     def _write(self, data: bytes, lines: int) -> None:
+        written = 0
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(self._fd, view) :]
+            if self._regular:
+                fcntl.flock(self._fd, fcntl.LOCK_EX)
+            try:
+                start = os.lseek(self._fd, 0, os.SEEK_END) if self._regular else 0
+                view = memoryview(data)
+                while written < len(data):
+                    written += os.write(self._fd, view[written:])
+            except OSError as exc:
+                whole = data.rfind(b"\n", 0, written) + 1  # what ends in a newline stays
+                if self._regular and whole < written:
+                    self._undo(start + whole)
+                self._failed(exc, lines - data.count(b"\n", 0, whole))
+                return
+            finally:
+                if self._regular:
+                    fcntl.flock(self._fd, fcntl.LOCK_UN)
+        except OSError as exc:  # flock or lseek themselves failed: nothing was written
+            self._failed(exc, lines)
+            return
+        if self.failing_since is not None:
+            log_event(
+                "audit.write_recovered",
+                path=self.path,
+                lost=self._episode_lost,
+                seconds=round(time.time() - self.failing_since, 3),
+            )
+            self.failing_since = None
+            self._episode_lost = 0
+
+    def _undo(self, size: int) -> None:
+        """Cut a torn last line off the file (the lock keeps other workers out)."""
+        try:
+            os.ftruncate(self._fd, size)
         except OSError as exc:
-            self.failures += 1
-            self.lost += lines
-            now = time.monotonic()
-            if now - self._last_report >= 60 or self.failures == 1:
-                self._last_report = now
-                log_event("audit.write_failed", path=self.path, error=str(exc), lost=self.lost)
+            log_event("audit.truncate_failed", path=self.path, error=str(exc))
+
+    def _failed(self, exc: OSError, lines: int) -> None:
+        self.failures += 1
+        if self.failing_since is None:
+            self.failing_since = time.time()
+            log_event("audit.write_failed", path=self.path, error=str(exc), lost=lines)
+        self._lose(lines)
+
+    def _lose(self, lines: int) -> None:
+        self.lost += lines
+        self._episode_lost += lines
+        self.on_lost(lines)
 
     def reopen(self) -> None:
         """Write to a fresh file at ``path`` (after logrotate moved the old one away)."""

@@ -129,10 +129,12 @@ class RefusalReporter:
 
 def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], AuditLog, Metrics]:
     """One app per listener; each side is imported only when it is served."""
-    audit = AuditLog(LineSink(config.audit.path))
     metrics = Metrics()
+    audit = AuditLog(LineSink(config.audit.path, on_lost=metrics.audit_lines_lost.inc))
     apps: dict[str, ASGIApp] = {}
     checks: list[NotReady] = []
+    degraded: list[NotReady] = []
+    (checks if config.audit.required else degraded).append(audit.sink.problems)
     if "authserver" in names and config.authserver is not None:
         from authserver.app import create_app as authserver_app
 
@@ -146,7 +148,7 @@ def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], Au
         apps["gateway"] = gateway
         checks.append(gateway.not_ready)
     if "admin" in names:
-        apps["admin"] = AdminApp(metrics, checks)
+        apps["admin"] = AdminApp(metrics, checks, degraded)
     if "echo" in names:
         from tokengate.echo import EchoApp
 
