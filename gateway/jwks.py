@@ -127,7 +127,9 @@ class IssuerKeys:
             keyset = self.current()
             if keyset is not None and (found := _lookup(keyset, kid)) is not None:
                 return found
-        if keyset is None:
+        if keyset is None or self.failures:
+            # While the JWKS cannot be fetched, a new kid may well be a good token's
+            # (a rotation during the outage): unavailable, not unknown.
             raise KeysUnavailable(self.issuer.issuer)
         self._unknown[kid] = True
         raise KeyUnknown(kid)

@@ -162,6 +162,27 @@ async def test_stale_keys_serve_until_max_stale_then_fail_closed() -> None:
     assert (await keys.key(signing.kid)).kid == signing.kid  # recovered
 
 
+async def test_a_new_kid_during_an_outage_is_unavailable_not_unknown() -> None:
+    """A rotation during a JWKS outage: the new kid may belong to a good token, so the
+    answer is 503 jwks_unavailable (retry), not 401 key_unknown."""
+    signing = key()
+    idp = IdP([signing])
+    clock = Clock()
+    keys = IssuerKeys(issuer(jwks_uri=f"{ISSUER}/v1/keys"), idp.client(), clock=clock)
+    await keys.refresh()
+    idp.fail = True
+    clock.now += 31
+    with pytest.raises(KeysUnavailable):
+        await keys.key("rotated-during-outage")  # the refetch fails
+    with pytest.raises(KeysUnavailable):
+        await keys.key("rotated-during-outage")  # no refetch yet (rate-limited): still 503
+    assert (await keys.key(signing.kid)).kid == signing.kid  # known keys keep serving
+    idp.fail = False
+    clock.now += 31
+    with pytest.raises(KeyUnknown):
+        await keys.key("rotated-during-outage")  # fetches work again: truly unknown
+
+
 async def test_background_refresh_backs_off_on_failure(monkeypatch: pytest.MonkeyPatch) -> None:
     idp = IdP([key()])
     idp.fail = True
