@@ -19,7 +19,7 @@ from authserver.errors import not_found, send_error, server_error
 from authserver.keyring import KeyRing
 from authserver.keys import RELOAD_INTERVAL, KeyFiles, KeyManager
 from authserver.metadata import authorization_server_metadata, openid_configuration
-from authserver.store import SqliteStore, Store
+from authserver.store import SqliteStore, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle, MemoryThrottle
 from authserver.tokens import TokenVerifier
 from tokengate.asgi import ClientDisconnected, Message, Receive, Scope, Send, json_bytes
@@ -44,6 +44,7 @@ class AuthServices:
     audit: AuditLog
     metrics: Metrics
     throttle: AuthThrottle
+    io: StoreWorker
 
     @classmethod
     def build(
@@ -56,6 +57,7 @@ class AuthServices:
         store: Store | None = None,
         metrics: Metrics | None = None,
         throttle: AuthThrottle | None = None,
+        io: StoreWorker | None = None,
     ) -> AuthServices:
         store = store or SqliteStore(config.data_dir)
         manager = KeyManager(
@@ -68,7 +70,8 @@ class AuthServices:
         keyring = KeyRing(manager, config.servers, clock=clock)
         http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
         metrics = metrics or Metrics()
-        authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), clock=clock)
+        io = io or StoreWorker()
+        authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), io, clock=clock)
         if throttle is None or throttle.policy != config.client_auth_throttle:
             throttle = MemoryThrottle(config.client_auth_throttle, clock=clock)
         endpoints = Endpoints(
@@ -77,13 +80,14 @@ class AuthServices:
             throttle=throttle,
             verifier=TokenVerifier(leeway=config.leeway, clock=clock),
             store=store,
+            io=io,
             audit=audit,
             max_body_bytes=config.max_body_bytes,
             jwks_max_age=config.jwks_max_age,
             metrics=metrics,
             clock=clock,
         )
-        return cls(config, store, keyring, endpoints, http, clock, audit, metrics, throttle)
+        return cls(config, store, keyring, endpoints, http, clock, audit, metrics, throttle, io)
 
     def reconfigure(self, config: AuthServerConfig) -> None:
         """Take new servers and clients: keys for new servers are created and loaded
@@ -98,6 +102,7 @@ class AuthServices:
             store=self.store,
             metrics=self.metrics,
             throttle=self.throttle,  # failures so far still count, unless the policy changed
+            io=self.io,
         )
         new.start()
         self.config, self.keyring, self.endpoints = new.config, new.keyring, new.endpoints
@@ -112,22 +117,30 @@ class AuthServices:
             log_event("keys.created", server=record.server, kid=record.kid, alg=record.alg)
 
     async def maintain(self) -> None:
-        """Pick up key changes from other processes; forget expired state."""
+        """Pick up key changes from other processes; forget expired state. On the
+        store's thread: the event loop never waits for the store."""
         last_purge = 0.0
         while True:
             await asyncio.sleep(RELOAD_INTERVAL)
+            now = self.clock()
+            purge = now - last_purge >= PURGE_INTERVAL
             try:
-                for name in self.keyring.reload():
+                for name in await self.io.call(self._maintain, int(now), purge):
                     log_event("keys.reloaded", server=name)
-                now = self.clock()
-                if now - last_purge >= PURGE_INTERVAL:
-                    self.store.purge(int(now))
+                if purge:
                     last_purge = now
-            except (sqlite3.Error, OSError, ValueError) as exc:
+            except (StoreUnavailable, ValueError, RuntimeError) as exc:
                 log_event("keys.reload_failed", error=f"{type(exc).__name__}: {exc}")
+
+    def _maintain(self, now: int, purge: bool) -> list[str]:
+        changed = self.keyring.reload()
+        if purge:
+            self.store.purge(now)
+        return changed
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        self.io.close()
         self.store.close()
 
 

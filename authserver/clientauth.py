@@ -21,7 +21,7 @@ import jwt
 from authserver.config import AuthMethod, AuthServerConfig, ClientConfig
 from authserver.errors import OAuthError, invalid_client, invalid_request
 from authserver.forms import Form
-from authserver.store import Store
+from authserver.store import Store, StoreWorker
 from tokengate.jsonlog import log_event
 from tokengate.jwk import JWT_DECODE_ERRORS, PublicKey, is_numeric_date, load_public_jwk
 
@@ -56,12 +56,14 @@ class ClientAuthenticator:
         config: AuthServerConfig,
         store: Store,
         fetcher: ClientKeyFetcher,
+        io: StoreWorker,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.clients = {c.client_id: c for c in config.clients}
         self.leeway = config.leeway
         self.store = store
+        self.io = io  # store calls run here, off the event loop
         self.fetcher = fetcher
         self.clock = clock
 
@@ -164,7 +166,10 @@ class ClientAuthenticator:
             raise _failed("assertion_lifetime", credentials)
         if not isinstance(jti, str) or not 0 < len(jti) <= 256:
             raise _failed("assertion_jti", credentials)
-        if not self.store.remember_assertion(client_id, jti, int(exp) + self.leeway):
+        remembered = await self.io.call(
+            self.store.remember_assertion, client_id, jti, int(exp) + self.leeway
+        )
+        if not remembered:
             raise _failed("assertion_replayed", credentials)
         return client
 

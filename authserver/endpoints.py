@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from authserver.clientauth import JWKS_UNAVAILABLE, AuthenticatedClient, ClientAuthenticator
 from authserver.config import ServerConfig
@@ -15,6 +15,7 @@ from authserver.errors import (
     invalid_request,
     method_not_allowed,
     send_error,
+    store_unavailable,
     throttled,
 )
 from authserver.forms import Form, read_form
@@ -25,7 +26,7 @@ from authserver.grants import (
     requested_scopes,
 )
 from authserver.keyring import KeyRing
-from authserver.store import Store
+from authserver.store import Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
 from authserver.tokens import TokenVerifier, access_token_claims, new_jti
 from tokengate.asgi import (
@@ -39,8 +40,10 @@ from tokengate.asgi import (
     remote_addr,
     send_bytes,
 )
-from tokengate.jsonlog import AuditLog
+from tokengate.jsonlog import AuditLog, EventLimiter, log_event
 from tokengate.metrics import Metrics
+
+T = TypeVar("T")
 
 
 class Endpoints:
@@ -52,6 +55,7 @@ class Endpoints:
         throttle: AuthThrottle,
         verifier: TokenVerifier,
         store: Store,
+        io: StoreWorker,
         audit: AuditLog,
         max_body_bytes: int,
         jwks_max_age: int,
@@ -64,6 +68,8 @@ class Endpoints:
         self.throttle = throttle
         self.verifier = verifier
         self.store = store
+        self.io = io
+        self.store_failures = EventLimiter()
         self.audit = audit
         self.max_body_bytes = max_body_bytes
         self.jwks_cache_control = f"public, max-age={jwks_max_age}".encode()
@@ -120,11 +126,11 @@ class Endpoints:
                 scope, form, server, server.introspection_endpoint, event
             )
             token = _required(form, "token")
+            claims, reason = await self._verify(server, token)
         except OAuthError as exc:
             self._emit_error("token.introspected", event, exc)
             await send_error(send, exc)
             return
-        claims, reason = self._verify(server, token)
         jti = claims["jti"] if claims else None
         if (
             claims is not None
@@ -155,17 +161,18 @@ class Endpoints:
             form = await self._form(scope, receive)
             authn = await self._authenticate(scope, form, server, server.revocation_endpoint, event)
             token = _required(form, "token")
-            claims, reason = self._verify(server, token)
+            claims, reason = await self._verify(server, token)
             if claims is not None and claims.get("client_id") != authn.client.client_id:
                 event["jti"] = claims["jti"]
                 raise OAuthError("unauthorized_client", "the token was issued to another client")
+            if claims is not None:  # only a revocation that was stored is reported done
+                event["jti"] = claims["jti"]
+                await self._store(self.store.revoke, claims["jti"], server.name, int(claims["exp"]))
+                reason = "ok"
         except OAuthError as exc:
             self._emit_error("token.revoked", event, exc)
             await send_error(send, exc)
             return
-        if claims is not None:
-            self.store.revoke(claims["jti"], server.name, int(claims["exp"]))
-            reason = "ok"
         event.update(
             jti=claims["jti"] if claims else None,
             scopes=_scopes_of(claims),
@@ -230,7 +237,10 @@ class Endpoints:
                 raise
             presented = credentials.client_id
             self._check_throttle(server, presented, ip)  # before the credentials are checked
-            authn = await self.authenticator.verify(credentials, audiences)
+            try:
+                authn = await self.authenticator.verify(credentials, audiences)
+            except StoreUnavailable as exc:  # an assertion's jti could not be recorded
+                raise self._store_failed(exc) from None
         except OAuthError as exc:
             presented = presented or exc.client_id
             if self.authenticator.is_client(presented):
@@ -253,13 +263,26 @@ class Endpoints:
             self.metrics.client_auth_failures.labels(server.name, "throttled").inc()
             raise throttled(retry_after)
 
-    def _verify(self, server: ServerConfig, token: str) -> tuple[dict[str, Any] | None, str]:
+    async def _verify(self, server: ServerConfig, token: str) -> tuple[dict[str, Any] | None, str]:
         claims = self.verifier.verify(token, server, self.keyring.current(server.name))
         if claims is None:
             return None, "token_invalid"
-        if self.store.is_revoked(claims["jti"]):
+        if await self._store(self.store.is_revoked, claims["jti"]):
             return None, "token_revoked"
         return claims, "ok"
+
+    async def _store(self, fn: Callable[..., T], *args: Any) -> T:
+        """A store call off the event loop; a failing store is a 503 to retry."""
+        try:
+            return await self.io.call(fn, *args)
+        except StoreUnavailable as exc:
+            raise self._store_failed(exc) from None
+
+    def _store_failed(self, exc: StoreUnavailable) -> OAuthError:
+        unreported = self.store_failures.due(type(exc))
+        if unreported is not None:
+            log_event("authserver.store_unavailable", error=str(exc), unreported=unreported)
+        return store_unavailable()
 
     def _emit_error(
         self, name: str, event: dict[str, Any], exc: OAuthError, *, outcome: str = "error"

@@ -65,6 +65,18 @@ def throttled(retry_after: int) -> OAuthError:
     return exc
 
 
+def store_unavailable() -> OAuthError:
+    """503: the store could not be read or written; nothing was done, retry."""
+    exc = OAuthError(
+        "server_error",
+        "the authorization server cannot reach its store; retry later",
+        503,
+        [(b"retry-after", b"1")],
+    )
+    exc.reason = "store_unavailable"
+    return exc
+
+
 def server_error() -> OAuthError:
     exc = OAuthError("server_error", "internal error", 500)
     exc.reason = "internal_error"

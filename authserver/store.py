@@ -8,13 +8,17 @@ database can replace it when the authorization server runs as several replicas.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +68,31 @@ CREATE TABLE IF NOT EXISTS used_assertions (
     PRIMARY KEY (client_id, jti)
 );
 """
+
+
+class StoreUnavailable(Exception):
+    """The store could not be read or written (a full disk, a lock held too long)."""
+
+
+class StoreWorker:
+    """Runs store calls on one thread of their own, never on the event loop: a store
+    may wait seconds on a lock, a disk or a network, and the loop serves every
+    listener of the process (a co-located gateway included). One thread also keeps a
+    SQLite connection's calls in sequence."""
+
+    def __init__(self) -> None:
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="store")
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store's thread; its failures as StoreUnavailable."""
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)
 
 
 class SqliteStore:

@@ -154,7 +154,10 @@ async def test_health_and_readiness(make_gateway: Any, tmp_path: Path) -> None:
         post = await client.post("/readyz")
         missing = await client.get("/nope")
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
-    assert (ready.status_code, ready.json()) == (200, {"ready": True, "not_ready": [], "degraded": []})
+    assert (ready.status_code, ready.json()) == (
+        200,
+        {"ready": True, "not_ready": [], "degraded": []},
+    )
     assert (post.status_code, post.headers["allow"]) == (405, "GET, HEAD")
     assert missing.status_code == 404
 
