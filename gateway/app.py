@@ -26,6 +26,7 @@ from gateway.paths import BadPath, canonical_path
 from gateway.routing import Route, RouteTable, request_host
 from gateway.upstream import Origin, UpstreamClient, UpstreamError
 from tokengate.asgi import Receive, Scope, Send
+from tokengate.httpserver import ABORT_EXTENSION
 from tokengate.jsonlog import AuditLog, EventLimiter, log_event, rfc3339_now, traceback_frames
 from tokengate.metrics import Metrics
 
@@ -233,8 +234,12 @@ class GatewayApp:
             exchange.reason = denied.reason
             exchange.status = denied.status
             exchange.bytes_out = await send_denial(send, denied, [(b"x-request-id", rid_bytes)])
-        except UpstreamError:
-            raise  # mid-response: only closing the client connection can say it failed
+        except UpstreamError:  # mid-response: only closing the client connection can say it
+            abort = scope.get("extensions", {}).get(ABORT_EXTENSION)
+            if abort is None:
+                raise  # another server: it closes the connection on an exception
+            abort()  # already reported on stderr, rate-limited, by the forwarder
+            exchange.status = exchange.reason.status  # counted as what it is: 502 or 504
         except Exception as exc:  # a bug: a logged, audited 500, never a traceback to the client
             exchange.reason = Reason.INTERNAL_ERROR
             self._report_internal(exc, route)

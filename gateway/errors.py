@@ -32,6 +32,11 @@ class Reason(StrEnum):
     INTERNAL_ERROR = "internal_error"
 
     @property
+    def status(self) -> int:
+        """The HTTP status this outcome is answered (or, once a response started, counted) with."""
+        return _STATUS[self]
+
+    @property
     def decision(self) -> str:
         """``allow``, ``deny``, or ``error`` when tokengate itself failed: upstream
         failures happen after the request was allowed."""
@@ -60,7 +65,7 @@ class Denied(Exception):
 
     @property
     def status(self) -> int:
-        return _STATUS[self.reason]
+        return self.reason.status
 
 
 _STATUS = {

@@ -34,7 +34,9 @@ Every refusal is reported through ``on_refusal(reason)`` with one of
 log volume). When a request an app is already serving is ended (a stalled body,
 endless trailers), the app sees a disconnect, and the scope's extension
 ``tokengate.refused`` holds ``{"status": ..., "reason": ...}``: what the client was
-answered instead.
+answered instead. The extension ``tokengate.abort`` is a function an app calls to
+end a response it cannot complete (an upstream that failed mid-body): the client sees
+the connection close, and nothing is logged as an application error.
 """
 
 from __future__ import annotations
@@ -62,6 +64,7 @@ LINGER = 2.0  # seconds a refused connection's late request bytes are read and d
 LINGER_BYTES = 1024 * 1024  # and at most this many: then it is closed at once
 MAX_PIPELINED = 8  # requests parsed ahead of their turn (after a chunked body only)
 REFUSED_EXTENSION = "tokengate.refused"  # scope extension: why the listener ended a request
+ABORT_EXTENSION = "tokengate.abort"  # scope extension: end a response that cannot complete
 
 _NOT_CRLF = re.compile(rb"[^\r\n]")
 # A host as routes can match it: an IP literal, or DNS labels (letters, digits, '-', '_')
@@ -395,6 +398,17 @@ class GuardedProtocol(HttpToolsProtocol):
         answered = cycle is not None and cycle.response_complete  # nothing more to say
         self._refuse("body_timeout", None if answered else BODY_TIMEOUT)
 
+    def abort_response(self) -> None:
+        """End the response in progress unfinished: what was sent is flushed, then the
+        connection closes, so the client knows the body is incomplete."""
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            cycle.disconnected = True  # the app's further sends are dropped
+            cycle.message_event.set()
+        self.refused = True
+        self._cancel_timers()
+        self.transport.close()
+
     def pause_writing(self) -> None:
         super().pause_writing()
         if self.send_timer is None:
@@ -423,6 +437,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.scope["extensions"] = {ABORT_EXTENSION: self.abort_response}
         self.in_head = True
         self.message_started = True
         self.parsed_head = 0

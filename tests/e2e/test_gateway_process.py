@@ -392,7 +392,10 @@ def test_the_default_config_demo(tmp_path: Path) -> None:
         )
         assert write.status_code == 403
         ready = httpx.get(f"http://127.0.0.1:{ports['9100']}/readyz")
-        assert (ready.status_code, ready.json()) == (200, {"ready": True, "not_ready": [], "degraded": []})
+        assert (ready.status_code, ready.json()) == (
+            200,
+            {"ready": True, "not_ready": [], "degraded": []},
+        )
     finally:
         assert demo.stop() == 0
 
@@ -405,12 +408,29 @@ def test_an_upstream_failing_mid_body_closes_the_client_connection(stack: Stack)
             headers={"Authorization": f"Bearer {token}"},
         )
     lines = [x for x in audit(stack) if x["event"] == "gateway.request"]
-    assert (lines[-1]["status"], lines[-1]["reason"]) == (200, "upstream_unavailable")
-    assert lines[-1]["bytes_out"] >= 65536
+    # counted as the failure it is, though the client saw the upstream's 200 status line
+    assert (lines[-1]["status"], lines[-1]["reason"]) == (502, "upstream_unavailable")
+    assert lines[-1]["decision"] == "allow" and lines[-1]["bytes_out"] >= 65536
     stderr = stack.main.stderr().splitlines()
     assert stderr and all(line.startswith("{") for line in stderr), stderr  # JSON lines only
-    logged = [json.loads(line) for line in stderr if '"event":"log"' in line]
-    assert logged and logged[-1]["level"] == "error"
+    events = [json.loads(line) for line in stderr]
+    failed = [e for e in events if e["event"] == "gateway.upstream_failed"]
+    assert failed and "mid-body" in failed[-1]["error"]
+    assert not [e for e in events if e["event"] == "log"], events  # no traceback per request
+    for _ in range(5):  # more of them: still one report per 10 s, never a traceback
+        with pytest.raises(httpx.RemoteProtocolError):
+            httpx.get(
+                f"{stack.gateway}/orders/x?bytes=1000000&fail_after=65536",
+                headers={"Authorization": f"Bearer {token}"},
+            )
+    events = [json.loads(line) for line in stack.main.stderr().splitlines()]
+    assert len([e for e in events if e["event"] == "gateway.upstream_failed"]) == len(failed)
+    assert not [e for e in events if e["event"] == "log"]
+    metrics = httpx.get(f"{stack.admin}/metrics").text
+    assert (
+        'tokengate_gateway_requests_total{code="502",decision="allow",method="GET",'
+        'reason="upstream_unavailable",route="orders"} 6.0'
+    ) in metrics
 
 
 def test_metrics_sum_over_workers_and_sigusr1_reopens_the_audit_file(make_stack: Any) -> None:
