@@ -56,3 +56,36 @@ def test_a_full_queue_drops_and_counts(tmp_path: Path) -> None:
     assert sink.lost == 3
     sink.close()
     assert len((tmp_path / "a.log").read_text().splitlines()) == 5
+
+
+def test_a_loss_episode_is_named_counted_and_can_make_the_process_unready() -> None:
+    import asyncio
+
+    import httpx
+
+    from tokengate.admin import AdminApp
+    from tokengate.metrics import Metrics
+
+    counted: list[int] = []
+    sink = LineSink("/dev/full", on_lost=counted.append)
+    assert sink.problems() == []
+    for i in range(3):
+        sink.write({"i": i})
+    sink.flush()
+    assert sum(counted) == 3 and sink.lost == 3
+    (problem,) = sink.problems()
+    assert problem.startswith("audit: writes to /dev/full failing since ")
+    assert problem.endswith("; 3 lines lost so far")
+
+    async def readyz(app: AdminApp) -> httpx.Response:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://admin") as client:
+            return await client.get("/readyz")
+
+    required = asyncio.run(readyz(AdminApp(Metrics(), [sink.problems])))
+    assert required.status_code == 503
+    assert required.json() == {"ready": False, "not_ready": [problem], "degraded": []}
+    tolerated = asyncio.run(readyz(AdminApp(Metrics(), [], [sink.problems])))
+    assert tolerated.status_code == 200
+    assert tolerated.json() == {"ready": True, "not_ready": [], "degraded": [problem]}
+    sink.close()
