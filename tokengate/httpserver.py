@@ -200,6 +200,8 @@ class GuardedProtocol(HttpToolsProtocol):
         self.on_refusal(reason)
         self.refused = True
         self._cancel_timers()
+        self.partial = bytearray()  # nothing more is parsed: let go of what waited
+        self.held = None
         if self.flow is not None:
             self.flow.resume_reading()  # what still arrives is read and dropped
         cycle = self.cycle
