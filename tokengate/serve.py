@@ -3,12 +3,21 @@
 Sockets are bound once by the parent, so workers share them and a port conflict
 is reported before any worker starts. Each process runs every listener in one
 event loop; SIGTERM/SIGINT stop accepting, let in-flight requests finish, exit 0.
+
+With workers, the supervisor keeps its copies of the listening sockets only to hand
+them to a replacement worker: a drain starts by closing them, so that once the
+workers have closed theirs too, a new connection is refused at once instead of
+being completed by the kernel for nobody to accept. Workers die with their
+supervisor (``PR_SET_PDEATHSIG`` where there is one, and a check of the parent pid
+every second everywhere): a ``kill -9`` of the supervisor leaves no worker holding
+the ports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import dataclasses
 import functools
 import gc
@@ -20,6 +29,7 @@ import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import sys
 import tempfile
 import time
@@ -48,6 +58,10 @@ STARTUP_FAILURE = 3
 EARLY_EXIT_WINDOW = 10  # a worker exiting with an error this soon failed to start
 FD_RESERVE = 256  # descriptors kept for files, the store, JWKS fetches and the like
 REPORT_EVERY = 10.0  # seconds between stderr reports of one listener's refusals
+PARENT_CHECK_EVERY = 1.0  # seconds between a worker's checks that its supervisor lives
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+METRICS_DIR_PREFIX = "tokengate-metrics-"
+SUPERVISOR_PID_FILE = "supervisor.pid"  # in the metrics directory: whose it is
 
 
 @dataclass(frozen=True, slots=True)
@@ -204,8 +218,12 @@ class QuietServer(uvicorn.Server):
 
 
 async def serve_all(
-    config: Config, sockets: dict[str, socket.socket], config_path: Path | None = None
+    config: Config,
+    sockets: dict[str, socket.socket],
+    config_path: Path | None = None,
+    parent: int | None = None,
 ) -> None:
+    """Serve every listener until a signal, or until the supervisor ``parent`` is gone."""
     configure_logging()
     apps, audit, metrics = build_apps(config, list(sockets))
     limits = fitted_limits(config, list(sockets), raise_fd_limit())
@@ -237,15 +255,41 @@ async def serve_all(
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     loop = asyncio.get_running_loop()
 
-    def stop(sig: signal.Signals) -> None:
-        log_event("shutdown", signal=sig.name, pid=os.getpid())
+    def drain() -> None:
+        """Stop accepting now, then let uvicorn finish the in-flight requests."""
         for server, _ in servers:
-            if server.should_exit:
-                server.force_exit = True
             server.should_exit = True
+            # uvicorn closes its listeners when its main loop next looks (every 0.1 s);
+            # closing them here refuses new connections from this moment on.
+            for listening in getattr(server, "servers", ()):
+                listening.close()
+
+    def stop(sig: signal.Signals) -> None:
+        if any(server.should_exit for server, _ in servers):
+            # Already draining. A second Ctrl-C means "now"; a second SIGTERM does not: a
+            # worker gets SIGTERM both from its supervisor and from a kill of its whole
+            # process group or cgroup (systemd's default), and must still drain.
+            if sig == signal.SIGINT:
+                log_event("shutdown.forced", signal=sig.name, pid=os.getpid())
+                for server, _ in servers:
+                    server.force_exit = True
+            return
+        log_event("shutdown", signal=sig.name, pid=os.getpid())
+        drain()
+
+    async def watch_parent(pid: int) -> None:
+        """Drain once the supervisor is gone (where PR_SET_PDEATHSIG did not say so)."""
+        while True:
+            await asyncio.sleep(PARENT_CHECK_EVERY)
+            if os.getppid() != pid:
+                break
+        if not any(server.should_exit for server, _ in servers):
+            log_event("shutdown", reason="supervisor_exited", supervisor=pid, pid=os.getpid())
+            drain()
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop, sig)
+    parent_task = None if parent is None else asyncio.create_task(watch_parent(parent))
     loop.add_signal_handler(signal.SIGUSR1, audit.sink.reopen)  # after logrotate moved it
     watcher_task = None
     if config_path is not None:
@@ -258,30 +302,97 @@ async def serve_all(
     finally:
         if watcher_task is not None:
             watcher_task.cancel()
+        if parent_task is not None:
+            parent_task.cancel()
         publisher.cancel()
         metrics.publish()
         audit.sink.close()
 
 
 def run_process(
-    config: Config, sockets: dict[str, socket.socket], config_path: Path | None = None
+    config: Config,
+    sockets: dict[str, socket.socket],
+    config_path: Path | None = None,
+    parent: int | None = None,
 ) -> None:
     """Serve until a signal; exits STARTUP_FAILURE if the data dir or store is unusable."""
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve_all(config, sockets, config_path))
+            runner.run(serve_all(config, sockets, config_path, parent))
     except (OSError, sqlite3.Error) as exc:
         log_event("startup_failed", error=f"{type(exc).__name__}: {exc}")
         sys.exit(STARTUP_FAILURE)
 
 
-def _worker(config_path: str, sockets: dict[str, socket.socket]) -> None:
+def set_parent_death_signal() -> None:
+    """Have the kernel send this process SIGTERM when its parent dies (Linux only)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+
+def _worker(config_path: str, sockets: dict[str, socket.socket], supervisor: int) -> None:
+    # A worker dies with its supervisor: by PR_SET_PDEATHSIG at once where there is
+    # one, and by serve_all's check of the parent pid every second everywhere.
+    set_parent_death_signal()
+    if os.getppid() != supervisor:  # it died before that took effect
+        sys.exit(0)
     try:
         config = load_config(Path(config_path))
     except ConfigErrors as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
-    run_process(config, sockets, Path(config_path))
+    run_process(config, sockets, Path(config_path), parent=supervisor)
+
+
+def _process_start(pid: int) -> str | None:
+    """When ``pid`` started (clock ticks since boot, from /proc), to tell a reused pid."""
+    try:
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat_line.rsplit(")", 1)[-1].split()
+    return fields[19] if len(fields) > 19 else None  # field 22, starttime
+
+
+def _supervisor_record() -> str:
+    return f"{os.getpid()} {_process_start(os.getpid()) or ''}".strip() + "\n"
+
+
+def _supervisor_gone(record: str) -> bool:
+    """Whether the supervisor a metrics directory's record names is no longer running."""
+    pid_text, _, start = record.strip().partition(" ")
+    try:
+        pid = int(pid_text)
+    except ValueError:
+        return False  # not ours to judge
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        pass  # alive, another user's
+    current = _process_start(pid)
+    return bool(start) and current is not None and current != start  # the pid was reused
+
+
+def remove_stale_metrics_dirs() -> None:
+    """Remove the metrics directories of supervisors that died without cleaning up
+    (``kill -9``): only this user's, and only those whose supervisor is gone."""
+    for path in Path(tempfile.gettempdir()).glob(METRICS_DIR_PREFIX + "*"):
+        try:
+            info = path.lstat()
+            if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+                continue
+            record = (path / SUPERVISOR_PID_FILE).read_text()
+        except OSError:
+            continue  # not a directory of ours, or one whose supervisor is just starting
+        if _supervisor_gone(record):
+            shutil.rmtree(path, ignore_errors=True)
+            log_event("metrics.stale_dir_removed", path=str(path), supervisor=record.split()[0])
 
 
 def run(config_path: Path, config: Config, *, workers: int = 1, only: str | None = None) -> int:
@@ -307,41 +418,78 @@ def run(config_path: Path, config: Config, *, workers: int = 1, only: str | None
         except SystemExit as exc:
             return int(exc.code or 0)
         return 0
+    remove_stale_metrics_dirs()
     # Workers keep their metrics in files here, so /metrics on any of them sums all.
-    metrics_dir = tempfile.mkdtemp(prefix="tokengate-metrics-")
-    os.environ[MULTIPROC_ENV] = metrics_dir
+    # The record of whose it is lets the next start remove it after a kill -9.
+    metrics_dir = tempfile.mkdtemp(prefix=METRICS_DIR_PREFIX)
     try:
+        record = Path(metrics_dir) / SUPERVISOR_PID_FILE
+        partial = record.with_suffix(".tmp")
+        partial.write_text(_supervisor_record())
+        partial.replace(record)  # whole or absent, never half-written
+        os.environ[MULTIPROC_ENV] = metrics_dir
         return _supervise(str(config_path), sockets, workers)
     finally:
         shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _supervise(config_path: str, sockets: dict[str, socket.socket], workers: int) -> int:
-    """Run ``workers`` processes; replace one that crashes; stop all on a signal."""
+    """Run ``workers`` processes; replace one that crashes; stop all on a signal.
+
+    While serving, the supervisor keeps its copies of the listening sockets to hand to
+    a replacement worker. A SIGTERM or SIGINT wakes it at once (a wakeup pipe, not a
+    poll); the drain starts by closing those copies, then signals the workers, which
+    close theirs: from then on the kernel refuses new connections (instead of
+    completing handshakes that nobody accepts) while in-flight requests finish.
+    """
     ctx = multiprocessing.get_context("spawn")
     stopping: list[int] = []
+    procs: list[tuple[Any, float]] = []
+    supervisor = os.getpid()
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
 
     def spawn() -> tuple[Any, float]:
-        proc = ctx.Process(target=_worker, args=(config_path, sockets), daemon=False)
+        proc = ctx.Process(target=_worker, args=(config_path, sockets, supervisor), daemon=False)
         proc.start()
         return proc, time.monotonic()
 
     def on_signal(sig: int, _frame: object) -> None:
-        stopping.append(sig)
+        stopping.append(sig)  # acted upon by the loop below, woken by the wakeup fd
 
     def forward(sig: int, _frame: object) -> None:  # SIGHUP, SIGUSR1: every worker acts
         for proc, _ in procs:
             if proc.is_alive():
                 os.kill(proc.pid, sig)
 
+    def wait(workers: list[Any], timeout: float) -> None:
+        """Until one of ``workers`` exits, a signal arrives, or ``timeout`` passes."""
+        multiprocessing.connection.wait([wake_r, *(p.sentinel for p in workers)], timeout)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(wake_r, 512):
+                pass
+
+    def signal_workers(sig: int) -> None:
+        for proc, _ in procs:
+            if proc.is_alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, sig)
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     for sig in (signal.SIGHUP, signal.SIGUSR1):
         previous[sig] = signal.signal(sig, forward)
-    procs = [spawn() for _ in range(workers)]
+    # Written to by the C-level handler, so a signal that arrives just before wait()
+    # blocks still wakes it.
+    previous_wakeup = signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
     exit_code = 0
     try:
+        for _ in range(workers):
+            if stopping:
+                break
+            procs.append(spawn())
         while not stopping:
-            multiprocessing.connection.wait([p.sentinel for p, _ in procs], timeout=0.5)
+            wait([p for p, _ in procs], timeout=5.0)
             for i, (proc, started) in enumerate(procs):
                 if proc.is_alive() or stopping:
                     continue
@@ -357,15 +505,25 @@ def _supervise(config_path: str, sockets: dict[str, socket.socket], workers: int
                 mark_process_dead(proc.pid)  # its live gauges no longer count
                 procs[i] = spawn()
     finally:
-        for proc, _ in procs:
-            if proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
+        # First stop accepting, then tell the workers: once they have closed their
+        # copies too, no new connection is completed by the kernel.
+        for sock in sockets.values():
+            sock.close()
+        forwarded = len(stopping)
+        signal_workers(signal.SIGTERM)
         deadline = time.monotonic() + DRAIN_TIMEOUT + 5
+        while (alive := [p for p, _ in procs if p.is_alive()]) and time.monotonic() < deadline:
+            wait(alive, timeout=max(0.0, deadline - time.monotonic()))
+            for sig in stopping[forwarded:]:  # a second Ctrl-C forces the workers out
+                signal_workers(sig)
+            forwarded = len(stopping)
         for proc, _ in procs:
-            proc.join(max(0.0, deadline - time.monotonic()))
             if proc.is_alive():
                 proc.kill()
-                proc.join()
+            proc.join()
+        signal.set_wakeup_fd(previous_wakeup)
         for s, handler in previous.items():
             signal.signal(s, handler)
+        os.close(wake_r)
+        os.close(wake_w)
     return exit_code
