@@ -13,12 +13,14 @@ import concurrent.futures
 import contextlib
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 T = TypeVar("T")
+WAL_WAIT = 30.0  # seconds to keep trying to switch a new store to WAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,12 +111,26 @@ class SqliteStore:
             self.path, timeout=30, isolation_level=None, check_same_thread=False
         )
         self._db.execute("PRAGMA busy_timeout = 30000")
-        self._db.execute("PRAGMA journal_mode = WAL")
+        self._wal()
         self._db.execute("PRAGMA synchronous = NORMAL")
         with self.exclusive():
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+
+    def _wal(self) -> None:
+        """Switch to WAL. SQLite answers "database is locked" at once, without waiting
+        out busy_timeout, while another process is switching the same new file (the
+        first start of several workers): try again for as long as busy_timeout."""
+        deadline = time.monotonic() + WAL_WAIT
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode = WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:

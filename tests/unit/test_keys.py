@@ -126,3 +126,31 @@ def test_concurrent_first_start_creates_exactly_one_key(tmp_path: Path) -> None:
     assert len(keys) == 1
     assert [p.name for p in (tmp_path / "keys/default").iterdir()] == [f"{keys[0].kid}.pem"]
     store.close()
+
+
+def test_a_new_store_waits_for_another_process_switching_it_to_wal(tmp_path: Path) -> None:
+    """SQLite refuses a journal-mode switch at once, without waiting out busy_timeout,
+    while another connection is writing the new file: the first start of several
+    workers."""
+    import sqlite3
+    import threading
+    import time
+
+    from authserver.store import SqliteStore
+
+    tmp_path.mkdir(exist_ok=True)
+    other = sqlite3.connect(
+        tmp_path / SqliteStore.FILENAME, isolation_level=None, check_same_thread=False
+    )
+    other.execute("CREATE TABLE held (x)")
+    other.execute("BEGIN IMMEDIATE")  # a writer mid-transaction in rollback mode
+    other.execute("INSERT INTO held VALUES (1)")
+    released = threading.Timer(0.5, lambda: other.execute("COMMIT"))
+    released.start()
+    started = time.monotonic()
+    store = SqliteStore(tmp_path)  # would raise "database is locked" at once
+    assert time.monotonic() - started >= 0.4
+    assert store.keys() == []
+    store.close()
+    released.join()
+    other.close()
