@@ -159,7 +159,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
     return AuthServerConfig(
         listen=listen,
         public_url=public_url,
-        data_dir=Path(f.get("data_dir", as_str, "./data")),
+        data_dir=Path(f.get("data_dir", as_str, "./data") or "./data"),  # "" is reported
         jwks_max_age=f.get("jwks_max_age", as_seconds, 300),
         leeway=f.get("leeway", as_seconds, 30),
         max_body_bytes=f.get("max_body_bytes", positive_int, 65536),
@@ -389,3 +389,5 @@ def as_client_key(node: Node) -> PublicKey:
         return load_public_jwk(node.plain())
     except ValueError as exc:
         raise ConfigError(node.path, str(exc)) from None
+    except TypeError:  # a member of the wrong type, such as alg: [RS256]
+        raise ConfigError(node.path, "is not a valid JWK") from None

@@ -206,6 +206,7 @@ def _parse_route(node: Node, issuers: dict[str, IssuerConfig]) -> RouteConfig:
     if public and r.has("require"):
         r.node_at("require").error("a public route takes no token, so it cannot require one")
     methods = m.get("methods", list_of(one_of(*HTTP_METHODS)), None)
+    timeout = r.get("timeout", as_seconds, 30)  # None when it was wrong: reported already
     return RouteConfig(
         name=r.get("name", as_name),
         path=path,
@@ -213,7 +214,7 @@ def _parse_route(node: Node, issuers: dict[str, IssuerConfig]) -> RouteConfig:
         host=m.get("host", as_host, None),
         upstream=r.get("upstream", as_http_url),
         strip_prefix=strip_prefix,
-        timeout=float(r.get("timeout", as_seconds, 30)),
+        timeout=float(timeout or 30),
         public=public,
         forward_token=r.get("forward_token", as_bool, False),
         require=require,
@@ -307,6 +308,8 @@ def as_claim_rule(node: Node, claim: str) -> ClaimRule:
         return ClaimRule(claim, "matches", re.compile(pattern))
     except re.error as exc:
         raise ConfigError(child.path, f"is not a valid regular expression ({exc})") from None
+    except (RecursionError, OverflowError, MemoryError):  # ((((...)))) or a{99999999999}
+        raise ConfigError(child.path, "is too complex a regular expression") from None
 
 
 def _scalar(node: Node) -> str | int | float | bool:

@@ -55,10 +55,12 @@ def _positive(text: str) -> int:
     return value
 
 
-def _load(args: argparse.Namespace) -> tuple[Path, Config] | None:
+def _load(args: argparse.Namespace, *, to_serve: bool = False) -> tuple[Path, Config] | None:
+    """The config, or None once its problems are on stderr. ``to_serve``: also refuse
+    what ``run`` could not start with (an audit file it cannot open)."""
     path = args.config or default_path()
     try:
-        return path, load_config(path)
+        return path, load_config(path, check_files=to_serve)
     except ConfigErrors as exc:
         for error in exc.errors:
             print(error, file=sys.stderr)
@@ -68,7 +70,7 @@ def _load(args: argparse.Namespace) -> tuple[Path, Config] | None:
 def _run(args: argparse.Namespace) -> int:
     from tokengate.serve import run
 
-    loaded = _load(args)
+    loaded = _load(args, to_serve=True)
     if loaded is None:
         return 2
     path, config = loaded
@@ -76,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _check(args: argparse.Namespace) -> int:
-    loaded = _load(args)
+    loaded = _load(args, to_serve=True)  # what `run` would refuse, `check` reports
     if loaded is None:
         return 2
     for warning in loaded[1].warnings:

@@ -11,6 +11,7 @@ from authserver.config import AuthServerConfig, parse_authserver
 from gateway.config import GatewayConfig, parse_gateway
 from tokengate.limits import ADMIN_LIMITS, Limits, as_limits
 from tokengate.yamlconf import (
+    UNEXPECTED,
     ConfigError,
     ConfigErrors,
     Listen,
@@ -62,17 +63,42 @@ def default_path(environ: Mapping[str, str] | None = None) -> Path:
     return Path(environ.get("TOKENGATE_CONFIG") or DEFAULT_PATH)
 
 
-def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
-    """Read and validate ``path``; raises :class:`ConfigErrors` listing every problem."""
+def load_config(
+    path: Path, environ: Mapping[str, str] | None = None, *, check_files: bool = False
+) -> Config:
+    """Read and validate ``path``; raises :class:`ConfigErrors` listing every problem.
+
+    ``check_files``: also what ``tokengate run`` would refuse to start with, an audit
+    file it cannot open for appending (``run`` and ``check`` ask for it)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigErrors([ConfigError(str(path), f"cannot read ({exc})")]) from None
-    return parse_config(text, environ, source=str(path))
+    return parse_config(text, environ, source=str(path), check_files=check_files)
 
 
 def parse_config(
-    text: str, environ: Mapping[str, str] | None = None, *, source: str = "config"
+    text: str,
+    environ: Mapping[str, str] | None = None,
+    *,
+    source: str = "config",
+    check_files: bool = False,
+) -> Config:
+    """Validate a config's text: :class:`ConfigErrors` listing every problem, never any
+    other exception (``tokengate check`` and hot reload rely on it)."""
+    try:
+        return _parse_config(text, environ, source, check_files)
+    except ConfigErrors:
+        raise
+    except RecursionError:  # not expected: parse_yaml bounds nesting
+        raise ConfigErrors([ConfigError(source, "is nested too deeply")]) from None
+    except Exception as exc:  # config can never crash anything
+        error = ConfigError(source, f"{UNEXPECTED} ({type(exc).__name__})")
+        raise ConfigErrors([error]) from None
+
+
+def _parse_config(
+    text: str, environ: Mapping[str, str] | None, source: str, check_files: bool
 ) -> Config:
     top = root(parse_yaml(text, source), environ)
     if top.value is None:
@@ -84,6 +110,10 @@ def parse_config(
     admin = f.get("admin", _admin, None)
     echo = f.get("echo", _echo, None)
     audit = f.get("audit", _audit, AuditConfig("-"))
+    if check_files and audit is not None:
+        problem = audit_path_problem(audit.path)
+        if problem is not None:
+            top.report.add("audit.path", problem)
     if top.is_mapping() and not any(f.has(s) for s in ("authserver", "gateway", "echo")):
         top.error("nothing to serve: add an authserver, gateway or echo section")
     listens = [
@@ -121,3 +151,23 @@ def _echo(node: Node) -> EchoConfig:
 def _audit(node: Node) -> AuditConfig:
     f = node.fields(optional=("path", "required"))
     return AuditConfig(path=f.get("path", as_str, "-"), required=f.get("required", as_bool, False))
+
+
+def audit_path_problem(path: str) -> str | None:
+    """Why ``tokengate run`` could not open ``path`` for appending audit lines, if so."""
+    if path == "-":
+        return None
+    target = Path(path)
+    try:
+        if target.is_dir():
+            return f"{path} is a directory"
+        if target.exists():
+            return None if os.access(target, os.W_OK) else f"file {path} is not writable"
+        parent = target.parent
+        if not parent.is_dir():
+            return f"directory {parent} does not exist"
+        if not os.access(parent, os.W_OK | os.X_OK):
+            return f"directory {parent} is not writable"
+    except (OSError, ValueError) as exc:  # a name too long, a NUL byte
+        return f"cannot be used ({exc})"
+    return None

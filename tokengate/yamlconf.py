@@ -41,6 +41,12 @@ class ConfigErrors(ValueError):
 
 # --------------------------------------------------------------------------- YAML
 
+MAX_DEPTH = 100  # levels of nesting, counted through aliases
+MAX_ALIAS_EXPANSION = 100_000  # nodes that aliases may add to a document, all aliases together
+MAX_INT_DIGITS = 4300  # Python's own limit for int <-> str; every integer read here prints
+_MAX_INT_BITS = 14_000  # 2**14000 has 4,215 digits
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
 
 class _YamlMap(dict):  # type: ignore[type-arg]
     """A mapping that remembers the keys YAML gave twice (PyYAML keeps the last)."""
@@ -48,39 +54,203 @@ class _YamlMap(dict):  # type: ignore[type-arg]
     duplicates: list[tuple[str, int]]
 
 
-class _StrictLoader(yaml.SafeLoader):
+class _Checked(yaml.composer.Composer, yaml.constructor.SafeConstructor, yaml.resolver.Resolver):
+    """SafeLoader's composer and constructor, keeping duplicate keys, and refusing what
+    would make reading a document unbounded: nesting deeper than :data:`MAX_DEPTH`,
+    aliases that add more than :data:`MAX_ALIAS_EXPANSION` nodes ("billion laughs") or
+    that are inside the node they name, integers too long to print. A value PyYAML
+    cannot construct (``2001-02-30``) is a ``line N`` problem, never a ValueError.
+
+    The checks run as events are composed, before anything is expanded, so a document
+    is refused as soon as it crosses a limit."""
+
+    def __init__(self) -> None:
+        yaml.composer.Composer.__init__(self)  # type: ignore[no-untyped-call]
+        yaml.constructor.SafeConstructor.__init__(self)  # type: ignore[no-untyped-call]
+        yaml.resolver.Resolver.__init__(self)  # type: ignore[no-untyped-call]
+        self._depth = 0  # nodes open around the one being composed
+        self._deepest = 0  # the deepest level reached inside the node being composed
+        self._composed = 0  # nodes composed so far, each alias counted as the nodes it names
+        self._aliased = 0  # of those, the nodes aliases added
+        self._sizes: dict[int, tuple[int, int]] = {}  # id(anchored node) -> (nodes, height)
+        self._merges = 0  # flatten_mapping calls open (a `<<` merge chain)
+        self._merged: dict[int, int] = {}  # id(mapping node) -> how many pairs `<<` put first
+
+    def compose_document(self) -> yaml.Node:
+        self._sizes = {}
+        return super().compose_document()  # type: ignore[no-untyped-call,no-any-return]
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        level = self._depth + 1
+        event = self.peek_event()  # type: ignore[no-untyped-call]
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            if target is not None:
+                size = self._sizes.get(id(target))
+                if size is None:
+                    raise yaml.composer.ComposerError(
+                        None,
+                        None,
+                        f"alias *{event.anchor} is inside the node it names (a recursive alias)",
+                        event.start_mark,
+                    )
+                nodes, height = size
+                self._account(nodes, level + height - 1, event.start_mark)
+                self._aliased += nodes
+                if self._aliased > MAX_ALIAS_EXPANSION:
+                    raise yaml.composer.ComposerError(
+                        None,
+                        None,
+                        f"too many alias expansions (over {MAX_ALIAS_EXPANSION}); "
+                        "YAML anchors may not multiply the document",
+                        event.start_mark,
+                    )
+            return super().compose_node(parent, index)  # type: ignore[no-untyped-call,no-any-return]
+        before, outer_deepest = self._composed, self._deepest
+        self._deepest = 0
+        self._account(1, level, event.start_mark)
+        self._depth = level
+        try:
+            node = super().compose_node(parent, index)  # type: ignore[no-untyped-call]
+        finally:
+            self._depth = level - 1
+        if event.anchor is not None:
+            self._sizes[id(node)] = (self._composed - before, self._deepest - level + 1)
+        self._deepest = max(outer_deepest, self._deepest)
+        return node  # type: ignore[no-any-return]
+
+    def _account(self, nodes: int, deepest: int, mark: yaml.Mark) -> None:
+        if deepest > MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", mark
+            )
+        self._composed += nodes
+        self._deepest = max(self._deepest, deepest)
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        self._merges += 1  # a merge flattens the mappings it merges first, recursively
+        try:
+            if self._merges > MAX_DEPTH:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"merge keys (<<) chained deeper than {MAX_DEPTH}", node.start_mark
+                )
+            own = sum(1 for key, _ in node.value if key.tag != _MERGE_TAG)
+            super().flatten_mapping(node)  # type: ignore[no-untyped-call]
+            if len(node.value) > own:  # only the first time: `<<` is gone from it then
+                self._merged[id(node)] = len(node.value) - own
+        finally:
+            self._merges -= 1
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)  # type: ignore[no-untyped-call]
+        except yaml.YAMLError:
+            raise
+        except (ValueError, ArithmeticError, TypeError) as exc:  # a date like 2001-02-30
+            raise yaml.constructor.ConstructorError(
+                None, None, f"cannot read this value ({exc})", node.start_mark
+            ) from None
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        too_large = yaml.constructor.ConstructorError(
+            None, None, f"integer is too large (over {MAX_INT_DIGITS} digits)", node.start_mark
+        )
+        if len(node.value) > MAX_INT_DIGITS:  # also bounds a base-60 integer's arithmetic
+            raise too_large
+        value = super().construct_yaml_int(node)  # type: ignore[no-untyped-call]
+        if value.bit_length() > _MAX_INT_BITS:  # 1:59:59:... base 60 grows fast
+            raise too_large
+        return value  # type: ignore[no-any-return]
+
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> _YamlMap:  # type: ignore[override]
         self.flatten_mapping(node)
-        out = _YamlMap()
+        merged = self._merged.get(id(node), 0)  # pairs a `<<` merged in: the mapping's own
+        out = _YamlMap()  # keys override them, and are duplicates only of each other
         out.duplicates = []
-        for key_node, value_node in node.value:
-            key = self.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        own: set[str] = set()
+        for i, (key_node, value_node) in enumerate(node.value):
+            key = self.construct_object(key_node, deep=deep)
             if not isinstance(key, str | int | float | bool) and key is not None:
                 raise yaml.constructor.ConstructorError(
                     None, None, "keys must be scalars", key_node.start_mark
                 )
             key = str(key)
-            if key in out:
-                out.duplicates.append((key, key_node.start_mark.line + 1))
-            out[key] = self.construct_object(value_node, deep=deep)  # type: ignore[no-untyped-call]
+            if i >= merged:
+                if key in own:
+                    out.duplicates.append((key, key_node.start_mark.line + 1))
+                own.add(key)
+            out[key] = self.construct_object(value_node, deep=deep)
         return out
 
 
-_StrictLoader.add_constructor(
+_Checked.add_constructor(
     yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
-    _StrictLoader.construct_mapping,  # type: ignore[arg-type]
+    _Checked.construct_mapping,  # type: ignore[arg-type]
 )
+_Checked.add_constructor("tag:yaml.org,2002:int", _Checked.construct_yaml_int)  # type: ignore[arg-type]
+
+
+class _StrictLoader(yaml.reader.Reader, yaml.scanner.Scanner, yaml.parser.Parser, _Checked):
+    """PyYAML's pure-Python reader, scanner and parser: its messages are the ones shown."""
+
+    def __init__(self, stream: str) -> None:
+        yaml.reader.Reader.__init__(self, stream)  # type: ignore[no-untyped-call]
+        yaml.scanner.Scanner.__init__(self)  # type: ignore[no-untyped-call]
+        yaml.parser.Parser.__init__(self)  # type: ignore[no-untyped-call]
+        _Checked.__init__(self)
+
+
+_FastLoader: type | None = None
+if yaml.__with_libyaml__:
+
+    class _CLoader(yaml.cyaml.CParser, _Checked):  # type: ignore[misc]
+        """libyaml's parser (about four times faster), the same composer and checks."""
+
+        # CParser would compose in C, past every check: compose in Python.
+        get_single_node = yaml.composer.Composer.get_single_node
+        check_node = yaml.composer.Composer.check_node
+        get_node = yaml.composer.Composer.get_node
+
+        def __init__(self, stream: str) -> None:
+            yaml.cyaml.CParser.__init__(self, stream)
+            _Checked.__init__(self)
+
+    _FastLoader = _CLoader
+
+# What libyaml raises for a document it cannot parse (or a str it cannot encode):
+# parse it again in pure Python, which says what is wrong the way PyYAML does.
+_SYNTAX_ERRORS = (yaml.reader.ReaderError, yaml.scanner.ScannerError, yaml.parser.ParserError)
+
+
+def _load(text: str) -> Any:
+    if _FastLoader is not None:
+        try:
+            return yaml.load(text, Loader=_FastLoader)  # noqa: S506 - safe constructors only
+        except (*_SYNTAX_ERRORS, UnicodeError):
+            pass
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - safe constructors only
 
 
 def parse_yaml(text: str, source: str = "config") -> Any:
-    """Parse YAML text; duplicate keys are kept for :class:`Node` to report."""
+    """Parse YAML text; duplicate keys are kept for :class:`Node` to report.
+
+    Raises :class:`ConfigErrors` (``line N: invalid YAML: ...``) and nothing else."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
+        return _load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}" if mark is not None else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigErrors([ConfigError(where, f"invalid YAML: {problem}")]) from None
+        problem = exc.problem or str(exc)
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow
+        where = f"line {text.count(chr(10), 0, exc.position) + 1}"
+        problem = str(exc.reason) + (
+            f" (character #x{exc.character:04x})" if isinstance(exc.character, int) else ""
+        )
+    except yaml.YAMLError as exc:
+        where, problem = source, str(exc)
+    except RecursionError:  # not expected: the loader bounds nesting
+        where, problem = source, "nested too deeply"
+    raise ConfigErrors([ConfigError(where, f"invalid YAML: {problem}")])
 
 
 # --------------------------------------------------------------------------- nodes
@@ -240,20 +410,28 @@ class Fields:
                     child.error("is required")
                 return None  # type: ignore[return-value]
             return default  # type: ignore[no-any-return]
-        try:
-            return convert(child)
-        except ConfigError as exc:
-            self.node.report.errors.append(exc)
-            return None  # type: ignore[return-value]
+        return guarded(child, convert)  # type: ignore[return-value]
+
+
+UNEXPECTED = "could not be checked: this is a bug in tokengate, please report it"
 
 
 def guarded(node: Node, convert: Callable[[Node], T]) -> T | None:
-    """Run ``convert`` on ``node``; report a ConfigError and return None instead."""
+    """Run ``convert`` on ``node``; report a ConfigError and return None instead.
+
+    Reading a config never raises anything else: any other exception is a bug in a
+    converter, reported at ``node``'s path (by type only: its message could quote a
+    secret) rather than ending ``tokengate check`` or a hot reload with a traceback.
+    """
     try:
         return convert(node)
     except ConfigError as exc:
         node.report.errors.append(exc)
-        return None
+    except RecursionError:  # not expected: parse_yaml bounds nesting
+        node.error("is nested too deeply")
+    except Exception as exc:  # config can never crash anything
+        node.error(f"{UNEXPECTED} ({type(exc).__name__})")
+    return None
 
 
 # --------------------------------------------------------------------------- converters
@@ -287,7 +465,7 @@ def as_int(node: Node) -> int:
         try:
             value = int(value)
         except ValueError:
-            raise ConfigError(node.path, f"must be an integer, got {value!r}") from None
+            raise ConfigError(node.path, f"must be an integer, got {shown(value)}") from None
     if isinstance(value, bool) or not isinstance(value, int):
         raise ConfigError(node.path, f"must be an integer, got {_kind(value)}")
     return value
@@ -300,24 +478,30 @@ def positive_int(node: Node) -> int:
     return value
 
 
-_DURATION = re.compile(r"(\d+)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+_DURATION = re.compile(r"([0-9]+)(ms|s|m|h|d)")
+_UNIT_MS = {"ms": 1, "s": 1000, "m": 60_000, "h": 3_600_000, "d": 86_400_000}
+MAX_DURATION_DAYS = 36500  # a hundred years: every duration fits a timer and a datetime
+MAX_DURATION = MAX_DURATION_DAYS * 86400.0
 
 
 def parse_duration(text: str) -> float:
-    """``30s``, ``10m``, ``1h``, ``7d``, ``1h30m``, ``250ms`` or plain seconds -> seconds."""
+    """``30s``, ``10m``, ``1h``, ``7d``, ``1h30m``, ``250ms`` or plain seconds -> seconds.
+
+    ValueError if ``text`` is not a duration; ``inf`` for one beyond :data:`MAX_DURATION`
+    (``99999999999999999999h``), so that a caller can say it is too long."""
     text = text.strip()
-    if text.isdigit():
-        return float(int(text))
-    pos, total = 0, 0.0
-    for m in _DURATION.finditer(text):
-        if m.start() != pos:
-            break
-        total += int(m.group(1)) * _UNIT_SECONDS[m.group(2)]
-        pos = m.end()
-    if pos != len(text) or not text:
-        raise ValueError(text)
-    return total
+    if text.isascii() and text.isdigit():
+        ms = int(text) * 1000
+    else:
+        pos, ms = 0, 0
+        for m in _DURATION.finditer(text):
+            if m.start() != pos:
+                break
+            ms += int(m.group(1)) * _UNIT_MS[m.group(2)]  # exact: no float overflows here
+            pos = m.end()
+        if pos != len(text) or not text:
+            raise ValueError(text)
+    return math.inf if ms > MAX_DURATION * 1000 else ms / 1000
 
 
 def as_duration(node: Node) -> float:
@@ -326,16 +510,23 @@ def as_duration(node: Node) -> float:
     if isinstance(value, bool):
         raise ConfigError(node.path, "must be a duration like 30s, 10m, 1h, 7d")
     if isinstance(value, int):
-        seconds = float(value)
+        seconds = (
+            float(value) if abs(value) <= MAX_DURATION else math.inf * (1 if value > 0 else -1)
+        )
     else:
         try:
             seconds = parse_duration(node.raw_str())
         except (ValueError, ConfigError):
             raise ConfigError(
-                node.path, f"must be a duration like 30s, 10m, 1h, 7d, got {node.value!r}"
+                node.path, f"must be a duration like 30s, 10m, 1h, 7d, got {shown(node.value)}"
             ) from None
     if seconds <= 0:
-        raise ConfigError(node.path, f"must be a duration > 0, got {node.value!r}")
+        raise ConfigError(node.path, f"must be a duration > 0, got {shown(node.value)}")
+    if seconds > MAX_DURATION:
+        raise ConfigError(
+            node.path,
+            f"must be a duration of at most {MAX_DURATION_DAYS}d, got {shown(node.value)}",
+        )
     return seconds
 
 
@@ -388,13 +579,20 @@ def list_of(
 ) -> Callable[[Node], tuple[T, ...]]:
     def read(node: Node) -> tuple[T, ...]:
         out: list[T] = []
+        seen: set[Any] = set()  # linear in the list's length, not quadratic
         for item in node.items():
             value = guarded(item, convert)
             if value is None:
                 continue
-            if unique and value in out:
-                item.error(f"duplicate value {value!r}")
-                continue
+            if unique:
+                try:
+                    again = value in seen
+                    seen.add(value)
+                except TypeError:  # an unhashable value: compare with each
+                    again = value in out
+                if again:
+                    item.error(f"duplicate value {shown(value)}")
+                    continue
             out.append(value)
         return tuple(out)
 
@@ -426,6 +624,12 @@ def _kind(value: Any) -> str:
         if isinstance(value, kind):
             return name
     return "a number" if isinstance(value, int | float) else type(value).__name__
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)`` for a message, cut to ``limit`` characters."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-2:]}"
 
 
 def _closest(word: str, candidates: Iterable[str]) -> str | None:

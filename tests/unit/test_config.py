@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -349,3 +351,265 @@ def test_a_reload_that_changes_limits_says_it_needs_a_restart() -> None:
     )
     restart = asyncio.run(applier(before, {})(after))
     assert restart == ["authserver.limits: changing listener limits needs a restart"]
+
+
+# --------------------------------------------------------------------------- faults
+
+ROUTE = (
+    "gateway:\n  routes:\n    - {name: r, match: {path: /r}, upstream: http://u, public: true}\n"
+)
+DURATION = "must be a duration like 30s, 10m, 1h, 7d, got"
+
+
+@pytest.fixture(params=["libyaml", "python"])
+def yaml_parser(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both parsers the loader may use: libyaml's (when present) and PyYAML's own."""
+    import tokengate.yamlconf
+
+    if request.param == "python":
+        monkeypatch.setattr(tokengate.yamlconf, "_FastLoader", None, raising=False)
+    elif getattr(tokengate.yamlconf, "_FastLoader", None) is None:
+        pytest.skip("PyYAML without libyaml")
+    return str(request.param)
+
+
+@pytest.mark.parametrize(
+    ("timeout", "expected"),
+    [
+        ("abc", f"{DURATION} 'abc'"),
+        ("1e400", f"{DURATION} '1e400'"),  # a string to YAML 1.1
+        ("1.0e+400", f"{DURATION} inf"),
+        (".inf", f"{DURATION} inf"),
+        (".nan", f"{DURATION} nan"),
+        ("5 minutes", f"{DURATION} '5 minutes'"),
+        ("-1", "must be a duration > 0, got -1"),
+        ("0", "must be a duration > 0, got 0"),
+        ('"30S"', f"{DURATION} '30S'"),
+        ("5m30", f"{DURATION} '5m30'"),
+        ("9" * 400, "must be a duration of at most 36500d, got " + "9" * 75 + "...99"),
+        (
+            '"99999999999999999999999999999999999999h"',
+            "must be a duration of at most 36500d, got '99999999999999999999999999999999999999h'",
+        ),
+        ('"36501d"', "must be a duration of at most 36500d, got '36501d'"),
+    ],
+)
+def test_a_route_timeout_that_crashed_check_is_a_path_problem(timeout: str, expected: str) -> None:
+    """These raised TypeError or OverflowError: a traceback from `tokengate check`, and
+    a hot reload that ended the watcher."""
+    text = VALID + ROUTE.replace("public: true", f"public: true, timeout: {timeout}")
+    assert problems(text) == [f"gateway.routes[0].timeout: {expected}"]
+
+
+def test_the_longest_duration_is_a_hundred_years() -> None:
+    text = VALID + ROUTE.replace("public: true", "public: true, timeout: 36500d")
+    config = parse_config(text.replace("15m", "3153600000"), {})
+    assert config.gateway is not None and config.gateway.routes[0].timeout == 36500 * 86400
+    assert parse_duration("1s500ms") == 1.5 and parse_duration("250ms") == 0.25
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        (
+            "  listen: 127.0.0.1:9000",
+            "  listen: 127.0.0.1:9000\n  data_dir: ''",
+            ("authserver.data_dir: must not be empty"),
+        ),
+        (
+            "  listen: 127.0.0.1:9000",
+            "  listen: 127.0.0.1:9000\n  data_dir: [a]",
+            ("authserver.data_dir: must be a string, got a list"),
+        ),
+        (
+            "access_token_ttl: 15m",
+            "access_token_ttl: 1.0e+309",
+            (f"authserver.servers[0].access_token_ttl: {DURATION} inf"),
+        ),
+        (
+            "access_token_ttl: 15m",
+            "access_token_ttl: -" + "9" * 400,
+            (
+                "authserver.servers[0].access_token_ttl: must be a duration > 0, got -"
+                + "9" * 74
+                + "...99"
+            ),
+        ),
+        (
+            "access_token_ttl: 15m",
+            "access_token_ttl: " + "9" * 5000,
+            ("line 8: invalid YAML: integer is too large (over 4300 digits)"),
+        ),
+        (
+            "access_token_ttl: 15m",
+            "access_token_ttl: 1" + ":59" * 3000,
+            (  # base 60
+                "line 8: invalid YAML: integer is too large (over 4300 digits)"
+            ),
+        ),
+        (
+            "access_token_ttl: 15m",
+            "access_token_ttl: 2001-02-30",
+            ("line 8: invalid YAML: cannot read this value (day is out of range for month)"),
+        ),
+        (
+            "access_token_ttl: 15m",
+            "access_token_ttl: !!int abc",
+            (
+                "line 8: invalid YAML: cannot read this value (invalid literal for int() with "
+                "base 10: 'abc')"
+            ),
+        ),
+        (
+            "claims: {tenant: acme}",
+            "claims: {tenant: " + "[" * 1000 + "]" * 1000 + "}",
+            ("line 14: invalid YAML: nested deeper than 100 levels"),
+        ),
+        (
+            "claims: {tenant: acme}",
+            "claims: " + "{a: " * 1000 + "1" + "}" * 1000,
+            ("line 14: invalid YAML: nested deeper than 100 levels"),
+        ),
+        (
+            "claims: {tenant: acme}",
+            "claims: &c {nested: [*c]}",
+            ("line 14: invalid YAML: alias *c is inside the node it names (a recursive alias)"),
+        ),
+        (  # 60 levels, aliased 45 levels down: 111 deep, as the walkers would see it
+            "claims: {tenant: acme}",
+            "claims: {a: &a "
+            + "[" * 60
+            + "x"
+            + "]" * 60
+            + ", b: "
+            + "[" * 45
+            + "*a"
+            + "]" * 45
+            + "}",
+            "line 14: invalid YAML: nested deeper than 100 levels",
+        ),
+    ],
+)
+def test_values_that_crashed_the_parser_name_their_path_or_line(
+    yaml_parser: str, old: str, new: str, expected: str
+) -> None:
+    assert old in VALID
+    assert problems(VALID.replace(old, new)) == [expected]
+
+
+def laughs(levels: int, fanout: int = 10) -> str:
+    """ "Billion laughs" in a client's claims: the last anchor expands to fanout**levels."""
+    anchors = ["l0: &l0 [" + ", ".join(["lol"] * fanout) + "]"]
+    anchors += [
+        f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * fanout) + "]" for i in range(1, levels + 1)
+    ]
+    return VALID.replace("claims: {tenant: acme}", "claims: {" + ", ".join(anchors) + "}")
+
+
+def test_alias_bombs_are_refused_at_once(yaml_parser: str) -> None:
+    """10**9 expansions never ended (10**7 took 16 s and 267 MB)."""
+    started = time.perf_counter()
+    found = problems(laughs(9))
+    assert time.perf_counter() - started < 0.5
+    assert found == [
+        "line 14: invalid YAML: too many alias expansions (over 100000); "
+        "YAML anchors may not multiply the document"
+    ]
+
+
+def test_aliases_may_add_up_to_a_hundred_thousand_nodes(yaml_parser: str) -> None:
+    # fanout 9: the anchors are 10, 91, 820 and 7,381 nodes; 9 aliases of each add 74,718
+    assert problems_or_none(laughs(4, 9)) is None
+    # fanout 10: 11, 111, 1,111 and 11,111 nodes; 10 aliases of each would add 123,440
+    assert problems(laughs(4, 10)) == [
+        "line 14: invalid YAML: too many alias expansions (over 100000); "
+        "YAML anchors may not multiply the document"
+    ]
+
+
+def problems_or_none(text: str) -> list[str] | None:
+    try:
+        parse_config(text, {})
+    except ConfigErrors as exc:
+        return [str(e) for e in exc.errors]
+    return None
+
+
+def test_anchors_and_merge_keys_still_work(yaml_parser: str) -> None:
+    text = VALID + (
+        "gateway:\n"
+        "  issuers: [{issuer: 'https://idp.example.com', audiences: [api]}]\n"
+        "  routes:\n"
+        "    - &orders {name: orders, match: {path: /orders/**}, upstream: http://u,\n"
+        "               require: &needs {scopes: [orders:read], claims: {tenant: acme}}}\n"
+        "    - {<<: *orders, name: items, match: {path: /items/**}}\n"
+        "    - {name: other, match: {path: /other}, upstream: http://u, require: *needs}\n"
+    )
+    config = parse_config(text, {})
+    assert config.gateway is not None
+    routes = config.gateway.routes
+    assert [r.name for r in routes] == ["orders", "items", "other"]
+    assert routes[1].upstream == "http://u" and routes[1].path == "/items/**"
+    assert routes[2].require == routes[0].require
+    twice = text.replace("name: items,", "name: items, name: again,")
+    assert problems(twice) == ["gateway.routes[1].name: duplicate key (again on line 20)"]
+
+
+def test_check_reports_an_audit_path_run_could_not_open(tmp_path: Path) -> None:
+    from tokengate.config import load_config
+
+    def audit_problems(audit: str) -> list[str] | None:
+        path = tmp_path / "tokengate.yaml"
+        path.write_text(VALID + f"audit: {{path: '{audit}'}}\n")
+        try:
+            load_config(path, {}, check_files=True)
+        except ConfigErrors as exc:
+            return [str(e) for e in exc.errors]
+        return None
+
+    missing = tmp_path / "missing"
+    assert audit_problems(str(missing / "audit.log")) == [
+        f"audit.path: directory {missing} does not exist"
+    ]
+    assert audit_problems(str(tmp_path)) == [f"audit.path: {tmp_path} is a directory"]
+    assert audit_problems(str(tmp_path / "audit.log")) is None
+    assert audit_problems("-") is None
+    assert audit_problems(str(missing / "audit.log"))
+    # `keys` and a hot reload do not open the audit file: the text is all they check
+    assert load_config(tmp_path / "tokengate.yaml", {}).audit.path == str(missing / "audit.log")
+
+
+def test_check_never_prints_a_traceback(tmp_path: Path) -> None:
+    """`tokengate check` on files that made it print one: exit 2, `path: problem` lines."""
+    files = {
+        "timeout.yaml": VALID + ROUTE.replace("public: true", "public: true, timeout: abc"),
+        "data_dir.yaml": VALID.replace("  listen: 127.0.0.1:9000", "  listen: x:1\n  data_dir: ''"),
+        "huge.yaml": VALID.replace("15m", "9" * 5000),
+        "deep.yaml": VALID.replace("{tenant: acme}", "[" * 1000 + "]" * 1000),
+        "recursive.yaml": VALID.replace("{tenant: acme}", "&c {nested: [*c]}"),
+        "laughs.yaml": laughs(9),
+        "audit.yaml": VALID + f"audit: {{path: {tmp_path}/missing/audit.log}}\n",
+    }
+    runs = {}
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+        runs[name] = subprocess.Popen(
+            [sys.executable, "-m", "tokengate", "check", "-c", str(tmp_path / name)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+    try:
+        results = {
+            name: (run.communicate(timeout=30), run.returncode) for name, run in runs.items()
+        }
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.wait()
+    for name, ((out, err), returncode) in results.items():
+        assert returncode == 2, (name, out, err)
+        assert "Traceback" not in err and out == "", name
+        lines = err.splitlines()
+        assert lines and all(re.match(r"(line \d+|[a-z_]+[.\[:])", line) for line in lines), err
