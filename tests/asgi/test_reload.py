@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -177,3 +180,223 @@ async def test_authserver_takes_new_clients_and_servers(make_authserver: Any) ->
     assert newcomer.status_code == 200, newcomer.text
     assert newcomer.json()["scope"] == "reports:read"
     assert removed.status_code == 401
+
+
+# --------------------------------------------------------------------------- faults
+
+
+def with_route(data: dict[str, Any], **route: Any) -> dict[str, Any]:
+    data["gateway"] = {
+        "listen": "127.0.0.1:0",
+        "routes": [
+            {"name": "r", "match": {"path": "/r"}, "upstream": "http://u", "public": True, **route}
+        ],
+    }
+    return data
+
+
+async def wait_for(condition: Any, seconds: float = 3.0) -> bool:
+    for _ in range(int(seconds / 0.01)):
+        if condition():
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        (
+            lambda d: with_route(d, timeout="abc"),
+            "gateway.routes[0].timeout: must be a duration like 30s, 10m, 1h, 7d, got 'abc'",
+        ),
+        (
+            lambda d: d["authserver"].update(data_dir=""),
+            "authserver.data_dir: must not be empty",
+        ),
+    ],
+)
+async def test_a_value_that_crashed_the_parser_is_refused_and_watching_goes_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], change: Any, problem: str
+) -> None:
+    """Such a value used to raise a TypeError out of reload(): the watcher task died
+    silently and no later change was ever applied."""
+    path = tmp_path / "tokengate.yaml"
+    data = base_config(tmp_path / "data")
+    write(path, data)
+    applied: list[Config] = []
+
+    async def apply(config: Config) -> list[str]:
+        applied.append(config)
+        return []
+
+    metrics = Metrics()
+    watcher = ConfigWatcher(path, apply, metrics, interval=0.01)
+    task = asyncio.create_task(watcher.run())
+    err = ""
+    try:
+        bad = base_config(tmp_path / "data")
+        change(bad)
+        write(path, bad)
+
+        def refused() -> bool:
+            nonlocal err
+            err += capsys.readouterr().err
+            return "config.reload_failed" in err
+
+        assert await wait_for(refused), "the watcher said nothing"
+        assert problem in err
+        assert metrics.config_reloads.labels("error")._value.get() == 1
+        data["authserver"]["servers"][0]["access_token_ttl"] = "7m"
+        write(path, data)
+        assert await wait_for(lambda: bool(applied)), "the watcher stopped watching"
+        assert not task.done()
+    finally:
+        task.cancel()
+    assert applied[0].authserver.servers[0].access_token_ttl == 420  # type: ignore[union-attr]
+    assert metrics.config_reloads.labels("ok")._value.get() == 1
+
+
+async def test_sighup_refuses_a_file_that_crashed_the_parser(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokengate.yaml"
+    write(path, with_route(base_config(tmp_path / "data"), timeout="5 minutes"))
+
+    async def apply(config: Config) -> list[str]:
+        raise AssertionError("an invalid config is never applied")
+
+    metrics = Metrics()
+    watcher = ConfigWatcher(path, apply, metrics)
+    watcher.request()  # what SIGHUP does
+    (task,) = watcher._requested
+    assert await task is False
+    err = capsys.readouterr().err
+    assert '"event":"config.reload_failed"' in err
+    assert "gateway.routes[0].timeout: must be a duration like" in err
+    assert "Task exception was never retrieved" not in err
+    assert metrics.config_reloads.labels("error")._value.get() == 1
+
+
+async def test_the_watcher_survives_any_exception_a_reload_raises(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever a bug makes loading or applying raise, the reload is refused (logged by
+    type, counted) and the next change is still applied."""
+    import tokengate.reload
+
+    path = tmp_path / "tokengate.yaml"
+    data = base_config(tmp_path / "data")
+    write(path, data)
+    faults = [TypeError("quoting s3cret"), KeyError("s3cret")]
+    real_load = tokengate.reload.load_config
+
+    def load(p: Path) -> Config:
+        if faults:
+            raise faults.pop(0)
+        return real_load(p)
+
+    monkeypatch.setattr(tokengate.reload, "load_config", load)
+    applied: list[Config] = []
+    apply_faults = [ZeroDivisionError()]
+
+    async def apply(config: Config) -> list[str]:
+        if apply_faults:
+            raise apply_faults.pop(0)
+        applied.append(config)
+        return []
+
+    metrics = Metrics()
+
+    def outcomes() -> float:
+        return metrics.config_reloads.labels("error")._value.get() + len(applied)
+
+    watcher = ConfigWatcher(path, apply, metrics, interval=0.01)
+    task = asyncio.create_task(watcher.run())
+    try:
+        for ttl in ("2m", "3m", "4m", "5m"):  # TypeError, KeyError, ZeroDivisionError, ok
+            data["authserver"]["servers"][0]["access_token_ttl"] = ttl
+            write(path, data)
+            before = outcomes()
+            assert await wait_for(lambda before=before: outcomes() > before)
+        assert not task.done()
+    finally:
+        task.cancel()
+    assert metrics.config_reloads.labels("error")._value.get() == 3
+    assert [c.authserver.servers[0].access_token_ttl for c in applied] == [300]  # type: ignore[union-attr]
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    failed = [e for e in events if e["event"] == "config.reload_failed"]
+    assert [e["error"] for e in failed] == ["TypeError", "KeyError", "ZeroDivisionError"]
+    assert all(e["problems"][0].startswith(f"{path}: could not be") for e in failed)
+    assert "s3cret" not in json.dumps(failed)  # by type only: a message could quote a secret
+
+
+def big_gateway(data: dict[str, Any], routes: int) -> dict[str, Any]:
+    data["gateway"] = {
+        "listen": "127.0.0.1:0",
+        "issuers": [{"issuer": ISSUER, "audiences": ["api://default"]}],
+        "routes": [
+            {
+                "name": f"r{i}",
+                "match": {"path": f"/svc{i}/v1/**", "methods": ["GET", "POST"]},
+                "upstream": f"http://10.0.{i // 250}.{i % 250}:8080",
+                "timeout": "10s",
+                "require": {"scopes": ["orders:read"], "claims": {"tenant": "acme"}},
+            }
+            for i in range(routes)
+        ],
+    }
+    return data
+
+
+@pytest.fixture
+def production_gc() -> Iterator[None]:
+    """The collector as ``tokengate run`` sets it: what startup built is frozen out of
+    every collection, young collections are rarer (otherwise the suite's own objects
+    make a full collection in the loading thread pause every thread for 100+ ms)."""
+    from tokengate.serve import GC_THRESHOLD
+
+    before = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, 20, 20)
+    yield
+    gc.set_threshold(*before)
+    gc.unfreeze()
+
+
+async def test_a_big_reload_never_stalls_the_event_loop(
+    tmp_path: Path, production_gc: None
+) -> None:
+    """Reading and validating run in a thread: a coroutine ticking every 10 ms keeps
+    ticking while 2,000 routes load (on the loop, it stalled for the whole load)."""
+    path = tmp_path / "tokengate.yaml"
+    path.write_text(json.dumps(big_gateway(base_config(tmp_path / "data"), 2000)))  # fast
+    applied: list[Config] = []
+
+    async def apply(config: Config) -> list[str]:
+        applied.append(config)
+        return []
+
+    gaps: list[float] = []
+    loop = asyncio.get_running_loop()
+
+    async def tick() -> None:
+        last = loop.time()
+        while True:
+            await asyncio.sleep(0.01)
+            now = loop.time()
+            gaps.append(now - last)
+            last = now
+
+    ticker = asyncio.create_task(tick())
+    await asyncio.sleep(0.05)
+    started = loop.time()
+    try:
+        assert await ConfigWatcher(path, apply, Metrics()).reload() is True
+        took = loop.time() - started
+        await asyncio.sleep(0.05)  # the ticker sees a stall only when it runs again
+    finally:
+        ticker.cancel()
+    assert len(applied[0].gateway.routes) == 2000  # type: ignore[union-attr]
+    assert max(gaps) < 0.1, f"the loop stalled {max(gaps):.3f}s during a {took:.3f}s reload"
