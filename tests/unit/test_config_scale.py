@@ -57,14 +57,18 @@ def check_seconds(text: str) -> float:
     return time.perf_counter() - started
 
 
-def test_three_thousand_routes_are_checked_in_well_under_two_seconds() -> None:
-    """Comparing every route with every earlier one took 12 s for 3,000 routes."""
-    assert check_seconds(routes_yaml(3000)) < 2.0
+def test_three_thousand_routes_are_checked_in_a_few_seconds() -> None:
+    """Comparing every route with every earlier one took 12 s for 3,000 routes; now
+    about 0.7 s on a quiet machine, 2 s on a busy one. The bound leaves room for noise:
+    the ratio test below is the sharp one."""
+    assert min(check_seconds(routes_yaml(3000)) for _ in range(2)) < 5.0
 
 
 def test_checking_routes_grows_about_linearly() -> None:
     small, large = routes_yaml(1000), routes_yaml(4000)
-    ratio = check_seconds(large) / min(check_seconds(small), check_seconds(small))
+    ratio = min(check_seconds(large) for _ in range(2)) / min(
+        check_seconds(small) for _ in range(2)
+    )
     assert ratio < 7, f"4x the routes took {ratio:.1f}x the time (16x would be quadratic)"
 
 
