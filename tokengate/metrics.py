@@ -32,6 +32,7 @@ from prometheus_client import (
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from tokengate.asgi import HTTP_METHODS
+from tokengate.jsonlog import log_event, traceback_frames
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METHODS = frozenset(HTTP_METHODS)
@@ -176,10 +177,29 @@ class Metrics:
         self.inflight.set(self._inflight)
 
     async def publish_every(self, interval: float = PUBLISH_INTERVAL) -> None:
-        """Publish until cancelled (workers do, so any of them can answer a scrape)."""
+        """Publish until cancelled (workers do, so any of them can answer a scrape).
+
+        A failing publish (the metrics directory's filesystem full) never ends the
+        loop: ``metrics.publish_failed`` when failures start, ``metrics.published``
+        when they end."""
+        failing = False
         while True:
             await asyncio.sleep(interval)
-            self.publish()
+            try:
+                self.publish()
+            except Exception as exc:
+                if not failing:
+                    log_event(
+                        "metrics.publish_failed",
+                        error=type(exc).__name__,
+                        traceback=traceback_frames(exc),
+                        action="retrying every second; these tallies are lost",
+                    )
+                failing = True
+            else:
+                if failing:
+                    log_event("metrics.published", action="publishing again")
+                failing = False
 
     def exposition(self) -> tuple[bytes, str]:
         """The text format of every metric, summed over processes when there are several."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import random
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from tokengate.metrics import LATENCY_BUCKETS, Metrics
@@ -60,3 +63,30 @@ def test_counts_inflight_and_upstream_times_are_published() -> None:
     # published once: a second scrape does not count the same requests again
     again, _ = metrics.exposition()
     assert again.decode().count('reason="ok",route="api"} 1.0') == 1
+
+
+def test_a_failing_publish_is_reported_once_and_never_ends_the_loop(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A full metrics directory made publish raise, which ended a worker's publishing
+    for good: its later tallies reached no scrape."""
+    metrics = Metrics()
+    outcomes = iter([OSError(28, "No space left on device")] * 3 + [None] * 2)
+    published = []
+
+    def publish() -> None:
+        outcome = next(outcomes)
+        if outcome is not None:
+            raise outcome
+        published.append(True)
+        if len(published) == 2:
+            raise asyncio.CancelledError  # stop the loop here
+
+    monkeypatch.setattr(metrics, "publish", publish)
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(metrics.publish_every(interval=0))
+    events = [json.loads(line) for line in capsys.readouterr().err.splitlines()]
+    assert [e["event"] for e in events] == ["metrics.publish_failed", "metrics.published"]
+    assert events[0]["error"] == "OSError"
+    assert "No space" not in json.dumps(events)  # frames, never the message
+    assert published == [True, True]
