@@ -28,12 +28,8 @@ def write(path: Path, data: dict[str, Any]) -> None:
     path.write_text(yaml.safe_dump(data))
 
 
-async def test_watcher_applies_a_changed_file_and_refuses_an_invalid_one(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    path = tmp_path / "tokengate.yaml"
-    data = base_config(tmp_path / "data")
-    write(path, data)
+def recording_watcher(path: Path) -> tuple[ConfigWatcher, list[Config], Metrics]:
+    """A watcher polling every 10 ms that records the configs it applies."""
     applied: list[Config] = []
 
     async def apply(config: Config) -> list[str]:
@@ -41,7 +37,16 @@ async def test_watcher_applies_a_changed_file_and_refuses_an_invalid_one(
         return []
 
     metrics = Metrics()
-    watcher = ConfigWatcher(path, apply, metrics, interval=0.01)
+    return ConfigWatcher(path, apply, metrics, interval=0.01), applied, metrics
+
+
+async def test_watcher_applies_a_changed_file_and_refuses_an_invalid_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "tokengate.yaml"
+    data = base_config(tmp_path / "data")
+    write(path, data)
+    watcher, applied, metrics = recording_watcher(path)
     task = asyncio.create_task(watcher.run())
     try:
         data["authserver"]["servers"][0]["access_token_ttl"] = "5m"
@@ -224,14 +229,7 @@ async def test_a_value_that_crashed_the_parser_is_refused_and_watching_goes_on(
     path = tmp_path / "tokengate.yaml"
     data = base_config(tmp_path / "data")
     write(path, data)
-    applied: list[Config] = []
-
-    async def apply(config: Config) -> list[str]:
-        applied.append(config)
-        return []
-
-    metrics = Metrics()
-    watcher = ConfigWatcher(path, apply, metrics, interval=0.01)
+    watcher, applied, metrics = recording_watcher(path)
     task = asyncio.create_task(watcher.run())
     err = ""
     try:

@@ -81,6 +81,11 @@ class Tokengate:
         return [json.loads(x) for x in self.stderr().splitlines() if x.startswith("{")]
 
 
+def health_route(upstream: str) -> dict[str, Any]:
+    """A public route, /health, to ``upstream``: traffic that needs no token."""
+    return {"name": "health", "match": {"path": "/health"}, "upstream": upstream, "public": True}
+
+
 def e2e_config(data_dir: Path, port: int, **authserver: Any) -> dict[str, Any]:
     return {
         "authserver": {

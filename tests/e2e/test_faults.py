@@ -22,7 +22,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPORTING_SECRET
-from tests.e2e.conftest import e2e_config, free_port
+from tests.e2e.conftest import e2e_config, free_port, health_route
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,
@@ -127,14 +127,7 @@ def test_a_full_disk_under_the_audit_log_loses_whole_lines_and_says_so(
     config = {
         "gateway": {
             "listen": f"127.0.0.1:{gw}",
-            "routes": [
-                {
-                    "name": "health",
-                    "match": {"path": "/health"},
-                    "upstream": f"http://127.0.0.1:{echo}",
-                    "public": True,
-                }
-            ],
+            "routes": [health_route(f"http://127.0.0.1:{echo}")],
         },
         "echo": {"listen": f"127.0.0.1:{echo}"},
         "admin": {"listen": f"127.0.0.1:{admin}"},
@@ -194,14 +187,7 @@ def test_an_outside_lock_on_the_store_stalls_neither_tokens_nor_the_gateway(
     config = e2e_config(data, auth)
     config["gateway"] = {
         "listen": f"127.0.0.1:{gw}",
-        "routes": [
-            {
-                "name": "health",
-                "match": {"path": "/health"},
-                "upstream": f"http://127.0.0.1:{echo}",
-                "public": True,
-            }
-        ],
+        "routes": [health_route(f"http://127.0.0.1:{echo}")],
     }
     config["echo"] = {"listen": f"127.0.0.1:{echo}"}
     config["admin"] = {"listen": f"127.0.0.1:{admin}"}

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.e2e.conftest import Tokengate, e2e_config, free_port
+from tests.e2e.conftest import Tokengate, e2e_config, free_port, health_route
 from tests.e2e.test_gateway_process import PeakRss, Stack, audit, rss_bytes
 
 MIB = 1024 * 1024
@@ -47,7 +47,7 @@ def default_routes(upstream: str) -> list[dict[str, Any]]:
             "timeout": "5s",
             "require": {"scopes": ["orders:read"]},
         },
-        {"name": "health", "match": {"path": "/health"}, "upstream": upstream, "public": True},
+        health_route(upstream),
     ]
 
 
