@@ -25,6 +25,9 @@ its request/response cycle and adds what a listener facing the network needs:
   one whose value is not a host. An absolute-form target's authority replaces
   ``Host`` (RFC 9112 section 3.2.2), so every app sees the host the request names.
 - **Trailers** are read and dropped: they never become headers.
+- **Bodiless statuses.** A 204 or 304 response goes out with no body and no
+  ``Content-Length`` or ``Transfer-Encoding``, whatever the app sent (RFC 9110
+  sections 6.4.1, 8.6): bytes after such a head would be read as the next response.
 - **Upgrades** are not served: a body-less ``Upgrade`` request (an ``h2c`` or
   WebSocket probe) is answered as plain HTTP/1.1 and the connection closed after
   it; one that declares a body is 400 (llhttp would leave its body unread).
@@ -486,6 +489,9 @@ class GuardedProtocol(HttpToolsProtocol):
         if len(self.pipeline) >= MAX_PIPELINED:
             raise _bad("too many pipelined requests")
         super().on_headers_complete()
+        cycle = self.cycle  # the new request's: its app has not started yet
+        if cycle is not None:
+            cycle.send = _bodiless_statuses(cycle.send)  # type: ignore[method-assign]
 
     def _one_host(self) -> None:
         """Exactly one valid Host, the absolute-form target's authority if there is one."""
@@ -539,3 +545,27 @@ class GuardedProtocol(HttpToolsProtocol):
 
     def _unsupported_upgrade_warning(self) -> None:
         pass  # answered as plain HTTP; a warning per request would be the client's to set
+
+
+BODILESS = frozenset((204, 304))
+_FRAMING = frozenset((b"content-length", b"transfer-encoding"))
+
+
+def _bodiless_statuses(send: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """``send`` for one response that drops framing headers and body bytes after a
+    204 or 304 head."""
+    bodiless = False
+
+    async def guarded(message: Any) -> None:
+        nonlocal bodiless
+        if message["type"] == "http.response.start" and message["status"] in BODILESS:
+            bodiless = True
+            headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() not in _FRAMING]
+            message = {**message, "headers": headers}
+        elif bodiless and message["type"] == "http.response.body":
+            if message.get("more_body", False):
+                return
+            message = {"type": "http.response.body", "body": b""}
+        await send(message)
+
+    return guarded

@@ -52,6 +52,10 @@ def echo_app(seen: Seen) -> Any:
                 await send({"type": "http.response.body", "body": b"b" * 65536, "more_body": True})
             await send({"type": "http.response.body", "body": b""})
             return
+        if scope["path"].startswith("/framed/"):  # a status with a body, right or wrong
+            status = int(scope["path"].rsplit("/", 1)[1])
+            await send_bytes(send, status, b"a body", [(b"Content-Length", b"6")])
+            return
         if scope["path"] == "/early":  # answered before the body is read
             await send_bytes(send, 200, b"early")
             return
@@ -687,3 +691,26 @@ async def test_a_client_that_never_reads_its_response_is_disconnected() -> None:
         assert at.refusals == ["send_timeout"]
         assert 0.4 < elapsed < 3.0
         assert at.protocols() == []
+
+
+# --------------------------------------------------------------------------- bodiless
+
+
+@pytest.mark.parametrize("status", [204, 304])
+async def test_a_bodiless_status_goes_out_without_body_or_framing(status: int) -> None:
+    """An app that sends a body (and its Content-Length) with a 204 or 304 head made
+    uvicorn write those bytes after the head: a client reads them as the start of the
+    next response, which then fails to parse."""
+    async with listening() as at:
+        reader, writer = await connect(at.port)
+        writer.write(b"GET /framed/%d HTTP/1.1\r\nHost: x\r\n\r\n" % status)
+        writer.write(b"GET /framed/200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status)
+        assert b"content-length" not in head.lower()
+        assert b"transfer-encoding" not in head.lower()
+        after = await one_response(reader)  # the very next bytes are the next response
+        assert (after[0], after[2]) == (200, b"a body")
+        writer.close()
+        assert at.refusals == []
