@@ -36,5 +36,6 @@ def openid_configuration(server: ServerConfig) -> dict[str, Any]:
     return {
         **authorization_server_metadata(server),
         "subject_types_supported": ["public"],
-        "id_token_signing_alg_values_supported": [server.signing_alg],
+        # the algorithms of the ID tokens it issues: none yet (client credentials only)
+        "id_token_signing_alg_values_supported": [],
     }

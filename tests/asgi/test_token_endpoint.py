@@ -32,6 +32,15 @@ async def discover(http: httpx.AsyncClient, issuer: str = ISSUER) -> dict[str, A
     return response.json()  # type: ignore[no-any-return]
 
 
+async def test_discovery_advertises_only_what_is_used(authserver: AuthServer) -> None:
+    async with authserver.client() as http:
+        metadata = (await http.get(f"{ISSUER}/.well-known/openid-configuration")).json()
+    assert metadata["grant_types_supported"] == ["client_credentials"]
+    assert metadata["response_types_supported"] == []
+    assert metadata["id_token_signing_alg_values_supported"] == []  # no ID tokens yet
+    assert metadata["access_token_signing_alg_values_supported"] == ["RS256"]
+
+
 async def verify_with_jwks(
     http: httpx.AsyncClient, token: str, metadata: dict[str, Any], audience: str
 ) -> dict[str, Any]:
