@@ -14,7 +14,7 @@ import httpx
 
 from authserver.clientauth import ClientAuthenticator, ClientKeyFetcher
 from authserver.config import AuthServerConfig, ServerConfig
-from authserver.endpoints import Endpoints
+from authserver.endpoints import Endpoints, declare_series
 from authserver.errors import not_found, send_error, server_error
 from authserver.keyring import KeyRing
 from authserver.keys import RELOAD_INTERVAL, KeyFiles, KeyManager
@@ -87,6 +87,8 @@ class AuthServices:
             metrics=metrics,
             clock=clock,
         )
+        for server in config.servers:
+            declare_series(metrics, server.name)
         return cls(config, store, keyring, endpoints, http, clock, audit, metrics, throttle, io)
 
     def reconfigure(self, config: AuthServerConfig) -> None:

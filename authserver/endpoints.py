@@ -129,6 +129,7 @@ class Endpoints:
             claims, reason = await self._verify(server, token)
         except OAuthError as exc:
             self._emit_error("token.introspected", event, exc)
+            self.metrics.introspections.labels(server.name, "error").inc()
             await send_error(send, exc)
             return
         jti = claims["jti"] if claims else None
@@ -149,6 +150,7 @@ class Endpoints:
             reason=reason,
         )
         self.audit.emit("token.introspected", **event)
+        self.metrics.introspections.labels(server.name, event["outcome"]).inc()
         await send_bytes(send, 200, json_bytes(document), [JSON_TYPE, *NO_STORE])
 
     # -- revocation (RFC 7009) ------------------------------------------------
@@ -171,6 +173,7 @@ class Endpoints:
                 reason = "ok"
         except OAuthError as exc:
             self._emit_error("token.revoked", event, exc)
+            self.metrics.revocations.labels(server.name, "error").inc()
             await send_error(send, exc)
             return
         event.update(
@@ -180,6 +183,7 @@ class Endpoints:
             reason=reason,
         )
         self.audit.emit("token.revoked", **event)
+        self.metrics.revocations.labels(server.name, event["outcome"]).inc()
         # RFC 7009 2.2: 200 whether or not the token was valid.
         await send_bytes(send, 200, b"", NO_STORE)
 
@@ -297,6 +301,37 @@ class Endpoints:
         self.audit.emit(name, **event)
         if name == "token.denied":
             self.metrics.token_errors.labels(server.name, "server_error").inc()
+        elif name == "token.introspected":
+            self.metrics.introspections.labels(server.name, "error").inc()
+        elif name == "token.revoked":
+            self.metrics.revocations.labels(server.name, "error").inc()
+
+
+# What the token endpoint can answer; with the outcomes below, every series an alert
+# or dashboard may rate() exists at 0 from the start, not only after its first event.
+TOKEN_ERRORS = (
+    "invalid_request",
+    "invalid_client",
+    "unauthorized_client",
+    "unsupported_grant_type",
+    "invalid_scope",
+    "invalid_target",
+    "temporarily_unavailable",
+    "server_error",
+)
+
+
+def declare_series(metrics: Metrics, server: str) -> None:
+    """Create one authorization server's labelled series at 0."""
+    metrics.tokens_issued.labels(server, GRANT_TYPE)
+    for error in TOKEN_ERRORS:
+        metrics.token_errors.labels(server, error)
+    for result in ("failed", "throttled"):
+        metrics.client_auth_failures.labels(server, result)
+    for outcome in ("active", "inactive", "error"):
+        metrics.introspections.labels(server, outcome)
+    for outcome in ("revoked", "ignored", "error"):
+        metrics.revocations.labels(server, outcome)
 
 
 def _event(server: ServerConfig, scope: Scope) -> dict[str, Any]:

@@ -87,6 +87,9 @@ class IssuerKeys:
     ) -> None:
         self.issuer = issuer
         self.metrics = metrics
+        if metrics is not None:  # both results at 0 from the start
+            for result in ("success", "error"):
+                metrics.jwks_fetches.labels(issuer.issuer, result)
         self.http = http
         self.clock = clock
         self.wall = wall

@@ -19,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import os
+import platform
+from importlib import metadata
 from typing import Any
 
 from prometheus_client import (
@@ -27,6 +29,8 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -38,6 +42,16 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METHODS = frozenset(HTTP_METHODS)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PUBLISH_INTERVAL = 1.0  # seconds
+
+
+def _version() -> str:
+    try:
+        return metadata.version("tokengate")
+    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
+        return "unknown"
+
+
+VERSION = _version()
 
 
 def multiprocess() -> bool:
@@ -127,12 +141,38 @@ class Metrics:
             "Audit lines that could not be written (full disk, closed pipe, full queue).",
             registry=r,
         )
+        self.introspections = Counter(
+            "tokengate_authserver_introspections",
+            "Introspection requests by authorization server and outcome"
+            " (active, inactive or error).",
+            ["server", "outcome"],
+            registry=r,
+        )
+        self.revocations = Counter(
+            "tokengate_authserver_revocations",
+            "Revocation requests by authorization server and outcome (revoked, ignored or error).",
+            ["server", "outcome"],
+            registry=r,
+        )
         self.config_reloads = Counter(
             "tokengate_config_reloads",
             "Configuration reloads by result (ok or error).",
             ["result"],
             registry=r,
         )
+        for result in ("ok", "error"):  # at 0 from the start: the first error is an increase
+            self.config_reloads.labels(result)
+        self.build_info = Gauge(
+            "tokengate_build_info",
+            "Always 1; the labels say which tokengate and Python serve.",
+            ["version", "python"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self.build_info.labels(VERSION, platform.python_version()).set(1)
+        if r is not None:  # with workers, the scrape adds the answering process's own
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
         # gateway request tallies since the last publish()
         self._inflight = 0
         self._requests: dict[tuple[str, str, int, str, str], int] = {}
@@ -208,6 +248,8 @@ class Metrics:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
         MultiProcessCollector(registry)
+        ProcessCollector(registry=registry)  # the process that answers this scrape
+        PlatformCollector(registry=registry)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

@@ -143,6 +143,93 @@ async def test_authserver_metrics(make_authserver: Any) -> None:
     )
 
 
+async def test_introspection_and_revocation_outcomes_are_counted(make_authserver: Any) -> None:
+    from tests.conftest import ADMIN_SECRET, REPORTING_SECRET
+
+    server = make_authserver()
+    reporting = ("reporting", REPORTING_SECRET)
+    async with server.client() as http:
+        token = (
+            await http.post(
+                f"{ISSUER}/v1/token", data={"grant_type": "client_credentials"}, auth=reporting
+            )
+        ).json()["access_token"]
+        await http.post(f"{ISSUER}/v1/introspect", data={"token": token}, auth=reporting)
+        # another client's token (admin may introspect only its own): inactive
+        await http.post(
+            f"{ISSUER}/v1/introspect", data={"token": token}, auth=("admin", ADMIN_SECRET)
+        )
+        await http.post(f"{ISSUER}/v1/introspect", data={"token": "x.y.z"}, auth=reporting)
+        await http.post(f"{ISSUER}/v1/introspect", data={}, auth=reporting)  # no token: 400
+        await http.post(f"{ISSUER}/v1/revoke", data={"token": token}, auth=reporting)
+        await http.post(f"{ISSUER}/v1/revoke", data={"token": "x.y.z"}, auth=reporting)
+        await http.post(f"{ISSUER}/v1/revoke", data={"token": token}, auth=("reporting", "no"))
+    _, parsed = await scrape(AdminApp(server.services.endpoints.metrics, []))
+    counted = {
+        (name, outcome): value(
+            parsed, f"tokengate_authserver_{name}_total", server="default", outcome=outcome
+        )
+        for name, outcomes in (
+            ("introspections", ("active", "inactive", "error")),
+            ("revocations", ("revoked", "ignored", "error")),
+        )
+        for outcome in outcomes
+    }
+    assert counted == {
+        ("introspections", "active"): 1,
+        ("introspections", "inactive"): 2,
+        ("introspections", "error"): 1,
+        ("revocations", "revoked"): 1,
+        ("revocations", "ignored"): 1,
+        ("revocations", "error"): 1,
+    }
+
+
+async def test_series_alerts_depend_on_exist_at_zero_from_the_start(
+    make_authserver: Any, make_gateway: Any
+) -> None:
+    """A counter that first appears at 1 has no increase() for Prometheus: the first
+    refused reload, token error or JWKS failure would never fire an alert."""
+    server = make_authserver()
+    response, parsed = await scrape(AdminApp(server.services.endpoints.metrics, []))
+    text = response.text
+    for result in ("ok", "error"):
+        assert ("tokengate_config_reloads_total", frozenset({("result", result)})) in parsed
+    for error in ("invalid_client", "invalid_scope", "server_error", "temporarily_unavailable"):
+        key = frozenset({("server", "default"), ("error", error)})
+        assert parsed[("tokengate_authserver_token_errors_total", key)] == 0
+    key = frozenset({("server", "default"), ("grant_type", "client_credentials")})
+    assert parsed[("tokengate_authserver_tokens_issued_total", key)] == 0
+    key = frozenset({("server", "default"), ("outcome", "error")})
+    assert parsed[("tokengate_authserver_revocations_total", key)] == 0
+    gw: Gateway = await make_gateway()
+    _, parsed = await scrape(AdminApp(gw.app.metrics, []))
+    for result in ("success", "error"):
+        key = frozenset({("issuer", ISSUER), ("result", result)})
+        assert ("tokengate_jwks_fetches_total", key) in parsed
+    assert "tokengate_jwks_last_success_timestamp_seconds{" not in text  # never a fake 0
+
+
+async def test_build_info_and_process_metrics(make_authserver: Any) -> None:
+    import platform
+    from importlib import metadata
+
+    server = make_authserver()
+    _, parsed = await scrape(AdminApp(server.services.endpoints.metrics, []))
+    labels = frozenset(
+        {("version", metadata.version("tokengate")), ("python", platform.python_version())}
+    )
+    assert parsed[("tokengate_build_info", labels)] == 1
+    assert parsed[("process_resident_memory_bytes", frozenset())] > 1_000_000
+    assert parsed[("process_open_fds", frozenset())] > 0
+    assert ("python_info", labels_of(parsed, "python_info")) in parsed
+
+
+def labels_of(parsed: dict[Any, float], name: str) -> frozenset[tuple[str, str]]:
+    (labels,) = [labels for sample, labels in parsed if sample == name]
+    return labels
+
+
 async def test_health_and_readiness(make_gateway: Any, tmp_path: Path) -> None:
     gw: Gateway = await make_gateway()
     admin = AdminApp(gw.app.metrics, [gw.app.not_ready, gw.authserver.services.not_ready])
