@@ -45,7 +45,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from tokengate.admin import AdminApp, NotReady
 from tokengate.asgi import ASGIApp
 from tokengate.config import Config, load_config
-from tokengate.httpserver import GuardedProtocol
+from tokengate.httpserver import REFUSAL_REASONS, GuardedProtocol
 from tokengate.jsonlog import AuditLog, EventLimiter, LineSink, configure_logging, log_event
 from tokengate.limits import ECHO_LIMITS, Limits
 from tokengate.metrics import MULTIPROC_ENV, Metrics
@@ -131,6 +131,8 @@ class RefusalReporter:
         self.listener = listener
         self.metrics = metrics
         self.reports = EventLimiter(REPORT_EVERY)
+        for reason in REFUSAL_REASONS:  # every series at 0 from the start
+            metrics.listener_refusals.labels(listener, reason)
 
     def __call__(self, reason: str) -> None:
         self.metrics.listener_refusals.labels(self.listener, reason).inc()
