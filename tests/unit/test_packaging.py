@@ -40,8 +40,10 @@ def test_every_non_template_yaml_parses() -> None:
     rules = yaml.safe_load((CHART / "files" / "alerts.yaml").read_text())
     assert {r["alert"] for g in rules["groups"] for r in g["rules"]} >= {
         "TokengateJwksStale",
-        "TokengateUpstream5xx",
+        "TokengateUpstreamFailures",
+        "TokengateInternalErrors",
         "TokengateDenialSpike",
+        "TokengateConfigReloadFailed",
     }
     dashboard = json.loads((CHART / "files" / "dashboard.json").read_text())
     titles = {p["title"] for p in dashboard["panels"]}
