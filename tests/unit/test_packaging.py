@@ -75,6 +75,29 @@ def test_templates_reference_only_values_that_exist() -> None:
         assert (CHART / included).is_file(), included
 
 
+def test_no_value_hard_codes_a_release_name() -> None:
+    """Object names come from the release: the gateway's default issuer names no
+    jwks_uri, and the ConfigMap fills in the release's own authserver Service."""
+    values_text = (CHART / "values.yaml").read_text()
+    assert "tokengate-authserver" not in values_text
+    values = yaml.safe_load(values_text)
+    assert all("jwks_uri" not in i for i in values["config"]["gateway"]["issuers"])
+    configmap = (CHART / "templates" / "configmap.yaml").read_text()
+    assert 'include "tokengate.name"' in configmap
+    assert ".Values.authserver.service.port" in configmap
+    assert '"jwks_uri"' in configmap
+    services = (CHART / "templates" / "services.yaml").read_text()
+    assert 'name: {{ include "tokengate.name" . }}-authserver' in services
+
+
+@pytest.mark.parametrize("kind", ["serviceMonitor", "prometheusRule"])
+def test_monitoring_objects_take_extra_labels(kind: str) -> None:
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    assert values["metrics"][kind]["labels"] == {}
+    template = (CHART / "templates" / f"{kind.lower()}.yaml").read_text()
+    assert f"with .Values.metrics.{kind}.labels" in template
+
+
 def test_the_charts_config_is_a_valid_tokengate_config() -> None:
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     config = parse_config(yaml.safe_dump(values["config"]), {})
