@@ -282,7 +282,17 @@ async def test_an_unexpected_exception_is_a_logged_audited_500(
     errors = registry.get_sample_value(
         "tokengate_authserver_token_errors_total", {"server": "default", "error": "server_error"}
     )
-    assert errors == (1 if path == "token" else None)
+    assert errors == (1 if path == "token" else 0)
+    counted = {
+        name: registry.get_sample_value(
+            f"tokengate_authserver_{name}_total", {"server": "default", "outcome": "error"}
+        )
+        for name in ("introspections", "revocations")
+    }
+    assert counted == {
+        "introspections": 1 if path == "introspect" else 0,
+        "revocations": 1 if path == "revoke" else 0,
+    }
 
 
 async def test_a_failure_after_the_response_started_is_not_answered_twice(
