@@ -85,6 +85,7 @@ class AuthServices:
             max_body_bytes=config.max_body_bytes,
             jwks_max_age=config.jwks_max_age,
             metrics=metrics,
+            proxies=config.trusted_proxies,
             clock=clock,
         )
         for server in config.servers:

@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from tokengate.jwk import PublicKey, load_public_jwk
 from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
+from tokengate.proxies import NO_PROXIES, TrustedProxies, as_trusted_proxies
 from tokengate.yamlconf import (
     ConfigError,
     Fields,
@@ -130,6 +131,7 @@ class AuthServerConfig:
     clients: tuple[ClientConfig, ...]
     limits: Limits = DEFAULT_LIMITS
     client_auth_throttle: ClientAuthThrottle = DEFAULT_CLIENT_AUTH_THROTTLE
+    trusted_proxies: TrustedProxies = NO_PROXIES  # whose forwarding headers count
 
 
 # --------------------------------------------------------------------------- parsing
@@ -148,6 +150,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "clients",
             "limits",
             "client_auth_throttle",
+            "trusted_proxies",
         ),
     )
     listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
@@ -170,6 +173,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "client_auth_throttle", as_client_auth_throttle, DEFAULT_CLIENT_AUTH_THROTTLE
         )
         or DEFAULT_CLIENT_AUTH_THROTTLE,
+        trusted_proxies=f.get("trusted_proxies", as_trusted_proxies, NO_PROXIES),
     )
 
 

@@ -37,11 +37,11 @@ from tokengate.asgi import (
     header,
     header_count,
     json_bytes,
-    remote_addr,
     send_bytes,
 )
 from tokengate.jsonlog import AuditLog, EventLimiter, log_event
 from tokengate.metrics import Metrics
+from tokengate.proxies import NO_PROXIES, TrustedProxies
 
 T = TypeVar("T")
 
@@ -60,9 +60,11 @@ class Endpoints:
         max_body_bytes: int,
         jwks_max_age: int,
         metrics: Metrics,
+        proxies: TrustedProxies = NO_PROXIES,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.keyring = keyring
+        self.proxies = proxies
         self.metrics = metrics
         self.authenticator = authenticator
         self.throttle = throttle
@@ -78,7 +80,7 @@ class Endpoints:
     # -- token -------------------------------------------------------------
 
     async def token(self, server: ServerConfig, scope: Scope, receive: Receive, send: Send) -> None:
-        event = _event(server, scope)
+        event = self._event(server, scope)
         try:
             form = await self._form(scope, receive)
             grant_type = form.get("grant_type")
@@ -119,7 +121,7 @@ class Endpoints:
     async def introspect(
         self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        event = _event(server, scope)
+        event = self._event(server, scope)
         try:
             form = await self._form(scope, receive)
             authn = await self._authenticate(
@@ -158,7 +160,7 @@ class Endpoints:
     async def revoke(
         self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
     ) -> None:
-        event = _event(server, scope)
+        event = self._event(server, scope)
         try:
             form = await self._form(scope, receive)
             authn = await self._authenticate(scope, form, server, server.revocation_endpoint, event)
@@ -230,7 +232,7 @@ class Endpoints:
         """Authenticate the client, throttled per presented client_id and per address."""
         if header_count(scope, b"authorization") > 1:
             raise invalid_request("more than one Authorization header")
-        ip = remote_addr(scope)
+        ip = event["remote_addr"]  # behind trusted proxies, the client's own
         audiences = list(dict.fromkeys([endpoint, server.token_endpoint, server.issuer]))
         presented: str | None = None
         try:
@@ -288,6 +290,22 @@ class Endpoints:
             log_event("authserver.store_unavailable", error=str(exc), unreported=unreported)
         return store_unavailable()
 
+    def _event(self, server: ServerConfig, scope: Scope) -> dict[str, Any]:
+        """The fields every authorization-server audit line carries."""
+        client = scope.get("client")
+        source = self.proxies.origin(
+            client[0] if client else None, scope.get("scheme", "http"), scope["headers"]
+        )
+        return {
+            "server": server.name,
+            "client_id": None,
+            "grant_type": None,
+            "scopes": [],
+            "jti": None,
+            "remote_addr": source.client,
+            "detail": None,  # why client authentication failed, as a fixed code
+        }
+
     def _emit_error(
         self, name: str, event: dict[str, Any], exc: OAuthError, *, outcome: str = "error"
     ) -> None:
@@ -296,7 +314,7 @@ class Endpoints:
 
     def internal_error(self, name: str, server: ServerConfig, scope: Scope) -> None:
         """The audit line (and metric) of a request whose handler failed unexpectedly."""
-        event = _event(server, scope)
+        event = self._event(server, scope)
         event.update(outcome="error", reason="internal_error")
         self.audit.emit(name, **event)
         if name == "token.denied":
@@ -332,19 +350,6 @@ def declare_series(metrics: Metrics, server: str) -> None:
         metrics.introspections.labels(server, outcome)
     for outcome in ("revoked", "ignored", "error"):
         metrics.revocations.labels(server, outcome)
-
-
-def _event(server: ServerConfig, scope: Scope) -> dict[str, Any]:
-    """The fields every authorization-server audit line carries."""
-    return {
-        "server": server.name,
-        "client_id": None,
-        "grant_type": None,
-        "scopes": [],
-        "jti": None,
-        "remote_addr": remote_addr(scope),
-        "detail": None,  # why client authentication failed, as a fixed code
-    }
 
 
 def _required(form: Form, name: str) -> str:

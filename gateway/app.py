@@ -29,6 +29,7 @@ from tokengate.asgi import Receive, Scope, Send
 from tokengate.httpserver import ABORT_EXTENSION
 from tokengate.jsonlog import AuditLog, EventLimiter, log_event, rfc3339_now, traceback_frames
 from tokengate.metrics import Metrics
+from tokengate.proxies import TrustedProxies
 
 _UNSAFE_IN_QUERY = re.compile(rb"[\x00-\x20\x7f#]")  # would end or split the request line
 STARTUP_WAIT = 10.0  # seconds the first start waits for every issuer's keys
@@ -60,6 +61,7 @@ class GatewayState:
     authenticator: Authenticator
     match_hosts: bool
     strip: frozenset[bytes]  # request headers never forwarded, normalized names
+    proxies: TrustedProxies  # whose X-Forwarded-For/-Proto and Forwarded are believed
 
 
 def build_state(config: GatewayConfig, jwks: JwksCache, clock: Callable[[], float]) -> GatewayState:
@@ -71,6 +73,7 @@ def build_state(config: GatewayConfig, jwks: JwksCache, clock: Callable[[], floa
         authenticator=Authenticator(config, jwks, clock=clock),
         match_hosts=any(r.host is not None for r in config.routes),
         strip=SPOOFABLE | {name.encode("ascii") for name in config.strip_headers},
+        proxies=config.trusted_proxies,
     )
 
 
@@ -182,6 +185,10 @@ class GatewayApp:
                 sent_id = value
         rid = self.request_ids.pick(sent_id)
         rid_bytes = rid.encode()
+        client = scope.get("client")
+        source = state.proxies.origin(
+            client[0] if client else None, scope.get("scheme", "http"), headers
+        )
         route: Route | None = None
         principal: Principal | None = None
         path = scope["path"]
@@ -209,7 +216,6 @@ class GatewayApp:
                 if _UNSAFE_IN_QUERY.search(query):  # the server's parser lets none through
                     raise Denied(Reason.BAD_PATH, "the query string is not allowed")
                 target += b"?" + query
-            client = scope.get("client")
             await self.forwarder.forward(
                 scope,
                 receive,
@@ -218,8 +224,8 @@ class GatewayApp:
                 target=target,
                 headers=upstream_headers(
                     headers,
-                    client_ip=client[0] if client else None,
-                    scheme=scope.get("scheme", "http"),
+                    forwarded_for=", ".join(source.chain) if source.chain else None,
+                    scheme=source.scheme,
                     host=host_header,
                     request_id=rid,
                     identity=principal.identity_headers if principal is not None else (),
@@ -249,7 +255,7 @@ class GatewayApp:
             exchange.status = denied.status
             exchange.bytes_out = await send_denial(send, denied, [(b"x-request-id", rid_bytes)])
         finally:
-            self._record(scope, rid, route, principal, path, exchange, started)
+            self._record(scope, rid, route, principal, path, exchange, started, source.client)
 
     def _report_internal(self, exc: Exception, route: Route | None) -> None:
         """The traceback on stderr, at most every 10 s per exception type and route. Its
@@ -273,6 +279,7 @@ class GatewayApp:
         path: str,
         exchange: Exchange,
         started: float,
+        remote_addr: str | None,
     ) -> None:
         """One metric update and one audit line per request."""
         elapsed = time.perf_counter() - started
@@ -289,7 +296,6 @@ class GatewayApp:
             elapsed,
             exchange.upstream_seconds,
         )
-        client = scope.get("client")
         self.audit.sink.write_line(
             request_line(
                 ts=rfc3339_now(),
@@ -301,7 +307,7 @@ class GatewayApp:
                 decision=decision,
                 reason=reason,
                 identity=principal.audit_identity if principal is not None else NO_IDENTITY,
-                remote_addr=client[0] if client else None,
+                remote_addr=remote_addr,
                 duration_ms=round(elapsed * 1000, 3),
                 bytes_in=exchange.bytes_in,
                 bytes_out=exchange.bytes_out,

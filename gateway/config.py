@@ -9,6 +9,7 @@ from typing import Any, Literal
 from tokengate.asgi import HTTP_METHODS
 from tokengate.jwk import ALGORITHMS
 from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
+from tokengate.proxies import NO_PROXIES, TrustedProxies, as_trusted_proxies
 from tokengate.yamlconf import (
     ConfigError,
     Fields,
@@ -86,6 +87,7 @@ class GatewayConfig:
     token_cache_size: int
     strip_headers: tuple[str, ...] = ()  # more request headers never forwarded (lowercase)
     limits: Limits = DEFAULT_LIMITS
+    trusted_proxies: TrustedProxies = NO_PROXIES  # whose forwarding headers count
     warnings: tuple[str, ...] = ()
 
 
@@ -103,6 +105,7 @@ def parse_gateway(node: Node) -> GatewayConfig:
             "token_cache_size",
             "strip_headers",
             "limits",
+            "trusted_proxies",
         ),
     )
     issuers = _parse_issuers(f)
@@ -137,6 +140,7 @@ def parse_gateway(node: Node) -> GatewayConfig:
         token_cache_size=f.get("token_cache_size", positive_int, 10000),
         strip_headers=f.get("strip_headers", list_of(as_header_name), ()),
         limits=f.get("limits", as_limits, DEFAULT_LIMITS),
+        trusted_proxies=f.get("trusted_proxies", as_trusted_proxies, NO_PROXIES),
         warnings=tuple(
             f"{f.node.key_path('routes')}[{later}]: never matches; "
             f"routes[{earlier}] ({routes[earlier].name}) matches everything it does"

@@ -114,7 +114,7 @@ def identity_headers(
 def upstream_headers(
     headers: list[tuple[bytes, bytes]],
     *,
-    client_ip: str | None,
+    forwarded_for: str | None,
     scheme: str,
     host: bytes | None,
     request_id: str,
@@ -124,7 +124,8 @@ def upstream_headers(
 ) -> list[tuple[bytes, bytes]]:
     """What the upstream is sent: the client's headers as they came (lowercase names,
     as ASGI gives them) less everything listed above, then the gateway's own.
-    ``strip`` holds lowercase names with ``-`` for ``_``."""
+    ``forwarded_for`` is the believed address chain (see tokengate.proxies), ``strip``
+    holds lowercase names with ``-`` for ``_``."""
     out = []
     connection = None
     for name, value in headers:
@@ -141,8 +142,8 @@ def upstream_headers(
         drop = _connection_tokens(connection)
         out = [(name, value) for name, value in out if name not in drop]
     out.append((b"x-request-id", request_id.encode("ascii")))
-    if client_ip:
-        out.append((b"x-forwarded-for", client_ip.encode("ascii")))
+    if forwarded_for:
+        out.append((b"x-forwarded-for", forwarded_for.encode("ascii")))
     out.append((b"x-forwarded-proto", scheme.encode("ascii")))
     if host:
         out.append((b"x-forwarded-host", host))

@@ -38,11 +38,6 @@ def header_count(scope: Scope, name: bytes) -> int:
     return sum(1 for key, _ in scope["headers"] if key == name)
 
 
-def remote_addr(scope: Scope) -> str | None:
-    client = scope.get("client")
-    return client[0] if client else None
-
-
 async def read_body(receive: Receive, limit: int) -> bytes:
     """The whole request body, for small form posts only; BodyTooLarge past ``limit``."""
     chunks: list[bytes] = []

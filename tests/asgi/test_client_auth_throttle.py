@@ -271,6 +271,54 @@ async def test_many_client_ids_from_one_address_lock_the_address(make_authserver
     assert all(x["client_id"] in (None, "reporting") for x in lines)  # guesses are not logged
 
 
+async def test_behind_a_trusted_proxy_the_forwarded_client_is_throttled(
+    make_authserver: Any,
+) -> None:
+    """Behind a load balancer every request comes from its address: without
+    trusted_proxies one attacker would lock out everyone; with it, only the attacker."""
+
+    def behind_lb(data: dict[str, Any]) -> None:
+        data["authserver"]["trusted_proxies"] = ["10.0.0.0/8"]
+
+    server = make_authserver(behind_lb, clock=FakeClock())
+    attacker = {"X-Forwarded-For": "198.51.100.66"}
+    neighbour = {"X-Forwarded-For": "198.51.100.67"}
+    async with client_from(server, "10.0.0.2") as http:
+        for i in range(21):
+            await http.post(TOKEN_URL, data=CC, auth=(f"guess-{i}", "wrong"), headers=attacker)
+        assert_throttled(
+            await http.post(
+                TOKEN_URL, data=CC, auth=("reporting", REPORTING_SECRET), headers=attacker
+            )
+        )
+        assert_token_response(
+            await http.post(
+                TOKEN_URL, data=CC, auth=("reporting", REPORTING_SECRET), headers=neighbour
+            )
+        )
+    addresses = {x["remote_addr"] for x in server.audit_lines()}
+    assert addresses == {"198.51.100.66", "198.51.100.67"}  # never the balancer's
+
+
+async def test_an_untrusted_peer_cannot_dodge_throttling_with_x_forwarded_for(
+    make_authserver: Any,
+) -> None:
+    server = make_authserver(clock=FakeClock())  # no trusted_proxies
+    async with client_from(server, "198.51.100.66") as http:
+        for i in range(21):
+            spoof = {"X-Forwarded-For": f"192.0.2.{i}"}
+            await http.post(TOKEN_URL, data=CC, auth=(f"guess-{i}", "wrong"), headers=spoof)
+        assert_throttled(
+            await http.post(
+                TOKEN_URL,
+                data=CC,
+                auth=("reporting", REPORTING_SECRET),
+                headers={"X-Forwarded-For": "192.0.2.200"},
+            )
+        )
+    assert {x["remote_addr"] for x in server.audit_lines()} == {"198.51.100.66"}
+
+
 def no_ip_throttle(data: dict[str, Any]) -> None:
     data["authserver"]["client_auth_throttle"] = {"ip_failures": 0, "failures": 0}
 

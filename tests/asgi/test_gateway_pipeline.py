@@ -595,3 +595,37 @@ async def test_a_long_path_is_audited_in_one_line_below_pipe_buf(gw: Gateway) ->
     line = json.loads(raw)
     assert line["path"].startswith("/nothing/aaaa") and line["path"].endswith("...[truncated]")
     assert (line["status"], line["reason"]) == (404, "no_route")
+
+
+async def test_behind_a_trusted_proxy_the_client_is_the_one_it_names(make_gateway: Any) -> None:
+    """The test client connects from 198.51.100.9: here, a load balancer."""
+    gw: Gateway = await make_gateway(trusted_proxies=["198.51.100.0/24"])
+    token = await gw.token()
+    async with gw.client() as client:
+        response = await client.get(
+            "/orders/42",
+            headers={
+                **bearer(token),
+                "X-Forwarded-For": "6.6.6.6, 203.0.113.50",  # the client claimed 6.6.6.6
+                "X-Forwarded-Proto": "https",
+                "Forwarded": "for=7.7.7.7",
+            },
+        )
+    assert response.status_code == 200
+    headers = response.json()["headers"]
+    assert headers["x-forwarded-for"] == "203.0.113.50, 198.51.100.9"
+    assert headers["x-forwarded-proto"] == "https"
+    assert "forwarded" not in headers
+    assert gw.audit_lines()[-1]["remote_addr"] == "203.0.113.50"
+
+
+async def test_an_untrusted_peers_forwarding_headers_are_replaced(make_gateway: Any) -> None:
+    gw: Gateway = await make_gateway(trusted_proxies=["10.0.0.0/8"])
+    async with gw.client() as client:
+        response = await client.get(
+            "/public/x",
+            headers={"X-Forwarded-For": "10.1.1.1", "X-Forwarded-Proto": "https"},
+        )
+    headers = response.json()["headers"]
+    assert (headers["x-forwarded-for"], headers["x-forwarded-proto"]) == ("198.51.100.9", "http")
+    assert gw.audit_lines()[-1]["remote_addr"] == "198.51.100.9"

@@ -396,7 +396,7 @@ def test_upstream_headers_strip_spoofable_and_hop_by_hop() -> None:
     ]
     out = upstream_headers(
         incoming,
-        client_ip="198.51.100.9",
+        forwarded_for="198.51.100.9",
         scheme="https",
         host=b"api.example.com",
         request_id=RequestIds().pick(dict(incoming)[b"x-request-id"]),
@@ -450,7 +450,7 @@ def test_upstream_headers_strip_spoofable_and_hop_by_hop() -> None:
 def test_headers_an_upstream_might_trust_are_never_forwarded(name: bytes) -> None:
     out = upstream_headers(
         [(b"host", b"a"), (name, b"spoofed"), (b"accept", b"*/*")],
-        client_ip=None,
+        forwarded_for=None,
         scheme="http",
         host=b"a",
         request_id="rid",
@@ -472,7 +472,7 @@ def test_configured_headers_are_stripped_too() -> None:
     incoming = [(b"x-tenant-override", b"1"), (b"x_tenant_override", b"2"), (b"x-debug", b"3")]
     out = upstream_headers(
         incoming,
-        client_ip=None,
+        forwarded_for=None,
         scheme="http",
         host=None,
         request_id="rid",
