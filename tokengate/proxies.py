@@ -27,7 +27,8 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from tokengate.yamlconf import ConfigError, Node, as_str, list_of
 
@@ -35,14 +36,14 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 Address = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 MAX_HOPS = 32  # addresses walked at most: a longer list is a client's invention
+_SEEN_MAX = 4096  # peer addresses whose trust is remembered
 _SCHEMES = frozenset({"http", "https"})
 _V4_PORT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}")
 _V6_BRACKETS = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::\d{1,5})?")
 _FORWARDED_PAIR = re.compile(r'\s*([A-Za-z]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)\s*')
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(NamedTuple):
     """Where a request came from, as far as it can be believed."""
 
     client: str | None  # the client's address (audit remote_addr, throttling)
@@ -68,27 +69,41 @@ def parse_address(text: str) -> Address | None:
 @dataclass(frozen=True, slots=True)
 class TrustedProxies:
     networks: tuple[Network, ...] = ()
+    # address text -> (the address, normalized, or None; trusted?): balancers and
+    # recent clients, seen on every request, are parsed once
+    _seen: dict[str, tuple[str | None, bool]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
 
     def trusts(self, address: Address) -> bool:
         return any(address in network for network in self.networks)
+
+    def _read(self, text: str) -> tuple[str | None, bool]:
+        known = self._seen.get(text)
+        if known is None:
+            address = parse_address(text)
+            known = (None, False) if address is None else (str(address), self.trusts(address))
+            if len(self._seen) >= _SEEN_MAX:
+                self._seen.clear()
+            self._seen[text] = known
+        return known
 
     def origin(
         self, peer: str | None, scheme: str, headers: Iterable[tuple[bytes, bytes]]
     ) -> Origin:
         """The client of a request from ``peer`` carrying ``headers`` (ASGI pairs)."""
-        peer_address = parse_address(peer) if peer else None
-        if not self.networks or peer_address is None or not self.trusts(peer_address):
+        if not self.networks or peer is None or not self._read(peer)[1]:
             return Origin(peer, scheme, (peer,) if peer else ())
         hops, schemes = _forwarded_hops(headers)
-        believed = [str(peer_address)]
-        client = believed[0]
+        client = peer
+        believed = [peer]
         for hop in reversed(hops[-MAX_HOPS:]):
-            address = parse_address(hop)
+            address, trusted = self._read(hop.strip())
             if address is None:
                 break
-            client = str(address)
-            believed.append(client)
-            if not self.trusts(address):
+            client = address
+            believed.append(address)
+            if not trusted:
                 break
         nearest = schemes[-1].strip().lower() if schemes else ""
         return Origin(client, nearest if nearest in _SCHEMES else scheme, tuple(reversed(believed)))
