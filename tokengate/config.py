@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -68,13 +69,25 @@ def load_config(
 ) -> Config:
     """Read and validate ``path``; raises :class:`ConfigErrors` listing every problem.
 
+    Relative file paths in it (``authserver.data_dir``, ``audit.path``) are relative to
+    the file's directory, whatever the working directory: ``tokengate keys`` run from
+    elsewhere finds the store the server uses. That directory is the one ``path`` names
+    (made absolute), not where a symlink leads: a Kubernetes ConfigMap's file links
+    into a directory that changes with every update.
+
     ``check_files``: also what ``tokengate run`` would refuse to start with, an audit
     file it cannot open for appending (``run`` and ``check`` ask for it)."""
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigErrors([ConfigError(str(path), f"cannot read ({exc})")]) from None
-    return parse_config(text, environ, source=str(path), check_files=check_files)
+    return parse_config(
+        text,
+        environ,
+        source=str(path),
+        check_files=check_files,
+        base_dir=Path(os.path.abspath(path)).parent,
+    )
 
 
 def parse_config(
@@ -83,11 +96,15 @@ def parse_config(
     *,
     source: str = "config",
     check_files: bool = False,
+    base_dir: Path | None = None,
 ) -> Config:
     """Validate a config's text: :class:`ConfigErrors` listing every problem, never any
-    other exception (``tokengate check`` and hot reload rely on it)."""
+    other exception (``tokengate check`` and hot reload rely on it).
+
+    ``base_dir``: what relative file paths in it are relative to (the config file's
+    directory); None leaves them relative to the working directory."""
     try:
-        return _parse_config(text, environ, source, check_files)
+        return _parse_config(text, environ, source, check_files, base_dir)
     except ConfigErrors:
         raise
     except RecursionError:  # not expected: parse_yaml bounds nesting
@@ -98,7 +115,11 @@ def parse_config(
 
 
 def _parse_config(
-    text: str, environ: Mapping[str, str] | None, source: str, check_files: bool
+    text: str,
+    environ: Mapping[str, str] | None,
+    source: str,
+    check_files: bool,
+    base_dir: Path | None,
 ) -> Config:
     top = root(parse_yaml(text, source), environ)
     if top.value is None:
@@ -110,6 +131,8 @@ def _parse_config(
     admin = f.get("admin", _admin, None)
     echo = f.get("echo", _echo, None)
     audit = f.get("audit", _audit, AuditConfig("-"))
+    if base_dir is not None:
+        authserver, audit = _relative_to(base_dir, authserver, audit)
     if check_files and audit is not None:
         problem = audit_path_problem(audit.path)
         if problem is not None:
@@ -119,7 +142,7 @@ def _parse_config(
     listens = [
         (n, c.listen)
         for n, c in (("authserver", authserver), ("gateway", gateway), ("echo", echo))
-        if c
+        if c and c.listen is not None  # None: its problem is reported already
     ]
     for i, (name, listen) in enumerate(listens):
         for other, earlier in listens[:i]:
@@ -127,6 +150,20 @@ def _parse_config(
                 top.report.add(f"{name}.listen", f"{listen} is also {other}.listen")
     top.report.raise_if_any()
     return Config(authserver=authserver, gateway=gateway, admin=admin, echo=echo, audit=audit)
+
+
+def _relative_to(
+    base_dir: Path, authserver: AuthServerConfig | None, audit: AuditConfig | None
+) -> tuple[AuthServerConfig | None, AuditConfig | None]:
+    """Every file path the config holds, relative ones made relative to ``base_dir``.
+
+    Absolute paths are kept as they are, and so is ``audit.path: "-"`` (stdout). A
+    new file path in the config belongs here too."""
+    if authserver is not None and not authserver.data_dir.is_absolute():
+        authserver = dataclasses.replace(authserver, data_dir=base_dir / authserver.data_dir)
+    if audit is not None and audit.path not in (None, "-") and not Path(audit.path).is_absolute():
+        audit = dataclasses.replace(audit, path=str(base_dir / audit.path))
+    return authserver, audit
 
 
 def _version(node: Node) -> int:

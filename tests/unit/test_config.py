@@ -613,3 +613,82 @@ def test_check_never_prints_a_traceback(tmp_path: Path) -> None:
         assert "Traceback" not in err and out == "", name
         lines = err.splitlines()
         assert lines and all(re.match(r"(line \d+|[a-z_]+[.\[:])", line) for line in lines), err
+
+
+def test_relative_paths_are_relative_to_the_config_files_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokengate.config import load_config
+
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    path = etc / "tokengate.yaml"
+    path.write_text(VALID.replace("  servers:", "  data_dir: data\n  servers:"))
+    path.with_name("audit.yaml").write_text(
+        VALID.replace("  servers:", "  data_dir: ../var/data\n  servers:")
+        + "audit: {path: logs/audit.log}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for named in (path, Path("../etc/tokengate.yaml")):  # absolute, or relative to the cwd
+        config = load_config(named, {})
+        assert config.authserver is not None
+        assert config.authserver.data_dir == etc / "data"
+        assert config.audit.path == "-"  # stdout stays stdout
+    config = load_config(etc / "audit.yaml", {})
+    assert config.authserver is not None
+    assert config.authserver.data_dir == etc / "../var/data"
+    assert config.audit.path == str(etc / "logs/audit.log")
+    # without a file (tests, a text in hand): relative to the working directory, as before
+    text = VALID.replace("  servers:", "  data_dir: data\n  servers:")
+    config = parse_config(text + "audit: {path: a.log}\n", {})
+    assert config.authserver is not None
+    assert (config.authserver.data_dir, config.audit.path) == (Path("data"), "a.log")
+
+
+def test_absolute_paths_are_kept_and_a_symlinked_directory_is_not_resolved(
+    tmp_path: Path,
+) -> None:
+    from tokengate.config import load_config
+
+    real = tmp_path / "..2026_01_01"  # a Kubernetes ConfigMap volume: files are symlinks
+    real.mkdir()
+    (real / "tokengate.yaml").write_text(
+        VALID.replace("  servers:", f"  data_dir: {tmp_path}/abs\n  servers:")
+        + "audit: {path: audit.log}\n"
+    )
+    mount = tmp_path / "mount"
+    mount.mkdir()
+    (mount / "tokengate.yaml").symlink_to(real / "tokengate.yaml")
+    config = load_config(mount / "tokengate.yaml", {})
+    assert config.authserver is not None
+    assert config.authserver.data_dir == tmp_path / "abs"
+    assert config.audit.path == str(mount / "audit.log")  # not the versioned directory
+
+
+def test_check_finds_an_audit_directory_next_to_the_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tokengate.config import load_config
+
+    (tmp_path / "logs").mkdir()
+    path = tmp_path / "tokengate.yaml"
+    path.write_text(VALID + "audit: {path: logs/audit.log}\n")
+    monkeypatch.chdir("/")
+    assert load_config(path, {}, check_files=True).audit.path == str(tmp_path / "logs/audit.log")
+    path.write_text(VALID + "audit: {path: missing/audit.log}\n")
+    with pytest.raises(ConfigErrors) as refused:
+        load_config(path, {}, check_files=True)
+    assert [str(e) for e in refused.value.errors] == [
+        f"audit.path: directory {tmp_path / 'missing'} does not exist"
+    ]
+
+
+def test_two_invalid_listen_addresses_are_two_problems_not_a_bug() -> None:
+    text = VALID.replace("  listen: 127.0.0.1:9000", "  listen: []")
+    text += "gateway:\n  listen: []\n  routes: []\n"
+    assert problems(text) == [
+        "authserver.listen: must be a string, got a list",
+        "gateway.listen: must be a string, got a list",
+    ]
