@@ -3,6 +3,10 @@
 Audit lines go to the audit sink (stdout or a file); operational events (startup,
 key changes, fetch failures) go to stderr. Neither ever carries a token, a secret
 or a client assertion: callers pass identifiers such as a token's ``jti``.
+
+Every operational event has a ``level`` (debug, info, warning, error), from
+:data:`EVENT_LEVELS` unless its call says otherwise; ``TOKENGATE_LOG_LEVEL`` drops
+the events below it. Audit lines have no level and are never dropped.
 """
 
 from __future__ import annotations
@@ -41,6 +45,11 @@ class _Rfc3339Clock:
 
 
 rfc3339_now = _Rfc3339Clock()
+
+
+def rfc3339(ts: float) -> str:
+    """A Unix time as RFC 3339 UTC, whole seconds: ``2026-12-04T18:00:00Z``."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
 
 
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
@@ -159,7 +168,7 @@ class LineSink:
         since = self.failing_since
         if since is None:
             return []
-        started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(since))
+        started = rfc3339(since)
         return [
             f"audit: writes to {self.path} failing since {started}; "
             f"{self._episode_lost} lines lost so far"
@@ -288,9 +297,84 @@ class EventLimiter:
         return unreported
 
 
-def log_event(event: str, **fields: Any) -> None:
-    """An operational event on stderr as one JSON line."""
-    line = encode_line({"ts": rfc3339_now(), "event": event, **fields}).decode()
+# --------------------------------------------------------------------------- levels
+
+LOG_LEVEL_ENV = "TOKENGATE_LOG_LEVEL"
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+DEFAULT_LEVEL = "info"
+
+# The level of each operational event that is not ``info``. An event missing here is
+# ``info``; a call may still pass ``level=`` where one event name covers several.
+EVENT_LEVELS: dict[str, str] = {
+    # something is broken: requests fail, lines are lost, a process cannot start
+    "startup_failed": "error",
+    "worker.failed_to_start": "error",
+    "authserver.internal_error": "error",
+    "gateway.internal_error": "error",
+    "authserver.store_unavailable": "error",
+    "audit.write_failed": "error",
+    "audit.truncate_failed": "error",
+    "audit.reopen_failed": "error",
+    "keys.reload_failed": "error",
+    "config.reload_failed": "error",
+    "metrics.publish_failed": "error",
+    # worth a look; tokengate carries on (stale keys, a refused client, a new worker)
+    "jwks.fetch_failed": "warning",
+    "client_jwks.fetch_failed": "warning",
+    "gateway.upstream_failed": "warning",
+    "gateway.issuer_not_ready": "warning",
+    "listener.refused": "warning",
+    "limits.fd_limit_low": "warning",
+    "worker.replaced": "warning",
+    "shutdown.forced": "warning",
+    # routine detail
+    "keys.reloaded": "debug",
+}
+
+
+def log_level_problem(value: str | None) -> str | None:
+    """What is wrong with ``value`` as a ``TOKENGATE_LOG_LEVEL``, if anything (unset
+    or empty is the default, ``info``; any case is fine)."""
+    if not value or value.strip().lower() in LEVELS:
+        return None
+    return f"{LOG_LEVEL_ENV}: must be one of {', '.join(LEVELS)}; got {value!r}"
+
+
+def level_from_env(environ: Any = None) -> str:
+    """The level ``TOKENGATE_LOG_LEVEL`` names; ``info`` when unset or invalid (the
+    command line refuses an invalid one before anything logs)."""
+    value = (os.environ if environ is None else environ).get(LOG_LEVEL_ENV)
+    if not value or log_level_problem(value) is not None:
+        return DEFAULT_LEVEL
+    return str(value).strip().lower()
+
+
+_threshold = LEVELS[level_from_env()]  # worker processes read it from the environment too
+
+
+def set_log_level(level: str) -> None:
+    """Drop operational events below ``level`` from now on."""
+    global _threshold
+    _threshold = LEVELS[level]
+
+
+def log_level() -> str:
+    """The level in effect."""
+    return next(name for name, number in LEVELS.items() if number == _threshold)
+
+
+def log_event(event: str, *, level: str | None = None, **fields: Any) -> None:
+    """An operational event on stderr as one JSON line, unless it is below the level
+    in effect. ``level``: this event's, when it differs from :data:`EVENT_LEVELS`."""
+    level = level or EVENT_LEVELS.get(event, DEFAULT_LEVEL)
+    if LEVELS[level] < _threshold:
+        return
+    line = encode_line({"ts": rfc3339_now(), "event": event, "level": level, **fields}).decode()
     try:
         sys.stderr.write(line)
         sys.stderr.flush()
@@ -323,13 +407,24 @@ class JsonFormatter(logging.Formatter):
         return _ENCODER.encode(fields)
 
 
+def uvicorn_log_level() -> str:
+    """uvicorn's logging level for the level in effect. Its info messages (started,
+    waiting for application startup, finished) repeat tokengate's own ``listening``
+    and ``shutdown`` events once per listener and worker: they show at ``debug`` only."""
+    if _threshold <= logging.DEBUG:
+        return "debug"
+    return "error" if _threshold >= logging.ERROR else "warning"
+
+
 def configure_logging() -> None:
-    """Every library logger: warnings and errors, as JSON lines on stderr."""
+    """Library loggers as JSON lines on stderr: uvicorn's at :func:`uvicorn_log_level`,
+    every other library's warnings and errors (or errors only, at ``error``)."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
+    root.setLevel(max(_threshold, logging.WARNING))
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
+        logging.getLogger(name).setLevel(uvicorn_log_level().upper())

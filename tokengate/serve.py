@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import errno
 import functools
 import gc
 import multiprocessing
@@ -46,7 +47,14 @@ from tokengate.admin import AdminApp, NotReady
 from tokengate.asgi import ASGIApp
 from tokengate.config import Config, load_config
 from tokengate.httpserver import REFUSAL_REASONS, GuardedProtocol
-from tokengate.jsonlog import AuditLog, EventLimiter, LineSink, configure_logging, log_event
+from tokengate.jsonlog import (
+    AuditLog,
+    EventLimiter,
+    LineSink,
+    configure_logging,
+    log_event,
+    uvicorn_log_level,
+)
 from tokengate.limits import ECHO_LIMITS, Limits
 from tokengate.metrics import MULTIPROC_ENV, Metrics
 from tokengate.reload import Apply, ConfigWatcher
@@ -204,11 +212,47 @@ def applier(current: Config, apps: dict[str, Any]) -> Apply:
 def bind(listen: Listen) -> socket.socket:
     family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((listen.host, listen.port))
-    sock.listen(2048)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(2048)
+    except BaseException:
+        sock.close()
+        raise
     sock.set_inheritable(True)
     return sock
+
+
+def bind_all(plan: list[Listener]) -> dict[str, socket.socket] | None:
+    """Every listener's socket; or None, once each one that could not be bound is a
+    ``startup_failed`` event naming the listener, its address and why (nothing is left
+    bound then)."""
+    sockets: dict[str, socket.socket] = {}
+    failed = False
+    for item in plan:
+        try:
+            sockets[item.name] = bind(item.listen)
+        except OSError as exc:
+            failed = True
+            log_event(
+                "startup_failed",
+                listener=item.name,
+                address=str(item.listen),
+                error=f"cannot listen: {_os_error(exc)}",
+                errno=errno.errorcode.get(exc.errno or 0),
+            )
+    if failed:
+        for sock in sockets.values():
+            sock.close()
+        return None
+    return sockets
+
+
+def _os_error(exc: OSError) -> str:
+    """``address already in use``: an OSError's reason, without its ``[Errno N]``."""
+    if isinstance(exc, socket.gaierror):  # a host name that does not resolve
+        return f"cannot resolve the host ({exc.strerror or exc})"
+    return (exc.strerror or str(exc)).lower()
 
 
 class QuietServer(uvicorn.Server):
@@ -241,7 +285,7 @@ async def serve_all(
             lifespan="on",
             access_log=False,
             log_config=None,
-            log_level="warning",
+            log_level=uvicorn_log_level(),  # TOKENGATE_LOG_LEVEL, see jsonlog
             server_header=False,
             proxy_headers=False,  # never trust X-Forwarded-* from a client, even on loopback
             timeout_graceful_shutdown=DRAIN_TIMEOUT,
@@ -406,10 +450,8 @@ def run(config_path: Path, config: Config, *, workers: int = 1, only: str | None
     needed = descriptors_needed(config, [item.name for item in plan])
     if needed > fd_limit:
         log_event("limits.fd_limit_low", fd_limit=fd_limit, needed=needed, scaled_down=True)
-    try:
-        sockets = {item.name: bind(item.listen) for item in plan}
-    except OSError as exc:
-        print(f"cannot listen: {exc}", file=sys.stderr)
+    sockets = bind_all(plan)
+    if sockets is None:
         return STARTUP_FAILURE
     for name, sock in sockets.items():
         host, port = sock.getsockname()[:2]
