@@ -1,0 +1,552 @@
+"""The config file's JSON Schema (draft 2020-12), for editors that validate and
+complete YAML (``tokengate schema > tokengate.schema.json``, then
+``# yaml-language-server: $schema=./tokengate.schema.json`` atop the file).
+
+The parsers (``tokengate.config``, ``authserver.config``, ``gateway.config``,
+``tokengate.limits``) stay the authority: ``tokengate check`` knows more than any
+schema can say (dangling references, shadowed routes, reserved claims' values). The
+schema says every key they accept, in its place, with its type, choices and default;
+mappings the parsers close to unknown keys are ``additionalProperties: false``. A test
+walks both and fails when a key is in one and not the other.
+
+Defaults come from the parsers' own constants where they have one, so the two cannot
+drift apart.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from typing import Any
+
+from authserver.config import (
+    AUTH_METHODS,
+    DEFAULT_CLIENT_AUTH_THROTTLE,
+    GRANT_TYPES,
+    INTROSPECT_ACCESS,
+    MIN_SECRET_LENGTH,
+    RESERVED_CLAIMS,
+    SIGNING_ALGS,
+)
+from tokengate.asgi import HTTP_METHODS
+from tokengate.jwk import ALGORITHMS
+from tokengate.limits import ADMIN_LIMITS, DEFAULT_LIMITS, MIN_HEADER_BYTES, Limits
+from tokengate.yamlconf import MAX_DURATION_DAYS
+
+Schema = dict[str, Any]
+
+SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
+# An environment variable reference anywhere in a string: ${NAME}
+ENV_REF_PATTERN = r"\$\{[A-Za-z_][A-Za-z0-9_]*\}"
+DURATION_PATTERN = r"^\s*(?:[0-9]+|(?:[0-9]+(?:ms|s|m|h|d))+)\s*$"
+LISTEN_PATTERN = r"^(?:\[[0-9A-Fa-f:.]+\]|[^:\s\[\]]+):[0-9]{1,5}$"
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+SCOPE_PATTERN = r"^[\x21\x23-\x5b\x5d-\x7e]+$"  # RFC 6749 section 3.3
+CLIENT_ID_PATTERN = r"^[\x20-\x7e]{1,255}$"
+SECRET_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"  # noqa: S105 - a pattern, not a secret
+HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"
+HOST_PATTERN = r"^(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
+HTTP_URL_PATTERN = r"^https?://[^/?#@\s]+(?:/[^?#\s]*)?$"
+PATH_PATTERN = r"^/"
+PATH_PREFIX_PATTERN = r"^/(?!.*//)[^*]*$"
+
+ENV = {"$ref": "#/$defs/env_string"}
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _with(schema: Schema, description: str, default: Any = None, **more: Any) -> Schema:
+    schema = {"description": description, **schema, **more}
+    if default is not None:
+        schema["default"] = default
+    return schema
+
+
+def string(description: str, default: Any = None, **constraints: Any) -> Schema:
+    """A non-empty string; with constraints (pattern, enum, ...), a ``${NAME}``
+    reference is accepted in its place, as the parser substitutes it first."""
+    schema: Schema = {"type": "string", "minLength": 1}
+    if constraints:
+        schema = {"anyOf": [{"type": "string", **constraints}, ENV]}
+    return _with(schema, description, default)
+
+
+def ref(name: str, description: str, default: Any = None) -> Schema:
+    return _with({"$ref": f"#/$defs/{name}"}, description, default)
+
+
+def integer(description: str, default: int | None = None, *, minimum: int = 1) -> Schema:
+    """An integer, or a string holding one (``"${PORT}"``): the parser reads both."""
+    number = {"type": "integer", "minimum": minimum}
+    return _with({"anyOf": [number, ENV]}, description, default)
+
+
+def boolean(description: str, default: bool) -> Schema:
+    return {"type": "boolean", "description": description, "default": default}
+
+
+def duration(description: str, seconds: float | None) -> Schema:
+    return ref("duration", description, None if seconds is None else duration_text(seconds))
+
+
+def array(items: Schema, description: str, default: Any = None, **more: Any) -> Schema:
+    """A YAML list; the parsers refuse a value listed twice."""
+    return _with(
+        {"type": "array", "items": items, "uniqueItems": True}, description, default, **more
+    )
+
+
+def mapping(
+    properties: dict[str, Schema], description: str, required: tuple[str, ...] = (), **more: Any
+) -> Schema:
+    """A mapping the parser closes: only these keys."""
+    schema: Schema = {
+        "type": "object",
+        "description": description,
+        "properties": properties,
+        "additionalProperties": False,
+    }
+    if required:
+        schema["required"] = list(required)
+    schema.update(more)
+    return schema
+
+
+def duration_text(seconds: float) -> str:
+    """``300`` -> ``5m``: the shortest exact spelling of a duration."""
+    ms = round(seconds * 1000)
+    for unit, size in (("d", 86_400_000), ("h", 3_600_000), ("m", 60_000), ("s", 1000)):
+        if ms % size == 0:
+            return f"{ms // size}{unit}"
+    return f"{ms}ms"
+
+
+def _one_of_keys(*keys: str) -> list[Schema]:
+    return [{"required": [key]} for key in keys]
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def limits(d: Limits) -> Schema:
+    return mapping(
+        {
+            "max_header_bytes": integer(
+                "Request line + headers (trailers too), in bytes; beyond: 431 and close. "
+                f"At least {MIN_HEADER_BYTES}.",
+                d.max_header_bytes,
+                minimum=MIN_HEADER_BYTES,
+            ),
+            "header_timeout": duration(
+                "A request head must arrive whole within this; else 408 and close.",
+                d.header_timeout,
+            ),
+            "body_idle_timeout": duration(
+                "A request body that stalls this long ends the request (408).",
+                d.body_idle_timeout,
+            ),
+            "max_connections": integer(
+                "Open connections per worker; beyond: 503 and close.", d.max_connections
+            ),
+            "send_timeout": duration(
+                "A client that takes no response bytes this long is dropped.", d.send_timeout
+            ),
+        },
+        "What one client may cost this listener.",
+    )
+
+
+def trusted_proxies() -> Schema:
+    return array(
+        string("An address or network in CIDR notation (10.0.0.0/8, 192.0.2.7, fd00::/8)."),
+        "Peers whose X-Forwarded-For is believed for the client address; "
+        "every other peer's is ignored.",
+        [],
+    )
+
+
+def _server() -> Schema:
+    return mapping(
+        {
+            "name": string(
+                "Unique; the issuer is {public_url}/oauth2/{name}.", pattern=NAME_PATTERN
+            ),
+            "audience": string("The aud of its access tokens."),
+            "signing_alg": string(
+                "The algorithm of its signing keys.", SIGNING_ALGS[0], enum=list(SIGNING_ALGS)
+            ),
+            "access_token_ttl": duration("Lifetime of its access tokens.", 3600),
+            "scopes": array(
+                string("A scope (RFC 6749 section 3.3).", pattern=SCOPE_PATTERN),
+                "The scopes it offers.",
+                [],
+            ),
+        },
+        "One authorization server: its own issuer, audience, keys and scopes.",
+        required=("name", "audience"),
+    )
+
+
+def _client() -> Schema:
+    keys_kind = {"anyOf": _one_of_keys("jwks", "jwks_uri")}
+    secret_kind = {"anyOf": _one_of_keys("secret", "secret_hash")}
+    return mapping(
+        {
+            "client_id": string("Unique; 1-255 printable ASCII.", pattern=CLIENT_ID_PATTERN),
+            "secret": string(
+                f"The client secret itself, at least {MIN_SECRET_LENGTH} characters "
+                "(better: a ${NAME} reference, or secret_hash).",
+                minLength=MIN_SECRET_LENGTH,
+            ),
+            "secret_hash": string(
+                "sha256:<64 hex digits>, as printed by `tokengate secret`.",
+                pattern=SECRET_HASH_PATTERN,
+            ),
+            "auth_method": string(
+                "Restrict the client to one authentication method. Default: "
+                "client_secret_basic or client_secret_post with a secret, private_key_jwt "
+                "with jwks or jwks_uri.",
+                enum=list(AUTH_METHODS),
+            ),
+            "jwks": mapping(
+                {
+                    "keys": {
+                        "type": "array",
+                        "minItems": 1,
+                        "description": "Public JWKs; with several, each needs a distinct kid.",
+                        "items": ref("public_jwk", "A public signature key (no private parts)."),
+                    }
+                },
+                "private_key_jwt: the client's public keys.",
+                required=("keys",),
+            ),
+            "jwks_uri": ref(
+                "http_url", "private_key_jwt: where the client's public keys are fetched."
+            ),
+            "grant_types": array(
+                string("A grant type.", enum=list(GRANT_TYPES)),
+                "What the client may use.",
+                list(GRANT_TYPES),
+            ),
+            "scopes": array(
+                string("A scope its servers offer.", pattern=SCOPE_PATTERN),
+                "What it may ask for. Default: every scope of its servers.",
+            ),
+            "servers": array(
+                string("An authorization server's name.", pattern=NAME_PATTERN),
+                "Which authorization servers it may use. Default: every one.",
+            ),
+            "claims": {
+                "type": "object",
+                "description": "Extra claims put into its tokens. "
+                + "/".join(sorted(RESERVED_CLAIMS))
+                + " are set by the server and cannot be set.",
+                "propertyNames": {"not": {"enum": sorted(RESERVED_CLAIMS)}},
+                "default": {},
+            },
+            "introspect": string(
+                "own: only its own tokens; any: every token of its servers (resource servers).",
+                INTROSPECT_ACCESS[0],
+                enum=list(INTROSPECT_ACCESS),
+            ),
+        },
+        "A client of the authorization servers.",
+        required=("client_id",),
+        allOf=[
+            {"anyOf": _one_of_keys("secret", "secret_hash", "jwks", "jwks_uri")},
+            {"not": {"required": ["secret", "secret_hash"]}},
+            {"not": {"required": ["jwks", "jwks_uri"]}},
+            {"not": {"allOf": [secret_kind, keys_kind]}},
+        ],
+    )
+
+
+def authserver() -> Schema:
+    t = DEFAULT_CLIENT_AUTH_THROTTLE
+    return mapping(
+        {
+            "listen": ref("listen", "Where the authorization server listens.", "127.0.0.1:9000"),
+            "public_url": ref(
+                "http_url",
+                "Base of every issuer URL, as clients reach it. Default: http://{listen}.",
+            ),
+            "data_dir": string(
+                "Signing keys and the SQLite store; created by `tokengate run` on its first "
+                "start. A relative path is relative to this config file's directory.",
+                "./data",
+            ),
+            "jwks_max_age": duration(
+                "Cache-Control max-age of the JWKS; also the lead of a key rotation.", 300
+            ),
+            "leeway": duration("Clock skew allowed on exp, iat and nbf.", 30),
+            "max_body_bytes": integer("Larger request bodies get 413.", 65536),
+            "servers": {
+                "type": "array",
+                "minItems": 1,
+                "description": "Authorization servers, Okta style; at least one.",
+                "items": _server(),
+            },
+            "clients": {
+                "type": "array",
+                "description": "Who may ask for tokens.",
+                "items": _client(),
+                "default": [],
+            },
+            "limits": limits(DEFAULT_LIMITS),
+            "client_auth_throttle": mapping(
+                {
+                    "failures": integer(
+                        "Free failures per client_id before it locks; 0 = off.",
+                        t.failures,
+                        minimum=0,
+                    ),
+                    "ip_failures": integer(
+                        "Free failures per client address before it locks; 0 = off.",
+                        t.ip_failures,
+                        minimum=0,
+                    ),
+                    "max_lock": duration(
+                        "Locks double from 1s up to this (at least 1s).", t.max_lock
+                    ),
+                    "reset_after": duration(
+                        "Failures are forgotten this long after the last (at least "
+                        "max_lock). Default 15m, or max_lock if longer.",
+                        t.reset_after,
+                    ),
+                },
+                "Failed client authentications, throttled per client_id and per address.",
+            ),
+            "trusted_proxies": trusted_proxies(),
+        },
+        "The OAuth 2.0 / OpenID Connect authorization server.",
+        required=("servers",),
+    )
+
+
+def _claim_rule() -> Schema:
+    scalar = {"$ref": "#/$defs/claim_value"}
+    return {
+        "description": "A value (equals), a list (any of), or one of "
+        "{contains: value}, {matches: regex}, {exists: true|false}.",
+        "anyOf": [
+            scalar,
+            {"type": "array", "items": scalar},
+            {
+                "type": "object",
+                "minProperties": 1,
+                "maxProperties": 1,
+                "additionalProperties": False,
+                "properties": {
+                    "contains": _with(scalar, "The claim (a list) contains this value."),
+                    "matches": string("The claim matches this regular expression."),
+                    "exists": boolean("The claim is present (true) or absent (false).", True),
+                },
+            },
+        ],
+    }
+
+
+def _route() -> Schema:
+    return mapping(
+        {
+            "name": string(
+                "Unique; the route's label in metrics and audit lines.", pattern=NAME_PATTERN
+            ),
+            "match": mapping(
+                {
+                    "path": string(
+                        "Exact, `*` = one segment, trailing `**` = any depth.",
+                        pattern=PATH_PATTERN,
+                    ),
+                    "methods": array(
+                        string("An HTTP method.", enum=list(HTTP_METHODS)),
+                        "Default: any method.",
+                    ),
+                    "host": string(
+                        "Exact host, or *.example.com; no port. Default: any host.",
+                        pattern=HOST_PATTERN,
+                    ),
+                },
+                "Which requests the route takes.",
+                required=("path",),
+            ),
+            "upstream": ref("http_url", "http(s)://host[:port][/base path]."),
+            "strip_prefix": string(
+                "A literal prefix of match.path removed before forwarding.",
+                pattern=PATH_PREFIX_PATTERN,
+            ),
+            "timeout": duration("For the upstream's response to start.", 30),
+            "public": boolean("No token needed (and no require).", False),
+            "forward_token": boolean("Send the Authorization header upstream.", False),
+            "require": mapping(
+                {
+                    "issuer": ref("http_url", "Only this issuer's tokens (one of issuers)."),
+                    "audience": string("Instead of the issuer's audiences."),
+                    "scopes": array(string("A scope."), "All of these.", []),
+                    "any_scopes": array(string("A scope."), "At least one of these.", []),
+                    "claims": {
+                        "type": "object",
+                        "description": "Claim rules, all of which must hold.",
+                        "additionalProperties": _claim_rule(),
+                    },
+                },
+                "What a token needs for this route.",
+            ),
+        },
+        "A route; the first that matches a request takes it.",
+        required=("name", "match", "upstream"),
+        # a public route takes no token, so it cannot require one
+        **{"not": {"required": ["public", "require"], "properties": {"public": {"const": True}}}},
+    )
+
+
+def gateway() -> Schema:
+    issuer = mapping(
+        {
+            "issuer": ref("http_url", "The iss of its tokens."),
+            "audiences": array(
+                string("An audience."), "A token's aud must contain one of these.", minItems=1
+            ),
+            "jwks_uri": ref("http_url", "Default: from the issuer's discovery document."),
+            "algorithms": array(
+                string("A signature algorithm.", enum=list(ALGORITHMS)),
+                "Pinned; never taken from the token.",
+                ["RS256"],
+            ),
+            "leeway": duration("Clock skew allowed on exp, iat and nbf.", 30),
+            "allow_jwt_typ": boolean(
+                "Accept typ JWT or none (Okta, Keycloak, Auth0), not only at+jwt.", False
+            ),
+            "jwks_cache_min": duration(
+                "Never refetch the JWKS more often (also for unknown kids).", 30
+            ),
+            "jwks_cache_max": duration("Refresh the JWKS at least this often.", 3600),
+            "jwks_cache_default": duration(
+                "When the JWKS response has no Cache-Control max-age.", 300
+            ),
+            "jwks_max_stale": duration("Serve old keys this long while fetches fail.", 86400),
+        },
+        "An issuer whose tokens are accepted.",
+        required=("issuer", "audiences"),
+    )
+    return mapping(
+        {
+            "listen": ref("listen", "Where the gateway listens.", "127.0.0.1:8080"),
+            "issuers": {
+                "type": "array",
+                "description": "Whose tokens are accepted; required when a route needs one.",
+                "items": issuer,
+            },
+            "routes": {
+                "type": "array",
+                "description": "First match wins; no match = 404, never forwarded.",
+                "items": _route(),
+            },
+            "max_token_bytes": integer("Larger bearer tokens are refused unparsed.", 8192),
+            "allow_path_parameters": boolean("Allow ; path parameters.", False),
+            "token_cache_size": integer("Verified tokens kept.", 10000),
+            "strip_headers": array(
+                string("A header name.", pattern=HEADER_NAME_PATTERN),
+                "Request headers never forwarded, besides the built-in ones.",
+                [],
+            ),
+            "limits": limits(DEFAULT_LIMITS),
+            "trusted_proxies": trusted_proxies(),
+        },
+        "The gateway: trusted issuers and routes.",
+        required=("routes",),
+    )
+
+
+DEFS: dict[str, Schema] = {
+    "env_string": {
+        "type": "string",
+        "pattern": ENV_REF_PATTERN,
+        "description": "A string with a ${NAME} environment variable reference.",
+    },
+    "duration": {
+        "description": "Seconds, or a string like 30s, 10m, 1h, 7d, 1h30m, 250ms; "
+        f"above zero and at most {MAX_DURATION_DAYS}d.",
+        "anyOf": [
+            {"type": "integer", "minimum": 1, "maximum": MAX_DURATION_DAYS * 86400},
+            {"type": "string", "pattern": DURATION_PATTERN},
+            ENV,
+        ],
+    },
+    "listen": {
+        "description": "host:port ([::1]:8080 for IPv6); port 0 picks a free port.",
+        "anyOf": [{"type": "string", "pattern": LISTEN_PATTERN}, ENV],
+    },
+    "http_url": {
+        "description": "An absolute http(s) URL without query, fragment or credentials.",
+        "anyOf": [{"type": "string", "pattern": HTTP_URL_PATTERN}, ENV],
+    },
+    "claim_value": {"type": ["string", "number", "boolean"]},
+    "public_jwk": {
+        "type": "object",
+        "required": ["kty"],
+        "properties": {
+            "kty": {"enum": ["RSA", "EC", "OKP"]},
+            "crv": {"enum": ["P-256", "P-384", "P-521", "Ed25519"]},
+            "use": {"const": "sig"},
+            "alg": {"enum": list(ALGORITHMS)},
+            "kid": {"type": "string"},
+        },
+        "not": {"anyOf": [{"required": ["d"]}, {"properties": {"kty": {"const": "oct"}}}]},
+    },
+}
+
+
+@functools.cache
+def _schema() -> Schema:
+    return {
+        "$schema": SCHEMA_DIALECT,
+        "title": "tokengate configuration",
+        "description": "tokengate's YAML configuration, version 1. Strings may reference "
+        "environment variables as ${NAME}; `tokengate check` validates a file completely.",
+        "type": "object",
+        "properties": {
+            "version": {
+                "description": "The config format; only 1 exists.",
+                "const": 1,
+                "default": 1,
+            },
+            "authserver": authserver(),
+            "gateway": gateway(),
+            "admin": mapping(
+                {
+                    "listen": ref("listen", "/healthz, /readyz and /metrics (Prometheus)."),
+                    "limits": limits(ADMIN_LIMITS),
+                },
+                "The admin listener. Default: none.",
+                required=("listen",),
+            ),
+            "echo": mapping(
+                {"listen": ref("listen", "The built-in echo upstream, for demos and tests.")},
+                "A built-in echo upstream.",
+                required=("listen",),
+            ),
+            "audit": mapping(
+                {
+                    "path": string(
+                        '"-" = stdout, else a file (appended JSON lines); a relative path '
+                        "is relative to this config file's directory.",
+                        "-",
+                    ),
+                    "required": boolean(
+                        "/readyz answers 503 while audit lines are being lost.", False
+                    ),
+                },
+                "The audit log.",
+            ),
+        },
+        "additionalProperties": False,
+        "anyOf": _one_of_keys("authserver", "gateway", "echo"),
+        "$defs": DEFS,
+    }
+
+
+def config_schema() -> Schema:
+    """The JSON Schema of the config file (a copy: callers may change it)."""
+    return copy.deepcopy(_schema())
