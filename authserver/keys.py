@@ -31,6 +31,7 @@ from jwt.algorithms import get_default_algorithms
 
 from authserver.config import ServerConfig
 from authserver.store import KeyRecord, Store
+from tokengate.jsonlog import rfc3339
 
 # How often a running server re-reads key records; `keys rotate` from another process
 # takes effect within this many seconds.
@@ -291,6 +292,6 @@ class RotationPending(Exception):
     def __init__(self, server: str, record: KeyRecord) -> None:
         super().__init__(
             f"server {server!r} already has a next key {record.kid} "
-            f"(it starts signing at {record.activate_at}); rotate again after that"
+            f"(it starts signing at {rfc3339(record.activate_at)}); rotate again after that"
         )
         self.record = record

@@ -76,6 +76,14 @@ class StoreUnavailable(Exception):
     """The store could not be read or written (a full disk, a lock held too long)."""
 
 
+class StoreMissing(Exception):
+    """There is no store in a data dir, and it was not to be created there."""
+
+    def __init__(self, data_dir: Path) -> None:
+        super().__init__(f"no key store in {data_dir}")
+        self.data_dir = data_dir
+
+
 class StoreWorker:
     """Runs store calls on one thread of their own, never on the event loop: a store
     may wait seconds on a lock, a disk or a network, and the loop serves every
@@ -98,17 +106,28 @@ class StoreWorker:
 
 
 class SqliteStore:
-    """:class:`Store` on SQLite in WAL mode; safe for several processes at once."""
+    """:class:`Store` on SQLite in WAL mode; safe for several processes at once.
+
+    ``create``: make the data dir and the database when they are not there (the
+    server's first start). Without it, a missing store is :class:`StoreMissing` and
+    nothing is created: a command pointed at the wrong directory must not start an
+    empty store that no server reads."""
 
     FILENAME = "tokengate.sqlite3"
 
-    def __init__(self, data_dir: Path) -> None:
-        data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    def __init__(self, data_dir: Path, *, create: bool = True) -> None:
         self.path = data_dir / self.FILENAME
-        # SQLite gives the -wal and -shm files the database file's mode.
-        os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+        if create:
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # SQLite gives the -wal and -shm files the database file's mode.
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            target: str | Path = self.path
+        elif not self.path.is_file():
+            raise StoreMissing(data_dir)
+        else:  # mode=rw: SQLite itself refuses to create it, should it go meanwhile
+            target = self.path.absolute().as_uri() + "?mode=rw"
         self._db = sqlite3.connect(
-            self.path, timeout=30, isolation_level=None, check_same_thread=False
+            target, timeout=30, isolation_level=None, check_same_thread=False, uri=not create
         )
         self._db.execute("PRAGMA busy_timeout = 30000")
         self._wal()

@@ -1,0 +1,311 @@
+"""The command line's conventions, in process: help and defaults for every command,
+--version, RFC 3339 times, log levels, and `keys` refusing to start a store. Real
+processes (exit codes, a busy port) are in tests/e2e/test_cli_process.py."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from authserver.config import ServerConfig
+from authserver.keys import KeyFiles, KeyManager, RotationPending
+from authserver.store import SqliteStore, StoreMissing
+from tests.conftest import REPORTING_SECRET, FakeClock
+from tokengate.cli import _parser, main
+from tokengate.jsonlog import (
+    EVENT_LEVELS,
+    LEVELS,
+    AuditLog,
+    LineSink,
+    configure_logging,
+    level_from_env,
+    log_event,
+    log_level,
+    log_level_problem,
+    rfc3339,
+    set_log_level,
+    uvicorn_log_level,
+)
+
+RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
+
+
+@pytest.fixture
+def level() -> Iterator[None]:
+    """Restore the log level, and the logging set-up, that a test changes."""
+    before = log_level()
+    loggers = [logging.getLogger(n) for n in ("", "uvicorn", "uvicorn.error", "uvicorn.access")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    set_log_level(before)
+    for lg, handlers, lvl, propagate in saved:
+        lg.handlers[:] = handlers
+        lg.setLevel(lvl)
+        lg.propagate = propagate
+
+
+def subcommands(parser: argparse.ArgumentParser) -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            helps = {choice.dest: choice.help for choice in action._choices_actions}
+            for name, child in action.choices.items():
+                assert helps.get(name), f"{child.prog} has no one-line help"
+                yield child.prog, child
+                yield from subcommands(child)
+
+
+def test_every_command_has_help_and_states_its_defaults() -> None:
+    commands = dict(subcommands(_parser()))
+    assert set(commands) == {
+        "tokengate run",
+        "tokengate check",
+        "tokengate keys",
+        "tokengate keys list",
+        "tokengate keys rotate",
+        "tokengate secret",
+        "tokengate schema",
+    }
+    for prog, parser in commands.items():
+        assert parser.description, prog
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction | argparse._HelpAction):
+                continue
+            assert action.help, f"{prog} {action.option_strings}: no help"
+            if action.option_strings and action.default is not argparse.SUPPRESS:
+                assert "(default: " in action.help, f"{prog} {action.option_strings}"
+        text = parser.format_help()
+        assert "TOKENGATE_LOG_LEVEL" in text and "exit status" in text, prog
+    run_help = commands["tokengate run"].format_help()
+    assert "(default: 1)" in run_help  # --workers
+    assert "$TOKENGATE_CONFIG, else" in run_help and "config/tokengate.yaml" in run_help
+
+
+def test_keys_options_go_before_or_after_the_action() -> None:
+    for argv in (
+        ["keys", "list", "-c", "x.yaml", "--server", "s"],
+        ["keys", "-c", "x.yaml", "--server", "s", "list"],
+    ):
+        args = _parser().parse_args(argv)
+        assert (args.action, args.config, args.server) == ("list", Path("x.yaml"), "s")
+    args = _parser().parse_args(["keys", "rotate"])
+    assert not hasattr(args, "config") and not hasattr(args, "server")
+
+
+def test_version_is_the_installed_distributions(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main(["--version"])
+    assert exited.value.code == 0
+    expected = importlib.metadata.version("tokengate")
+    assert capsys.readouterr().out == f"tokengate {expected}\n"
+
+
+def test_rfc3339() -> None:
+    assert rfc3339(1_796_407_200) == "2026-12-04T18:00:00Z"
+    assert rfc3339(0.9) == "1970-01-01T00:00:00Z"
+
+
+# --------------------------------------------------------------------------- levels
+
+
+def test_log_levels_are_checked() -> None:
+    for good in (None, "", "debug", "info", "WARNING", " error "):
+        assert log_level_problem(good) is None
+    assert log_level_problem("verbose") == (
+        "TOKENGATE_LOG_LEVEL: must be one of debug, info, warning, error; got 'verbose'"
+    )
+    assert level_from_env({}) == "info"
+    assert level_from_env({"TOKENGATE_LOG_LEVEL": "Warning"}) == "warning"
+    assert level_from_env({"TOKENGATE_LOG_LEVEL": "nonsense"}) == "info"
+    assert set(EVENT_LEVELS.values()) <= set(LEVELS)
+
+
+def test_each_event_carries_its_level_and_lower_ones_are_dropped(
+    capsys: pytest.CaptureFixture[str], level: None
+) -> None:
+    def emitted() -> list[tuple[str, str]]:
+        return [(e["event"], e["level"]) for e in map(json.loads, capsys.readouterr().err.split())]
+
+    set_log_level("debug")
+    log_event("listening", listener="gateway")
+    log_event("config.reload_failed", problems=[])
+    log_event("jwks.fetch_failed")
+    log_event("keys.reloaded")
+    log_event("something.new")
+    log_event("listening", level="error")  # a call may say otherwise
+    assert emitted() == [
+        ("listening", "info"),
+        ("config.reload_failed", "error"),
+        ("jwks.fetch_failed", "warning"),
+        ("keys.reloaded", "debug"),
+        ("something.new", "info"),
+        ("listening", "error"),
+    ]
+    set_log_level("warning")
+    for event in ("listening", "keys.reloaded", "jwks.fetch_failed", "startup_failed"):
+        log_event(event)
+    assert emitted() == [("jwks.fetch_failed", "warning"), ("startup_failed", "error")]
+    set_log_level("error")
+    log_event("jwks.fetch_failed")
+    log_event("audit.write_failed")
+    assert emitted() == [("audit.write_failed", "error")]
+
+
+def test_the_events_operators_act_on_are_warnings_or_errors() -> None:
+    for event in ("startup_failed", "config.reload_failed", "audit.write_failed"):
+        assert EVENT_LEVELS[event] == "error"
+    for event in ("jwks.fetch_failed", "gateway.upstream_failed", "worker.replaced"):
+        assert EVENT_LEVELS[event] == "warning"
+
+
+def test_audit_lines_are_never_filtered(tmp_path: Path, level: None) -> None:
+    set_log_level("error")
+    sink = LineSink(str(tmp_path / "audit.log"))
+    AuditLog(sink).emit("token.issued", client_id="reporting")
+    sink.close()
+    (line,) = (tmp_path / "audit.log").read_text().splitlines()
+    assert json.loads(line)["event"] == "token.issued" and "level" not in json.loads(line)
+
+
+@pytest.mark.parametrize(
+    ("chosen", "uvicorn", "libraries"),
+    [
+        ("debug", "debug", logging.WARNING),
+        ("info", "warning", logging.WARNING),  # uvicorn's info repeats our own events
+        ("warning", "warning", logging.WARNING),
+        ("error", "error", logging.ERROR),
+    ],
+)
+def test_library_logging_follows_the_level(
+    chosen: str, uvicorn: str, libraries: int, level: None
+) -> None:
+    set_log_level(chosen)
+    configure_logging()
+    assert uvicorn_log_level() == uvicorn
+    assert logging.getLogger("uvicorn.error").getEffectiveLevel() == LEVELS[uvicorn]
+    assert logging.getLogger().level == libraries
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def write_config(directory: Path, data_dir: str) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / "tokengate.yaml"
+    config = {
+        "authserver": {
+            "listen": "127.0.0.1:0",
+            "data_dir": data_dir,
+            "jwks_max_age": "5m",
+            "servers": [{"name": "default", "audience": "api://default"}],
+            "clients": [{"client_id": "reporting", "secret": REPORTING_SECRET}],
+        }
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_a_store_that_is_not_there_is_not_created(tmp_path: Path) -> None:
+    with pytest.raises(StoreMissing) as missing:
+        SqliteStore(tmp_path / "data", create=False)
+    assert str(missing.value) == f"no key store in {tmp_path / 'data'}"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(StoreMissing):
+        SqliteStore(tmp_path / "empty", create=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+    assert list((tmp_path / "empty").iterdir()) == []
+    SqliteStore(tmp_path / "data").close()  # the server's first start creates it
+    store = SqliteStore(tmp_path / "data", create=False)
+    assert store.keys() == []
+    store.close()
+
+
+@pytest.mark.parametrize("action", ["list", "rotate"])
+def test_keys_refuses_a_missing_store_and_creates_nothing(
+    tmp_path: Path,
+    action: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = write_config(tmp_path / "etc", "data")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["keys", action, "-c", str(config)]) == 3
+    out, err = capsys.readouterr()
+    assert out == ""
+    (line,) = err.splitlines()
+    assert line.startswith(f"authserver.data_dir: no key store in {tmp_path / 'etc' / 'data'} ")
+    assert str(config) in line
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["elsewhere", "etc", "tokengate.yaml"]
+
+
+def test_keys_finds_the_store_next_to_the_config_from_anywhere(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "etc", "data")
+    SqliteStore(tmp_path / "etc" / "data").close()  # as `tokengate run` leaves it
+    monkeypatch.chdir(tmp_path)
+    assert main(["keys", "rotate", "-c", str(config)]) == 0
+    out = capsys.readouterr().out
+    assert "next key" in out and "is published now" in out
+    when = re.search(r"signs from (\S+)", out)
+    assert when and RFC3339.fullmatch(when.group(1))
+    assert main(["keys", "list", "-c", str(config)]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert [row.split()[3] for row in rows] == ["active", "next"]
+    for row in rows:
+        times = row.split()[4:]
+        assert all(RFC3339.fullmatch(t) or t == "-" for t in times), row
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_refused_rotation_names_its_time_in_rfc3339(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = ServerConfig("default", "http://i/oauth2/default", "api://d", "ES256", 3600, ())
+    clock = FakeClock(1_796_407_200)
+    store = SqliteStore(tmp_path)
+    manager = KeyManager(store, KeyFiles(tmp_path), jwks_max_age=298, leeway=30, clock=clock)
+    manager.rotate(server)
+    with pytest.raises(RotationPending) as pending:
+        manager.rotate(server)
+    store.close()
+    assert "it starts signing at 2026-12-04T18:05:00Z" in str(pending.value)
+    assert not re.search(r"\b\d{9,}\b", str(pending.value))  # no raw epoch
+
+
+def test_keys_without_an_authserver_section_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "gw.yaml"
+    path.write_text("echo: {listen: 127.0.0.1:0}\n")
+    assert main(["keys", "list", "-c", str(path)]) == 2
+    assert capsys.readouterr().err == f"{path}: the config has no authserver section\n"
+
+
+def test_check_refuses_an_invalid_log_level(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path, str(tmp_path / "data"))
+    monkeypatch.setenv("TOKENGATE_LOG_LEVEL", "loud")
+    assert main(["check", "-c", str(config)]) == 2
+    assert "TOKENGATE_LOG_LEVEL: must be one of debug, info, warning, error; got 'loud'" in (
+        capsys.readouterr().err
+    )
+    monkeypatch.setenv("TOKENGATE_LOG_LEVEL", "ERROR")
+    assert main(["check", "-c", str(config)]) == 0
+
+
+def test_schema_prints_the_config_schema(capsys: pytest.CaptureFixture[str]) -> None:
+    from tokengate.schema import config_schema
+
+    assert main(["schema"]) == 0
+    assert json.loads(capsys.readouterr().out) == config_schema()
