@@ -27,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.e2e.conftest import Tokengate, e2e_config, free_port, health_route
 from tests.e2e.test_gateway_process import PeakRss, Stack, audit, rss_bytes
+from tokengate.httpserver import REFUSAL_REASONS
 
 MIB = 1024 * 1024
 FLOOD_SECONDS = 1.5
@@ -269,13 +270,17 @@ def flood_header(port: int, offer: int = FLOOD_OFFER) -> Pushed:
 
 
 def refusals(stack: Stack) -> dict[tuple[str, str], float]:
+    """The refusals counted so far (every listener's series exist at 0 from the start)."""
     text = httpx.get(f"{stack.admin}/metrics").text
-    return {
+    counted = {
         (sample.labels["listener"], sample.labels["reason"]): sample.value
         for family in text_string_to_metric_families(text)
         for sample in family.samples
         if sample.name == "tokengate_listener_refusals_total"
     }
+    listeners = {listener for listener, _ in counted}
+    assert set(counted) == {(x, r) for x in listeners for r in REFUSAL_REASONS}
+    return {key: value for key, value in counted.items() if value}
 
 
 def refusal_line(listener: str, reason: str, count: int) -> str:
