@@ -603,8 +603,9 @@ def _other_key() -> Any:
 
 ASSERTION_ERRORS = [
     # id, overrides, the audit line's detail (the response is always the same)
-    ("exp-over-an-hour", {"exp": int(time.time()) + 3700 + 31}, "assertion_lifetime"),
-    ("expired", {"exp": int(time.time()) - 120}, "assertion_expired"),
+    # exp as seconds from when the test runs, not from when this module was imported
+    ("exp-over-an-hour", {"_exp_in": 3700 + 31}, "assertion_lifetime"),
+    ("expired", {"_exp_in": -120}, "assertion_expired"),
     ("no-exp", {"exp": None}, "assertion_invalid"),
     ("no-jti", {"jti": None}, "assertion_invalid"),
     ("wrong-aud", {"aud": "https://elsewhere/token"}, "assertion_audience"),
@@ -626,6 +627,8 @@ async def test_bad_assertions_are_invalid_client(
     authserver: AuthServer, billing_key: Any, overrides: dict[str, Any], detail: str
 ) -> None:
     overrides = dict(overrides)
+    if "_exp_in" in overrides:
+        overrides["exp"] = int(time.time()) + overrides.pop("_exp_in")
     kid = overrides.pop("_kid", "billing-1")
     alg = overrides.pop("_alg", "ES256")
     key = _other_key() if overrides.pop("_key", None) else billing_key[0]
