@@ -241,11 +241,14 @@ def test_workers_die_with_a_killed_supervisor(
 
     stack.main.proc.kill()
     stack.main.proc.wait()
-    assert wait_for(lambda: not any(running(pid) for pid in workers), 3, every=0.05), [
+    assert wait_for(lambda: not any(running(pid) for pid in workers), 6, every=0.05), [
         pid for pid in workers if running(pid)
     ]
     reasons = {e.get("reason", e.get("signal")) for e in shutdowns(stack)}
-    assert reasons == {"supervisor_exited" if how == "parent_check" else "SIGTERM"}
+    if how == "parent_check":
+        assert reasons == {"supervisor_exited"}
+    else:  # the signal, unless a busy machine let a worker's own check notice first
+        assert "SIGTERM" in reasons and reasons <= {"SIGTERM", "supervisor_exited"}
     assert old_dir.exists()  # nobody could remove it ...
     assert (old_dir / "supervisor.pid").read_text().split()[0] == str(supervisor)
 
