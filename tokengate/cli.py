@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.metadata
 import json
 import os
 import secrets
@@ -30,6 +29,7 @@ from tokengate.jsonlog import (
     rfc3339,
     set_log_level,
 )
+from tokengate.version import VERSION
 from tokengate.yamlconf import ConfigErrors
 
 UNUSABLE = 3  # what the config names cannot be used (as `run`'s STARTUP_FAILURE)
@@ -52,14 +52,6 @@ def main(argv: list[str] | None = None) -> int:
     return int(args.func(args))
 
 
-def version() -> str:
-    """The installed distribution's version."""
-    try:
-        return importlib.metadata.version("tokengate")
-    except importlib.metadata.PackageNotFoundError:  # run from a tree never installed
-        return "0+unknown"
-
-
 class _Help(argparse.RawDescriptionHelpFormatter):
     """Descriptions and epilogs as written; defaults are spelled out in each help."""
 
@@ -75,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=_Help,
     )
     parser.add_argument(
-        "--version", action="version", version=f"tokengate {version()}", help="print the version"
+        "--version", action="version", version=f"tokengate {VERSION}", help="print the version"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -20,7 +20,6 @@ import asyncio
 import bisect
 import os
 import platform
-from importlib import metadata
 from typing import Any
 
 from prometheus_client import (
@@ -37,21 +36,12 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from tokengate.asgi import HTTP_METHODS
 from tokengate.jsonlog import log_event, traceback_frames
+from tokengate.version import VERSION
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 METHODS = frozenset(HTTP_METHODS)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 PUBLISH_INTERVAL = 1.0  # seconds
-
-
-def _version() -> str:
-    try:
-        return metadata.version("tokengate")
-    except metadata.PackageNotFoundError:  # run from a source tree that is not installed
-        return "unknown"
-
-
-VERSION = _version()
 
 
 def multiprocess() -> bool:
