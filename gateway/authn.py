@@ -46,6 +46,7 @@ class Principal:
     kid: str | None
     exp: float
     claims: Mapping[str, Any] = field(repr=False)
+    username: str | None = None  # preferred_username, for a user's token
     # Derived once per verified token; the verified-token cache reuses them.
     identity_headers: tuple[tuple[bytes, bytes], ...] = field(init=False, repr=False, compare=False)
     audit_identity: str = field(init=False, repr=False, compare=False)
@@ -55,7 +56,9 @@ class Principal:
         object.__setattr__(
             self,
             "identity_headers",
-            identity_headers(self.sub, self.client_id, self.scope_list, issuer),
+            identity_headers(
+                self.sub, self.client_id, self.scope_list, issuer, username=self.username
+            ),
         )
         object.__setattr__(
             self,
@@ -196,6 +199,7 @@ def _principal(issuer: IssuerConfig, kid: str | None, claims: dict[str, Any]) ->
         kid=kid,
         exp=float(exp),
         claims=claims,
+        username=_identity(claims, "preferred_username"),
     )
 
 

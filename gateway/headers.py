@@ -8,7 +8,8 @@ gateway's word: ``X-Auth-*`` and ``X-Forwarded-*``, the client-address headers
 (``X-Original-URL``, ``X-Rewrite-URL``), the method-override headers, and those the
 config lists. Names are compared after lowercasing and turning ``_`` into ``-``, the
 way CGI-style servers fold them. Added: ``X-Request-Id``, ``X-Forwarded-For/Proto/Host``
-and the ``X-Auth-*`` identity of the verified token.
+and the ``X-Auth-*`` identity of the verified token (``X-Auth-Username`` for a user's
+token that carries ``preferred_username``).
 """
 
 from __future__ import annotations
@@ -91,7 +92,12 @@ def _connection_tokens(values: Iterable[bytes]) -> set[bytes]:
 
 
 def identity_headers(
-    sub: str | None, client_id: str | None, scopes: Iterable[str], issuer: str
+    sub: str | None,
+    client_id: str | None,
+    scopes: Iterable[str],
+    issuer: str,
+    *,
+    username: str | None = None,
 ) -> tuple[tuple[bytes, bytes], ...]:
     """The ``X-Auth-*`` headers for a verified token (built once per token).
 
@@ -105,6 +111,8 @@ def identity_headers(
         out.append((b"x-auth-client-id", client_id))
     out.append((b"x-auth-scopes", " ".join(scopes)))
     out.append((b"x-auth-issuer", issuer))
+    if username is not None:  # a user's token: its preferred_username
+        out.append((b"x-auth-username", username))
     for name, value in out:
         if CONTROL.search(value):
             raise ValueError(f"{name.decode()} would hold a control character")

@@ -15,7 +15,14 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 
 from gateway.errors import Reason
-from tests.asgi.gateway_fixtures import PARTNERS, Gateway, RecordingUpstream, make_gateway, upstream
+from tests.asgi.gateway_fixtures import (
+    PARTNERS,
+    Gateway,
+    RecordingUpstream,
+    gateway_section,
+    make_gateway,
+    upstream,
+)
 from tests.conftest import ISSUER
 
 pytestmark = pytest.mark.anyio
@@ -629,3 +636,41 @@ async def test_an_untrusted_peers_forwarding_headers_are_replaced(make_gateway: 
     headers = response.json()["headers"]
     assert (headers["x-forwarded-for"], headers["x-forwarded-proto"]) == ("198.51.100.9", "http")
     assert gw.audit_lines()[-1]["remote_addr"] == "198.51.100.9"
+
+
+async def test_a_users_token_names_the_user_and_routes_can_require_a_group(
+    make_gateway: Any, upstream: tuple[RecordingUpstream, str]
+) -> None:
+    """A token issued to a person: sub is the user's stable id, preferred_username the
+    name people know. Group membership is a claim rule like any other."""
+    team = {
+        "name": "team",
+        "match": {"path": "/team/**"},
+        "upstream": upstream[1],
+        "require": {"claims": {"groups": {"contains": "engineering"}}},
+    }
+    routes = gateway_section(upstream[1])["routes"]
+    gw: Gateway = await make_gateway(routes=[team, *routes])
+    user = {"sub": "u8Jx2mQ", "preferred_username": "alice", "client_id": "portal"}
+    async with gw.client() as client:
+        allowed = await client.get(
+            "/team/1",
+            headers={
+                **bearer(gw.sign({**user, "groups": ["engineering", "admins"]})),
+                "X-Auth-Username": "root",  # never the client's word
+                "x_auth_username": "root",
+            },
+        )
+        assert allowed.status_code == 200
+        headers = allowed.json()["headers"]
+        assert (headers["x-auth-subject"], headers["x-auth-username"]) == ("u8Jx2mQ", "alice")
+        assert "x_auth_username" not in headers
+        denied = await client.get("/team/1", headers=bearer(gw.sign({**user, "groups": ["sales"]})))
+        assert denied.status_code == 403
+        machine = await client.get("/orders/1", headers=bearer(gw.sign({})))
+        assert "x-auth-username" not in machine.json()["headers"]
+        for bad in (" alice", "", 7, "al\nice"):
+            refused = await client.get(
+                "/orders/1", headers=bearer(gw.sign({"preferred_username": bad}))
+            )
+            assert refused.status_code == 401, bad
