@@ -88,7 +88,6 @@ class GatewayConfig:
     strip_headers: tuple[str, ...] = ()  # more request headers never forwarded (lowercase)
     limits: Limits = DEFAULT_LIMITS
     trusted_proxies: TrustedProxies = NO_PROXIES  # whose forwarding headers count
-    warnings: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- parsing
@@ -128,9 +127,6 @@ def parse_gateway(node: Node) -> GatewayConfig:
         f.node.report.add(
             f.node.key_path("issuers"), "routes need tokens but no issuer is configured"
         )
-    from gateway.routing import shadowed  # pure; kept with the matcher it mirrors
-
-    valid = not node.report.errors  # shadowing is only worth reporting on a valid file
     return GatewayConfig(
         listen=f.get("listen", as_listen, Listen("127.0.0.1", 8080)),
         issuers=issuers,
@@ -141,11 +137,6 @@ def parse_gateway(node: Node) -> GatewayConfig:
         strip_headers=f.get("strip_headers", list_of(as_header_name), ()),
         limits=f.get("limits", as_limits, DEFAULT_LIMITS),
         trusted_proxies=f.get("trusted_proxies", as_trusted_proxies, NO_PROXIES),
-        warnings=tuple(
-            f"{f.node.key_path('routes')}[{later}]: never matches; "
-            f"routes[{earlier}] ({routes[earlier].name}) matches everything it does"
-            for later, earlier in (shadowed(routes) if valid else ())
-        ),
     )
 
 

@@ -123,6 +123,15 @@ def _covers_route(earlier: RouteConfig, later: RouteConfig) -> bool:
     return _covers(earlier.path, later.path)
 
 
+def shadow_warnings(routes: Sequence[RouteConfig]) -> tuple[str, ...]:
+    """``tokengate check``'s warning for each route an earlier one fully shadows."""
+    return tuple(
+        f"gateway.routes[{later}]: never matches; "
+        f"routes[{earlier}] ({routes[earlier].name}) matches everything it does"
+        for later, earlier in shadowed(routes)
+    )
+
+
 def shadowed(routes: Sequence[RouteConfig]) -> list[tuple[int, int]]:
     """(later, earlier) index pairs where an earlier route takes every request of a later one.
 

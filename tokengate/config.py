@@ -10,6 +10,7 @@ from pathlib import Path
 
 from authserver.config import AuthServerConfig, parse_authserver
 from gateway.config import GatewayConfig, parse_gateway
+from gateway.routing import shadow_warnings
 from tokengate.limits import ADMIN_LIMITS, Limits, as_limits
 from tokengate.yamlconf import (
     UNEXPECTED,
@@ -56,7 +57,8 @@ class Config:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        return self.gateway.warnings if self.gateway is not None else ()
+        """What is valid but surely not meant: routes that earlier ones shadow."""
+        return shadow_warnings(self.gateway.routes) if self.gateway is not None else ()
 
 
 def default_path(environ: Mapping[str, str] | None = None) -> Path:

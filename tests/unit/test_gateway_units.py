@@ -135,7 +135,7 @@ def test_gateway_config_is_typed() -> None:
     ]
     assert g.issuers[0].algorithms == ("RS256",)
     assert g.max_token_bytes == 8192
-    assert g.warnings == ()
+    assert parse_config(GATEWAY, {}).warnings == ()
 
 
 @pytest.mark.parametrize(
@@ -223,7 +223,7 @@ def test_shadowed_routes_are_warnings() -> None:
         "      match: {path: /orders/42, methods: [POST]}\n"
         "      upstream: http://x\n"
     )
-    assert gateway(text).warnings == (
+    assert parse_config(text, {}).warnings == (
         "gateway.routes[2]: never matches; routes[0] (orders-read) matches everything it does",
     )
 
