@@ -10,6 +10,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
 
+from authserver.passwords import EnvPassword, password_problem, phc_problem
+from authserver.users import claim_problem, group_problem, username_key, username_problem
 from tokengate.jwk import PublicKey, load_public_jwk
 from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
 from tokengate.proxies import NO_PROXIES, TrustedProxies, as_trusted_proxies
@@ -18,6 +20,7 @@ from tokengate.yamlconf import (
     Fields,
     Listen,
     Node,
+    as_bool,
     as_duration,
     as_http_url,
     as_int,
@@ -51,6 +54,7 @@ RESERVED_CLAIMS = frozenset(
 MIN_SECRET_LENGTH = 32
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
 _CLIENT_ID = re.compile(r"[\x20-\x7e]{1,255}")
+_ENV_ONLY = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +124,22 @@ DEFAULT_CLIENT_AUTH_THROTTLE = ClientAuthThrottle()
 
 
 @dataclass(frozen=True, slots=True)
+class UserConfig:
+    """A user declared in ``authserver.users``; the file is its source of truth.
+
+    Exactly one of ``password_hash`` (an argon2id PHC string) and ``password`` (from a
+    ``${NAME}`` reference, held sealed: never the password in the clear)."""
+
+    username: str
+    username_key: str  # what makes it unique: see authserver.users.username_key
+    password_hash: str | None = field(repr=False)
+    password: EnvPassword | None
+    profile: MappingProxyType[str, Any]
+    groups: tuple[str, ...]  # sorted
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class AuthServerConfig:
     listen: Listen
     public_url: str
@@ -132,6 +152,7 @@ class AuthServerConfig:
     limits: Limits = DEFAULT_LIMITS
     client_auth_throttle: ClientAuthThrottle = DEFAULT_CLIENT_AUTH_THROTTLE
     trusted_proxies: TrustedProxies = NO_PROXIES  # whose forwarding headers count
+    users: tuple[UserConfig, ...] = ()  # declared users; the store holds the others
 
 
 # --------------------------------------------------------------------------- parsing
@@ -151,6 +172,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "limits",
             "client_auth_throttle",
             "trusted_proxies",
+            "users",
         ),
     )
     listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
@@ -174,6 +196,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         )
         or DEFAULT_CLIENT_AUTH_THROTTLE,
         trusted_proxies=f.get("trusted_proxies", as_trusted_proxies, NO_PROXIES),
+        users=_parse_users(f),
     )
 
 
@@ -304,7 +327,105 @@ def _parse_secret(c: Fields) -> bytes | None:
     return None
 
 
+def _parse_users(f: Fields) -> tuple[UserConfig, ...]:
+    out: list[UserConfig] = []
+    seen: dict[str, str] = {}  # username_key -> the path that declared it first
+    for item in f.node_at("users").items() if f.has("users") else ():
+        user = guarded(item, _parse_user)
+        if user is None or user.username is None:
+            continue
+        path = f"{item.path}.username"
+        first = seen.setdefault(user.username_key, path)
+        if first != path:
+            item.report.add(
+                path,
+                f"duplicate username {user.username!r}: {first} is the same user "
+                "(usernames are compared ignoring case and Unicode compatibility forms)",
+            )
+            continue
+        out.append(user)
+    return tuple(out)
+
+
+def _parse_user(node: Node) -> UserConfig:
+    u = node.fields(
+        required=("username",),
+        optional=("password_hash", "password", "profile", "groups", "disabled"),
+    )
+    username = u.get("username", as_username)
+    if u.has("password_hash") == u.has("password"):
+        node.error(
+            "needs exactly one of password_hash (from `tokengate users hash-password`) "
+            "or password (a ${NAME} environment variable reference)"
+        )
+    groups = u.get("groups", list_of(as_group), ()) or ()
+    return UserConfig(
+        username=username,
+        username_key=username_key(username) if username is not None else "",
+        password_hash=u.get("password_hash", as_password_hash, None),
+        password=u.get("password", as_env_password, None),
+        profile=MappingProxyType(u.get("profile", as_profile, {}) or {}),
+        groups=tuple(sorted(groups)),
+        disabled=u.get("disabled", as_bool, False) or False,
+    )
+
+
 # --------------------------------------------------------------------------- converters
+
+
+def as_username(node: Node) -> str:
+    text = node.raw_str()
+    problem = username_problem(text)
+    if problem is not None:
+        raise ConfigError(node.path, problem)
+    return text
+
+
+def as_group(node: Node) -> str:
+    text = node.raw_str()
+    problem = group_problem(text)
+    if problem is not None:
+        raise ConfigError(node.path, problem)
+    return text
+
+
+def as_password_hash(node: Node) -> str:
+    text = node.raw_str()
+    problem = phc_problem(text)
+    if problem is not None:
+        raise ConfigError(node.path, problem)
+    return text
+
+
+def as_env_password(node: Node) -> EnvPassword:
+    """``password: ${NAME}`` only: a password written in the file is refused (and never
+    quoted in the message)."""
+    m = _ENV_ONLY.fullmatch(node.value) if isinstance(node.value, str) else None
+    if m is None:
+        raise ConfigError(
+            node.path,
+            "must be a ${NAME} environment variable reference: a password is never "
+            "written in the config (use password_hash, from `tokengate users hash-password`)",
+        )
+    password = node.raw_str()  # an unset variable is reported here
+    problem = password_problem(password)
+    if problem is not None:
+        raise ConfigError(node.path, f"the password in ${{{m.group(1)}}} {problem}")
+    return EnvPassword.seal(m.group(1), password)
+
+
+def as_profile(node: Node) -> dict[str, Any]:
+    profile: dict[str, Any] = {}
+    for key, child in node.entries():
+        value = guarded(child, Node.plain)
+        if value is None and child.value is not None:
+            continue  # reported
+        problem = claim_problem(key, value)
+        if problem is not None:
+            child.error(problem)
+            continue
+        profile[key] = value
+    return profile
 
 
 def as_client_auth_throttle(node: Node) -> ClientAuthThrottle:

@@ -1,7 +1,7 @@
 """State shared by every worker process and kept across restarts.
 
-Signing-key records, revoked token ``jti``s and used client-assertion ``jti``s live
-here, never only in one process's memory. :class:`Store` is the interface;
+Signing-key records, revoked token ``jti``s, used client-assertion ``jti``s and the
+user directory live here, never only in one process's memory. :class:`Store` is the interface;
 :class:`SqliteStore` keeps it in ``data_dir/tokengate.sqlite3`` (WAL mode). A shared
 database can replace it when the authorization server runs as several replicas.
 """
@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import json
 import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from types import MappingProxyType
+from typing import Any, Literal, Protocol, TypeVar
 
 T = TypeVar("T")
 WAL_WAIT = 30.0  # seconds to keep trying to switch a new store to WAL
@@ -31,6 +33,33 @@ class KeyRecord:
     created_at: int
     activate_at: int
     seq: int = 0  # insertion order: among keys activating in the same second, newest wins
+
+
+UserSource = Literal["config", "cli"]  # who manages the user: the config file, or the CLI
+
+
+@dataclass(frozen=True, slots=True)
+class UserRecord:
+    """A user as the store holds it. ``id`` never changes (the future ``sub``);
+    ``username_key`` is the username as compared (unique)."""
+
+    id: str
+    username: str  # as written, for display
+    username_key: str  # NFKC, case-folded: unique
+    password_hash: str = field(repr=False)  # an argon2id PHC string
+    profile: Mapping[str, Any]  # OIDC standard claims and custom keys, JSON values
+    groups: tuple[str, ...]  # sorted, unique
+    disabled: bool
+    source: UserSource
+    created_at: int
+    updated_at: int
+    # config users: the password_hash the config gave; the stored one may be an
+    # upgrade of it, kept while the config still gives this one
+    declared_hash: str | None = field(default=None, repr=False)
+
+
+class UsernameTaken(Exception):
+    """Another user has that username (compared as ``username_key``)."""
 
 
 class Store(Protocol):
@@ -53,6 +82,26 @@ class Store(Protocol):
     def purge(self, now: int) -> int:
         """Forget revocations and assertions past their ``exp``."""
 
+    def users(self) -> list[UserRecord]:
+        """Every user, by username_key."""
+
+    def user(self, user_id: str) -> UserRecord | None: ...
+
+    def user_by_key(self, username_key: str) -> UserRecord | None: ...
+
+    def add_user(self, record: UserRecord) -> None:
+        """Insert a new user; UsernameTaken if its username_key is in use."""
+
+    def update_user(self, record: UserRecord) -> None:
+        """Replace the user ``record.id``, groups included; UsernameTaken if it takes
+        another user's username_key."""
+
+    def remove_user(self, user_id: str) -> bool:
+        """Delete a user and its groups; False if there was none."""
+
+    def replace_password_hash(self, user_id: str, old: str, new: str, updated_at: int) -> bool:
+        """Set the user's hash to ``new`` if it is still ``old``; False otherwise."""
+
     def close(self) -> None: ...
 
 
@@ -69,7 +118,21 @@ CREATE TABLE IF NOT EXISTS used_assertions (
     client_id TEXT NOT NULL, jti TEXT NOT NULL, exp INTEGER NOT NULL,
     PRIMARY KEY (client_id, jti)
 );
+CREATE TABLE IF NOT EXISTS users (
+    id TEXT PRIMARY KEY, username TEXT NOT NULL, username_key TEXT NOT NULL UNIQUE,
+    password_hash TEXT NOT NULL, declared_hash TEXT, profile TEXT NOT NULL,
+    disabled INTEGER NOT NULL, source TEXT NOT NULL,
+    created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS user_groups (
+    user_id TEXT NOT NULL REFERENCES users (id), name TEXT NOT NULL,
+    PRIMARY KEY (user_id, name)
+);
 """
+_SELECT_USERS = (
+    "SELECT id, username, username_key, password_hash, profile, disabled, source, "
+    "created_at, updated_at, declared_hash FROM users"
+)
 
 
 class StoreUnavailable(Exception):
@@ -98,6 +161,15 @@ class StoreWorker:
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._executor, fn, *args)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the store's thread, waiting for it here: for code that is
+        not on the event loop, or that must finish before the loop goes on (start,
+        reload). Failures as in :meth:`call`."""
+        try:
+            return self._executor.submit(fn, *args).result()
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
@@ -203,5 +275,115 @@ class SqliteStore:
             b = self._db.execute("DELETE FROM used_assertions WHERE exp < ?", (now,)).rowcount
         return a + b
 
+    # -- users ---------------------------------------------------------------
+
+    def users(self) -> list[UserRecord]:
+        rows = self._db.execute(_SELECT_USERS + " ORDER BY username_key")
+        return self._with_groups(rows.fetchall())
+
+    def user(self, user_id: str) -> UserRecord | None:
+        rows = self._db.execute(_SELECT_USERS + " WHERE id = ?", (user_id,))
+        found = self._with_groups(rows.fetchall())
+        return found[0] if found else None
+
+    def user_by_key(self, username_key: str) -> UserRecord | None:
+        rows = self._db.execute(_SELECT_USERS + " WHERE username_key = ?", (username_key,))
+        found = self._with_groups(rows.fetchall())
+        return found[0] if found else None
+
+    def _with_groups(self, rows: list[tuple[Any, ...]]) -> list[UserRecord]:
+        if not rows:
+            return []
+        groups: dict[str, list[str]] = {}
+        if len(rows) == 1:
+            found = self._db.execute(
+                "SELECT user_id, name FROM user_groups WHERE user_id = ?", (rows[0][0],)
+            )
+        else:
+            found = self._db.execute("SELECT user_id, name FROM user_groups")
+        for user_id, name in found:
+            groups.setdefault(user_id, []).append(name)
+        return [
+            UserRecord(
+                id=row[0],
+                username=row[1],
+                username_key=row[2],
+                password_hash=row[3],
+                profile=MappingProxyType(json.loads(row[4])),
+                groups=tuple(sorted(groups.get(row[0], ()))),
+                disabled=bool(row[5]),
+                source=row[6],
+                created_at=row[7],
+                updated_at=row[8],
+                declared_hash=row[9],
+            )
+            for row in rows
+        ]
+
+    def add_user(self, record: UserRecord) -> None:
+        with self.exclusive():
+            self._check_key_free(record)
+            self._db.execute(
+                "INSERT INTO users (id, username, username_key, password_hash, profile, "
+                "disabled, source, created_at, updated_at, declared_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _user_row(record),
+            )
+            self._set_groups(record.id, record.groups)
+
+    def update_user(self, record: UserRecord) -> None:
+        with self.exclusive():
+            self._check_key_free(record)
+            row = _user_row(record)
+            self._db.execute(
+                "UPDATE users SET username = ?, username_key = ?, password_hash = ?, "
+                "profile = ?, disabled = ?, source = ?, created_at = ?, updated_at = ?, "
+                "declared_hash = ? WHERE id = ?",
+                (*row[1:], row[0]),
+            )
+            self._db.execute("DELETE FROM user_groups WHERE user_id = ?", (record.id,))
+            self._set_groups(record.id, record.groups)
+
+    def _check_key_free(self, record: UserRecord) -> None:
+        row = self._db.execute(
+            "SELECT id FROM users WHERE username_key = ?", (record.username_key,)
+        ).fetchone()
+        if row is not None and row[0] != record.id:
+            raise UsernameTaken(record.username)
+
+    def _set_groups(self, user_id: str, groups: Iterable[str]) -> None:
+        self._db.executemany(
+            "INSERT INTO user_groups (user_id, name) VALUES (?, ?)",
+            [(user_id, name) for name in groups],
+        )
+
+    def remove_user(self, user_id: str) -> bool:
+        with self.exclusive():
+            self._db.execute("DELETE FROM user_groups WHERE user_id = ?", (user_id,))
+            return self._db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount == 1
+
+    def replace_password_hash(self, user_id: str, old: str, new: str, updated_at: int) -> bool:
+        cur = self._db.execute(
+            "UPDATE users SET password_hash = ?, updated_at = ? WHERE id = ? AND password_hash = ?",
+            (new, updated_at, user_id, old),
+        )
+        return cur.rowcount == 1
+
     def close(self) -> None:
         self._db.close()
+
+
+def _user_row(record: UserRecord) -> tuple[Any, ...]:
+    """The users row of ``record``, in :data:`_SELECT_USERS` order."""
+    return (
+        record.id,
+        record.username,
+        record.username_key,
+        record.password_hash,
+        json.dumps(dict(record.profile), ensure_ascii=False, sort_keys=True),
+        int(record.disabled),
+        record.source,
+        record.created_at,
+        record.updated_at,
+        record.declared_hash,
+    )

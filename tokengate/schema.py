@@ -28,6 +28,15 @@ from authserver.config import (
     RESERVED_CLAIMS,
     SIGNING_ALGS,
 )
+from authserver.passwords import MIN_PASSWORD_LENGTH
+from authserver.users import (
+    BOOLEAN_CLAIMS,
+    MANAGED_CLAIMS,
+    MAX_GROUP_LENGTH,
+    MAX_USERNAME_LENGTH,
+    OBJECT_CLAIMS,
+    STRING_CLAIMS,
+)
 from tokengate.asgi import HTTP_METHODS
 from tokengate.jwk import ALGORITHMS
 from tokengate.limits import ADMIN_LIMITS, DEFAULT_LIMITS, MIN_HEADER_BYTES, Limits
@@ -44,6 +53,8 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 SCOPE_PATTERN = r"^[\x21\x23-\x5b\x5d-\x7e]+$"  # RFC 6749 section 3.3
 CLIENT_ID_PATTERN = r"^[\x20-\x7e]{1,255}$"
 SECRET_HASH_PATTERN = r"^sha256:[0-9a-f]{64}$"  # noqa: S105 - a pattern, not a secret
+ARGON2ID_PATTERN = r"^\$argon2id\$v=19\$m=[0-9]+,t=[0-9]+,p=[0-9]+\$[A-Za-z0-9+/]+\$[A-Za-z0-9+/]+$"
+ENV_ONLY_PATTERN = r"^\$\{[A-Za-z_][A-Za-z0-9_]*\}$"
 HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"
 HOST_PATTERN = r"^(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
 HTTP_URL_PATTERN = r"^https?://[^/?#@\s]+(?:/[^?#\s]*)?$"
@@ -262,6 +273,61 @@ def _client() -> Schema:
     )
 
 
+def _user() -> Schema:
+    claims: dict[str, Schema] = {}
+    for name in STRING_CLAIMS:
+        claims[name] = {"type": "string", "minLength": 1}
+    claims["email"]["pattern"] = r"^[^@\s]+@[^@\s]+$"
+    for name in BOOLEAN_CLAIMS:
+        claims[name] = {"type": "boolean"}
+    for name in OBJECT_CLAIMS:
+        claims[name] = {"type": "object", "additionalProperties": {"type": "string"}}
+    return mapping(
+        {
+            "username": string(
+                "Unique; compared ignoring case and Unicode compatibility forms (NFKC). "
+                f"At most {MAX_USERNAME_LENGTH} characters, no control characters, no "
+                "whitespace around it.",
+                maxLength=MAX_USERNAME_LENGTH,
+            ),
+            "password_hash": string(
+                "An argon2id PHC string, as printed by `tokengate users hash-password`.",
+                pattern=ARGON2ID_PATTERN,
+            ),
+            "password": {
+                "type": "string",
+                "pattern": ENV_ONLY_PATTERN,
+                "description": "Only a ${NAME} environment variable reference (at least "
+                f"{MIN_PASSWORD_LENGTH} characters); hashed when the config is applied, "
+                "never logged. A password written here is refused.",
+            },
+            "profile": {
+                "type": "object",
+                "description": "OpenID Connect standard claims (name, email, email_verified, "
+                "...) and any further keys with JSON values. "
+                + "/".join(sorted(MANAGED_CLAIMS))
+                + " are set by tokengate.",
+                "properties": claims,
+                "propertyNames": {"not": {"enum": sorted(MANAGED_CLAIMS)}},
+                "default": {},
+            },
+            "groups": array(
+                string(f"A group name (at most {MAX_GROUP_LENGTH} characters)."),
+                "The groups the user is in.",
+                [],
+            ),
+            "disabled": boolean("The user cannot sign in.", False),
+        },
+        "A user declared in the config: created or updated at start and at each reload, "
+        "deleted once it is no longer here.",
+        required=("username",),
+        allOf=[
+            {"anyOf": _one_of_keys("password_hash", "password")},
+            {"not": {"required": ["password_hash", "password"]}},
+        ],
+    )
+
+
 def authserver() -> Schema:
     t = DEFAULT_CLIENT_AUTH_THROTTLE
     return mapping(
@@ -318,6 +384,13 @@ def authserver() -> Schema:
                 "Failed client authentications, throttled per client_id and per address.",
             ),
             "trusted_proxies": trusted_proxies(),
+            "users": {
+                "type": "array",
+                "description": "Users declared in the config (org-wide); the store holds "
+                "those made with `tokengate users add`.",
+                "items": _user(),
+                "default": [],
+            },
         },
         "The OAuth 2.0 / OpenID Connect authorization server.",
         required=("servers",),

@@ -19,6 +19,10 @@ from tokengate.schema import config_schema
 from tokengate.yamlconf import Listen, Node, parse_duration
 
 ROOT = Path(__file__).resolve().parents[2]
+ALICE_HASH = (
+    "$argon2id$v=19$m=19456,t=2,p=1$YWFjuR9mCgrTb4NZzYeWwQ$"
+    "yoLuHOkVfCCKT7jNIjldbTIinPq5aJhE4prBHu52c7I"
+)
 ENVIRON = {"TOKENGATE_PUBLIC_URL": "http://localhost:9000", "PORT": "8080"}
 
 
@@ -79,6 +83,20 @@ def test_the_test_suites_configs_validate(
         (lambda c: c["authserver"]["clients"][0].update(claims={"sub": "x"}), "claims"),
         (lambda c: c["authserver"]["clients"][0].update(secret_hash="sha256:" + "0" * 64), ""),
         (lambda c: c["authserver"].update(max_body_bytes=True), "max_body_bytes"),
+        (lambda c: c["authserver"].update(users=[{"username": "a", "password": "plain-pw"}]), ""),
+        (lambda c: c["authserver"].update(users=[{"username": "a"}]), ""),
+        (
+            lambda c: c["authserver"].update(
+                users=[{"username": "a", "password_hash": "$argon2i$v=19$m=1,t=1,p=1$a$b"}]
+            ),
+            "",
+        ),
+        (
+            lambda c: c["authserver"].update(
+                users=[{"username": "a", "password": "${P}", "profile": {"sub": "x"}}]
+            ),
+            "",
+        ),
         (lambda c: c.update(version=2), "version"),
         (lambda c: c.pop("authserver"), ""),
     ],
@@ -102,6 +120,7 @@ def test_env_references_stand_for_any_value(validator: jsonschema.Draft202012Val
             "servers": [{"name": "${NAME}", "audience": "api://x", "signing_alg": "${ALG}"}],
             "clients": [{"client_id": "c", "secret": "${SECRET}"}],
             "limits": {"header_timeout": "${TIMEOUT}"},
+            "users": [{"username": "${USER}", "password": "${PASSWORD}"}],
         }
     }
     assert errors(validator, config) == []
@@ -113,6 +132,8 @@ def test_env_references_stand_for_any_value(validator: jsonschema.Draft202012Val
         "ALG": "ES256",
         "SECRET": "s" * 32,
         "TIMEOUT": "5s",
+        "USER": "alice",
+        "PASSWORD": "alice-password",
     }
     parse_config(yaml.safe_dump(config), environ)
 
@@ -172,6 +193,21 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "jwks": {"keys": [ec_client_key()[1]]},
                 },
                 {"client_id": "fetched", "jwks_uri": "https://billing.example.com/jwks.json"},
+            ],
+            "users": [
+                {
+                    "username": "alice",
+                    "password_hash": ALICE_HASH,
+                    "profile": {
+                        "name": "Alice Doe",
+                        "email": "alice@example.com",
+                        "email_verified": True,
+                        "address": {"country": "FR"},
+                        "department": "R&D",
+                    },
+                    "groups": ["engineering", "admins"],
+                    "disabled": False,
+                },
             ],
         },
         "gateway": {
@@ -327,6 +363,7 @@ def test_schema_defaults_are_the_parsers(
             "clients": [{"client_id": "c", "secret": "s" * 32}],
             "limits": {},
             "client_auth_throttle": {},
+            "users": [{"username": "u", "password_hash": ALICE_HASH}],
         },
         "gateway": {
             "issuers": [{"issuer": "http://i", "audiences": ["a"]}],
@@ -344,6 +381,7 @@ def test_schema_defaults_are_the_parsers(
         "authserver": config.authserver,
         "authserver.servers[]": config.authserver.servers[0],
         "authserver.clients[]": config.authserver.clients[0],
+        "authserver.users[]": config.authserver.users[0],
         "authserver.limits": config.authserver.limits,
         "authserver.client_auth_throttle": config.authserver.client_auth_throttle,
         "gateway": config.gateway,
