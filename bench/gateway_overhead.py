@@ -14,6 +14,12 @@ reference point.
 
 A second phase sends 10,000 requests whose tokens carry random unknown ``kid``s and
 counts the JWKS fetches they cause (nginx serves the JWKS copy and logs each fetch).
+
+``--source DIR`` runs tokengate from another checkout (a ``git worktree`` of an older
+commit), to compare two versions in alternating runs. tokengate runs in a scratch
+directory either way: ``python -m`` puts the working directory first on ``sys.path``,
+so a run started in a checkout would measure that checkout whatever ``PYTHONPATH``
+says.
 """
 
 from __future__ import annotations
@@ -126,6 +132,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--kid-requests", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3, help="alternating gateway/bare runs")
+    parser.add_argument("--source", type=Path, help="run tokengate from this checkout")
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -166,18 +173,19 @@ def main() -> None:
             "audit": {"path": str(work / "audit.log")},
         }
         (work / "tokengate.yaml").write_text(yaml.safe_dump(config))
-        # The JWKS copy nginx serves must exist before the gateway starts: keys first.
-        subprocess.run(
-            [sys.executable, "-m", "tokengate", "keys", "list", "-c", str(work / "tokengate.yaml")],
-            check=True,
-            capture_output=True,
-        )
+        # The JWKS copy nginx serves must exist before the gateway starts: the
+        # authorization server alone first (its first start creates the keys).
         tokengate = [sys.executable, "-m", "tokengate"]
         config_arg = ["-c", str(work / "tokengate.yaml")]
+        env = dict(os.environ)
+        if args.source is not None:
+            env["PYTHONPATH"] = str(args.source.resolve())
         auth_only = subprocess.Popen(
             [*tokengate, "run", "--only", "authserver", *config_arg],
             stderr=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
+            cwd=work,
+            env=env,
         )
         wait_for(f"{issuer}/v1/keys")
         (work / "jwks.json").write_text(httpx.get(f"{issuer}/v1/keys").text)
@@ -189,6 +197,8 @@ def main() -> None:
             [*tokengate, "run", *config_arg, "--workers", str(args.workers)],
             stdout=subprocess.DEVNULL,
             stderr=(work / "tokengate.err").open("wb"),
+            cwd=work,
+            env=env,
         )
         try:
             wait_for(f"http://127.0.0.1:{up_port}/")
