@@ -19,9 +19,11 @@ from authserver.errors import not_found, send_error, server_error
 from authserver.keyring import KeyRing
 from authserver.keys import RELOAD_INTERVAL, KeyFiles, KeyManager
 from authserver.metadata import authorization_server_metadata, openid_configuration
+from authserver.passwords import PasswordWorker
 from authserver.store import SqliteStore, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle, MemoryThrottle
 from authserver.tokens import TokenVerifier
+from authserver.users import UserDirectory
 from tokengate.asgi import ClientDisconnected, Message, Receive, Scope, Send, json_bytes
 from tokengate.jsonlog import AuditLog, log_event, traceback_frames
 from tokengate.metrics import Metrics
@@ -45,6 +47,8 @@ class AuthServices:
     metrics: Metrics
     throttle: AuthThrottle
     io: StoreWorker
+    passwords: PasswordWorker
+    users: UserDirectory
 
     @classmethod
     def build(
@@ -58,6 +62,8 @@ class AuthServices:
         metrics: Metrics | None = None,
         throttle: AuthThrottle | None = None,
         io: StoreWorker | None = None,
+        passwords: PasswordWorker | None = None,
+        users: UserDirectory | None = None,
     ) -> AuthServices:
         store = store or SqliteStore(config.data_dir)
         manager = KeyManager(
@@ -71,6 +77,8 @@ class AuthServices:
         http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
         metrics = metrics or Metrics()
         io = io or StoreWorker()
+        passwords = passwords or PasswordWorker()
+        users = users or UserDirectory(store, io, passwords, clock=clock)
         authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), io, clock=clock)
         if throttle is None or throttle.policy != config.client_auth_throttle:
             throttle = MemoryThrottle(config.client_auth_throttle, clock=clock)
@@ -90,11 +98,25 @@ class AuthServices:
         )
         for server in config.servers:
             declare_series(metrics, server.name)
-        return cls(config, store, keyring, endpoints, http, clock, audit, metrics, throttle, io)
+        return cls(
+            config,
+            store,
+            keyring,
+            endpoints,
+            http,
+            clock,
+            audit,
+            metrics,
+            throttle,
+            io,
+            passwords,
+            users,
+        )
 
     def reconfigure(self, config: AuthServerConfig) -> None:
-        """Take new servers and clients: keys for new servers are created and loaded
-        before anything switches. The store stays: its directory cannot change live."""
+        """Take new servers, clients and users: keys for new servers are created and
+        loaded, and the config's users applied to the store, before anything switches.
+        The store stays: its directory cannot change live."""
         if config.data_dir != self.config.data_dir:
             raise ValueError("authserver.data_dir: changing the data dir needs a restart")
         new = AuthServices.build(
@@ -106,8 +128,13 @@ class AuthServices:
             metrics=self.metrics,
             throttle=self.throttle,  # failures so far still count, unless the policy changed
             io=self.io,
+            passwords=self.passwords,
+            users=self.users,
         )
-        new.start()
+        try:
+            new.start()
+        except StoreUnavailable as exc:
+            raise RuntimeError(f"authserver: the store could not be updated ({exc})") from exc
         self.config, self.keyring, self.endpoints = new.config, new.keyring, new.endpoints
         self.throttle = new.throttle
 
@@ -116,8 +143,27 @@ class AuthServices:
         return [f"authserver: no signing key loaded for {name}" for name in self.keyring.missing()]
 
     def start(self) -> None:
+        """Signing keys for every server, and the config's users in the store. Waits
+        for both (at start, and in a reload before it switches)."""
         for record in self.keyring.start():
             log_event("keys.created", server=record.server, kid=record.kid, alg=record.alg)
+        sync = self.users.apply_config(self.config.users)
+        for username, user_id in sync.adopted:
+            log_event(
+                "users.adopted",
+                level="warning",
+                username=username,
+                user_id=user_id,
+                detail="a user made with `tokengate users add` is now declared in the "
+                "config, which manages it from now on (same id)",
+            )
+        if sync.created or sync.updated or sync.deleted:
+            log_event(
+                "users.synced",
+                created=len(sync.created),
+                updated=len(sync.updated),
+                deleted=len(sync.deleted),
+            )
 
     async def maintain(self) -> None:
         """Pick up key changes from other processes; forget expired state. On the
@@ -143,6 +189,7 @@ class AuthServices:
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        self.passwords.close()
         self.io.close()
         self.store.close()
 
@@ -204,7 +251,7 @@ class AuthServerApp:
             if message["type"] == "lifespan.startup":
                 try:
                     self.services.start()
-                except (OSError, sqlite3.Error, ValueError, RuntimeError) as exc:
+                except (OSError, sqlite3.Error, StoreUnavailable, ValueError, RuntimeError) as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 task = asyncio.create_task(self.services.maintain())
