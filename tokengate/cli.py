@@ -1,23 +1,28 @@
-"""The ``tokengate`` command line: run, check, keys, secret, schema.
+"""The ``tokengate`` command line: run, check, keys, users, secret, schema.
 
 Exit status, every command: 0 done; 1 refused by the state of things (``keys rotate``
-while a next key is pending); 2 a problem with the command line, the config or the
-environment (``path: problem`` lines on stderr); 3 what the config names cannot be
-used (a listen address that cannot be bound, a data dir or store that cannot be
-opened or, for ``keys``, is not there).
+while a next key is pending, ``users`` naming a user that is not there, exists already
+or is declared in the config); 2 a problem with the command line, the config or the
+environment (``path: problem`` lines on stderr; a password too short, or no terminal
+to ask for it); 3 what the config names cannot be used (a listen address that cannot
+be bound, a data dir or store that cannot be opened or, for ``keys`` and ``users``,
+is not there).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import getpass
 import hashlib
 import json
 import os
 import secrets
 import sqlite3
 import sys
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokengate.config import DEFAULT_PATH, Config, default_path, load_config
 from tokengate.jsonlog import (
@@ -32,6 +37,12 @@ from tokengate.jsonlog import (
 from tokengate.version import VERSION
 from tokengate.yamlconf import ConfigErrors
 
+if TYPE_CHECKING:
+    from authserver.config import AuthServerConfig
+    from authserver.store import SqliteStore
+    from authserver.users import User, UserDirectory
+
+
 UNUSABLE = 3  # what the config names cannot be used (as `run`'s STARTUP_FAILURE)
 DEFAULT_WORKERS = 1
 CONFIG_HELP = f"config file (default: $TOKENGATE_CONFIG, else {DEFAULT_PATH})"
@@ -41,9 +52,10 @@ environment:
   {LOG_LEVEL_ENV}  {"|".join(LEVELS)}: the least important stderr event shown
                        (default: {DEFAULT_LEVEL}); audit lines are never filtered
 
-exit status: 0 done, 1 refused (keys rotate with a next key pending), 2 a problem with
-the command line, the config or the environment, 3 what the config names cannot be
-used (a busy listen address, a missing or unusable data dir or key store)"""
+exit status: 0 done, 1 refused (keys rotate with a next key pending; a user that is not
+there, exists already or is declared in the config), 2 a problem with the command
+line, the config or the environment, 3 what the config names cannot be used (a busy
+listen address, a missing or unusable data dir or key store)"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,6 +156,8 @@ def _parser() -> argparse.ArgumentParser:
         _keys_options(action)
     keys.set_defaults(func=_keys)
 
+    _users_commands(command)
+
     secret = command(
         "secret",
         "print a new client secret and its hash",
@@ -179,6 +193,112 @@ def _keys_options(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help="one authorization server (default: every one)",
     )
+
+
+USERS_ACTIONS: tuple[tuple[str, str, str], ...] = (
+    (
+        "add",
+        "add a user; asks for its password twice, without echo",
+        "Add a user to the directory in the store of authserver.data_dir. Its password is\n"
+        "asked twice on the terminal, without echo, or read as one line from standard\n"
+        "input with --password-stdin. Prints the user's id (the sub of its tokens).\n"
+        "Exits 1 if the username is taken, here or in the config's authserver.users.",
+    ),
+    (
+        "list",
+        "print every user: id, username, name, email, groups, disabled, source",
+        "Print every user in aligned columns: its id, username, name and email (from\n"
+        "its profile), groups, whether it is disabled, and its source (config: declared\n"
+        "in authserver.users; cli: made with `tokengate users add`).",
+    ),
+    (
+        "show",
+        "print one user as JSON",
+        "Print one user as JSON: id, username, profile, groups, disabled, source and, in\n"
+        "RFC 3339 UTC, when it was created and last changed. Never its password hash.",
+    ),
+    (
+        "disable",
+        "stop a user from signing in",
+        "Disable a user: its password no longer signs it in. Exits 1 for a config user.",
+    ),
+    ("enable", "let a disabled user sign in again", "Enable a disabled user again."),
+    (
+        "delete",
+        "delete a user",
+        "Delete a user. Its id is never given again. Exits 1 for a config user (remove\n"
+        "it from authserver.users instead).",
+    ),
+    (
+        "set-password",
+        "set a user's password; asks twice, without echo",
+        "Set a user's password: asked twice on the terminal, without echo, or read as\n"
+        "one line from standard input with --password-stdin.",
+    ),
+    (
+        "groups",
+        "print a user's groups, or add and remove some",
+        "Print a user's groups, one a line, after adding those of --add and removing\n"
+        "those of --remove.",
+    ),
+    (
+        "hash-password",
+        "read a password, print its argon2id hash for authserver.users",
+        "Read a password (asked twice without echo, or one line of standard input with\n"
+        "--password-stdin) and print only its argon2id PHC string, for a user's\n"
+        "password_hash in authserver.users. Needs no config and no store.",
+    ),
+)
+USER_REF_HELP = "the user's username (compared ignoring case), or its id"
+
+
+def _users_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    users = command(
+        "users",
+        "manage the user directory: add, list, show, disable, set passwords, groups",
+        "Manage the users in the store of authserver.data_dir. The store must exist (the\n"
+        "server creates it on its first start): a missing one is an error, never a new,\n"
+        "empty store. Users declared in the config (authserver.users) are shown but\n"
+        "never changed here: the config file manages them.",
+    )
+    _config_option(users, default=argparse.SUPPRESS)
+    actions = users.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for name, summary, description in USERS_ACTIONS:
+        action = actions.add_parser(
+            name, help=summary, description=description, epilog=ENVIRONMENT, formatter_class=_Help
+        )
+        if name != "hash-password":
+            _config_option(action, default=argparse.SUPPRESS)
+        if name == "add":
+            action.add_argument("username", metavar="USERNAME", help="the new user's username")
+            action.add_argument("--email", metavar="E", help="its email (default: none)")
+            action.add_argument("--name", metavar="N", help="its full name (default: none)")
+            action.add_argument(
+                "--group",
+                metavar="G",
+                action="append",
+                default=[],
+                help="a group it is in; again for more (default: none)",
+            )
+        elif name not in ("list", "hash-password"):
+            action.add_argument("user", metavar="USER", help=USER_REF_HELP)
+        if name == "groups":
+            for flag, what in (("--add", "add the user to"), ("--remove", "remove it from")):
+                action.add_argument(
+                    flag,
+                    metavar="G",
+                    action="append",
+                    default=[],
+                    help=f"{what} this group; again for more (default: none)",
+                )
+        if name in ("add", "set-password", "hash-password"):
+            action.add_argument(
+                "--password-stdin",
+                action="store_true",
+                help="read the password as one line of standard input (default: ask on the "
+                "terminal, twice, without echo)",
+            )
+    users.set_defaults(func=_users)
 
 
 def _positive(text: str) -> int:
@@ -303,6 +423,187 @@ def _keys(args: argparse.Namespace) -> int:
         return 0
     finally:
         store.close()
+
+
+class _Refused(Exception):
+    """A users command that cannot go on: its message, and the exit status."""
+
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _users(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "hash-password":
+            from authserver.passwords import hash_password
+
+            print(hash_password(_read_password(args)))
+            return 0
+        return _users_in_store(args)
+    except _Refused as exc:
+        print(exc, file=sys.stderr)
+        return exc.status
+
+
+def _users_in_store(args: argparse.Namespace) -> int:
+    from authserver.passwords import PasswordWorker
+    from authserver.store import StoreUnavailable, StoreWorker
+    from authserver.users import UserDirectory, UserError
+
+    loaded = _load(args)
+    if loaded is None:
+        return 2
+    path, whole = loaded
+    config = whole.authserver
+    if config is None:
+        print(f"{path}: the config has no authserver section", file=sys.stderr)
+        return 2
+    store = _open_store(config, path)
+    io, passwords = StoreWorker(), PasswordWorker(1)
+    directory = UserDirectory(store, io, passwords)
+
+    try:
+        return _users_action(args, config, directory, asyncio.run)
+    except UserError as exc:
+        print(exc, file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    except StoreUnavailable as exc:
+        print(f"authserver.data_dir: the store in {config.data_dir}: {exc}", file=sys.stderr)
+        return UNUSABLE
+    finally:
+        passwords.close()
+        io.close()
+        store.close()
+
+
+def _users_action(
+    args: argparse.Namespace,
+    config: AuthServerConfig,
+    directory: UserDirectory,
+    run: Callable[[Coroutine[Any, Any, Any]], Any],
+) -> int:
+    from authserver.users import (
+        UserExists,
+        UserNotFound,
+        UserReadOnly,
+        check_new_user,
+        username_key,
+    )
+
+    action = args.action
+    if action == "list":
+        _print_users(run(directory.list()))
+        return 0
+    if action == "add":
+        profile = {k: v for k, v in (("email", args.email), ("name", args.name)) if v}
+        # everything is checked before the password is asked for (and again in add())
+        check_new_user(args.username, profile, args.group)
+        key = username_key(args.username)
+        if any(u.username_key == key for u in config.users):
+            raise UserReadOnly(args.username)
+        if run(directory.find(args.username)) is not None:
+            raise UserExists(args.username)
+        user = run(
+            directory.add(args.username, _read_password(args), profile=profile, groups=args.group)
+        )
+        print(f"added {user.username}: id {user.id}")
+        return 0
+    user = run(directory.resolve(args.user))
+    if user is None:
+        raise UserNotFound(args.user)
+    if action == "show":
+        print(json.dumps(user.to_json(), indent=2, ensure_ascii=False))
+        return 0
+    if action == "groups":
+        if args.add or args.remove:
+            user = run(directory.change_groups(user.id, args.add, args.remove))
+        for group in user.groups:
+            print(group)
+        return 0
+    if user.source == "config":
+        raise UserReadOnly(user.username)
+    if action in ("disable", "enable"):
+        run(directory.set_disabled(user.id, action == "disable"))
+        print(f"{action}d {user.username}")
+    elif action == "delete":
+        run(directory.delete(user.id))
+        print(f"deleted {user.username} ({user.id})")
+    elif action == "set-password":
+        run(directory.set_password(user.id, _read_password(args)))
+        print(f"set the password of {user.username}")
+    return 0
+
+
+def _print_users(users: list[User]) -> None:
+    rows = [("ID", "USERNAME", "NAME", "EMAIL", "GROUPS", "DISABLED", "SOURCE")]
+    for u in users:
+        rows.append(
+            (
+                u.id,
+                u.username,
+                _cell(u.profile.get("name")),
+                _cell(u.profile.get("email")),
+                ",".join(u.groups) or "-",
+                "yes" if u.disabled else "no",
+                u.source,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print(" ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _cell(value: Any) -> str:
+    return "-" if value in (None, "") else str(value)
+
+
+def _read_password(args: argparse.Namespace) -> str:
+    """One line of standard input (--password-stdin), or asked twice on the terminal
+    without echo; checked for length. Never echoed, printed or logged."""
+    from authserver.passwords import password_problem
+
+    if args.password_stdin:
+        try:
+            line = sys.stdin.readline()
+        except UnicodeDecodeError:
+            raise _Refused("password: standard input is not UTF-8", 2) from None
+        password = line.removesuffix("\n").removesuffix("\r")
+    else:
+        if not sys.stdin.isatty():
+            raise _Refused(
+                "password: standard input is not a terminal to ask on; pass --password-stdin "
+                "to read the password from it",
+                2,
+            )
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise _Refused("password: the two passwords differ", 2)
+    problem = password_problem(password)
+    if problem is not None:
+        raise _Refused(f"password: {problem}", 2)
+    return password
+
+
+def _open_store(config: AuthServerConfig, path: Path) -> SqliteStore:
+    """The store of ``config``, never created here: exit 3 (as _Refused) otherwise."""
+    from authserver.store import SqliteStore, StoreMissing
+
+    try:
+        return SqliteStore(config.data_dir, create=False)
+    except StoreMissing:
+        raise _Refused(
+            f"authserver.data_dir: no store in {config.data_dir} (from {path}); "
+            "nothing was created. Start the server once with this config (`tokengate run`), "
+            "or pass -c with the config the server runs with",
+            UNUSABLE,
+        ) from None
+    except (OSError, sqlite3.Error) as exc:
+        raise _Refused(
+            f"authserver.data_dir: cannot open the store in {config.data_dir} "
+            f"(from {path}): {type(exc).__name__}: {exc}",
+            UNUSABLE,
+        ) from None
 
 
 def _time(ts: int | None) -> str:

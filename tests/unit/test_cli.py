@@ -1,6 +1,7 @@
 """The command line's conventions, in process: help and defaults for every command,
---version, RFC 3339 times, log levels, and `keys` refusing to start a store. Real
-processes (exit codes, a busy port) are in tests/e2e/test_cli_process.py."""
+--version, RFC 3339 times, log levels, `keys` and `users` refusing to start a store,
+and `users` asking for a password twice. Real processes (exit codes, a busy port) are
+in tests/e2e/test_cli_process.py and tests/e2e/test_users_cli.py."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import yaml
 
 from authserver.config import ServerConfig
 from authserver.keys import KeyFiles, KeyManager, RotationPending
+from authserver.passwords import verify_password
 from authserver.store import SqliteStore, StoreMissing
 from tests.conftest import REPORTING_SECRET, FakeClock
 from tokengate.cli import _parser, main
@@ -70,6 +72,21 @@ def test_every_command_has_help_and_states_its_defaults() -> None:
         "tokengate keys",
         "tokengate keys list",
         "tokengate keys rotate",
+        *(
+            f"tokengate users{action}"
+            for action in (
+                "",
+                " add",
+                " list",
+                " show",
+                " disable",
+                " enable",
+                " delete",
+                " set-password",
+                " groups",
+                " hash-password",
+            )
+        ),
         "tokengate secret",
         "tokengate schema",
     }
@@ -309,3 +326,51 @@ def test_schema_prints_the_config_schema(capsys: pytest.CaptureFixture[str]) -> 
 
     assert main(["schema"]) == 0
     assert json.loads(capsys.readouterr().out) == config_schema()
+
+
+# --------------------------------------------------------------------------- users
+
+
+class _Terminal:
+    """Standard input that is a terminal: the password is asked with getpass."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_users_add_asks_for_the_password_twice_without_echo(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "etc", "data")
+    SqliteStore(tmp_path / "etc" / "data").close()
+    answers = iter(["first-password", "other-password", "same-password", "same-password"])
+    prompts: list[str] = []
+
+    def getpass(prompt: str = "Password: ") -> str:
+        prompts.append(prompt)
+        return next(answers)
+
+    monkeypatch.setattr("getpass.getpass", getpass)
+    monkeypatch.setattr("sys.stdin", _Terminal())
+    assert main(["users", "add", "dana", "-c", str(config)]) == 2
+    assert capsys.readouterr().err == "password: the two passwords differ\n"
+    assert main(["users", "-c", str(config), "add", "dana"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("added dana: id u") and err == ""
+    assert prompts == ["Password: ", "Again: "] * 2
+    store = SqliteStore(tmp_path / "etc" / "data", create=False)
+    (dana,) = store.users()
+    store.close()
+    assert verify_password(dana.password_hash, "same-password")
+
+
+def test_users_refuse_a_missing_store_and_ask_for_no_password(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = write_config(tmp_path / "etc", "data")
+    monkeypatch.setattr("getpass.getpass", lambda prompt="": pytest.fail("asked"))
+    monkeypatch.setattr("sys.stdin", _Terminal())
+    assert main(["users", "add", "dana", "-c", str(config)]) == 3
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"authserver.data_dir: no store in {tmp_path / 'etc' / 'data'} ")
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["etc", "tokengate.yaml"]
