@@ -33,6 +33,7 @@ def test_there_are_docs_pages() -> None:
         "operations.md",
         "security.md",
         "performance.md",
+        "users.md",
     }
 
 

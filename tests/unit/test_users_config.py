@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from authserver.config import UserConfig
-from authserver.passwords import hash_password
+from authserver.passwords import hash_password, verify_password
 from tokengate.config import parse_config
 from tokengate.yamlconf import ConfigErrors
 
@@ -191,6 +191,17 @@ def test_duplicate_usernames_ignore_case_and_width(other: str) -> None:
         "authserver.users[0].username is the same user (usernames are compared ignoring "
         "case and Unicode compatibility forms)"
     ]
+
+
+def test_the_demo_user_signs_in_with_its_documented_password() -> None:
+    root = Path(__file__).resolve().parents[2]
+    config = parse_config((root / "config/tokengate.yaml").read_text(), {})
+    assert config.authserver is not None
+    (alice,) = config.authserver.users
+    assert alice.username == "alice" and alice.groups == ("engineering",)
+    assert alice.password_hash is not None
+    assert verify_password(alice.password_hash, "alice-demo-password")
+    assert "alice-demo-password" in (root / "docs/users.md").read_text()
 
 
 def test_check_never_prints_a_literal_password(tmp_path: Path) -> None:
