@@ -5,6 +5,7 @@ users while the command line manages its own."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -21,6 +22,7 @@ from tests.e2e.conftest import free_port
 from tests.e2e.test_cli_process import TOKENGATE, serving
 
 ALICE_HASH = hash_password("alice-password")
+ERIN_PASSWORD = "erin-env-password-1"  # searched for in every log, too
 ID = re.compile(r"u[A-Za-z0-9_-]{22}")
 RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ")
 
@@ -42,7 +44,9 @@ def write_config(directory: Path, *users: dict[str, Any], port: int = 0) -> Path
     return path
 
 
-def users(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def users(
+    *args: str, cwd: Path, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """``tokengate users ARGS``; what it printed is also kept in ``cwd/users-cli.log``,
     which tests/test_zz_no_secrets_in_logs.py searches for passwords and hashes."""
     result = subprocess.run(
@@ -53,6 +57,7 @@ def users(*args: str, cwd: Path, stdin: str | None = None) -> subprocess.Complet
         text=True,
         timeout=60,
         stdin=None if stdin is not None else subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
     with (cwd / "users-cli.log").open("a") as log:
         log.write(result.stdout + result.stderr)
@@ -225,28 +230,41 @@ def test_hash_password_prints_only_the_hash(tmp_path: Path) -> None:
 
 def test_a_running_server_applies_config_users_and_keeps_cli_users(tmp_path: Path) -> None:
     """The config's users reach the store at start and on a reload, with stable ids;
-    a user made with the command line meanwhile is never touched."""
+    a user made with the command line meanwhile is never touched; a password from the
+    environment is hashed once and appears in no output."""
     port = free_port()
     etc = tmp_path / "etc"
+    env = {"ERIN_PASSWORD": ERIN_PASSWORD}
     alice = {"username": "alice", "password_hash": ALICE_HASH, "groups": ["eng"]}
-    config = write_config(etc, alice, port=port)
+    erin = {"username": "erin", "password": "${ERIN_PASSWORD}"}
+    config = write_config(etc, alice, erin, port=port)
     c = str(config)
 
     def listing() -> dict[str, list[str]]:
-        result = users("list", "-c", c, cwd=tmp_path)
+        result = users("list", "-c", c, cwd=tmp_path, env=env)
         assert result.returncode == 0, result.stderr
         return {row.split()[1]: row.split() for row in result.stdout.splitlines()[1:]}
 
-    with serving(config, f"http://127.0.0.1:{port}/oauth2/default/v1/keys", cwd=tmp_path) as proc:
+    def store_hash(username: str) -> str:
+        store = SqliteStore(etc / "data", create=False)
+        record = store.user_by_key(username)
+        store.close()
+        assert record is not None
+        return record.password_hash
+
+    ready = f"http://127.0.0.1:{port}/oauth2/default/v1/keys"
+    with serving(config, ready, cwd=tmp_path, env=env) as proc:
         before = listing()
-        assert before["alice"][-1] == "config"
+        assert before["alice"][-1] == before["erin"][-1] == "config"
+        erin_hash = store_hash("erin")
+        assert verify_password(erin_hash, ERIN_PASSWORD)
         added = users(
-            "add", "carol", "--password-stdin", "-c", c, cwd=tmp_path, stdin="carol-pw-1\n"
+            "add", "carol", "--password-stdin", "-c", c, cwd=tmp_path, stdin="carol-pw-1\n", env=env
         )
         assert added.returncode == 0, added.stderr
 
         bob = {"username": "bob", "password_hash": ALICE_HASH}
-        write_config(etc, {**alice, "groups": ["eng", "admins"]}, bob, port=port)
+        write_config(etc, {**alice, "groups": ["eng", "admins"]}, erin, bob, port=port)
         deadline = time.monotonic() + 15
         while "bob" not in listing():
             assert time.monotonic() < deadline, "the reload did not reach the store"
@@ -255,21 +273,25 @@ def test_a_running_server_applies_config_users_and_keeps_cli_users(tmp_path: Pat
         assert after["alice"][0] == before["alice"][0]  # the same id
         assert after["alice"][-3] == "admins,eng"
         assert after["carol"][-1] == "cli"
+        assert store_hash("erin") == erin_hash  # not hashed again
 
-        write_config(etc, bob, port=port)
+        write_config(etc, erin, bob, port=port)
         deadline = time.monotonic() + 15
         while "alice" in listing():
             assert time.monotonic() < deadline, "the removed user is still there"
             time.sleep(0.2)
-        assert set(listing()) == {"bob", "carol"}
-    assert proc.returncode == 0
+        assert set(listing()) == {"bob", "carol", "erin"}
+    with serving(config, ready, cwd=tmp_path, env=env) as restarted:
+        assert store_hash("erin") == erin_hash  # a restart does not hash it again either
+    assert proc.returncode == 0 and restarted.returncode == 0
     assert proc.stderr is not None
     err = proc.stderr.read()
     (tmp_path / "server-stderr.log").write_text(err)  # for the search for secrets
-    assert "alice-password" not in err and "$argon2" not in err and "carol-pw-1" not in err
+    for secret in (ERIN_PASSWORD, "alice-password", "carol-pw-1", "$argon2"):
+        assert secret not in err
     synced = [json.loads(line) for line in err.splitlines() if '"users.synced"' in line]
     assert [(e["created"], e["updated"], e["deleted"]) for e in synced] == [
-        (1, 0, 0),
+        (2, 0, 0),
         (1, 1, 0),
         (0, 0, 1),
     ]
