@@ -40,7 +40,7 @@ _SEEN_MAX = 4096  # peer addresses whose trust is remembered
 _SCHEMES = frozenset({"http", "https"})
 _V4_PORT = re.compile(r"(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}")
 _V6_BRACKETS = re.compile(r"\[([0-9A-Fa-f:.]+)\](?::\d{1,5})?")
-_FORWARDED_PAIR = re.compile(r'\s*([A-Za-z]+)\s*=\s*("(?:[^"\\]|\\.)*"|[^;,\s]*)\s*')
+_MAX_ADDRESS = 64  # characters: "[ffff:...:255.255.255.255]:65535" fits well within
 
 
 class Origin(NamedTuple):
@@ -55,6 +55,8 @@ def parse_address(text: str) -> Address | None:
     """An IP address as forwarding headers write it: bare, ``a.b.c.d:port``,
     ``[v6]`` or ``[v6]:port``; None for anything else."""
     text = text.strip()
+    if len(text) > _MAX_ADDRESS or "%" in text:  # garbage, or a zone id: not a client's
+        return None
     if (match := _V4_PORT.fullmatch(text)) or (match := _V6_BRACKETS.fullmatch(text)):
         text = match.group(1)
     try:
@@ -82,7 +84,9 @@ class TrustedProxies:
         known = self._seen.get(text)
         if known is None:
             address = parse_address(text)
-            known = (None, False) if address is None else (str(address), self.trusts(address))
+            if address is None:
+                return None, False  # not kept: garbage must not fill the map
+            known = (str(address), self.trusts(address))
             if len(self._seen) >= _SEEN_MAX:
                 self._seen.clear()
             self._seen[text] = known
@@ -113,28 +117,53 @@ NO_PROXIES = TrustedProxies()  # the default: every forwarding header is the cli
 
 
 def _forwarded_hops(headers: Iterable[tuple[bytes, bytes]]) -> tuple[list[str], list[str]]:
-    """The address list and the scheme list of a trusted peer's request: from
-    X-Forwarded-For/-Proto, or else from Forwarded."""
-    xff: list[str] = []
-    xfp: list[str] = []
-    forwarded: list[str] = []
+    """The last hops (at most MAX_HOPS) and the nearest scheme of a trusted peer's
+    request: from X-Forwarded-For/-Proto, or else from Forwarded. Linear in the headers'
+    size, whatever they hold: only the last elements are split off."""
+    xff: list[bytes] = []
+    xfp: list[bytes] = []
+    forwarded: list[bytes] = []
     for name, value in headers:
         if name == b"x-forwarded-for":
-            xff.extend(value.decode("latin-1").split(","))
+            xff.append(value)
         elif name == b"x-forwarded-proto":
-            xfp.extend(value.decode("latin-1").split(","))
+            xfp.append(value)
         elif name == b"forwarded":
-            forwarded.append(value.decode("latin-1"))
+            forwarded.append(value)
     if xff or not forwarded:
-        return xff, xfp
+        return _last(xff, MAX_HOPS), _last(xfp, 1)
     hops: list[str] = []
     schemes: list[str] = []
-    for element in ",".join(forwarded).split(","):
-        pairs = {k.lower(): v.strip('"') for k, v in _FORWARDED_PAIR.findall(element)}
-        hops.append(pairs.get("for", ""))  # an element without for= ends the walk there
+    for element in _last(forwarded, MAX_HOPS):
+        pairs = _forwarded_pairs(element)
+        hops.append(pairs.get("for", ""))  # no for= (or a malformed element) ends the walk
         if "proto" in pairs:
             schemes.append(pairs["proto"])
     return hops, schemes
+
+
+def _last(lines: list[bytes], count: int) -> list[str]:
+    """The last ``count`` comma-separated elements of header lines taken in order."""
+    if not lines:
+        return []
+    parts = b",".join(lines).decode("latin-1").rsplit(",", count)
+    return parts[-count:]
+
+
+def _forwarded_pairs(element: str) -> dict[str, str]:
+    """An RFC 7239 element's parameters, names lowercased and quotes removed; empty
+    when a parameter repeats or has no ``=`` (then nothing in it is believed)."""
+    pairs: dict[str, str] = {}
+    for pair in element.split(";"):
+        name, equals, value = pair.partition("=")
+        name = name.strip().lower()
+        if not equals or not name or name in pairs:
+            return {}
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        pairs[name] = value
+    return pairs
 
 
 def as_network(node: Node) -> Network:
