@@ -4,7 +4,8 @@ Answers every request with JSON describing what it received: method, path, query
 headers (including the ``X-Auth-*`` identity a gateway adds) and the body's size and
 SHA-256 (read as a stream, never held). Query parameters change the answer:
 
-- ``status=N``: answer with status N (204 and 304 without a body, as HTTP requires)
+- ``status=N``: answer with status N, 200-599 (204 and 304 without a body, as HTTP
+  requires)
 - ``delay=S``: wait S seconds before answering
 - ``bytes=N``: send N bytes (``Content-Length`` set), streamed in 64 KiB chunks;
   with ``fail_after=M``, drop the connection after M of them (a broken upstream)
@@ -59,7 +60,9 @@ class EchoApp:
             if not message.get("more_body", False):
                 break
         await asyncio.sleep(_number(query, "delay", 0, 3600))
-        status = int(_number(query, "status", 200, 599)) or 200
+        status = int(_number(query, "status", 200, 599))
+        if status < 200:  # an interim (1xx) status is not an answer
+            status = 200
         if status in (204, 304):  # no body, so no framing headers either
             await send({"type": "http.response.start", "status": status, "headers": []})
             await send({"type": "http.response.body", "body": b""})

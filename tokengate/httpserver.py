@@ -28,6 +28,7 @@ its request/response cycle and adds what a listener facing the network needs:
 - **Bodiless statuses.** A 204 or 304 response goes out with no body and no
   ``Content-Length`` or ``Transfer-Encoding``, whatever the app sent (RFC 9110
   sections 6.4.1, 8.6): bytes after such a head would be read as the next response.
+  An app's 1xx head (ASGI has no interim responses) becomes an empty 500.
 - **Upgrades** are not served: a body-less ``Upgrade`` request (an ``h2c`` or
   WebSocket probe) is answered as plain HTTP/1.1 and the connection closed after
   it; one that declares a body is 400 (llhttp would leave its body unread).
@@ -548,6 +549,7 @@ class GuardedProtocol(HttpToolsProtocol):
 
 
 BODILESS = frozenset((204, 304))
+_EMPTY = ((b"content-length", b"0"),)
 _FRAMING = frozenset((b"content-length", b"transfer-encoding"))
 
 
@@ -562,6 +564,11 @@ def _bodiless_statuses(send: Callable[[Any], Any]) -> Callable[[Any], Any]:
             bodiless = True
             headers = [(n, v) for n, v in message.get("headers", ()) if n.lower() not in _FRAMING]
             message = {**message, "headers": headers}
+        elif message["type"] == "http.response.start" and message["status"] < 200:
+            # ASGI has no interim responses: a 1xx head with a body after it would be
+            # read as an interim answer, then the body as the next response
+            bodiless = True
+            message = {"type": "http.response.start", "status": 500, "headers": _EMPTY}
         elif bodiless and message["type"] == "http.response.body":
             if message.get("more_body", False):
                 return

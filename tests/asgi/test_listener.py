@@ -714,3 +714,16 @@ async def test_a_bodiless_status_goes_out_without_body_or_framing(status: int) -
         assert (after[0], after[2]) == (200, b"a body")
         writer.close()
         assert at.refusals == []
+
+
+async def test_an_apps_interim_status_becomes_an_empty_500() -> None:
+    async with listening() as at:
+        reader, writer = await connect(at.port)
+        writer.write(b"GET /framed/103 HTTP/1.1\r\nHost: x\r\n\r\n")
+        writer.write(b"GET /framed/200 HTTP/1.1\r\nHost: x\r\n\r\n")
+        await writer.drain()
+        status, headers, body = await one_response(reader)
+        assert (status, headers["content-length"], body) == (500, "0", b"")
+        after = await one_response(reader)
+        assert (after[0], after[2]) == (200, b"a body")
+        writer.close()

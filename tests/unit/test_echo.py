@@ -35,3 +35,8 @@ def test_other_statuses_describe_the_request() -> None:
     start, body = answer(b"status=418")
     assert start["status"] == 418
     assert (b"content-length", str(len(body["body"])).encode()) in start["headers"]
+
+
+def test_an_interim_status_is_not_an_answer() -> None:
+    start, _ = answer(b"status=100")
+    assert start["status"] == 200
