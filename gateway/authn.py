@@ -199,8 +199,16 @@ def _principal(issuer: IssuerConfig, kid: str | None, claims: dict[str, Any]) ->
         kid=kid,
         exp=float(exp),
         claims=claims,
-        username=_identity(claims, "preferred_username"),
+        username=_username(claims),
     )
+
+
+def _username(claims: dict[str, Any]) -> str | None:
+    """A user's ``preferred_username``; None for a client's own token (``sub`` is the
+    client_id, RFC 9068), whatever claims its client was configured to carry."""
+    username = _identity(claims, "preferred_username")
+    client_id = claims.get("client_id", claims.get("cid"))
+    return None if client_id is not None and claims.get("sub") == client_id else username
 
 
 def _identity(claims: dict[str, Any], name: str) -> str | None:

@@ -57,6 +57,8 @@ SPOOFABLE = frozenset(
         b"x-remote-addr",
         b"x-originating-ip",
         b"x-proxyuser-ip",
+        b"remote-user",  # identity headers of other reverse proxies and web servers
+        b"x-remote-user",
     }
 )
 _SPOOFABLE_PREFIXES = (b"x-auth-", b"x-forwarded-", b"x-envoy-")

@@ -669,6 +669,14 @@ async def test_a_users_token_names_the_user_and_routes_can_require_a_group(
         assert denied.status_code == 403
         machine = await client.get("/orders/1", headers=bearer(gw.sign({})))
         assert "x-auth-username" not in machine.json()["headers"]
+        # a client's own token (sub = client_id) names no user, whatever it carries
+        claimed = gw.sign({"preferred_username": "alice"})
+        response = await client.get(
+            "/orders/1", headers={**bearer(claimed), "Remote-User": "root", "X-Remote-User": "r"}
+        )
+        headers = response.json()["headers"]
+        assert "x-auth-username" not in headers
+        assert "remote-user" not in headers and "x-remote-user" not in headers
         for bad in (" alice", "", 7, "al\nice"):
             refused = await client.get(
                 "/orders/1", headers=bearer(gw.sign({"preferred_username": bad}))
