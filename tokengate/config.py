@@ -73,9 +73,9 @@ def load_config(
 
     Relative file paths in it (``authserver.data_dir``, ``audit.path``) are relative to
     the file's directory, whatever the working directory: ``tokengate keys`` run from
-    elsewhere finds the store the server uses. That directory is the one ``path`` names
-    (made absolute), not where a symlink leads: a Kubernetes ConfigMap's file links
-    into a directory that changes with every update.
+    elsewhere finds the store the server uses. That directory is the one ``path`` names,
+    with the directory's own symlinks resolved, but not the file's: a Kubernetes
+    ConfigMap's file links into a directory that changes with every update.
 
     ``check_files``: also what ``tokengate run`` would refuse to start with, an audit
     file it cannot open for appending (``run`` and ``check`` ask for it)."""
@@ -88,7 +88,9 @@ def load_config(
         environ,
         source=str(path),
         check_files=check_files,
-        base_dir=Path(os.path.abspath(path)).parent,
+        # the directory's own symlinks resolved (as the kernel resolves "link/.."),
+        # not the file's: a ConfigMap's file links into a directory that changes
+        base_dir=Path(os.path.realpath(path.absolute().parent)),
     )
 
 
@@ -139,6 +141,9 @@ def _parse_config(
         problem = audit_path_problem(audit.path)
         if problem is not None:
             top.report.add("audit.path", problem)
+    data_dir = authserver.data_dir if authserver is not None else None
+    if check_files and data_dir is not None and data_dir.exists() and not data_dir.is_dir():
+        top.report.add("authserver.data_dir", f"{data_dir} is not a directory")
     if top.is_mapping() and not any(f.has(s) for s in ("authserver", "gateway", "echo")):
         top.error("nothing to serve: add an authserver, gateway or echo section")
     listens = [

@@ -692,3 +692,32 @@ def test_two_invalid_listen_addresses_are_two_problems_not_a_bug() -> None:
         "authserver.listen: must be a string, got a list",
         "gateway.listen: must be a string, got a list",
     ]
+
+
+def test_dot_dot_after_a_symlinked_directory_goes_where_the_kernel_goes(
+    tmp_path: Path,
+) -> None:
+    """link/../cfg/tokengate.yaml is read from the link target's parent: the config's
+    relative paths must be found there too, not beside the link."""
+    from tokengate.config import load_config
+
+    deep = tmp_path / "deep" / "a"
+    (deep / "b").mkdir(parents=True)
+    (deep / "cfg").mkdir()
+    (deep / "cfg" / "tokengate.yaml").write_text(VALID + "audit: {path: audit.log}\n")
+    (tmp_path / "link").symlink_to(deep / "b")
+    config = load_config(tmp_path / "link" / ".." / "cfg" / "tokengate.yaml", {})
+    assert config.audit.path == str(deep / "cfg" / "audit.log")
+
+
+def test_check_refuses_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
+    from tokengate.config import load_config
+
+    (tmp_path / "data").write_text("not a directory")
+    path = tmp_path / "tokengate.yaml"
+    path.write_text(VALID.replace("  servers:", "  data_dir: data\n  servers:"))
+    with pytest.raises(ConfigErrors) as refused:
+        load_config(path, {}, check_files=True)
+    assert [str(e) for e in refused.value.errors] == [
+        f"authserver.data_dir: {tmp_path / 'data'} is not a directory"
+    ]
