@@ -1,6 +1,6 @@
 """User password hashes: argon2id PHC strings, computed and checked off the event loop.
 
-Parameters are OWASP's for argon2id (19 MiB of memory, 2 passes, 1 lane; about 25 ms
+Parameters are OWASP's for argon2id (19 MiB of memory, 2 passes, 1 lane; 24-37 ms
 per hash or verification on the machine of docs/users.md). A stored hash made with
 weaker parameters, or with another algorithm than argon2id, :func:`needs_rehash`:
 the user directory replaces it at the next successful sign-in.
