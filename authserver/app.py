@@ -114,9 +114,14 @@ class AuthServices:
         )
 
     def reconfigure(self, config: AuthServerConfig) -> None:
-        """Take new servers, clients and users: keys for new servers are created and
-        loaded, and the config's users applied to the store, before anything switches.
-        The store stays: its directory cannot change live."""
+        """Take new servers, clients and users: :meth:`prepare`, then :meth:`switch`."""
+        self.switch(self.prepare(config))
+
+    def prepare(self, config: AuthServerConfig) -> AuthServices:
+        """Services for ``config``: keys for new servers created and loaded, and the
+        config's users applied to the store. Blocking (store, key generation, password
+        hashing): a running server calls it off the event loop. The store stays: its
+        directory cannot change live."""
         if config.data_dir != self.config.data_dir:
             raise ValueError("authserver.data_dir: changing the data dir needs a restart")
         new = AuthServices.build(
@@ -135,6 +140,10 @@ class AuthServices:
             new.start()
         except StoreUnavailable as exc:
             raise RuntimeError(f"authserver: the store could not be updated ({exc})") from exc
+        return new
+
+    def switch(self, new: AuthServices) -> None:
+        """Serve with what :meth:`prepare` made (on the event loop: nothing here waits)."""
         self.config, self.keyring, self.endpoints = new.config, new.keyring, new.endpoints
         self.throttle = new.throttle
 
@@ -201,8 +210,10 @@ class AuthServerApp:
         self.services = services
         self.routes = build_routes(services.config.servers, services.endpoints)
 
-    def reconfigure(self, config: AuthServerConfig) -> None:
-        self.services.reconfigure(config)
+    async def reconfigure(self, config: AuthServerConfig) -> None:
+        """A reload: the slow part on a thread, then the switch on the event loop."""
+        prepared = await asyncio.to_thread(self.services.prepare, config)
+        self.services.switch(prepared)
         self.routes = build_routes(self.services.config.servers, self.services.endpoints)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

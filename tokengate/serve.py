@@ -200,7 +200,7 @@ def applier(current: Config, apps: dict[str, Any]) -> Apply:
         if old.audit != new.audit:
             restart.append("audit.path: changing the audit sink needs a restart")
         if "authserver" in apps and new.authserver is not None:
-            apps["authserver"].reconfigure(new.authserver)
+            await apps["authserver"].reconfigure(new.authserver)
         if "gateway" in apps and new.gateway is not None:
             await apps["gateway"].reconfigure(new.gateway)
         state["config"] = new

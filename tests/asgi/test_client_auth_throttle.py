@@ -342,11 +342,11 @@ async def test_a_reload_keeps_the_counts_unless_the_policy_changes(
         for _ in range(6):
             await http.post(TOKEN_URL, data=CC, auth=("reporting", "wrong"))
         data = base_config(server.services.config.data_dir, billing_key[1])
-        server.app.reconfigure(config_from(data).authserver)
+        await server.app.reconfigure(config_from(data).authserver)
         right = await http.post(TOKEN_URL, data=CC, auth=("reporting", REPORTING_SECRET))
         assert_throttled(right)  # same policy: still locked
         data["authserver"]["client_auth_throttle"] = {"failures": 10}
-        server.app.reconfigure(config_from(data).authserver)
+        await server.app.reconfigure(config_from(data).authserver)
         assert server.services.throttle.policy.failures == 10
         assert_token_response(
             await http.post(TOKEN_URL, data=CC, auth=("reporting", REPORTING_SECRET))

@@ -169,7 +169,7 @@ async def test_authserver_takes_new_clients_and_servers(make_authserver: Any) ->
     from authserver.app import AuthServerApp
 
     app = AuthServerApp(server.services)
-    app.reconfigure(new.authserver)
+    await app.reconfigure(new.authserver)
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://auth.test") as http:
         newcomer = await http.post(

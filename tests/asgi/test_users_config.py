@@ -37,13 +37,13 @@ def events(capsys: pytest.CaptureFixture[str], name: str) -> list[dict[str, Any]
     return [e for e in lines if e["event"] == name]
 
 
-def reload(server: AuthServer, *users: dict[str, Any]) -> AuthServerApp:
+async def reload(server: AuthServer, *users: dict[str, Any]) -> AuthServerApp:
     data = base_config(server.services.config.data_dir)
     data["authserver"]["users"] = list(users)
     config = config_from(data)
     assert config.authserver is not None
     app = AuthServerApp(server.services)
-    app.reconfigure(config.authserver)
+    await app.reconfigure(config.authserver)
     return app
 
 
@@ -100,7 +100,7 @@ async def test_a_reload_updates_keeps_ids_deletes_and_leaves_cli_users_alone(
     capsys.readouterr()
 
     server.clock.advance(30)
-    reload(server, {"username": "alice", "password_hash": ALICE_HASH, "groups": ["admins"]})
+    await reload(server, {"username": "alice", "password_hash": ALICE_HASH, "groups": ["admins"]})
     (synced,) = events(capsys, "users.synced")
     assert (synced["created"], synced["updated"], synced["deleted"]) == (0, 1, 1)
     users = {u.username: u for u in store.users()}
@@ -109,9 +109,9 @@ async def test_a_reload_updates_keeps_ids_deletes_and_leaves_cli_users_alone(
     assert users["alice"].updated_at == users["alice"].created_at + 30
     assert users["carol"] == carol
 
-    reload(server, {"username": "alice", "password_hash": ALICE_HASH, "groups": ["admins"]})
+    await reload(server, {"username": "alice", "password_hash": ALICE_HASH, "groups": ["admins"]})
     assert events(capsys, "users.synced") == []  # nothing changed: nothing written or said
-    reload(server, {"username": "bob", "password_hash": BOB_HASH})
+    await reload(server, {"username": "bob", "password_hash": BOB_HASH})
     users = {u.username: u for u in store.users()}
     assert set(users) == {"bob", "carol"} and users["bob"].id != ids["bob"]  # a new bob
 
@@ -123,7 +123,7 @@ async def test_a_config_user_takes_over_a_cli_user_of_the_same_name(
     dave = cli_user("Dave")
     server.services.store.add_user(dave)
     capsys.readouterr()
-    reload(server, {"username": "dave", "password_hash": BOB_HASH})
+    await reload(server, {"username": "dave", "password_hash": BOB_HASH})
     (adopted,) = events(capsys, "users.adopted")
     assert (adopted["level"], adopted["username"], adopted["user_id"]) == (
         "warning",
@@ -157,7 +157,7 @@ async def test_an_env_password_is_hashed_once_across_reloads_and_restarts(
     first = services("erin-password")
     (erin,) = first.store.users()
     assert verify_password(erin.password_hash, "erin-password")
-    AuthServerApp(first).reconfigure(first.config)  # a reload
+    await AuthServerApp(first).reconfigure(first.config)  # a reload
     close(first)
     restarted = services("erin-password")  # a restart, or another worker
     assert restarted.store.users() == [erin]  # the same hash: not made again
@@ -180,7 +180,7 @@ async def test_a_store_that_fails_refuses_the_reload_and_keeps_the_old_config(
 
     monkeypatch.setattr(server.services.store, "users", broken)
     with pytest.raises(RuntimeError, match="the store could not be updated"):
-        reload(server, {"username": "bob", "password_hash": BOB_HASH})
+        await reload(server, {"username": "bob", "password_hash": BOB_HASH})
     assert server.services.config is before
 
 
