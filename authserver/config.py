@@ -50,6 +50,8 @@ INTROSPECT_ACCESS: tuple[IntrospectAccess, ...] = ("own", "any")
 # Claims the authorization server sets itself; a client's `claims` cannot override them.
 RESERVED_CLAIMS = frozenset(
     {"iss", "sub", "aud", "exp", "iat", "nbf", "jti", "client_id", "scope", "scp", "cnf"}
+    # what names a person: a client's own token never speaks for one
+    | {"preferred_username", "auth_time", "amr", "acr", "sid", "nonce", "azp"}
 )
 MIN_SECRET_LENGTH = 32
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3

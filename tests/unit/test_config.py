@@ -721,3 +721,17 @@ def test_check_refuses_a_data_dir_that_is_a_file(tmp_path: Path) -> None:
     assert [str(e) for e in refused.value.errors] == [
         f"authserver.data_dir: {tmp_path / 'data'} is not a directory"
     ]
+
+
+def test_a_client_cannot_carry_claims_that_name_a_person() -> None:
+    """A client's own token never speaks for a user: a gateway would forward its
+    preferred_username as X-Auth-Username."""
+    text = VALID.replace(
+        "claims: {tenant: acme}", "claims: {tenant: acme, preferred_username: alice, amr: [pwd]}"
+    )
+    assert text != VALID
+    assert problems(text) == [
+        f"authserver.clients[0].claims.{claim}: claim {claim!r} is set by the authorization "
+        "server and cannot be set"
+        for claim in ("preferred_username", "amr")
+    ]
