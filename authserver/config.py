@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -375,28 +376,22 @@ def _parse_user(node: Node) -> UserConfig:
 # --------------------------------------------------------------------------- converters
 
 
-def as_username(node: Node) -> str:
-    text = node.raw_str()
-    problem = username_problem(text)
-    if problem is not None:
-        raise ConfigError(node.path, problem)
-    return text
+def _text_checked_by(problem_of: Callable[[str], str | None]) -> Callable[[Node], str]:
+    """A converter for a string that ``problem_of`` checks (None: no problem)."""
+
+    def read(node: Node) -> str:
+        text = node.raw_str()
+        problem = problem_of(text)
+        if problem is not None:
+            raise ConfigError(node.path, problem)
+        return text
+
+    return read
 
 
-def as_group(node: Node) -> str:
-    text = node.raw_str()
-    problem = group_problem(text)
-    if problem is not None:
-        raise ConfigError(node.path, problem)
-    return text
-
-
-def as_password_hash(node: Node) -> str:
-    text = node.raw_str()
-    problem = phc_problem(text)
-    if problem is not None:
-        raise ConfigError(node.path, problem)
-    return text
+as_username = _text_checked_by(username_problem)
+as_group = _text_checked_by(group_problem)
+as_password_hash = _text_checked_by(phc_problem)
 
 
 def as_env_password(node: Node) -> EnvPassword:

@@ -353,18 +353,26 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_authserver(args: argparse.Namespace) -> tuple[Path, AuthServerConfig] | None:
+    """The config's authserver section, or None once the problem is on stderr."""
+    loaded = _load(args)
+    if loaded is None:
+        return None
+    path, whole = loaded
+    if whole.authserver is None:
+        print(f"{path}: the config has no authserver section", file=sys.stderr)
+        return None
+    return path, whole.authserver
+
+
 def _keys(args: argparse.Namespace) -> int:
     from authserver.keys import KeyFiles, KeyManager, RotationPending
     from authserver.store import SqliteStore, StoreMissing
 
-    loaded = _load(args)
+    loaded = _load_authserver(args)
     if loaded is None:
         return 2
-    path, whole = loaded
-    config = whole.authserver
-    if config is None:
-        print(f"{path}: the config has no authserver section", file=sys.stderr)
-        return 2
+    path, config = loaded
     servers = config.servers
     only = getattr(args, "server", None)
     if only is not None:
@@ -451,14 +459,10 @@ def _users_in_store(args: argparse.Namespace) -> int:
     from authserver.store import StoreUnavailable, StoreWorker
     from authserver.users import UserDirectory, UserError
 
-    loaded = _load(args)
+    loaded = _load_authserver(args)
     if loaded is None:
         return 2
-    path, whole = loaded
-    config = whole.authserver
-    if config is None:
-        print(f"{path}: the config has no authserver section", file=sys.stderr)
-        return 2
+    path, config = loaded
     store = _open_store(config, path)
     io, passwords = StoreWorker(), PasswordWorker(1)
     directory = UserDirectory(store, io, passwords)

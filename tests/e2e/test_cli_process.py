@@ -21,8 +21,8 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPORTING_SECRET
 from tests.e2e.conftest import free_port
+from tests.unit.test_cli import write_config
 from tokengate.schema import config_schema
 
 TOKENGATE = str(Path(sys.executable).parent / "tokengate")  # the installed console script
@@ -81,19 +81,7 @@ def serving(
 
 
 def authserver_config(directory: Path, port: int, data_dir: str) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "tokengate.yaml"
-    config = {
-        "authserver": {
-            "listen": f"127.0.0.1:{port}",
-            "data_dir": data_dir,
-            "jwks_max_age": "1s",
-            "servers": [{"name": "default", "audience": "api://default"}],
-            "clients": [{"client_id": "reporting", "secret": REPORTING_SECRET}],
-        }
-    }
-    path.write_text(yaml.safe_dump(config))
-    return path
+    return write_config(directory, data_dir, listen=f"127.0.0.1:{port}", jwks_max_age="1s")
 
 
 def test_version(tmp_path: Path) -> None:

@@ -213,14 +213,17 @@ def test_library_logging_follows_the_level(
 # --------------------------------------------------------------------------- keys
 
 
-def write_config(directory: Path, data_dir: str) -> Path:
+def write_config(
+    directory: Path, data_dir: str, *, listen: str = "127.0.0.1:0", jwks_max_age: str = "5m"
+) -> Path:
+    """A config with one authorization server and one client, in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / "tokengate.yaml"
     config = {
         "authserver": {
-            "listen": "127.0.0.1:0",
+            "listen": listen,
             "data_dir": data_dir,
-            "jwks_max_age": "5m",
+            "jwks_max_age": jwks_max_age,
             "servers": [{"name": "default", "audience": "api://default"}],
             "clients": [{"client_id": "reporting", "secret": REPORTING_SECRET}],
         }

@@ -402,31 +402,20 @@ async def test_sign_ins_run_concurrently(directory: UserDirectory) -> None:
 
 def test_config_users_are_created_updated_and_deleted(directory: UserDirectory) -> None:
     alice_hash, bob_hash = hash_password("alice-password"), hash_password("bob-password")
-    first = directory.apply_config(
-        users_config(
-            {
-                "username": "alice",
-                "password_hash": alice_hash,
-                "profile": {"email": "alice@example.com"},
-                "groups": ["eng"],
-            },
-            {"username": "bob", "password_hash": bob_hash},
-        )
+    declared = users_config(
+        {
+            "username": "alice",
+            "password_hash": alice_hash,
+            "profile": {"email": "alice@example.com"},
+            "groups": ["eng"],
+        },
+        {"username": "bob", "password_hash": bob_hash},
     )
+    first = directory.apply_config(declared)
     assert (first.created, first.updated, first.deleted) == (("alice", "bob"), (), ())
     ids = {u.username: u.id for u in directory.store.users()}
 
-    unchanged = directory.apply_config(
-        users_config(
-            {
-                "username": "alice",
-                "password_hash": alice_hash,
-                "profile": {"email": "alice@example.com"},
-                "groups": ["eng"],
-            },
-            {"username": "bob", "password_hash": bob_hash},
-        )
-    )
+    unchanged = directory.apply_config(declared)
     assert not unchanged.changed
 
     directory.clock.advance(5)  # type: ignore[attr-defined]
