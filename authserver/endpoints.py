@@ -3,6 +3,7 @@ metadata. Each handler validates, acts, writes one audit line, and answers."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -44,6 +45,7 @@ from tokengate.metrics import Metrics
 from tokengate.proxies import NO_PROXIES, TrustedProxies
 
 T = TypeVar("T")
+JWKS_FRESH = 1.0  # seconds: a JWKS answer re-reads key records older than this
 
 
 class Endpoints:
@@ -195,6 +197,14 @@ class Endpoints:
         if scope["method"] not in ("GET", "HEAD"):
             await send_error(send, method_not_allowed("GET, HEAD"))
             return
+        if self.clock() - self.keyring.read_at >= JWKS_FRESH:
+            # A key another process (or worker) just added must be in every JWKS
+            # answer, whichever worker answers: re-read the records first. JWKS
+            # requests are few (clients cache them); a failing store serves what is
+            # loaded.
+            with contextlib.suppress(StoreUnavailable):
+                for name in await self.io.call(self.keyring.reload):
+                    log_event("keys.reloaded", server=name)
         body = self.keyring.current(server.name).jwks_body
         headers = [
             (b"content-type", b"application/jwk-set+json"),

@@ -38,6 +38,7 @@ class KeyRing:
         self.servers = {s.name: s for s in servers}
         self.clock = clock
         self._sets: dict[str, KeySet] = {}
+        self.read_at = float("-inf")  # when the store's key records were last read
 
     def start(self) -> list[KeyRecord]:
         """Ensure every server has a key (first start) and load them all."""
@@ -48,6 +49,7 @@ class KeyRing:
     def reload(self) -> list[str]:
         """Re-read key records; rebuild the servers whose keys changed. Names them."""
         changed = []
+        self.read_at = self.clock()
         for name, server in self.servers.items():
             records = tuple(self.manager.store.keys(name))
             current = self._sets.get(name)
