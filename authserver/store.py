@@ -1,9 +1,10 @@
 """State shared by every worker process and kept across restarts.
 
-Signing-key records, revoked token ``jti``s, used client-assertion ``jti``s and the
-user directory live here, never only in one process's memory. :class:`Store` is the interface;
-:class:`SqliteStore` keeps it in ``data_dir/tokengate.sqlite3`` (WAL mode). A shared
-database can replace it when the authorization server runs as several replicas.
+Signing-key records, revoked token ``jti``s, used client-assertion ``jti``s, the
+user directory and authorization codes live here, never only in one process's memory.
+:class:`Store` is the interface; :class:`SqliteStore` keeps it in
+``data_dir/tokengate.sqlite3`` (WAL mode). A shared database can replace it
+when the authorization server runs as several replicas.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import json
 import os
 import sqlite3
@@ -58,6 +60,34 @@ class UserRecord:
     declared_hash: str | None = field(default=None, repr=False)
 
 
+@dataclass(frozen=True, slots=True)
+class CodeRecord:
+    """What an authorization code was issued for (RFC 6749 section 4.1.2: bound to the
+    client and redirect URI; RFC 7636: to the PKCE challenge). The store keys it by the
+    code's SHA-256, never the code itself."""
+
+    server: str
+    client_id: str
+    redirect_uri: str
+    code_challenge: str | None  # S256; None only for a client that opted out of PKCE
+    nonce: str | None
+    scopes: tuple[str, ...]
+    user_id: str
+    session_id: str  # the session's sid claim, not its cookie value
+    auth_time: int
+    expires_at: int
+
+
+@dataclass(frozen=True, slots=True)
+class CodeRedemption:
+    """:meth:`Store.redeem_code`'s answer. ``reused``: the code had been redeemed
+    before; ``jtis`` then lists the access tokens it produced, to be revoked."""
+
+    record: CodeRecord
+    reused: bool
+    jtis: tuple[str, ...] = ()
+
+
 class UsernameTaken(Exception):
     """Another user has that username (compared as ``username_key``)."""
 
@@ -80,7 +110,19 @@ class Store(Protocol):
         """Record an assertion ``jti`` until ``exp``; False if it was seen before."""
 
     def purge(self, now: int) -> int:
-        """Forget revocations and assertions past their ``exp``."""
+        """Forget revocations and assertions past their ``exp``, and codes whose tokens
+        have all expired."""
+
+    def add_code(self, code_hash: str, record: CodeRecord) -> None: ...
+
+    def redeem_code(self, code_hash: str, now: int) -> CodeRedemption | None:
+        """Mark the code used, atomically. None for an unknown code or an unused one
+        past ``expires_at``; ``reused`` for a code used before, which stays burnt:
+        tokens recorded for it afterwards are refused too."""
+
+    def code_issued(self, code_hash: str, jti: str, exp: int) -> bool:
+        """Record a token issued for a redeemed code (kept until ``exp``, for reuse
+        detection); False if the code was reused meanwhile: the token must not be sent."""
 
     def users(self) -> list[UserRecord]:
         """Every user, by username_key."""
@@ -123,6 +165,10 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL, declared_hash TEXT, profile TEXT NOT NULL,
     disabled INTEGER NOT NULL, source TEXT NOT NULL,
     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS auth_codes (
+    code_hash TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at INTEGER NOT NULL,
+    state TEXT NOT NULL, jtis TEXT NOT NULL, keep_until INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS user_groups (
     user_id TEXT NOT NULL REFERENCES users (id), name TEXT NOT NULL,
@@ -273,7 +319,52 @@ class SqliteStore:
         with self.exclusive():
             a = self._db.execute("DELETE FROM revoked_tokens WHERE exp < ?", (now,)).rowcount
             b = self._db.execute("DELETE FROM used_assertions WHERE exp < ?", (now,)).rowcount
-        return a + b
+            c = self._db.execute("DELETE FROM auth_codes WHERE keep_until < ?", (now,)).rowcount
+        return a + b + c
+
+    # -- authorization codes ---------------------------------------------------
+    # state: "issued" -> "redeemed" (one use) -> "reused" (a second one: burnt for good)
+
+    def add_code(self, code_hash: str, record: CodeRecord) -> None:
+        self._db.execute(
+            "INSERT INTO auth_codes VALUES (?, ?, ?, 'issued', '[]', ?)",
+            (code_hash, _code_json(record), record.expires_at, record.expires_at),
+        )
+
+    def redeem_code(self, code_hash: str, now: int) -> CodeRedemption | None:
+        with self.exclusive():
+            row = self._db.execute(
+                "SELECT record, state, jtis FROM auth_codes WHERE code_hash = ?", (code_hash,)
+            ).fetchone()
+            if row is None:
+                return None
+            record = _code_record(row[0])
+            if row[1] == "issued":
+                if record.expires_at <= now:
+                    return None
+                self._db.execute(
+                    "UPDATE auth_codes SET state = 'redeemed' WHERE code_hash = ?", (code_hash,)
+                )
+                return CodeRedemption(record, reused=False)
+            self._db.execute(
+                "UPDATE auth_codes SET state = 'reused' WHERE code_hash = ?", (code_hash,)
+            )
+            return CodeRedemption(record, reused=True, jtis=tuple(json.loads(row[2])))
+
+    def code_issued(self, code_hash: str, jti: str, exp: int) -> bool:
+        with self.exclusive():
+            row = self._db.execute(
+                "SELECT state, jtis, keep_until FROM auth_codes WHERE code_hash = ?",
+                (code_hash,),
+            ).fetchone()
+            if row is None or row[0] != "redeemed":
+                return False
+            jtis = [*json.loads(row[1]), jti]
+            self._db.execute(
+                "UPDATE auth_codes SET jtis = ?, keep_until = ? WHERE code_hash = ?",
+                (json.dumps(jtis), max(row[2], exp), code_hash),
+            )
+            return True
 
     # -- users ---------------------------------------------------------------
 
@@ -371,6 +462,15 @@ class SqliteStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _code_json(record: CodeRecord) -> str:
+    return json.dumps(dataclasses.asdict(record), sort_keys=True)
+
+
+def _code_record(text: str) -> CodeRecord:
+    fields = json.loads(text)
+    return CodeRecord(**{**fields, "scopes": tuple(fields["scopes"])})
 
 
 def _user_row(record: UserRecord) -> tuple[Any, ...]:
