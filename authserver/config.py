@@ -70,6 +70,7 @@ class ServerConfig:
     signing_alg: SigningAlg
     access_token_ttl: int
     scopes: tuple[str, ...]
+    id_token_ttl: int = 3600
 
     @property
     def token_endpoint(self) -> str:

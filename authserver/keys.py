@@ -180,25 +180,44 @@ class SigningKey:
     alg: str
     private_key: PrivateKey = field(repr=False)
     jwk: dict[str, str] = field(compare=False)
-    _prefix: bytes = field(repr=False, compare=False)
+    _prefix: bytes = field(repr=False, compare=False)  # access tokens: typ at+jwt
+    _id_prefix: bytes = field(default=b"", repr=False, compare=False)  # ID tokens: typ JWT
 
     @classmethod
     def load(cls, kid: str, alg: str, private_key: PrivateKey) -> SigningKey:
         members = public_members(private_key)
-        header = {"alg": alg, "kid": kid, "typ": "at+jwt"}
-        prefix = b64url(json.dumps(header, separators=(",", ":")).encode()).encode() + b"."
         jwk = {**members, "use": "sig", "alg": alg, "kid": kid}
-        return cls(kid=kid, alg=alg, private_key=private_key, jwk=jwk, _prefix=prefix)
+        return cls(
+            kid=kid,
+            alg=alg,
+            private_key=private_key,
+            jwk=jwk,
+            _prefix=_header_prefix({"alg": alg, "kid": kid, "typ": "at+jwt"}),
+            _id_prefix=_header_prefix({"alg": alg, "kid": kid, "typ": "JWT"}),
+        )
 
     @property
     def public_key(self) -> Any:
         return self.private_key.public_key()
 
     def sign(self, claims: dict[str, Any]) -> str:
+        """An RFC 9068 access token (``typ: at+jwt``)."""
+        return self._sign(self._prefix, claims)
+
+    def sign_id_token(self, claims: dict[str, Any]) -> str:
+        """An OpenID Connect ID token (``typ: JWT``): never mistaken for an access token
+        by a resource server that requires ``at+jwt`` (RFC 9068 section 4)."""
+        return self._sign(self._id_prefix, claims)
+
+    def _sign(self, prefix: bytes, claims: dict[str, Any]) -> str:
         payload = json.dumps(claims, separators=(",", ":"), ensure_ascii=False).encode()
-        signing_input = self._prefix + b64url(payload).encode()
+        signing_input = prefix + b64url(payload).encode()
         signature = _ALGORITHMS[self.alg].sign(signing_input, self.private_key)  # type: ignore[arg-type]
         return f"{signing_input.decode()}.{b64url(signature)}"
+
+
+def _header_prefix(header: dict[str, str]) -> bytes:
+    return b64url(json.dumps(header, separators=(",", ":")).encode()).encode() + b"."
 
 
 # --------------------------------------------------------------------------- manager

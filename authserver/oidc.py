@@ -1,0 +1,126 @@
+"""Tokens for a signed-in user: the RFC 9068 access token and the OpenID Connect ID
+token (OIDC Core 1.0 sections 2, 3.1.3.6 and 5.4). Pure: claims in, claims out.
+
+The OIDC scopes ``openid``, ``profile`` and ``email`` are built into every server
+(a client may list them beside the server's own scopes). ``openid`` asks for an ID
+token; ``profile`` and ``email`` put the user's claims of that kind into it.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from authserver.config import ClientConfig, ServerConfig
+from authserver.users import User
+
+OIDC_SCOPES = ("openid", "profile", "email")
+# OIDC Core 5.4: the claims each scope asks for (preferred_username is the username)
+PROFILE_CLAIMS = (
+    "name",
+    "family_name",
+    "given_name",
+    "middle_name",
+    "nickname",
+    "preferred_username",
+    "profile",
+    "picture",
+    "website",
+    "gender",
+    "birthdate",
+    "zoneinfo",
+    "locale",
+    "updated_at",
+)
+EMAIL_CLAIMS = ("email", "email_verified")
+ID_TOKEN_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "amr", "sid")
+CLAIMS_SUPPORTED = (*ID_TOKEN_CLAIMS, "at_hash", *PROFILE_CLAIMS, *EMAIL_CLAIMS)
+AMR_PASSWORD = ("pwd",)  # RFC 8176: signed in with a password
+# OIDC Core 3.1.3.6: at_hash uses the hash of the ID token's JWS alg; for EdDSA
+# (Ed25519) that is SHA-512, as OpenID Connect's errata and common libraries use.
+_AT_HASH = {"RS256": hashlib.sha256, "PS256": hashlib.sha256, "ES256": hashlib.sha256}
+
+
+@dataclass(frozen=True, slots=True)
+class SignIn:
+    """Who a token speaks for, and how they signed in."""
+
+    user: User
+    auth_time: int
+    session_id: str  # the sid claim
+    amr: tuple[str, ...] = AMR_PASSWORD
+
+
+def at_hash(access_token: str, alg: str) -> str:
+    """The left half of the access token's hash, base64url without padding."""
+    digest = _AT_HASH.get(alg, hashlib.sha512)(access_token.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest[: len(digest) // 2]).rstrip(b"=").decode("ascii")
+
+
+def user_access_token_claims(
+    server: ServerConfig,
+    client: ClientConfig,
+    sign_in: SignIn,
+    scopes: tuple[str, ...],
+    now: int,
+    jti: str,
+) -> dict[str, Any]:
+    """RFC 9068 section 2.2 for a user: ``sub`` is the user's stable id, never the
+    username (which is ``preferred_username``)."""
+    return {
+        **client.claims,
+        "iss": server.issuer,
+        "sub": sign_in.user.id,
+        "aud": server.audience,
+        "exp": now + server.access_token_ttl,
+        "iat": now,
+        "jti": jti,
+        "client_id": client.client_id,
+        "scope": " ".join(scopes),
+        "auth_time": sign_in.auth_time,
+        "amr": list(sign_in.amr),
+        "preferred_username": sign_in.user.username,
+    }
+
+
+def id_token_claims(
+    server: ServerConfig,
+    client_id: str,
+    sign_in: SignIn,
+    scopes: tuple[str, ...],
+    nonce: str | None,
+    now: int,
+    access_token: str,
+) -> dict[str, Any]:
+    """OIDC Core 2 and 3.1.3.6, plus the claims of the granted profile/email scopes."""
+    claims: dict[str, Any] = {
+        "iss": server.issuer,
+        "sub": sign_in.user.id,
+        "aud": client_id,
+        "exp": now + server.id_token_ttl,
+        "iat": now,
+        "auth_time": sign_in.auth_time,
+        "amr": list(sign_in.amr),
+        "sid": sign_in.session_id,
+        "at_hash": at_hash(access_token, server.signing_alg),
+    }
+    if nonce is not None:
+        claims["nonce"] = nonce
+    claims.update(scope_claims(sign_in.user, scopes))
+    return claims
+
+
+def scope_claims(user: User, scopes: tuple[str, ...]) -> dict[str, Any]:
+    """The user's claims that ``profile`` and ``email`` ask for, those it has."""
+    known: Mapping[str, Any] = {
+        **user.profile,
+        "preferred_username": user.username,
+        "updated_at": user.updated_at,
+    }
+    wanted = (PROFILE_CLAIMS if "profile" in scopes else ()) + (
+        EMAIL_CLAIMS if "email" in scopes else ()
+    )
+    return {name: known[name] for name in wanted if name in known}
