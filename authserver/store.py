@@ -1,7 +1,8 @@
 """State shared by every worker process and kept across restarts.
 
 Signing-key records, revoked token ``jti``s, used client-assertion ``jti``s, the
-user directory and authorization codes live here, never only in one process's memory.
+user directory, browser sessions and authorization codes live here, never only in one
+process's memory.
 :class:`Store` is the interface; :class:`SqliteStore` keeps it in
 ``data_dir/tokengate.sqlite3`` (WAL mode). A shared database can replace it
 when the authorization server runs as several replicas.
@@ -88,6 +89,19 @@ class CodeRedemption:
     jtis: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    """An org-wide browser session. The store keys it by the SHA-256 of the cookie's
+    value, never the value; ``sid`` is a separate id, safe to put in ID tokens."""
+
+    sid: str
+    user_id: str
+    auth_time: int  # when the user last entered a password
+    created_at: int
+    expires_at: int  # the absolute end (max_lifetime)
+    idle_expires_at: int  # moved on by each use, never past expires_at
+
+
 class UsernameTaken(Exception):
     """Another user has that username (compared as ``username_key``)."""
 
@@ -112,6 +126,15 @@ class Store(Protocol):
     def purge(self, now: int) -> int:
         """Forget revocations and assertions past their ``exp``, and codes whose tokens
         have all expired."""
+
+    def add_session(self, session_hash: str, record: SessionRecord) -> None: ...
+
+    def touch_session(self, session_hash: str, now: int, idle_timeout: int) -> SessionRecord | None:
+        """The live session, its idle end moved to ``now + idle_timeout`` (capped at
+        its absolute end); None, and the record gone, once either end has passed."""
+
+    def end_session(self, session_hash: str) -> bool:
+        """Delete a session; False if there was none."""
 
     def add_code(self, code_hash: str, record: CodeRecord) -> None: ...
 
@@ -165,6 +188,11 @@ CREATE TABLE IF NOT EXISTS users (
     password_hash TEXT NOT NULL, declared_hash TEXT, profile TEXT NOT NULL,
     disabled INTEGER NOT NULL, source TEXT NOT NULL,
     created_at INTEGER NOT NULL, updated_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_hash TEXT PRIMARY KEY, sid TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
+    auth_time INTEGER NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
+    idle_expires_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS auth_codes (
     code_hash TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at INTEGER NOT NULL,
@@ -320,7 +348,50 @@ class SqliteStore:
             a = self._db.execute("DELETE FROM revoked_tokens WHERE exp < ?", (now,)).rowcount
             b = self._db.execute("DELETE FROM used_assertions WHERE exp < ?", (now,)).rowcount
             c = self._db.execute("DELETE FROM auth_codes WHERE keep_until < ?", (now,)).rowcount
-        return a + b + c
+            d = self._db.execute(
+                "DELETE FROM sessions WHERE idle_expires_at <= ? OR expires_at <= ?", (now, now)
+            ).rowcount
+        return a + b + c + d
+
+    # -- sessions ------------------------------------------------------------
+
+    def add_session(self, session_hash: str, record: SessionRecord) -> None:
+        self._db.execute(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                session_hash,
+                record.sid,
+                record.user_id,
+                record.auth_time,
+                record.created_at,
+                record.expires_at,
+                record.idle_expires_at,
+            ),
+        )
+
+    def touch_session(self, session_hash: str, now: int, idle_timeout: int) -> SessionRecord | None:
+        with self.exclusive():
+            row = self._db.execute(
+                "SELECT sid, user_id, auth_time, created_at, expires_at, idle_expires_at "
+                "FROM sessions WHERE session_hash = ?",
+                (session_hash,),
+            ).fetchone()
+            if row is None:
+                return None
+            record = SessionRecord(*row)
+            if now >= record.expires_at or now >= record.idle_expires_at:
+                self._db.execute("DELETE FROM sessions WHERE session_hash = ?", (session_hash,))
+                return None
+            idle = min(now + idle_timeout, record.expires_at)
+            self._db.execute(
+                "UPDATE sessions SET idle_expires_at = ? WHERE session_hash = ?",
+                (idle, session_hash),
+            )
+            return dataclasses.replace(record, idle_expires_at=idle)
+
+    def end_session(self, session_hash: str) -> bool:
+        cur = self._db.execute("DELETE FROM sessions WHERE session_hash = ?", (session_hash,))
+        return cur.rowcount == 1
 
     # -- authorization codes ---------------------------------------------------
     # state: "issued" -> "redeemed" (one use) -> "reused" (a second one: burnt for good)
