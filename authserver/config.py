@@ -38,7 +38,7 @@ from tokengate.yamlconf import (
 SigningAlg = Literal["RS256", "PS256", "ES256", "EdDSA"]
 SIGNING_ALGS: tuple[SigningAlg, ...] = ("RS256", "PS256", "ES256", "EdDSA")
 
-AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt"]
+AuthMethod = Literal["client_secret_basic", "client_secret_post", "private_key_jwt", "none"]
 AUTH_METHODS: tuple[AuthMethod, ...] = (
     "client_secret_basic",
     "client_secret_post",
@@ -101,6 +101,13 @@ class ClientConfig:
     servers: frozenset[str]
     claims: MappingProxyType[str, Any]
     introspect: IntrospectAccess = "own"  # "any": every token of its servers (resource servers)
+    redirect_uris: tuple[str, ...] = ()  # authorization_code: compared exactly (RFC 8252 aside)
+    require_pkce: bool = True  # false only for a confidential client
+
+    @property
+    def public(self) -> bool:
+        """A public client (``auth_method: none``): it has no credentials at all."""
+        return self.auth_methods == frozenset({"none"})
 
     def secret_matches(self, presented: str) -> bool:
         if self.secret_digest is None:
