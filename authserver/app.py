@@ -20,6 +20,7 @@ from authserver.keyring import KeyRing
 from authserver.keys import RELOAD_INTERVAL, KeyFiles, KeyManager
 from authserver.metadata import authorization_server_metadata, openid_configuration
 from authserver.passwords import PasswordWorker
+from authserver.signin import SignIn
 from authserver.store import SqliteStore, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle, MemoryThrottle
 from authserver.tokens import TokenVerifier
@@ -49,6 +50,7 @@ class AuthServices:
     io: StoreWorker
     passwords: PasswordWorker
     users: UserDirectory
+    signin: SignIn
 
     @classmethod
     def build(
@@ -64,6 +66,7 @@ class AuthServices:
         io: StoreWorker | None = None,
         passwords: PasswordWorker | None = None,
         users: UserDirectory | None = None,
+        signin_throttle: AuthThrottle | None = None,
     ) -> AuthServices:
         store = store or SqliteStore(config.data_dir)
         manager = KeyManager(
@@ -94,6 +97,21 @@ class AuthServices:
             jwks_max_age=config.jwks_max_age,
             metrics=metrics,
             proxies=config.trusted_proxies,
+            users=users,
+            clock=clock,
+        )
+        signin = SignIn(
+            config=config,
+            store=store,
+            io=io,
+            users=users,
+            # sign-in failures, per username and per address: the client policy's numbers
+            throttle=signin_throttle
+            if signin_throttle is not None and signin_throttle.policy == config.client_auth_throttle
+            else MemoryThrottle(config.client_auth_throttle, clock=clock),
+            audit=audit,
+            metrics=metrics,
+            proxies=config.trusted_proxies,
             clock=clock,
         )
         for server in config.servers:
@@ -111,6 +129,7 @@ class AuthServices:
             io,
             passwords,
             users,
+            signin,
         )
 
     def reconfigure(self, config: AuthServerConfig) -> None:
@@ -135,6 +154,7 @@ class AuthServices:
             io=self.io,
             passwords=self.passwords,
             users=self.users,
+            signin_throttle=self.signin.throttle,
         )
         try:
             new.start()
@@ -146,6 +166,7 @@ class AuthServices:
         """Serve with what :meth:`prepare` made (on the event loop: nothing here waits)."""
         self.config, self.keyring, self.endpoints = new.config, new.keyring, new.endpoints
         self.throttle = new.throttle
+        self.signin = new.signin
 
     def not_ready(self) -> list[str]:
         """What keeps this authorization server from serving: named for /readyz."""
@@ -208,16 +229,24 @@ class AuthServerApp:
 
     def __init__(self, services: AuthServices) -> None:
         self.services = services
-        self.routes = build_routes(services.config.servers, services.endpoints)
+        self.routes = build_routes(services.config.servers, services.endpoints, services.signin)
+        self.pages = services.signin.routes()
 
     async def reconfigure(self, config: AuthServerConfig) -> None:
         """A reload: the slow part on a thread, then the switch on the event loop."""
         prepared = await asyncio.to_thread(self.services.prepare, config)
         self.services.switch(prepared)
-        self.routes = build_routes(self.services.config.servers, self.services.endpoints)
+        self.routes = build_routes(
+            self.services.config.servers, self.services.endpoints, self.services.signin
+        )
+        self.pages = self.services.signin.routes()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            page = self.pages.get(scope["path"])
+            if page is not None:
+                await self._page(page, scope, receive, send)
+                return
             route = self.routes.get(scope["path"])
             if route is None:
                 await send_error(send, not_found("no such endpoint"))
@@ -255,6 +284,36 @@ class AuthServerApp:
                 raise  # the server ends the half-sent response
             await send_error(send, server_error())
 
+    async def _page(
+        self,
+        page: Callable[[Scope, Receive, Send], Awaitable[None]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """An org-wide sign-in page, under the same safety net as the endpoints."""
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await page(scope, receive, tracked)
+        except ClientDisconnected:
+            pass
+        except Exception as exc:  # the safety net: bugs are 500s, logged with their traceback
+            log_event(
+                "authserver.internal_error",
+                path=scope["path"],
+                error=type(exc).__name__,
+                traceback=traceback_frames(exc),
+            )
+            if started:
+                raise
+            await send_error(send, server_error())
+
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         task: asyncio.Task[None] | None = None
         while True:
@@ -277,18 +336,22 @@ class AuthServerApp:
                 return
 
 
-def build_routes(servers: tuple[ServerConfig, ...], endpoints: Endpoints) -> dict[str, Route]:
+def build_routes(
+    servers: tuple[ServerConfig, ...], endpoints: Endpoints, signin: SignIn
+) -> dict[str, Route]:
     """Path -> (handler, server, the audit event its requests write)."""
     routes: dict[str, Route] = {}
+    clients = signin.config.clients
     for server in servers:
         base = urlsplit(server.issuer).path
-        metadata = endpoints.document(json_bytes(authorization_server_metadata(server)))
-        oidc = endpoints.document(json_bytes(openid_configuration(server)))
+        metadata = endpoints.document(json_bytes(authorization_server_metadata(server, clients)))
+        oidc = endpoints.document(json_bytes(openid_configuration(server, clients)))
         for path, handler, audit_event in (
             (f"{base}/.well-known/oauth-authorization-server", metadata, None),
             (f"/.well-known/oauth-authorization-server{base}", metadata, None),  # RFC 8414 3.1
             (f"{base}/.well-known/openid-configuration", oidc, None),
             (f"{base}/v1/keys", endpoints.keys, None),
+            (f"{base}/v1/authorize", signin.authorize, None),
             (f"{base}/v1/token", endpoints.token, "token.denied"),
             (f"{base}/v1/introspect", endpoints.introspect, "token.introspected"),
             (f"{base}/v1/revoke", endpoints.revoke, "token.revoked"),

@@ -17,9 +17,8 @@ from html import escape
 from typing import Literal
 from urllib.parse import urlencode
 
-from authserver.config import SCOPE_TOKEN, ClientConfig, ServerConfig
+from authserver.config import OIDC_SCOPES, SCOPE_TOKEN, ClientConfig, ServerConfig
 from authserver.errors import OAuthError
-from authserver.oidc import OIDC_SCOPES
 from authserver.pkce import parse_challenge
 from authserver.redirect_uris import matches
 

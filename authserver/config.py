@@ -12,6 +12,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from authserver.passwords import EnvPassword, password_problem, phc_problem
+from authserver.redirect_uris import redirect_uri_problem
 from authserver.users import claim_problem, group_problem, username_key, username_problem
 from tokengate.jwk import PublicKey, load_public_jwk
 from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
@@ -44,7 +45,11 @@ AUTH_METHODS: tuple[AuthMethod, ...] = (
     "client_secret_post",
     "private_key_jwt",
 )
-GRANT_TYPES = ("client_credentials",)
+GRANT_TYPES = ("client_credentials", "authorization_code")
+DEFAULT_GRANT_TYPES = ("client_credentials",)
+PUBLIC = "none"  # auth_method of a public client (a SPA or native app): no credentials
+OIDC_SCOPES = ("openid", "profile", "email")  # built into every server
+BRAND_COLOR = re.compile(r"#[0-9A-Fa-f]{6}")
 IntrospectAccess = Literal["own", "any"]
 INTROSPECT_ACCESS: tuple[IntrospectAccess, ...] = ("own", "any")
 
@@ -71,6 +76,10 @@ class ServerConfig:
     access_token_ttl: int
     scopes: tuple[str, ...]
     id_token_ttl: int = 3600
+
+    @property
+    def authorization_endpoint(self) -> str:
+        return f"{self.issuer}/v1/authorize"
 
     @property
     def token_endpoint(self) -> str:
@@ -151,6 +160,33 @@ class UserConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SessionTimes:
+    """The org-wide browser session ends ``idle_timeout`` after its last use or
+    ``max_lifetime`` after the sign-in, whichever comes first."""
+
+    idle_timeout: int = 7200
+    max_lifetime: int = 86400
+
+
+DEFAULT_SESSION_TIMES = SessionTimes()
+
+
+@dataclass(frozen=True, slots=True)
+class Brand:
+    name: str = "tokengate"
+    logo_url: str | None = None  # https, or a path on this server
+    color: str = "#1f6feb"
+
+
+@dataclass(frozen=True, slots=True)
+class SignInConfig:
+    brand: Brand = Brand()
+
+
+DEFAULT_SIGN_IN = SignInConfig()
+
+
+@dataclass(frozen=True, slots=True)
 class AuthServerConfig:
     listen: Listen
     public_url: str
@@ -164,6 +200,8 @@ class AuthServerConfig:
     client_auth_throttle: ClientAuthThrottle = DEFAULT_CLIENT_AUTH_THROTTLE
     trusted_proxies: TrustedProxies = NO_PROXIES  # whose forwarding headers count
     users: tuple[UserConfig, ...] = ()  # declared users; the store holds the others
+    sessions: SessionTimes = DEFAULT_SESSION_TIMES
+    sign_in: SignInConfig = DEFAULT_SIGN_IN
 
 
 # --------------------------------------------------------------------------- parsing
@@ -184,6 +222,8 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "client_auth_throttle",
             "trusted_proxies",
             "users",
+            "sessions",
+            "sign_in",
         ),
     )
     listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
@@ -208,6 +248,9 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         or DEFAULT_CLIENT_AUTH_THROTTLE,
         trusted_proxies=f.get("trusted_proxies", as_trusted_proxies, NO_PROXIES),
         users=_parse_users(f),
+        sessions=f.get("sessions", as_session_times, DEFAULT_SESSION_TIMES)
+        or DEFAULT_SESSION_TIMES,
+        sign_in=f.get("sign_in", as_sign_in, DEFAULT_SIGN_IN) or DEFAULT_SIGN_IN,
     )
 
 
@@ -217,7 +260,7 @@ def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:
     for item in f.node_at("servers").items():
         s = item.fields(
             required=("name", "audience"),
-            optional=("signing_alg", "access_token_ttl", "scopes"),
+            optional=("signing_alg", "access_token_ttl", "scopes", "id_token_ttl"),
         )
         name = s.get("name", as_name)
         if name in seen:
@@ -231,6 +274,7 @@ def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:
                 signing_alg=s.get("signing_alg", one_of(*SIGNING_ALGS), "RS256"),  # type: ignore[arg-type]
                 access_token_ttl=s.get("access_token_ttl", as_seconds, 3600),
                 scopes=s.get("scopes", list_of(as_scope), ()),
+                id_token_ttl=s.get("id_token_ttl", as_seconds, 3600),
             )
         )
     if not out and f.has("servers"):
@@ -267,17 +311,23 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
             "servers",
             "claims",
             "introspect",
+            "redirect_uris",
+            "require_pkce",
         ),
     )
     client_id = c.get("client_id", as_client_id)
-    method = c.get("auth_method", one_of(*AUTH_METHODS), None)
+    method = c.get("auth_method", one_of(*AUTH_METHODS, PUBLIC), None)
     secret_digest = _parse_secret(c)
     jwks = c.get("jwks", as_client_jwks, ())
     jwks_uri = c.get("jwks_uri", as_http_url, None)
 
     uses_secret = c.has("secret") or c.has("secret_hash")
     uses_keys = c.has("jwks") or c.has("jwks_uri")
-    if method == "private_key_jwt" or (method is None and uses_keys):
+    if method == PUBLIC:
+        methods = frozenset({PUBLIC})
+        if uses_secret or uses_keys:
+            node.error("a public client (auth_method: none) has no secret, jwks or jwks_uri")
+    elif method == "private_key_jwt" or (method is None and uses_keys):
         methods: frozenset[AuthMethod] = frozenset({"private_key_jwt"})
         if uses_secret:
             node.error("a private_key_jwt client has no secret; remove secret/secret_hash")
@@ -299,6 +349,7 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         if name not in servers:
             node.report.add(f"{node.path}.servers[{i}]", f"no authorization server named {name!r}")
     offered = {s for name in server_names or () if name in servers for s in servers[name].scopes}
+    offered.update(OIDC_SCOPES)
     scopes = c.get("scopes", list_of(as_scope), None)
     for i, scope in enumerate(scopes or ()):
         if scope not in offered:
@@ -306,7 +357,20 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
                 f"{node.path}.scopes[{i}]",
                 f"scope {scope!r} is not offered by any of the client's servers",
             )
-    grants = c.get("grant_types", list_of(one_of(*GRANT_TYPES)), GRANT_TYPES)
+    default_grants = ("authorization_code",) if method == PUBLIC else DEFAULT_GRANT_TYPES
+    grants = c.get("grant_types", list_of(one_of(*GRANT_TYPES)), default_grants) or ()
+    redirect_uris = c.get("redirect_uris", list_of(as_redirect_uri), ()) or ()
+    require_pkce = c.get("require_pkce", as_bool, True)
+    if method == PUBLIC and "client_credentials" in grants:
+        c.node_at("grant_types").error(
+            "a public client (auth_method: none) cannot use client_credentials"
+        )
+    if method == PUBLIC and require_pkce is False:
+        c.node_at("require_pkce").error("a public client (auth_method: none) must use PKCE")
+    if "authorization_code" in grants and not redirect_uris:
+        node.error("an authorization_code client needs redirect_uris")
+    if redirect_uris and "authorization_code" not in grants:
+        c.node_at("redirect_uris").error("is only for clients with grant type authorization_code")
     return ClientConfig(
         client_id=client_id,
         auth_methods=methods,
@@ -318,6 +382,8 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         servers=frozenset(server_names or ()),
         claims=MappingProxyType(c.get("claims", as_claims, {}) or {}),
         introspect=c.get("introspect", one_of(*INTROSPECT_ACCESS), "own") or "own",  # type: ignore[arg-type]
+        redirect_uris=redirect_uris,
+        require_pkce=require_pkce is not False,
     )
 
 
@@ -454,6 +520,52 @@ def as_client_auth_throttle(node: Node) -> ClientAuthThrottle:
         max_lock=max_lock,
         reset_after=reset_after,
     )
+
+
+def as_redirect_uri(node: Node) -> str:
+    text = as_str(node)
+    problem = redirect_uri_problem(text)
+    if problem is not None:
+        raise ConfigError(node.path, problem)
+    return text
+
+
+def as_session_times(node: Node) -> SessionTimes:
+    f = node.fields(optional=("idle_timeout", "max_lifetime"))
+    d = DEFAULT_SESSION_TIMES
+    idle = f.get("idle_timeout", as_seconds, d.idle_timeout)
+    longest = f.get("max_lifetime", as_seconds, d.max_lifetime)
+    for key, value in (("idle_timeout", idle), ("max_lifetime", longest)):
+        if value is not None and value < 60:
+            f.node_at(key).error(f"must be at least 1m, got {value}s")
+    if idle is not None and longest is not None and idle > longest:
+        f.node_at("idle_timeout").error(f"must not exceed max_lifetime ({longest}s)")
+    return SessionTimes(idle_timeout=idle or d.idle_timeout, max_lifetime=longest or d.max_lifetime)
+
+
+def as_sign_in(node: Node) -> SignInConfig:
+    f = node.fields(optional=("brand",))
+    return SignInConfig(brand=f.get("brand", as_brand, Brand()) or Brand())
+
+
+def as_brand(node: Node) -> Brand:
+    f = node.fields(optional=("name", "logo_url", "color"))
+    d = Brand()
+    name = f.get("name", as_str, d.name)
+    if name is not None and len(name) > 64:
+        f.node_at("name").error("must be at most 64 characters")
+    logo_url = f.get("logo_url", as_logo_url, None)
+    color = f.get("color", as_str, d.color)
+    if color is not None and not BRAND_COLOR.fullmatch(color):
+        f.node_at("color").error(f"must be a #rrggbb colour, got {color!r}")
+    return Brand(name=name or d.name, logo_url=logo_url, color=color or d.color)
+
+
+def as_logo_url(node: Node) -> str:
+    text = as_str(node)
+    if not re.fullmatch(r"https://[^\s\"'<>()\\]+", text):
+        raise ConfigError(node.path, "must be an https URL")
+    return text
 
 
 def non_negative_int(node: Node) -> int:

@@ -9,7 +9,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from authserver.clientauth import JWKS_UNAVAILABLE, AuthenticatedClient, ClientAuthenticator
-from authserver.config import ServerConfig
+from authserver.codes import code_hash
+from authserver.config import ClientConfig, ServerConfig
 from authserver.errors import (
     NO_STORE,
     OAuthError,
@@ -27,9 +28,12 @@ from authserver.grants import (
     requested_scopes,
 )
 from authserver.keyring import KeyRing
-from authserver.store import Store, StoreUnavailable, StoreWorker
+from authserver.oidc import SignIn, id_token_claims, user_access_token_claims
+from authserver.pkce import verifier_matches
+from authserver.store import CodeRecord, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
 from authserver.tokens import TokenVerifier, access_token_claims, new_jti
+from authserver.users import UserDirectory
 from tokengate.asgi import (
     JSON_TYPE,
     Receive,
@@ -46,6 +50,7 @@ from tokengate.proxies import NO_PROXIES, TrustedProxies
 
 T = TypeVar("T")
 JWKS_FRESH = 1.0  # seconds: a JWKS answer re-reads key records older than this
+CODE_GRANT = "authorization_code"
 
 
 class Endpoints:
@@ -62,9 +67,11 @@ class Endpoints:
         max_body_bytes: int,
         jwks_max_age: int,
         metrics: Metrics,
+        users: UserDirectory,
         proxies: TrustedProxies = NO_PROXIES,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.users = users
         self.keyring = keyring
         self.proxies = proxies
         self.metrics = metrics
@@ -89,8 +96,14 @@ class Endpoints:
             event["grant_type"] = grant_type if grant_type in KNOWN_GRANT_TYPES else None
             if grant_type is None:
                 raise invalid_request("grant_type is required")
+            if grant_type == CODE_GRANT:
+                body = await self._code_grant(server, scope, form, event)
+                await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE])
+                return
             if grant_type != GRANT_TYPE:
-                raise OAuthError("unsupported_grant_type", f"only {GRANT_TYPE} is supported")
+                raise OAuthError(
+                    "unsupported_grant_type", f"only {GRANT_TYPE} and {CODE_GRANT} are supported"
+                )
             authn = await self._authenticate(scope, form, server, server.token_endpoint, event)
             # only now, for an authenticated client: parse what it asks for
             requested = requested_scopes(form)
@@ -117,6 +130,96 @@ class Endpoints:
             }
         )
         await send_bytes(send, 200, body, [JSON_TYPE, *NO_STORE])
+
+    # -- authorization code (RFC 6749 4.1.3, RFC 7636 4.5, OIDC Core 3.1.3) -----
+
+    async def _code_grant(
+        self, server: ServerConfig, scope: Scope, form: Form, event: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Redeem a code: the client that asked for it, the same redirect_uri, the PKCE
+        verifier, a user still allowed in. A second use revokes what the first gave."""
+        client = self._public_client(scope, form)
+        if client is None:
+            authn = await self._authenticate(scope, form, server, server.token_endpoint, event)
+            client = authn.client
+        else:
+            event["client_id"] = client.client_id
+            if server.name not in client.servers:
+                raise OAuthError(
+                    "unauthorized_client",
+                    f"the client may not use authorization server {server.name}",
+                )
+        if CODE_GRANT not in client.grant_types:
+            raise OAuthError("unauthorized_client", f"the client may not use {CODE_GRANT}")
+        key = code_hash(_required(form, "code"))
+        now = int(self.clock())
+        redemption = await self._store(self.store.redeem_code, key, now)
+        if redemption is None:
+            raise OAuthError("invalid_grant", "the code is invalid or expired")
+        record = redemption.record
+        if redemption.reused:
+            await self._revoke_code_tokens(server, record, redemption.jtis, now, event)
+            raise OAuthError("invalid_grant", "the code was used already")
+        if record.client_id != client.client_id or record.server != server.name:
+            raise OAuthError("invalid_grant", "the code was issued to another client")
+        if form.get("redirect_uri") != record.redirect_uri:
+            raise OAuthError("invalid_grant", "redirect_uri differs from the authorization request")
+        verifier_matches(record.code_challenge, form.get("code_verifier"))
+        user = await self.users.get(record.user_id)
+        if user is None or user.disabled:
+            raise OAuthError("invalid_grant", "the user may no longer sign in")
+        event.update(user_id=user.id, username=user.username, scopes=list(record.scopes))
+        sign_in = SignIn(user=user, auth_time=record.auth_time, session_id=record.session_id)
+        jti = new_jti()
+        claims = user_access_token_claims(server, client, sign_in, record.scopes, now, jti)
+        key_set = self.keyring.current(server.name)
+        access_token = key_set.signer.sign(claims)
+        body: dict[str, Any] = {
+            "access_token": access_token,
+            "token_type": "Bearer",
+            "expires_in": server.access_token_ttl,
+            "scope": claims["scope"],
+        }
+        if "openid" in record.scopes:
+            id_claims = id_token_claims(
+                server, client.client_id, sign_in, record.scopes, record.nonce, now, access_token
+            )
+            body["id_token"] = key_set.signer.sign_id_token(id_claims)
+        if not await self._store(self.store.code_issued, key, jti, claims["exp"]):
+            raise OAuthError("invalid_grant", "the code was used already")  # reused meanwhile
+        event["jti"] = jti
+        self.audit.emit("token.issued", **event, outcome="issued", reason="ok")
+        self.metrics.tokens_issued.labels(server.name, CODE_GRANT).inc()
+        return body
+
+    def _public_client(self, scope: Scope, form: Form) -> ClientConfig | None:
+        """The public client a request names by client_id alone (no credentials)."""
+        if header(scope, b"authorization") is not None or any(
+            form.get(name) is not None
+            for name in ("client_secret", "client_assertion", "client_assertion_type")
+        ):
+            return None
+        client = self.authenticator.clients.get(form.get("client_id") or "")
+        return client if client is not None and client.public else None
+
+    async def _revoke_code_tokens(
+        self,
+        server: ServerConfig,
+        record: CodeRecord,
+        jtis: tuple[str, ...],
+        now: int,
+        event: dict[str, Any],
+    ) -> None:
+        """RFC 6749 10.5: a code used twice; what it gave the first time is revoked."""
+        for jti in jtis:
+            # the tokens were issued at most access_token_ttl ago: gone by then
+            await self._store(self.store.revoke, jti, record.server, now + server.access_token_ttl)
+            self.audit.emit(
+                "token.revoked",
+                **{**event, "jti": jti, "grant_type": CODE_GRANT},
+                outcome="revoked",
+                reason="code_reused",
+            )
 
     # -- introspection (RFC 7662) -------------------------------------------
 
@@ -342,6 +445,7 @@ TOKEN_ERRORS = (
     "invalid_client",
     "unauthorized_client",
     "unsupported_grant_type",
+    "invalid_grant",
     "invalid_scope",
     "invalid_target",
     "temporarily_unavailable",
@@ -352,6 +456,7 @@ TOKEN_ERRORS = (
 def declare_series(metrics: Metrics, server: str) -> None:
     """Create one authorization server's labelled series at 0."""
     metrics.tokens_issued.labels(server, GRANT_TYPE)
+    metrics.tokens_issued.labels(server, CODE_GRANT)
     for error in TOKEN_ERRORS:
         metrics.token_errors.labels(server, error)
     for result in ("failed", "throttled"):

@@ -1,26 +1,44 @@
-"""RFC 8414 authorization server metadata and OIDC discovery documents."""
+"""RFC 8414 authorization server metadata and OIDC discovery documents.
+
+They advertise only what is in use: the authorization endpoint, its response types
+and modes, PKCE, ID tokens and the OIDC scopes appear once a client of the server
+may use the authorization code flow; ``none`` among the token endpoint's
+authentication methods once a public client may.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
-from authserver.config import AUTH_METHODS, ServerConfig
+from authserver.authorize import RESPONSE_MODES, RESPONSE_TYPES
+from authserver.config import AUTH_METHODS, OIDC_SCOPES, PUBLIC, ClientConfig, ServerConfig
 from authserver.grants import GRANT_TYPE
+from authserver.oidc import CLAIMS_SUPPORTED
+from authserver.pkce import METHODS
 from tokengate.jwk import ALGORITHMS
 
+CODE_GRANT = "authorization_code"
 
-def authorization_server_metadata(server: ServerConfig) -> dict[str, Any]:
+
+def _code_flow(server: ServerConfig, clients: tuple[ClientConfig, ...]) -> list[ClientConfig]:
+    """The clients that may use the authorization code flow with ``server``."""
+    return [c for c in clients if server.name in c.servers and CODE_GRANT in c.grant_types]
+
+
+def authorization_server_metadata(
+    server: ServerConfig, clients: tuple[ClientConfig, ...] = ()
+) -> dict[str, Any]:
     auth_methods = list(AUTH_METHODS)
     signing_algs = list(ALGORITHMS)  # what client assertions may be signed with
-    return {
+    code_clients = _code_flow(server, clients)
+    metadata: dict[str, Any] = {
         "issuer": server.issuer,
         "token_endpoint": server.token_endpoint,
         "jwks_uri": server.jwks_uri,
         "introspection_endpoint": server.introspection_endpoint,
         "revocation_endpoint": server.revocation_endpoint,
         "grant_types_supported": [GRANT_TYPE],
-        # No authorization endpoint yet: client credentials only.
-        "response_types_supported": [],
+        "response_types_supported": [],  # no client uses the authorization endpoint
         "scopes_supported": list(server.scopes),
         "token_endpoint_auth_methods_supported": auth_methods,
         "token_endpoint_auth_signing_alg_values_supported": signing_algs,
@@ -30,12 +48,31 @@ def authorization_server_metadata(server: ServerConfig) -> dict[str, Any]:
         "revocation_endpoint_auth_signing_alg_values_supported": signing_algs,
         "access_token_signing_alg_values_supported": [server.signing_alg],
     }
+    if code_clients:
+        public = [PUBLIC] if any(c.public for c in code_clients) else []
+        metadata.update(
+            authorization_endpoint=server.authorization_endpoint,
+            grant_types_supported=[GRANT_TYPE, CODE_GRANT],
+            response_types_supported=list(RESPONSE_TYPES),
+            response_modes_supported=list(RESPONSE_MODES),
+            code_challenge_methods_supported=list(METHODS),
+            authorization_response_iss_parameter_supported=True,
+            scopes_supported=[*OIDC_SCOPES, *server.scopes],
+            token_endpoint_auth_methods_supported=auth_methods + public,
+        )
+    return metadata
 
 
-def openid_configuration(server: ServerConfig) -> dict[str, Any]:
-    return {
-        **authorization_server_metadata(server),
+def openid_configuration(
+    server: ServerConfig, clients: tuple[ClientConfig, ...] = ()
+) -> dict[str, Any]:
+    code_flow = bool(_code_flow(server, clients))
+    document = {
+        **authorization_server_metadata(server, clients),
         "subject_types_supported": ["public"],
-        # the algorithms of the ID tokens it issues: none yet (client credentials only)
-        "id_token_signing_alg_values_supported": [],
+        # the algorithm of its ID tokens; none without a client of the code flow
+        "id_token_signing_alg_values_supported": [server.signing_alg] if code_flow else [],
     }
+    if code_flow:
+        document["claims_supported"] = list(CLAIMS_SUPPORTED)
+    return document

@@ -17,7 +17,6 @@ from typing import Any
 from authserver.config import ClientConfig, ServerConfig
 from authserver.users import User
 
-OIDC_SCOPES = ("openid", "profile", "email")
 # OIDC Core 5.4: the claims each scope asks for (preferred_username is the username)
 PROFILE_CLAIMS = (
     "name",

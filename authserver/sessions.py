@@ -16,21 +16,13 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from authserver.config import SessionTimes
 from authserver.store import SessionRecord
 
 SESSION_BYTES = 32  # 256 bits of randomness in the cookie
 COOKIE = "tg_session"
 SECURE_COOKIE = "__Host-tg_session"
 _VALUE = re.compile(r"[A-Za-z0-9_-]{43}")
-
-
-@dataclass(frozen=True, slots=True)
-class SessionPolicy:
-    idle_timeout: int = 7200  # 2h
-    max_lifetime: int = 86400  # 24h
-
-
-DEFAULT_SESSION_POLICY = SessionPolicy()
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,7 +37,7 @@ def session_hash(cookie_value: str) -> str:
     return hashlib.sha256(cookie_value.encode("ascii")).hexdigest()
 
 
-def new_session(user_id: str, now: int, policy: SessionPolicy) -> NewSession:
+def new_session(user_id: str, now: int, policy: SessionTimes) -> NewSession:
     """A session for a user who has just signed in: a fresh id every time."""
     value = secrets.token_urlsafe(SESSION_BYTES)
     expires_at = now + policy.max_lifetime

@@ -136,6 +136,17 @@ class Store(Protocol):
     def end_session(self, session_hash: str) -> bool:
         """Delete a session; False if there was none."""
 
+    def add_interaction(
+        self, cookie_hash: str, server: str, params: str, csrf: str, expires_at: int
+    ) -> None:
+        """A sign-in in progress: the authorization request's parameters (JSON) and the
+        CSRF token of its form, keyed by the SHA-256 of the browser's sign-in cookie."""
+
+    def interaction(self, cookie_hash: str, now: int) -> tuple[str, str, str] | None:
+        """(server, params, csrf) of a live sign-in in progress."""
+
+    def end_interaction(self, cookie_hash: str) -> None: ...
+
     def add_code(self, code_hash: str, record: CodeRecord) -> None: ...
 
     def redeem_code(self, code_hash: str, now: int) -> CodeRedemption | None:
@@ -193,6 +204,10 @@ CREATE TABLE IF NOT EXISTS sessions (
     session_hash TEXT PRIMARY KEY, sid TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL,
     auth_time INTEGER NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER NOT NULL,
     idle_expires_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS interactions (
+    cookie_hash TEXT PRIMARY KEY, server TEXT NOT NULL, params TEXT NOT NULL,
+    csrf TEXT NOT NULL, expires_at INTEGER NOT NULL
 );
 CREATE TABLE IF NOT EXISTS auth_codes (
     code_hash TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at INTEGER NOT NULL,
@@ -351,7 +366,29 @@ class SqliteStore:
             d = self._db.execute(
                 "DELETE FROM sessions WHERE idle_expires_at <= ? OR expires_at <= ?", (now, now)
             ).rowcount
-        return a + b + c + d
+            e = self._db.execute("DELETE FROM interactions WHERE expires_at <= ?", (now,)).rowcount
+        return a + b + c + d + e
+
+    # -- sign-ins in progress -----------------------------------------------------
+
+    def add_interaction(
+        self, cookie_hash: str, server: str, params: str, csrf: str, expires_at: int
+    ) -> None:
+        self._db.execute(
+            "INSERT OR REPLACE INTO interactions VALUES (?, ?, ?, ?, ?)",
+            (cookie_hash, server, params, csrf, expires_at),
+        )
+
+    def interaction(self, cookie_hash: str, now: int) -> tuple[str, str, str] | None:
+        row = self._db.execute(
+            "SELECT server, params, csrf FROM interactions WHERE cookie_hash = ? "
+            "AND expires_at > ?",
+            (cookie_hash, now),
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def end_interaction(self, cookie_hash: str) -> None:
+        self._db.execute("DELETE FROM interactions WHERE cookie_hash = ?", (cookie_hash,))
 
     # -- sessions ------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 Audit files and the stdout/stderr of every tokengate process the tests started are
 under pytest's base temp directory. No access token, client assertion (both JWTs),
-client secret, user password or argon2 password hash may appear in any of them.
+client secret, user password or argon2 password hash may appear in any of them, nor
+any authorization code or session cookie value the sign-in tests saw issued.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 
 import pytest
 
+from tests.asgi.test_signin_flow import ISSUED_SECRETS_FILE
 from tests.conftest import ADMIN_SECRET, REPORTING_SECRET
 
 JWT = re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*")
@@ -38,6 +40,8 @@ SECRETS = (
 def test_no_token_secret_or_assertion_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> None:
     base = tmp_path_factory.getbasetemp()
     logs = [p for p in base.rglob("*.log*") if p.is_file()]  # audit files, process output
+    issued_file = base / ISSUED_SECRETS_FILE  # codes and session ids (test_signin_flow.py)
+    issued = tuple(issued_file.read_text().split()) if issued_file.exists() else ()
     lines = 0
     leaks: list[str] = []
     for path in logs:
@@ -47,6 +51,7 @@ def test_no_token_secret_or_assertion_in_any_log(tmp_path_factory: pytest.TempPa
                 JWT.search(line)
                 or ARGON2.search(line)
                 or next((s for s in SECRETS if s in line), None)
+                or next((s for s in issued if s in line), None)
             )
             if found:
                 leaks.append(f"{path.relative_to(base)}:{number}: {line[:200]}")

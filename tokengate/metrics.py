@@ -120,6 +120,14 @@ class Metrics:
             ["server", "result"],
             registry=r,
         )
+        self.signins = Counter(
+            "tokengate_authserver_signins",
+            "Sign-ins on the hosted page, by result (success, failure).",
+            ["result"],
+            registry=r,
+        )
+        for result in ("success", "failure"):
+            self.signins.labels(result)
         self.listener_refusals = Counter(
             "tokengate_listener_refusals",
             "Connections and requests a listener refused before any app saw them, by reason.",

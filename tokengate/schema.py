@@ -22,11 +22,15 @@ from typing import Any
 from authserver.config import (
     AUTH_METHODS,
     DEFAULT_CLIENT_AUTH_THROTTLE,
+    DEFAULT_GRANT_TYPES,
+    DEFAULT_SESSION_TIMES,
     GRANT_TYPES,
     INTROSPECT_ACCESS,
     MIN_SECRET_LENGTH,
+    PUBLIC,
     RESERVED_CLAIMS,
     SIGNING_ALGS,
+    Brand,
 )
 from authserver.passwords import MIN_PASSWORD_LENGTH
 from authserver.users import (
@@ -59,6 +63,8 @@ HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"
 HOST_PATTERN = r"^(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?$"
 HTTP_URL_PATTERN = r"^https?://[^/?#@\s]+(?:/[^?#\s]*)?$"
 PATH_PATTERN = r"^/"
+REDIRECT_URI_PATTERN = r"^(?:https://|http://(?:127\.0\.0\.1|\[::1\]|localhost)[:/?]|http://(?:127\.0\.0\.1|\[::1\]|localhost)$)[^#\s]*$"
+BRAND_PATTERN = r"^#[0-9A-Fa-f]{6}$"
 PATH_PREFIX_PATTERN = r"^/(?!.*//)[^*]*$"
 
 ENV = {"$ref": "#/$defs/env_string"}
@@ -188,6 +194,7 @@ def _server() -> Schema:
                 "The algorithm of its signing keys.", SIGNING_ALGS[0], enum=list(SIGNING_ALGS)
             ),
             "access_token_ttl": duration("Lifetime of its access tokens.", 3600),
+            "id_token_ttl": duration("Lifetime of its OpenID Connect ID tokens.", 3600),
             "scopes": array(
                 string("A scope (RFC 6749 section 3.3).", pattern=SCOPE_PATTERN),
                 "The scopes it offers.",
@@ -217,8 +224,9 @@ def _client() -> Schema:
             "auth_method": string(
                 "Restrict the client to one authentication method. Default: "
                 "client_secret_basic or client_secret_post with a secret, private_key_jwt "
-                "with jwks or jwks_uri.",
-                enum=list(AUTH_METHODS),
+                "with jwks or jwks_uri. none: a public client (a single-page or native app) "
+                "with no credentials, authorization_code with PKCE only.",
+                enum=[*AUTH_METHODS, PUBLIC],
             ),
             "jwks": mapping(
                 {
@@ -237,11 +245,27 @@ def _client() -> Schema:
             ),
             "grant_types": array(
                 string("A grant type.", enum=list(GRANT_TYPES)),
-                "What the client may use.",
-                list(GRANT_TYPES),
+                "What the client may use. Default: client_credentials (authorization_code "
+                "for a public client).",
+                list(DEFAULT_GRANT_TYPES),
+            ),
+            "redirect_uris": array(
+                string(
+                    "An exact https URI (http only on 127.0.0.1, [::1] or localhost; on "
+                    "127.0.0.1 and [::1] any port matches); no fragment.",
+                    pattern=REDIRECT_URI_PATTERN,
+                ),
+                "authorization_code: where sign-in responses may be sent (required then).",
+                [],
+            ),
+            "require_pkce": boolean(
+                "authorization_code: require PKCE (S256). false only for a confidential client.",
+                True,
             ),
             "scopes": array(
-                string("A scope its servers offer.", pattern=SCOPE_PATTERN),
+                string(
+                    "A scope its servers offer, or openid/profile/email.", pattern=SCOPE_PATTERN
+                ),
                 "What it may ask for. Default: every scope of its servers.",
             ),
             "servers": array(
@@ -265,7 +289,12 @@ def _client() -> Schema:
         "A client of the authorization servers.",
         required=("client_id",),
         allOf=[
-            {"anyOf": _one_of_keys("secret", "secret_hash", "jwks", "jwks_uri")},
+            {
+                "anyOf": [
+                    *_one_of_keys("secret", "secret_hash", "jwks", "jwks_uri"),
+                    {"required": ["auth_method"], "properties": {"auth_method": {"const": PUBLIC}}},
+                ]
+            },
             {"not": {"required": ["secret", "secret_hash"]}},
             {"not": {"required": ["jwks", "jwks_uri"]}},
             {"not": {"allOf": [secret_kind, keys_kind]}},
@@ -384,6 +413,36 @@ def authserver() -> Schema:
                 "Failed client authentications, throttled per client_id and per address.",
             ),
             "trusted_proxies": trusted_proxies(),
+            "sessions": mapping(
+                {
+                    "idle_timeout": duration(
+                        "A session unused this long ends (at least 1m).",
+                        DEFAULT_SESSION_TIMES.idle_timeout,
+                    ),
+                    "max_lifetime": duration(
+                        "A session ends this long after the sign-in, however busy.",
+                        DEFAULT_SESSION_TIMES.max_lifetime,
+                    ),
+                },
+                "The org-wide browser session (one sign-in for every server and client).",
+            ),
+            "sign_in": mapping(
+                {
+                    "brand": mapping(
+                        {
+                            "name": string("Shown atop the sign-in page.", Brand().name),
+                            "logo_url": string(
+                                "An https URL of the logo image.", pattern=r"^https://"
+                            ),
+                            "color": string(
+                                "The accent colour, #rrggbb.", Brand().color, pattern=BRAND_PATTERN
+                            ),
+                        },
+                        "The look of the hosted sign-in pages.",
+                    )
+                },
+                "The hosted sign-in pages.",
+            ),
             "users": {
                 "type": "array",
                 "description": "Users declared in the config (org-wide); the store holds "

@@ -456,8 +456,8 @@ def test_metrics_sum_over_workers_and_sigusr1_reopens_the_audit_file(make_stack:
                 if sample.name == "tokengate_gateway_requests_total":
                     key = (sample.labels["route"], sample.labels["reason"])
                     out[key] = out.get(key, 0) + sample.value
-                if sample.name == "tokengate_authserver_tokens_issued_total":
-                    out[("tokens", "issued")] = sample.value
+                if sample.name == "tokengate_authserver_tokens_issued_total":  # every grant type
+                    out[("tokens", "issued")] = out.get(("tokens", "issued"), 0) + sample.value
         return out
 
     expected = {("orders", "ok"): 20, ("orders", "token_missing"): 10, ("tokens", "issued"): 1}

@@ -242,7 +242,8 @@ def test_duplicate_names_and_client_ids() -> None:
         ),
         (
             "    - client_id: x\n      secret: " + SECRET + "\n      grant_types: [password]\n",
-            "authserver.clients[1].grant_types[0]: must be one of client_credentials; "
+            "authserver.clients[1].grant_types[0]: must be one of client_credentials, "
+            "authorization_code; "
             "got 'password'",
         ),
     ],
@@ -735,3 +736,120 @@ def test_a_client_cannot_carry_claims_that_name_a_person() -> None:
         "server and cannot be set"
         for claim in ("preferred_username", "amr")
     ]
+
+
+SIGN_IN_CLIENTS = f"""
+    - client_id: portal
+      secret: {SECRET}
+      grant_types: [authorization_code]
+      redirect_uris: [https://portal.example.com/callback]
+      scopes: [openid, profile, email, orders:read]
+      require_pkce: false
+    - client_id: spa
+      auth_method: none
+      redirect_uris: ["http://127.0.0.1/callback", "http://[::1]/callback"]
+  sessions: {{idle_timeout: 30m, max_lifetime: 8h}}
+  sign_in:
+    brand: {{name: Acme, logo_url: "https://cdn.acme.test/logo.svg", color: "#aa3300"}}
+"""
+
+
+def test_sign_in_clients_sessions_and_brand() -> None:
+    config = parse_config(VALID + SIGN_IN_CLIENTS, {}).authserver
+    assert config is not None
+    portal, spa = config.clients[1], config.clients[2]
+    assert portal.grant_types == {"authorization_code"} and not portal.public
+    assert portal.redirect_uris == ("https://portal.example.com/callback",)
+    assert portal.require_pkce is False
+    assert portal.scopes == ("openid", "profile", "email", "orders:read")
+    assert spa.public and spa.auth_methods == {"none"} and spa.secret_digest is None
+    assert spa.grant_types == {"authorization_code"}  # a public client's default
+    assert spa.require_pkce is True
+    assert config.clients[0].grant_types == {"client_credentials"}  # unchanged default
+    assert config.clients[0].redirect_uris == ()
+    assert (config.sessions.idle_timeout, config.sessions.max_lifetime) == (1800, 28800)
+    brand = config.sign_in.brand
+    assert (brand.name, brand.logo_url, brand.color) == (
+        "Acme",
+        "https://cdn.acme.test/logo.svg",
+        "#aa3300",
+    )
+    assert config.servers[0].id_token_ttl == 3600
+    defaults = parse_config(VALID, {}).authserver
+    assert defaults is not None
+    assert (defaults.sessions.idle_timeout, defaults.sessions.max_lifetime) == (7200, 86400)
+    assert defaults.sign_in.brand.name == "tokengate"
+
+
+@pytest.mark.parametrize(
+    ("client", "expected"),
+    [
+        (
+            f"    - client_id: x\n      secret: {SECRET}\n"
+            "      grant_types: [authorization_code]\n",
+            "authserver.clients[1]: an authorization_code client needs redirect_uris",
+        ),
+        (
+            f"    - client_id: x\n      secret: {SECRET}\n      redirect_uris: [https://x.test/cb]\n",
+            "authserver.clients[1].redirect_uris: is only for clients with grant type "
+            "authorization_code",
+        ),
+        (
+            "    - client_id: x\n      auth_method: none\n      redirect_uris: [https://x.test/cb]\n"
+            "      require_pkce: false\n",
+            "authserver.clients[1].require_pkce: a public client (auth_method: none) must use PKCE",
+        ),
+        (
+            "    - client_id: x\n      auth_method: none\n      redirect_uris: [https://x.test/cb]\n"
+            "      grant_types: [client_credentials, authorization_code]\n",
+            "authserver.clients[1].grant_types: a public client (auth_method: none) cannot use "
+            "client_credentials",
+        ),
+        (
+            f"    - client_id: x\n      auth_method: none\n      secret: {SECRET}\n"
+            "      redirect_uris: [https://x.test/cb]\n",
+            "authserver.clients[1]: a public client (auth_method: none) has no secret, jwks or "
+            "jwks_uri",
+        ),
+        (
+            "    - client_id: x\n      auth_method: none\n"
+            "      redirect_uris: [https://x.test/cb, http://x.test/cb]\n",
+            "authserver.clients[1].redirect_uris[1]: must use https (http only on 127.0.0.1, "
+            "[::1] or localhost)",
+        ),
+        (
+            "    - client_id: x\n      auth_method: none\n"
+            "      redirect_uris: ['https://x.test/cb#top']\n",
+            "authserver.clients[1].redirect_uris[0]: must not have a fragment",
+        ),
+        (
+            "    - client_id: x\n      auth_method: none\n"
+            "      redirect_uris: [https://x.test/cb]\n      scopes: [openid, phone]\n",
+            "authserver.clients[1].scopes[1]: scope 'phone' is not offered by any of the "
+            "client's servers",
+        ),
+        (
+            "  sessions: {idle_timeout: 2d, max_lifetime: 1d}\n",
+            "authserver.sessions.idle_timeout: must not exceed max_lifetime (86400s)",
+        ),
+        (
+            "  sessions: {idle_timeout: 10s}\n",
+            "authserver.sessions.idle_timeout: must be at least 1m, got 10s",
+        ),
+        (
+            "  sign_in: {brand: {color: red}}\n",
+            "authserver.sign_in.brand.color: must be a #rrggbb colour, got 'red'",
+        ),
+        (
+            "  sign_in: {brand: {logo_url: 'http://x.test/logo.png'}}\n",
+            "authserver.sign_in.brand.logo_url: must be an https URL",
+        ),
+        (
+            "  sign_in: {brand: {colour: '#000000'}}\n",
+            "authserver.sign_in.brand.colour: unknown key (did you mean 'color'?)",
+        ),
+    ],
+)
+def test_sign_in_rules_name_the_key_path(client: str, expected: str) -> None:
+    found = problems(VALID + client)
+    assert any(p.startswith(expected) for p in found), found

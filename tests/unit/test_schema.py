@@ -172,9 +172,18 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "audience": "api://default",
                     "signing_alg": "ES256",
                     "access_token_ttl": "1h",
+                    "id_token_ttl": "30m",
                     "scopes": ["orders:read", "orders:write"],
                 }
             ],
+            "sessions": {"idle_timeout": "2h", "max_lifetime": "1d"},
+            "sign_in": {
+                "brand": {
+                    "name": "Acme",
+                    "logo_url": "https://cdn.example.com/logo.svg",
+                    "color": "#1f6feb",
+                }
+            },
             "clients": [
                 {
                     "client_id": "reporting",
@@ -193,6 +202,19 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "jwks": {"keys": [ec_client_key()[1]]},
                 },
                 {"client_id": "fetched", "jwks_uri": "https://billing.example.com/jwks.json"},
+                {
+                    "client_id": "portal",
+                    "secret": "p" * 40,
+                    "grant_types": ["authorization_code"],
+                    "redirect_uris": ["https://portal.example.com/callback"],
+                    "require_pkce": False,
+                    "scopes": ["openid", "profile", "email", "orders:read"],
+                },
+                {
+                    "client_id": "spa",
+                    "auth_method": "none",
+                    "redirect_uris": ["http://127.0.0.1/callback", "http://[::1]:8080/cb"],
+                },
             ],
             "users": [
                 {

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from authserver.config import SessionTimes
 from authserver.sessions import (
-    SessionPolicy,
     clear_cookie,
     cookie_name,
     new_session,
@@ -23,7 +23,7 @@ from authserver.sessions import (
 from authserver.store import SqliteStore
 
 NOW = 1_800_000_000
-POLICY = SessionPolicy(idle_timeout=7200, max_lifetime=86400)
+POLICY = SessionTimes(idle_timeout=7200, max_lifetime=86400)
 
 
 @pytest.fixture

@@ -1,0 +1,484 @@
+"""The authorization endpoint and the hosted sign-in page: request -> session or
+password -> code -> back to the client.
+
+``{issuer}/v1/authorize`` checks the request (:mod:`authserver.authorize`). With a
+live session that needs no fresh sign-in it answers with a code at once (SSO).
+Otherwise it keeps the checked request in the store as a sign-in in progress, keyed
+by a fresh random cookie, and sends the browser to ``{public_url}/signin/login``. That
+page's form carries a CSRF token that must equal the one stored with the sign-in the
+cookie names (compared in constant time). A good password starts a new session
+(fresh id) and answers 303 to the client's redirect URI with the code.
+
+Every page is server-rendered (Jinja2, autoescaped), with no script, and sent with
+the security headers of :data:`PAGE_HEADERS` and a CSP whose ``form-action`` allows the
+client's redirect URI only where a ``form_post`` response needs it.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlsplit
+
+import jinja2
+
+from authserver.authorize import (
+    AuthorizeRequest,
+    PageError,
+    RedirectError,
+    Target,
+    form_post_page,
+    parse_authorize,
+    redirect_location,
+)
+from authserver.codes import CODE_TTL, code_hash, new_code
+from authserver.config import AuthServerConfig, ClientConfig, ServerConfig
+from authserver.errors import OAuthError
+from authserver.forms import read_form
+from authserver.sessions import (
+    cookie_name,
+    new_session,
+    read_cookie,
+    session_hash,
+    set_cookie,
+    valid_session_value,
+)
+from authserver.store import CodeRecord, SessionRecord, Store, StoreUnavailable, StoreWorker
+from authserver.throttle import AuthThrottle
+from authserver.users import Authenticated, User, UserDirectory, username_key
+from tokengate.asgi import Headers, Receive, Scope, Send, send_bytes
+from tokengate.jsonlog import AuditLog, log_event
+from tokengate.metrics import Metrics
+from tokengate.proxies import NO_PROXIES, TrustedProxies
+
+T = TypeVar("T")
+SIGNIN_TTL = 600  # seconds a sign-in page stays usable
+SIGNIN_COOKIE = "tg_signin"
+BAD_CREDENTIALS = "The username or password is incorrect."
+HTML = (b"content-type", b"text/html; charset=utf-8")
+PAGE_HEADERS: Headers = [
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"cache-control", b"no-store"),
+    (b"pragma", b"no-cache"),
+    (b"x-content-type-options", b"nosniff"),
+]
+_CSP = (
+    "default-src 'none'; style-src 'self'; img-src 'self' https:; form-action 'self'{extra}; "
+    "frame-ancestors 'none'; base-uri 'none'"
+)
+MAX_FIELD = 1024  # characters of a username or password the form accepts
+
+
+def page_headers(form_target: str | None = None) -> Headers:
+    """The security headers of every page; ``form_target``: the origin a form_post
+    response's form may post to."""
+    extra = f" {form_target}" if form_target else ""
+    return [(b"content-security-policy", _CSP.format(extra=extra).encode()), *PAGE_HEADERS]
+
+
+def _origin(uri: str) -> str:
+    parts = urlsplit(uri)
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """Where the sign-in pages live, under the public URL's path."""
+
+    login: str
+    stylesheet: str
+    brand_stylesheet: str
+
+    @classmethod
+    def of(cls, public_url: str) -> Paths:
+        base = urlsplit(public_url).path.rstrip("/") + "/signin"
+        return cls(f"{base}/login", f"{base}/static/signin.css", f"{base}/static/brand.css")
+
+
+class SignIn:
+    """The authorization endpoint of every server and the org-wide sign-in pages."""
+
+    def __init__(
+        self,
+        *,
+        config: AuthServerConfig,
+        store: Store,
+        io: StoreWorker,
+        users: UserDirectory,
+        throttle: AuthThrottle,
+        audit: AuditLog,
+        metrics: Metrics,
+        proxies: TrustedProxies = NO_PROXIES,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.config = config
+        self.clients: dict[str, ClientConfig] = {c.client_id: c for c in config.clients}
+        self.servers = {s.name: s for s in config.servers}
+        self.store = store
+        self.io = io
+        self.users = users
+        self.throttle = throttle
+        self.audit = audit
+        self.metrics = metrics
+        self.proxies = proxies
+        self.clock = clock
+        self.secure = config.public_url.startswith("https://")
+        self.paths = Paths.of(config.public_url)
+        self.signin_cookie = ("__Host-" if self.secure else "") + SIGNIN_COOKIE
+        self.templates = jinja2.Environment(
+            loader=jinja2.PackageLoader("authserver", "templates"),
+            autoescape=True,
+            undefined=jinja2.StrictUndefined,
+        )
+        self.stylesheet = resources.files("authserver").joinpath("static/signin.css").read_bytes()
+        brand = config.sign_in.brand
+        self.brand_css = f":root {{ --accent: {brand.color}; }}\n".encode()
+
+    def routes(self) -> dict[str, Callable[[Scope, Receive, Send], Any]]:
+        """The org-wide paths, besides each server's authorize endpoint."""
+        return {
+            self.paths.login: self.login,
+            self.paths.stylesheet: self._static(self.stylesheet),
+            self.paths.brand_stylesheet: self._static(self.brand_css),
+        }
+
+    # -- {issuer}/v1/authorize ------------------------------------------------
+
+    async def authorize(
+        self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        if scope["method"] not in ("GET", "POST"):
+            await self._error_page(send, "invalid_request", "Use GET or POST.", 405)
+            return
+        try:
+            pairs = await self._parameters(scope, receive)
+        except OAuthError as exc:
+            await self._error_page(send, exc.error, exc.description, 400)
+            return
+        params, repeated = _collect(pairs)
+        try:
+            request = parse_authorize(server, self.clients, params, repeated)
+        except PageError as exc:
+            await self._error_page(send, exc.error, exc.description, 400)
+            return
+        except RedirectError as exc:
+            await self._respond(send, exc.target, exc.params())
+            return
+        try:
+            await self._authorize(request, params, scope, send)
+        except StoreUnavailable:
+            await self._respond(
+                send,
+                request.target,
+                request.target.params(
+                    error="temporarily_unavailable", error_description="retry later"
+                ),
+            )
+
+    async def _authorize(
+        self, request: AuthorizeRequest, params: dict[str, str], scope: Scope, send: Send
+    ) -> None:
+        now = int(self.clock())
+        found = await self._session(scope, now)
+        if found is not None and not _needs_sign_in(request, found[0], now):
+            session, user = found
+            await self._issue_code(send, request, user, session, now, [])
+            return
+        if request.prompt == "none":
+            await self._respond(
+                send,
+                request.target,
+                request.target.params(
+                    error="login_required", error_description="the user must sign in"
+                ),
+            )
+            return
+        cookie_value = secrets.token_urlsafe(32)
+        await self._io(
+            self.store.add_interaction,
+            session_hash(cookie_value),
+            request.server.name,
+            json.dumps(params, sort_keys=True),
+            secrets.token_urlsafe(32),
+            now + SIGNIN_TTL,
+        )
+        headers = [
+            (b"location", self.paths.login.encode()),
+            (b"set-cookie", self._signin_cookie(cookie_value)),
+            *page_headers(),
+        ]
+        await send_bytes(send, 303, b"", headers)
+
+    # -- {public_url}/signin/login ----------------------------------------------
+
+    async def login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._login(scope, receive, send)
+        except StoreUnavailable:
+            await self._error_page(
+                send, "temporarily_unavailable", "Sign-in is unavailable; try again soon.", 503
+            )
+
+    async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "POST"):
+            await self._error_page(send, "invalid_request", "Use GET or POST.", 405)
+            return
+        now = int(self.clock())
+        cookie = read_cookie(_cookies(scope), self.signin_cookie)
+        found = None
+        if valid_session_value(cookie):
+            assert cookie is not None
+            found = await self._io(self.store.interaction, session_hash(cookie), now)
+        if found is None:
+            await self._error_page(
+                send,
+                "expired",
+                "This sign-in page has expired or was opened elsewhere. "
+                "Go back to the application and start again.",
+                400,
+            )
+            return
+        assert cookie is not None
+        server_name, params_json, csrf = found
+        server = self.servers.get(server_name)
+        try:
+            if server is None:
+                raise PageError("invalid_request", "the authorization server is gone")
+            request = parse_authorize(server, self.clients, json.loads(params_json))
+        except PageError as exc:  # the config changed meanwhile
+            await self._error_page(send, exc.error, exc.description, 400)
+            return
+        except RedirectError as exc:
+            await self._respond(send, exc.target, exc.params())
+            return
+        if scope["method"] == "GET":
+            await self._form(send, request, csrf, request.login_hint or "", None, 200)
+            return
+        try:
+            form = await read_form(scope, receive, self.config.max_body_bytes)
+        except OAuthError:
+            await self._error_page(send, "invalid_request", "The form could not be read.", 400)
+            return
+        presented = form.get("csrf_token") or ""
+        if not hmac.compare_digest(presented.encode(), csrf.encode()):
+            await self._error_page(
+                send,
+                "invalid_request",
+                "This form has expired. Go back to the application and start again.",
+                400,
+            )
+            return
+        username = (form.get("username") or "")[:MAX_FIELD]
+        password = (form.get("password") or "")[:MAX_FIELD]
+        await self._check_password(scope, send, request, cookie, csrf, username, password, now)
+
+    async def _check_password(
+        self,
+        scope: Scope,
+        send: Send,
+        request: AuthorizeRequest,
+        cookie: str,
+        csrf: str,
+        username: str,
+        password: str,
+        now: int,
+    ) -> None:
+        ip = self._remote_addr(scope)
+        event: dict[str, Any] = {
+            "server": request.server.name,
+            "client_id": request.client.client_id,
+            "user_id": None,
+            "username": username or None,
+            "remote_addr": ip,
+        }
+        throttle_key = "user:" + username_key(username)  # as users are told apart
+        if self.throttle.retry_after(throttle_key, ip) is not None:
+            outcome: Any = None
+            reason = "locked"
+        else:
+            outcome = await self.users.authenticate(username, password)
+            reason = outcome.reason if not isinstance(outcome, Authenticated) else "ok"
+        if not isinstance(outcome, Authenticated):
+            self.throttle.failed(throttle_key, ip)
+            if outcome is not None and outcome.user is not None:
+                event.update(user_id=outcome.user.id, username=outcome.user.username)
+            self.audit.emit("user.signin", **event, outcome="failure", reason=reason)
+            self.metrics.signins.labels("failure").inc()
+            await self._form(send, request, csrf, username, BAD_CREDENTIALS, 401)
+            return
+        user = outcome.user
+        self.throttle.succeeded(throttle_key)
+        started = new_session(user.id, now, self.config.sessions)
+        await self._io(self.store.add_session, started.session_hash, started.record)
+        await self._io(self.store.end_interaction, session_hash(cookie))
+        event.update(user_id=user.id, username=user.username)
+        self.audit.emit("user.signin", **event, outcome="success", reason="ok")
+        self.audit.emit("session.created", **event, sid=started.record.sid)
+        self.metrics.signins.labels("success").inc()
+        cookies = [
+            (b"set-cookie", set_cookie(started.cookie_value, secure=self.secure)),
+            (b"set-cookie", self._signin_cookie("", clear=True)),
+        ]
+        await self._issue_code(send, request, user, started.record, now, cookies)
+
+    # -- shared steps -------------------------------------------------------------
+
+    async def _session(self, scope: Scope, now: int) -> tuple[SessionRecord, User] | None:
+        value = read_cookie(_cookies(scope), cookie_name(self.secure))
+        if not valid_session_value(value):
+            return None
+        assert value is not None
+        record = await self._io(
+            self.store.touch_session, session_hash(value), now, self.config.sessions.idle_timeout
+        )
+        if record is None:
+            return None
+        user = await self.users.get(record.user_id)
+        if user is None or user.disabled:
+            return None
+        return record, user
+
+    async def _issue_code(
+        self,
+        send: Send,
+        request: AuthorizeRequest,
+        user: User,
+        session: SessionRecord,
+        now: int,
+        headers: Headers,
+    ) -> None:
+        code = new_code()
+        record = CodeRecord(
+            server=request.server.name,
+            client_id=request.client.client_id,
+            redirect_uri=request.target.redirect_uri,
+            code_challenge=request.code_challenge,
+            nonce=request.nonce,
+            scopes=request.scopes,
+            user_id=user.id,
+            session_id=session.sid,
+            auth_time=session.auth_time,
+            expires_at=now + CODE_TTL,
+        )
+        await self._io(self.store.add_code, code_hash(code), record)
+        await self._respond(send, request.target, request.target.params(code=code), headers)
+
+    async def _respond(
+        self, send: Send, target: Target, params: dict[str, str], headers: Headers = ()
+    ) -> None:
+        """The response to the client: 303 to its redirect URI, or a form_post page."""
+        if target.response_mode == "form_post":
+            body = form_post_page(target, params)
+            all_headers = [HTML, *headers, *page_headers(_origin(target.redirect_uri))]
+            await send_bytes(send, 200, body, all_headers)
+            return
+        location = redirect_location(target, params).encode()
+        await send_bytes(send, 303, b"", [(b"location", location), *headers, *page_headers()])
+
+    async def _form(
+        self,
+        send: Send,
+        request: AuthorizeRequest,
+        csrf: str,
+        username: str,
+        error: str | None,
+        status: int,
+    ) -> None:
+        body = self._render(
+            "signin.html",
+            action=self.paths.login,
+            csrf_token=csrf,
+            client_id=request.client.client_id,
+            username=username,
+            error=error,
+        )
+        await send_bytes(send, status, body, [HTML, *page_headers()])
+
+    async def _error_page(self, send: Send, error: str, message: str, status: int) -> None:
+        body = self._render("error.html", error=error, message=message)
+        await send_bytes(send, status, body, [HTML, *page_headers()])
+
+    def _render(self, name: str, **context: Any) -> bytes:
+        return (
+            self.templates.get_template(name)
+            .render(
+                brand=self.config.sign_in.brand,
+                stylesheet=self.paths.stylesheet,
+                brand_stylesheet=self.paths.brand_stylesheet,
+                **context,
+            )
+            .encode()
+        )
+
+    def _static(self, body: bytes) -> Callable[[Scope, Receive, Send], Any]:
+        async def serve(scope: Scope, receive: Receive, send: Send) -> None:
+            if scope["method"] not in ("GET", "HEAD"):
+                await self._error_page(send, "invalid_request", "Use GET.", 405)
+                return
+            headers = [
+                (b"content-type", b"text/css; charset=utf-8"),
+                (b"cache-control", b"public, max-age=3600"),
+                (b"x-content-type-options", b"nosniff"),
+            ]
+            await send_bytes(send, 200, b"" if scope["method"] == "HEAD" else body, headers)
+
+        return serve
+
+    def _signin_cookie(self, value: str, *, clear: bool = False) -> bytes:
+        flags = "; Secure" if self.secure else ""
+        age = "; Max-Age=0" if clear else f"; Max-Age={SIGNIN_TTL}"
+        return f"{self.signin_cookie}={value}; Path=/{age}; HttpOnly; SameSite=Lax{flags}".encode()
+
+    async def _parameters(self, scope: Scope, receive: Receive) -> list[tuple[str, str]]:
+        if scope["method"] == "POST":
+            form = await read_form(scope, receive, self.config.max_body_bytes)
+            return list(form.values.items())  # a repeated parameter was refused already
+        query = scope.get("query_string", b"").decode("latin-1")
+        try:
+            return parse_qsl(query, keep_blank_values=False, errors="strict")
+        except (UnicodeDecodeError, ValueError):
+            raise OAuthError("invalid_request", "the query string is not valid UTF-8") from None
+
+    def _remote_addr(self, scope: Scope) -> str | None:
+        client = scope.get("client")
+        source = self.proxies.origin(
+            client[0] if client else None, scope.get("scheme", "http"), scope["headers"]
+        )
+        return source.client
+
+    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await self.io.call(fn, *args)
+        except StoreUnavailable as exc:
+            log_event("authserver.store_unavailable", error=str(exc))
+            raise
+
+
+def _collect(pairs: list[tuple[str, str]]) -> tuple[dict[str, str], set[str]]:
+    """Parameters by name (empty values dropped), and the names sent more than once."""
+    params: dict[str, str] = {}
+    repeated: set[str] = set()
+    for name, value in pairs:
+        if not value:
+            continue
+        if name in params and params[name] != value:
+            repeated.add(name)
+        params.setdefault(name, value)
+    return params, repeated
+
+
+def _needs_sign_in(request: AuthorizeRequest, session: SessionRecord, now: int) -> bool:
+    if request.prompt == "login":
+        return True
+    return request.max_age is not None and now - session.auth_time > request.max_age
+
+
+def _cookies(scope: Scope) -> list[bytes]:
+    return [value for name, value in scope["headers"] if name == b"cookie"]
