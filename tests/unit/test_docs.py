@@ -34,6 +34,7 @@ def test_there_are_docs_pages() -> None:
         "security.md",
         "performance.md",
         "users.md",
+        "sign-in.md",
     }
 
 
