@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from authserver.passwords import EnvPassword, password_problem, phc_problem
 from authserver.redirect_uris import redirect_uri_problem
-from authserver.users import claim_problem, group_problem, username_key, username_problem
+from authserver.userrules import claim_problem, group_problem, username_key, username_problem
 from tokengate.jwk import PublicKey, load_public_jwk
 from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
 from tokengate.proxies import NO_PROXIES, TrustedProxies, as_trusted_proxies
@@ -151,7 +151,7 @@ class UserConfig:
     ``${NAME}`` reference, held sealed: never the password in the clear)."""
 
     username: str
-    username_key: str  # what makes it unique: see authserver.users.username_key
+    username_key: str  # what makes it unique: see authserver.userrules.username_key
     password_hash: str | None = field(repr=False)
     password: EnvPassword | None
     profile: MappingProxyType[str, Any]

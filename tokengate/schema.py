@@ -33,7 +33,7 @@ from authserver.config import (
     Brand,
 )
 from authserver.passwords import MIN_PASSWORD_LENGTH
-from authserver.users import (
+from authserver.userrules import (
     BOOLEAN_CLAIMS,
     MANAGED_CLAIMS,
     MAX_GROUP_LENGTH,
