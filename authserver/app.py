@@ -224,6 +224,20 @@ class AuthServices:
         self.store.close()
 
 
+class StartTracking:
+    """``send`` that remembers whether the response has started: after that, a failure
+    can only end the connection, not answer 500."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class AuthServerApp:
     """Routes ``{issuer}/...`` paths of every configured authorization server."""
 
@@ -259,13 +273,7 @@ class AuthServerApp:
         """Run the handler; an unexpected exception is a logged, audited 500, never a
         traceback for the client."""
         handler, server, audit_event = route
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = StartTracking(send)
         try:
             await handler(server, scope, receive, tracked)
         except ClientDisconnected:
@@ -280,7 +288,7 @@ class AuthServerApp:
             )
             if audit_event is not None:
                 self.services.endpoints.internal_error(audit_event, server, scope)
-            if started:
+            if tracked.started:
                 raise  # the server ends the half-sent response
             await send_error(send, server_error())
 
@@ -292,13 +300,7 @@ class AuthServerApp:
         send: Send,
     ) -> None:
         """An org-wide sign-in page, under the same safety net as the endpoints."""
-        started = False
-
-        async def tracked(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracked = StartTracking(send)
         try:
             await page(scope, receive, tracked)
         except ClientDisconnected:
@@ -310,7 +312,7 @@ class AuthServerApp:
                 error=type(exc).__name__,
                 traceback=traceback_frames(exc),
             )
-            if started:
+            if tracked.started:
                 raise
             await send_error(send, server_error())
 
