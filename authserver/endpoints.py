@@ -405,10 +405,7 @@ class Endpoints:
 
     def _event(self, server: ServerConfig, scope: Scope) -> dict[str, Any]:
         """The fields every authorization-server audit line carries."""
-        client = scope.get("client")
-        source = self.proxies.origin(
-            client[0] if client else None, scope.get("scheme", "http"), scope["headers"]
-        )
+        source = self.proxies.origin_of(scope)
         return {
             "server": server.name,
             "client_id": None,

@@ -447,11 +447,7 @@ class SignIn:
             raise OAuthError("invalid_request", "the query string is not valid UTF-8") from None
 
     def _remote_addr(self, scope: Scope) -> str | None:
-        client = scope.get("client")
-        source = self.proxies.origin(
-            client[0] if client else None, scope.get("scheme", "http"), scope["headers"]
-        )
-        return source.client
+        return self.proxies.origin_of(scope).client
 
     async def _io(self, fn: Callable[..., T], *args: Any) -> T:
         try:

@@ -185,10 +185,7 @@ class GatewayApp:
                 sent_id = value
         rid = self.request_ids.pick(sent_id)
         rid_bytes = rid.encode()
-        client = scope.get("client")
-        source = state.proxies.origin(
-            client[0] if client else None, scope.get("scheme", "http"), headers
-        )
+        source = state.proxies.origin_of(scope)
         route: Route | None = None
         principal: Principal | None = None
         path = scope["path"]

@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from tokengate.yamlconf import ConfigError, Node, as_str, list_of
 
@@ -91,6 +91,13 @@ class TrustedProxies:
                 self._seen.clear()
             self._seen[text] = known
         return known
+
+    def origin_of(self, scope: Mapping[str, Any]) -> Origin:
+        """The client of an ASGI HTTP request."""
+        client = scope.get("client")
+        return self.origin(
+            client[0] if client else None, scope.get("scheme", "http"), scope["headers"]
+        )
 
     def origin(
         self, peer: str | None, scheme: str, headers: Iterable[tuple[bytes, bytes]]
