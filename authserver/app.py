@@ -14,16 +14,19 @@ import httpx
 
 from authserver.clientauth import ClientAuthenticator, ClientKeyFetcher
 from authserver.config import AuthServerConfig, ServerConfig
+from authserver.cors import server_origins, with_cors
 from authserver.endpoints import Endpoints, declare_series
 from authserver.errors import not_found, send_error, server_error
 from authserver.keyring import KeyRing
 from authserver.keys import RELOAD_INTERVAL, KeyFiles, KeyManager
+from authserver.logout import Logout
 from authserver.metadata import authorization_server_metadata, openid_configuration
 from authserver.passwords import PasswordWorker
 from authserver.signin import SignIn
 from authserver.store import SqliteStore, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle, MemoryThrottle
 from authserver.tokens import TokenVerifier
+from authserver.userinfo import UserInfo
 from authserver.users import UserDirectory
 from tokengate.asgi import ClientDisconnected, Message, Receive, Scope, Send, json_bytes
 from tokengate.jsonlog import AuditLog, log_event, traceback_frames
@@ -344,21 +347,33 @@ def build_routes(
     """Path -> (handler, server, the audit event its requests write)."""
     routes: dict[str, Route] = {}
     clients = signin.config.clients
+    userinfo = UserInfo(
+        verify=endpoints.verify_access_token,
+        users=endpoints.users,
+        clients=signin.clients,
+        max_body_bytes=signin.config.max_body_bytes,
+    )
+    logout = Logout(
+        signin=signin, keyring=endpoints.keyring, audit=endpoints.audit, clock=endpoints.clock
+    )
     for server in servers:
         base = urlsplit(server.issuer).path
         metadata = endpoints.document(json_bytes(authorization_server_metadata(server, clients)))
         oidc = endpoints.document(json_bytes(openid_configuration(server, clients)))
-        for path, handler, audit_event in (
-            (f"{base}/.well-known/oauth-authorization-server", metadata, None),
-            (f"/.well-known/oauth-authorization-server{base}", metadata, None),  # RFC 8414 3.1
-            (f"{base}/.well-known/openid-configuration", oidc, None),
-            (f"{base}/v1/keys", endpoints.keys, None),
-            (f"{base}/v1/authorize", signin.authorize, None),
-            (f"{base}/v1/token", endpoints.token, "token.denied"),
-            (f"{base}/v1/introspect", endpoints.introspect, "token.introspected"),
-            (f"{base}/v1/revoke", endpoints.revoke, "token.revoked"),
+        origins = server_origins(server, clients)
+        for path, handler, audit_event, cors in (
+            (f"{base}/.well-known/oauth-authorization-server", metadata, None, True),
+            (f"/.well-known/oauth-authorization-server{base}", metadata, None, True),  # RFC 8414
+            (f"{base}/.well-known/openid-configuration", oidc, None, True),
+            (f"{base}/v1/keys", endpoints.keys, None, True),
+            (f"{base}/v1/authorize", signin.authorize, None, False),
+            (f"{base}/v1/token", endpoints.token, "token.denied", True),
+            (f"{base}/v1/introspect", endpoints.introspect, "token.introspected", False),
+            (f"{base}/v1/revoke", endpoints.revoke, "token.revoked", True),
+            (f"{base}/v1/userinfo", userinfo, None, True),
+            (f"{base}/v1/logout", logout, None, False),
         ):
-            routes[path] = (handler, server, audit_event)
+            routes[path] = (with_cors(handler, origins) if cors else handler, server, audit_event)
     return routes
 
 

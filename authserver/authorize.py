@@ -92,8 +92,11 @@ class AuthorizeRequest:
 
 def client_scopes(server: ServerConfig, client: ClientConfig) -> frozenset[str]:
     """What the client may ask this server for: the server's scopes and the built-in
-    OIDC scopes, narrowed to the client's list when it has one."""
+    OIDC scopes, narrowed to the client's list when it has one. ``offline_access``
+    only for a client that may use refresh tokens."""
     offered = frozenset(server.scopes) | frozenset(OIDC_SCOPES)
+    if "refresh_token" not in client.grant_types:
+        offered -= {"offline_access"}
     return offered if client.scopes is None else offered & frozenset(client.scopes)
 
 

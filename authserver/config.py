@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from authserver.passwords import EnvPassword, password_problem, phc_problem
 from authserver.redirect_uris import redirect_uri_problem
@@ -45,10 +46,13 @@ AUTH_METHODS: tuple[AuthMethod, ...] = (
     "client_secret_post",
     "private_key_jwt",
 )
-GRANT_TYPES = ("client_credentials", "authorization_code")
+GRANT_TYPES = ("client_credentials", "authorization_code", "refresh_token")
 DEFAULT_GRANT_TYPES = ("client_credentials",)
 PUBLIC = "none"  # auth_method of a public client (a SPA or native app): no credentials
-OIDC_SCOPES = ("openid", "profile", "email")  # built into every server
+# built into every server (OIDC Core 5.4, 11)
+OIDC_SCOPES = ("openid", "profile", "email", "address", "phone", "offline_access")
+TOKEN_KINDS = ("access_token", "id_token")  # where a user claim may go
+USER_CLAIM_SOURCES = ("groups", "username", "profile.")  # what a user claim is read from
 BRAND_COLOR = re.compile(r"#[0-9A-Fa-f]{6}")
 IntrospectAccess = Literal["own", "any"]
 INTROSPECT_ACCESS: tuple[IntrospectAccess, ...] = ("own", "any")
@@ -59,10 +63,37 @@ RESERVED_CLAIMS = frozenset(
     # what names a person: a client's own token never speaks for one
     | {"preferred_username", "auth_time", "amr", "acr", "sid", "nonce", "azp"}
 )
+# what an ID token carries of its own: a user claim cannot take these names either
+_ID_TOKEN_OWN = frozenset({"at_hash", "c_hash", "s_hash", "auth_time", "amr", "acr", "sid"})
 MIN_SECRET_LENGTH = 32
 SCOPE_TOKEN = re.compile(r"[\x21\x23-\x5b\x5d-\x7e]+")  # RFC 6749 section 3.3
 _CLIENT_ID = re.compile(r"[\x20-\x7e]{1,255}")
 _ENV_ONLY = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshTokenTimes:
+    """A refresh token ends ``idle_ttl`` after it was issued unless used (and so
+    rotated) before; its family (every token from one sign-in) ends ``max_ttl`` after
+    the sign-in, however often it was rotated."""
+
+    idle_ttl: int = 7 * 86400
+    max_ttl: int = 90 * 86400
+
+
+DEFAULT_REFRESH_TIMES = RefreshTokenTimes()
+
+
+@dataclass(frozen=True, slots=True)
+class UserClaim:
+    """A claim read from the user into tokens (Okta's custom claims): ``source`` is
+    ``groups``, ``username`` or ``profile.<key>``; ``scope``: only when that scope was
+    granted (None: always)."""
+
+    name: str
+    source: str
+    into: frozenset[str]  # of TOKEN_KINDS
+    scope: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +107,16 @@ class ServerConfig:
     access_token_ttl: int
     scopes: tuple[str, ...]
     id_token_ttl: int = 3600
+    refresh_tokens: RefreshTokenTimes = DEFAULT_REFRESH_TIMES
+    user_claims: tuple[UserClaim, ...] = ()
+
+    @property
+    def userinfo_endpoint(self) -> str:
+        return f"{self.issuer}/v1/userinfo"
+
+    @property
+    def end_session_endpoint(self) -> str:
+        return f"{self.issuer}/v1/logout"
 
     @property
     def authorization_endpoint(self) -> str:
@@ -112,6 +153,9 @@ class ClientConfig:
     introspect: IntrospectAccess = "own"  # "any": every token of its servers (resource servers)
     redirect_uris: tuple[str, ...] = ()  # authorization_code: compared exactly (RFC 8252 aside)
     require_pkce: bool = True  # false only for a confidential client
+    post_logout_redirect_uris: tuple[str, ...] = ()  # where logout may send the browser
+    groups: frozenset[str] | None = None  # only members may sign in (None: everyone)
+    allowed_origins: frozenset[str] = frozenset()  # CORS on token/userinfo/revoke/keys
 
     @property
     def public(self) -> bool:
@@ -260,12 +304,20 @@ def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:
     for item in f.node_at("servers").items():
         s = item.fields(
             required=("name", "audience"),
-            optional=("signing_alg", "access_token_ttl", "scopes", "id_token_ttl"),
+            optional=(
+                "signing_alg",
+                "access_token_ttl",
+                "scopes",
+                "id_token_ttl",
+                "refresh_tokens",
+                "user_claims",
+            ),
         )
         name = s.get("name", as_name)
         if name in seen:
             s.node_at("name").error(f"duplicate server name {name!r}")
         seen.add(name)
+        scopes = s.get("scopes", list_of(as_scope), ()) or ()
         out.append(
             ServerConfig(
                 name=name,
@@ -273,13 +325,67 @@ def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:
                 audience=s.get("audience", as_str),
                 signing_alg=s.get("signing_alg", one_of(*SIGNING_ALGS), "RS256"),  # type: ignore[arg-type]
                 access_token_ttl=s.get("access_token_ttl", as_seconds, 3600),
-                scopes=s.get("scopes", list_of(as_scope), ()),
+                scopes=scopes,
                 id_token_ttl=s.get("id_token_ttl", as_seconds, 3600),
+                refresh_tokens=s.get("refresh_tokens", as_refresh_times, DEFAULT_REFRESH_TIMES)
+                or DEFAULT_REFRESH_TIMES,
+                user_claims=_parse_user_claims(s, scopes),
             )
         )
     if not out and f.has("servers"):
         f.node_at("servers").error("must list at least one authorization server")
     return tuple(out)
+
+
+def _parse_user_claims(s: Fields, scopes: tuple[str, ...]) -> tuple[UserClaim, ...]:
+    out: list[UserClaim] = []
+    seen: set[str] = set()
+    offered = {*scopes, *OIDC_SCOPES}
+    for item in s.node_at("user_claims").items() if s.has("user_claims") else ():
+        claim = guarded(item, as_user_claim)
+        if claim is None:
+            continue
+        if claim.name in seen:
+            item.report.add(f"{item.path}.name", f"duplicate user claim {claim.name!r}")
+        seen.add(claim.name)
+        if claim.scope is not None and claim.scope not in offered:
+            item.report.add(
+                f"{item.path}.scope", f"scope {claim.scope!r} is not offered by this server"
+            )
+        out.append(claim)
+    return tuple(out)
+
+
+def as_user_claim(node: Node) -> UserClaim:
+    c = node.fields(required=("name", "from"), optional=("into", "scope"))
+    name = c.get("name", as_str)
+    if name is not None and (name in RESERVED_CLAIMS or name in _ID_TOKEN_OWN):
+        c.node_at("name").error(f"claim {name!r} is set by the authorization server")
+    source = c.get("from", as_str)
+    if source is not None and not (
+        source in ("groups", "username")
+        or (source.startswith("profile.") and len(source) > len("profile."))
+    ):
+        c.node_at("from").error(f"must be groups, username or profile.<key>, got {source!r}")
+    into = c.get("into", list_of(one_of(*TOKEN_KINDS)), TOKEN_KINDS) or ()
+    if c.has("into") and not into:
+        c.node_at("into").error("must name access_token, id_token or both")
+    return UserClaim(
+        name=name or "",
+        source=source or "",
+        into=frozenset(into),
+        scope=c.get("scope", as_scope, None),
+    )
+
+
+def as_refresh_times(node: Node) -> RefreshTokenTimes:
+    f = node.fields(optional=("idle_ttl", "max_ttl"))
+    d = DEFAULT_REFRESH_TIMES
+    idle = f.get("idle_ttl", as_seconds, d.idle_ttl)
+    longest = f.get("max_ttl", as_seconds, d.max_ttl)
+    if idle is not None and longest is not None and idle > longest:
+        f.node_at("idle_ttl").error(f"must not exceed max_ttl ({longest}s)")
+    return RefreshTokenTimes(idle_ttl=idle or d.idle_ttl, max_ttl=longest or d.max_ttl)
 
 
 def _parse_clients(f: Fields, servers: tuple[ServerConfig, ...]) -> tuple[ClientConfig, ...]:
@@ -313,6 +419,9 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
             "introspect",
             "redirect_uris",
             "require_pkce",
+            "post_logout_redirect_uris",
+            "groups",
+            "allowed_origins",
         ),
     )
     client_id = c.get("client_id", as_client_id)
@@ -371,6 +480,17 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         node.error("an authorization_code client needs redirect_uris")
     if redirect_uris and "authorization_code" not in grants:
         c.node_at("redirect_uris").error("is only for clients with grant type authorization_code")
+    if "refresh_token" in grants and "authorization_code" not in grants:
+        c.node_at("grant_types").error("refresh_token needs authorization_code (users' tokens)")
+    logout_uris = c.get("post_logout_redirect_uris", list_of(as_redirect_uri), ()) or ()
+    if logout_uris and "authorization_code" not in grants:
+        c.node_at("post_logout_redirect_uris").error(
+            "is only for clients with grant type authorization_code"
+        )
+    groups = c.get("groups", list_of(as_group), None)
+    if groups is not None and "authorization_code" not in grants:
+        c.node_at("groups").error("is only for clients with grant type authorization_code")
+    origins = c.get("allowed_origins", list_of(as_origin), ()) or ()
     return ClientConfig(
         client_id=client_id,
         auth_methods=methods,
@@ -384,6 +504,9 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         introspect=c.get("introspect", one_of(*INTROSPECT_ACCESS), "own") or "own",  # type: ignore[arg-type]
         redirect_uris=redirect_uris,
         require_pkce=require_pkce is not False,
+        post_logout_redirect_uris=logout_uris,
+        groups=frozenset(groups) if groups is not None else None,
+        allowed_origins=frozenset(origins),
     )
 
 
@@ -566,6 +689,35 @@ def as_logo_url(node: Node) -> str:
     if not re.fullmatch(r"https://[^\s\"'<>()\\]+", text):
         raise ConfigError(node.path, "must be an https URL")
     return text
+
+
+def as_origin(node: Node) -> str:
+    """A web origin (RFC 6454) as browsers send it: scheme, host and port, no path;
+    https, or http on a loopback host."""
+    text = as_str(node)
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError:
+        parts, port = None, None
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or parts.username is not None
+        or parts.path
+        or parts.query
+        or parts.fragment
+        or text.endswith(("?", "#"))
+    ):
+        raise ConfigError(
+            node.path, f"must be an origin such as https://app.example.com (no path), got {text!r}"
+        )
+    if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise ConfigError(node.path, f"must be https (http only on loopback), got {text!r}")
+    default = 443 if parts.scheme == "https" else 80
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return f"{parts.scheme}://{host}" + (f":{port}" if port not in (None, default) else "")
 
 
 def non_negative_int(node: Node) -> int:

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from authserver.clientauth import JWKS_UNAVAILABLE, AuthenticatedClient, ClientAuthenticator
-from authserver.codes import code_hash
 from authserver.config import ClientConfig, ServerConfig
 from authserver.errors import (
     NO_STORE,
@@ -28,11 +27,10 @@ from authserver.grants import (
     requested_scopes,
 )
 from authserver.keyring import KeyRing
-from authserver.oidc import SignIn, id_token_claims, user_access_token_claims
-from authserver.pkce import verifier_matches
-from authserver.store import CodeRecord, Store, StoreUnavailable, StoreWorker
+from authserver.store import Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
 from authserver.tokens import TokenVerifier, access_token_claims, new_jti
+from authserver.usergrants import CODE_GRANT, REFRESH_GRANT, UserGrants, may_use, refresh_hash
 from authserver.users import UserDirectory
 from tokengate.asgi import (
     JSON_TYPE,
@@ -50,7 +48,7 @@ from tokengate.proxies import NO_PROXIES, TrustedProxies
 
 T = TypeVar("T")
 JWKS_FRESH = 1.0  # seconds: a JWKS answer re-reads key records older than this
-CODE_GRANT = "authorization_code"
+USER_GRANTS = (CODE_GRANT, REFRESH_GRANT)
 
 
 class Endpoints:
@@ -85,6 +83,15 @@ class Endpoints:
         self.max_body_bytes = max_body_bytes
         self.jwks_cache_control = f"public, max-age={jwks_max_age}".encode()
         self.clock = clock
+        self.user_grants = UserGrants(
+            keyring=keyring,
+            store=store,
+            call=self._store,
+            users=users,
+            audit=audit,
+            metrics=metrics,
+            clock=clock,
+        )
 
     # -- token -------------------------------------------------------------
 
@@ -96,13 +103,18 @@ class Endpoints:
             event["grant_type"] = grant_type if grant_type in KNOWN_GRANT_TYPES else None
             if grant_type is None:
                 raise invalid_request("grant_type is required")
-            if grant_type == CODE_GRANT:
-                body = await self._code_grant(server, scope, form, event)
+            if grant_type in USER_GRANTS:
+                client = await self._user_client(server, scope, form, event)
+                grant = (
+                    self.user_grants.code if grant_type == CODE_GRANT else self.user_grants.refresh
+                )
+                body = await grant(server, client, form, event)
                 await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE])
                 return
             if grant_type != GRANT_TYPE:
                 raise OAuthError(
-                    "unsupported_grant_type", f"only {GRANT_TYPE} and {CODE_GRANT} are supported"
+                    "unsupported_grant_type",
+                    f"supported: {GRANT_TYPE}, {CODE_GRANT} and {REFRESH_GRANT}",
                 )
             authn = await self._authenticate(scope, form, server, server.token_endpoint, event)
             # only now, for an authenticated client: parse what it asks for
@@ -131,66 +143,23 @@ class Endpoints:
         )
         await send_bytes(send, 200, body, [JSON_TYPE, *NO_STORE])
 
-    # -- authorization code (RFC 6749 4.1.3, RFC 7636 4.5, OIDC Core 3.1.3) -----
+    # -- user grants (authorization_code, refresh_token) ----------------------------
 
-    async def _code_grant(
+    async def _user_client(
         self, server: ServerConfig, scope: Scope, form: Form, event: dict[str, Any]
-    ) -> dict[str, Any]:
-        """Redeem a code: the client that asked for it, the same redirect_uri, the PKCE
-        verifier, a user still allowed in. A second use revokes what the first gave."""
+    ) -> ClientConfig:
+        """The client of a user grant: a public client named by client_id alone, or an
+        authenticated confidential one."""
         client = self._public_client(scope, form)
         if client is None:
             authn = await self._authenticate(scope, form, server, server.token_endpoint, event)
-            client = authn.client
-        else:
-            event["client_id"] = client.client_id
-            if server.name not in client.servers:
-                raise OAuthError(
-                    "unauthorized_client",
-                    f"the client may not use authorization server {server.name}",
-                )
-        if CODE_GRANT not in client.grant_types:
-            raise OAuthError("unauthorized_client", f"the client may not use {CODE_GRANT}")
-        key = code_hash(_required(form, "code"))
-        now = int(self.clock())
-        redemption = await self._store(self.store.redeem_code, key, now)
-        if redemption is None:
-            raise OAuthError("invalid_grant", "the code is invalid or expired")
-        record = redemption.record
-        if redemption.reused:
-            await self._revoke_code_tokens(server, record, redemption.jtis, now, event)
-            raise OAuthError("invalid_grant", "the code was used already")
-        if record.client_id != client.client_id or record.server != server.name:
-            raise OAuthError("invalid_grant", "the code was issued to another client")
-        if form.get("redirect_uri") != record.redirect_uri:
-            raise OAuthError("invalid_grant", "redirect_uri differs from the authorization request")
-        verifier_matches(record.code_challenge, form.get("code_verifier"))
-        user = await self.users.get(record.user_id)
-        if user is None or user.disabled:
-            raise OAuthError("invalid_grant", "the user may no longer sign in")
-        event.update(user_id=user.id, username=user.username, scopes=list(record.scopes))
-        sign_in = SignIn(user=user, auth_time=record.auth_time, session_id=record.session_id)
-        jti = new_jti()
-        claims = user_access_token_claims(server, client, sign_in, record.scopes, now, jti)
-        key_set = self.keyring.current(server.name)
-        access_token = key_set.signer.sign(claims)
-        body: dict[str, Any] = {
-            "access_token": access_token,
-            "token_type": "Bearer",
-            "expires_in": server.access_token_ttl,
-            "scope": claims["scope"],
-        }
-        if "openid" in record.scopes:
-            id_claims = id_token_claims(
-                server, client.client_id, sign_in, record.scopes, record.nonce, now, access_token
+            return authn.client
+        event["client_id"] = client.client_id
+        if server.name not in client.servers:
+            raise OAuthError(
+                "unauthorized_client", f"the client may not use authorization server {server.name}"
             )
-            body["id_token"] = key_set.signer.sign_id_token(id_claims)
-        if not await self._store(self.store.code_issued, key, jti, claims["exp"]):
-            raise OAuthError("invalid_grant", "the code was used already")  # reused meanwhile
-        event["jti"] = jti
-        self.audit.emit("token.issued", **event, outcome="issued", reason="ok")
-        self.metrics.tokens_issued.labels(server.name, CODE_GRANT).inc()
-        return body
+        return client
 
     def _public_client(self, scope: Scope, form: Form) -> ClientConfig | None:
         """The public client a request names by client_id alone (no credentials)."""
@@ -201,25 +170,6 @@ class Endpoints:
             return None
         client = self.authenticator.clients.get(form.get("client_id") or "")
         return client if client is not None and client.public else None
-
-    async def _revoke_code_tokens(
-        self,
-        server: ServerConfig,
-        record: CodeRecord,
-        jtis: tuple[str, ...],
-        now: int,
-        event: dict[str, Any],
-    ) -> None:
-        """RFC 6749 10.5: a code used twice; what it gave the first time is revoked."""
-        for jti in jtis:
-            # the tokens were issued at most access_token_ttl ago: gone by then
-            await self._store(self.store.revoke, jti, record.server, now + server.access_token_ttl)
-            self.audit.emit(
-                "token.revoked",
-                **{**event, "jti": jti, "grant_type": CODE_GRANT},
-                outcome="revoked",
-                reason="code_reused",
-            )
 
     # -- introspection (RFC 7662) -------------------------------------------
 
@@ -233,13 +183,13 @@ class Endpoints:
                 scope, form, server, server.introspection_endpoint, event
             )
             token = _required(form, "token")
-            claims, reason = await self._verify(server, token)
+            claims, reason = await self._verify(server, token, form.get("token_type_hint"))
         except OAuthError as exc:
             self._emit_error("token.introspected", event, exc)
             self.metrics.introspections.labels(server.name, "error").inc()
             await send_error(send, exc)
             return
-        jti = claims["jti"] if claims else None
+        jti = claims.get("jti") if claims else None
         if (
             claims is not None
             and authn.client.introspect == "own"
@@ -249,7 +199,7 @@ class Endpoints:
         if claims is None:
             document: dict[str, Any] = {"active": False}
         else:
-            document = {"active": True, **claims, "token_type": "Bearer"}
+            document = {"active": True, **claims}
         event.update(
             jti=jti,
             scopes=_scopes_of(claims),
@@ -270,13 +220,13 @@ class Endpoints:
             form = await self._form(scope, receive)
             authn = await self._authenticate(scope, form, server, server.revocation_endpoint, event)
             token = _required(form, "token")
-            claims, reason = await self._verify(server, token)
+            claims, reason = await self._verify(server, token, form.get("token_type_hint"))
             if claims is not None and claims.get("client_id") != authn.client.client_id:
-                event["jti"] = claims["jti"]
+                event["jti"] = claims.get("jti")
                 raise OAuthError("unauthorized_client", "the token was issued to another client")
             if claims is not None:  # only a revocation that was stored is reported done
-                event["jti"] = claims["jti"]
-                await self._store(self.store.revoke, claims["jti"], server.name, int(claims["exp"]))
+                event["jti"] = claims.get("jti")
+                await self._revoke(server, token, claims)
                 reason = "ok"
         except OAuthError as exc:
             self._emit_error("token.revoked", event, exc)
@@ -284,7 +234,7 @@ class Endpoints:
             await send_error(send, exc)
             return
         event.update(
-            jti=claims["jti"] if claims else None,
+            jti=claims.get("jti") if claims else None,
             scopes=_scopes_of(claims),
             outcome="revoked" if claims else "ignored",
             reason=reason,
@@ -382,13 +332,79 @@ class Endpoints:
             self.metrics.client_auth_failures.labels(server.name, "throttled").inc()
             raise throttled(retry_after)
 
-    async def _verify(self, server: ServerConfig, token: str) -> tuple[dict[str, Any] | None, str]:
-        claims = self.verifier.verify(token, server, self.keyring.current(server.name))
+    async def _verify(
+        self, server: ServerConfig, token: str, hint: str | None = None
+    ) -> tuple[dict[str, Any] | None, str]:
+        """What introspection says of a token of this server: an access token's claims,
+        or a live refresh token's (RFC 7662 2.2, ``token_type: refresh_token``). The
+        hint only says which kind to try first (RFC 7009 2.1)."""
+        kinds = (self._verify_refresh, self._verify_access)
+        if hint != "refresh_token":
+            kinds = kinds[::-1]
+        for verify in kinds:
+            claims = await verify(server, token)
+            if claims is not None:
+                if claims.get("jti") and await self._store(self.store.is_revoked, claims["jti"]):
+                    return None, "token_revoked"
+                return claims, "ok"
+        return None, "token_invalid"
+
+    async def verify_access_token(
+        self, server: ServerConfig, token: str
+    ) -> tuple[dict[str, Any] | None, str]:
+        """A live, unrevoked access token of this server: (claims, "ok"), or (None,
+        why not). A failing store is an OAuthError (503)."""
+        claims = await self._verify_access(server, token)
         if claims is None:
             return None, "token_invalid"
         if await self._store(self.store.is_revoked, claims["jti"]):
             return None, "token_revoked"
         return claims, "ok"
+
+    async def _verify_access(self, server: ServerConfig, token: str) -> dict[str, Any] | None:
+        if token.count(".") != 2:
+            return None
+        claims = self.verifier.verify(token, server, self.keyring.current(server.name))
+        return None if claims is None else {**claims, "token_type": "Bearer"}
+
+    async def _verify_refresh(self, server: ServerConfig, token: str) -> dict[str, Any] | None:
+        if "." in token or len(token) > 128:
+            return None
+        now = int(self.clock())
+        found = await self._store(self.store.refresh_grant, refresh_hash(token), now)
+        if found is None:
+            return None
+        grant, exp = found
+        client = self.authenticator.clients.get(grant.client_id)
+        user = await self.users.get(grant.user_id)
+        if grant.server != server.name or client is None or not may_use(client, user):
+            return None
+        if not grant.offline and not await self._store(
+            self.store.session_alive, grant.session_id, now
+        ):
+            return None
+        assert user is not None
+        return {
+            "token_type": "refresh_token",
+            "iss": server.issuer,
+            "sub": user.id,
+            "username": user.username,
+            "client_id": grant.client_id,
+            "scope": " ".join(grant.scopes),
+            "exp": exp,
+            "auth_time": grant.auth_time,
+        }
+
+    async def _revoke(self, server: ServerConfig, token: str, claims: dict[str, Any]) -> None:
+        """Revoke what introspection found: an access token by its jti; a refresh
+        token with its whole family (RFC 7009 2.1: the grant's access tokens too)."""
+        if claims.get("token_type") != "refresh_token":
+            await self._store(self.store.revoke, claims["jti"], server.name, int(claims["exp"]))
+            return
+        now = int(self.clock())
+        found = await self._store(self.store.refresh_grant, refresh_hash(token), now)
+        if found is not None:
+            await self._store(self.store.revoke_family, found[0].family, now)
 
     async def _store(self, fn: Callable[..., T], *args: Any) -> T:
         """A store call off the event loop; a failing store is a 503 to retry."""
@@ -454,6 +470,7 @@ def declare_series(metrics: Metrics, server: str) -> None:
     """Create one authorization server's labelled series at 0."""
     metrics.tokens_issued.labels(server, GRANT_TYPE)
     metrics.tokens_issued.labels(server, CODE_GRANT)
+    metrics.tokens_issued.labels(server, REFRESH_GRANT)
     for error in TOKEN_ERRORS:
         metrics.token_errors.labels(server, error)
     for result in ("failed", "throttled"):

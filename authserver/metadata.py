@@ -18,6 +18,7 @@ from authserver.pkce import METHODS
 from tokengate.jwk import ALGORITHMS
 
 CODE_GRANT = "authorization_code"
+REFRESH_GRANT = "refresh_token"
 
 
 def _code_flow(server: ServerConfig, clients: tuple[ClientConfig, ...]) -> list[ClientConfig]:
@@ -50,14 +51,20 @@ def authorization_server_metadata(
     }
     if code_clients:
         public = [PUBLIC] if any(c.public for c in code_clients) else []
+        refresh = (
+            [REFRESH_GRANT] if any(REFRESH_GRANT in c.grant_types for c in code_clients) else []
+        )
         metadata.update(
             authorization_endpoint=server.authorization_endpoint,
-            grant_types_supported=[GRANT_TYPE, CODE_GRANT],
+            grant_types_supported=[GRANT_TYPE, CODE_GRANT, *refresh],
             response_types_supported=list(RESPONSE_TYPES),
             response_modes_supported=list(RESPONSE_MODES),
             code_challenge_methods_supported=list(METHODS),
             authorization_response_iss_parameter_supported=True,
-            scopes_supported=[*OIDC_SCOPES, *server.scopes],
+            scopes_supported=[
+                *(s for s in OIDC_SCOPES if s != "offline_access" or refresh),
+                *server.scopes,
+            ],
             token_endpoint_auth_methods_supported=auth_methods + public,
         )
     return metadata
@@ -74,5 +81,10 @@ def openid_configuration(
         "id_token_signing_alg_values_supported": [server.signing_alg] if code_flow else [],
     }
     if code_flow:
-        document["claims_supported"] = list(CLAIMS_SUPPORTED)
+        document["userinfo_endpoint"] = server.userinfo_endpoint
+        document["end_session_endpoint"] = server.end_session_endpoint
+        document["claims_supported"] = [
+            *CLAIMS_SUPPORTED,
+            *(c.name for c in server.user_claims if c.name not in CLAIMS_SUPPORTED),
+        ]
     return document

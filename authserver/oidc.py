@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from authserver.config import ClientConfig, ServerConfig
+from authserver.config import ClientConfig, ServerConfig, UserClaim
 from authserver.users import User
 
 # OIDC Core 5.4: the claims each scope asks for (preferred_username is the username)
@@ -35,8 +35,23 @@ PROFILE_CLAIMS = (
     "updated_at",
 )
 EMAIL_CLAIMS = ("email", "email_verified")
+ADDRESS_CLAIMS = ("address",)
+PHONE_CLAIMS = ("phone_number", "phone_number_verified")
+SCOPE_CLAIMS = {
+    "profile": PROFILE_CLAIMS,
+    "email": EMAIL_CLAIMS,
+    "address": ADDRESS_CLAIMS,
+    "phone": PHONE_CLAIMS,
+}
 ID_TOKEN_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "amr", "sid")
-CLAIMS_SUPPORTED = (*ID_TOKEN_CLAIMS, "at_hash", *PROFILE_CLAIMS, *EMAIL_CLAIMS)
+CLAIMS_SUPPORTED = (
+    *ID_TOKEN_CLAIMS,
+    "at_hash",
+    *PROFILE_CLAIMS,
+    *EMAIL_CLAIMS,
+    *ADDRESS_CLAIMS,
+    *PHONE_CLAIMS,
+)
 AMR_PASSWORD = ("pwd",)  # RFC 8176: signed in with a password
 # OIDC Core 3.1.3.6: at_hash uses the hash of the ID token's JWS alg; for EdDSA
 # (Ed25519) that is SHA-512, as OpenID Connect's errata and common libraries use.
@@ -82,6 +97,7 @@ def user_access_token_claims(
         "auth_time": sign_in.auth_time,
         "amr": list(sign_in.amr),
         "preferred_username": sign_in.user.username,
+        **user_claim_values(server.user_claims, sign_in.user, scopes, "access_token"),
     }
 
 
@@ -109,17 +125,47 @@ def id_token_claims(
     if nonce is not None:
         claims["nonce"] = nonce
     claims.update(scope_claims(sign_in.user, scopes))
+    claims.update(user_claim_values(server.user_claims, sign_in.user, scopes, "id_token"))
     return claims
 
 
+def userinfo_claims(server: ServerConfig, user: User, scopes: tuple[str, ...]) -> dict[str, Any]:
+    """OIDC Core 5.3.2: ``sub``, the claims of the granted scopes, and the server's
+    user claims that go into ID tokens."""
+    return {
+        "sub": user.id,
+        **scope_claims(user, scopes),
+        **user_claim_values(server.user_claims, user, scopes, "id_token"),
+    }
+
+
+def user_claim_values(
+    claims: tuple[UserClaim, ...], user: User, scopes: tuple[str, ...], into: str
+) -> dict[str, Any]:
+    """The configured ``user_claims`` that go ``into`` this kind of token, for the
+    granted ``scopes``; a profile key the user lacks is left out."""
+    out: dict[str, Any] = {}
+    for claim in claims:
+        if into not in claim.into or (claim.scope is not None and claim.scope not in scopes):
+            continue
+        if claim.source == "groups":
+            out[claim.name] = list(user.groups)
+        elif claim.source == "username":
+            out[claim.name] = user.username
+        else:
+            key = claim.source.removeprefix("profile.")
+            if key in user.profile:
+                out[claim.name] = user.profile[key]
+    return out
+
+
 def scope_claims(user: User, scopes: tuple[str, ...]) -> dict[str, Any]:
-    """The user's claims that ``profile`` and ``email`` ask for, those it has."""
+    """The user's claims that ``profile``, ``email``, ``address`` and ``phone`` ask
+    for, those it has."""
     known: Mapping[str, Any] = {
         **user.profile,
         "preferred_username": user.username,
         "updated_at": user.updated_at,
     }
-    wanted = (PROFILE_CLAIMS if "profile" in scopes else ()) + (
-        EMAIL_CLAIMS if "email" in scopes else ()
-    )
+    wanted = [name for scope in scopes for name in SCOPE_CLAIMS.get(scope, ())]
     return {name: known[name] for name in wanted if name in known}

@@ -51,6 +51,7 @@ from authserver.sessions import (
 )
 from authserver.store import CodeRecord, SessionRecord, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
+from authserver.usergrants import is_assigned
 from authserver.users import Authenticated, User, UserDirectory, username_key
 from tokengate.asgi import Headers, Receive, Scope, Send, send_bytes
 from tokengate.jsonlog import AuditLog, log_event
@@ -155,18 +156,18 @@ class SignIn:
         self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
     ) -> None:
         if scope["method"] not in ("GET", "POST"):
-            await self._error_page(send, "invalid_request", "Use GET or POST.", 405)
+            await self.error_page(send, "invalid_request", "Use GET or POST.", 405)
             return
         try:
-            pairs = await self._parameters(scope, receive)
+            pairs = await self.parameters(scope, receive)
         except OAuthError as exc:
-            await self._error_page(send, exc.error, exc.description, 400)
+            await self.error_page(send, exc.error, exc.description, 400)
             return
         params, repeated = _collect(pairs)
         try:
             request = parse_authorize(server, self.clients, params, repeated)
         except PageError as exc:
-            await self._error_page(send, exc.error, exc.description, 400)
+            await self.error_page(send, exc.error, exc.description, 400)
             return
         except RedirectError as exc:
             await self._respond(send, exc.target, exc.params())
@@ -189,6 +190,9 @@ class SignIn:
         found = await self._session(scope, now)
         if found is not None and not _needs_sign_in(request, found[0], now):
             session, user = found
+            if not is_assigned(request.client, user):
+                await self._not_assigned(send, request, user, scope, [])
+                return
             await self._issue_code(send, request, user, session, now, [])
             return
         if request.prompt == "none":
@@ -201,7 +205,7 @@ class SignIn:
             )
             return
         cookie_value = secrets.token_urlsafe(32)
-        await self._io(
+        await self.io_call(
             self.store.add_interaction,
             session_hash(cookie_value),
             request.server.name,
@@ -222,22 +226,22 @@ class SignIn:
         try:
             await self._login(scope, receive, send)
         except StoreUnavailable:
-            await self._error_page(
+            await self.error_page(
                 send, "temporarily_unavailable", "Sign-in is unavailable; try again soon.", 503
             )
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["method"] not in ("GET", "POST"):
-            await self._error_page(send, "invalid_request", "Use GET or POST.", 405)
+            await self.error_page(send, "invalid_request", "Use GET or POST.", 405)
             return
         now = int(self.clock())
         cookie = read_cookie(_cookies(scope), self.signin_cookie)
         found = None
         if valid_session_value(cookie):
             assert cookie is not None
-            found = await self._io(self.store.interaction, session_hash(cookie), now)
+            found = await self.io_call(self.store.interaction, session_hash(cookie), now)
         if found is None:
-            await self._error_page(
+            await self.error_page(
                 send,
                 "expired",
                 "This sign-in page has expired or was opened elsewhere. "
@@ -253,7 +257,7 @@ class SignIn:
                 raise PageError("invalid_request", "the authorization server is gone")
             request = parse_authorize(server, self.clients, json.loads(params_json))
         except PageError as exc:  # the config changed meanwhile
-            await self._error_page(send, exc.error, exc.description, 400)
+            await self.error_page(send, exc.error, exc.description, 400)
             return
         except RedirectError as exc:
             await self._respond(send, exc.target, exc.params())
@@ -264,11 +268,11 @@ class SignIn:
         try:
             form = await read_form(scope, receive, self.config.max_body_bytes)
         except OAuthError:
-            await self._error_page(send, "invalid_request", "The form could not be read.", 400)
+            await self.error_page(send, "invalid_request", "The form could not be read.", 400)
             return
         presented = form.get("csrf_token") or ""
         if not hmac.compare_digest(presented.encode(), csrf.encode()):
-            await self._error_page(
+            await self.error_page(
                 send,
                 "invalid_request",
                 "This form has expired. Go back to the application and start again.",
@@ -315,9 +319,15 @@ class SignIn:
             return
         user = outcome.user
         self.throttle.succeeded(throttle_key)
+        if not is_assigned(request.client, user):
+            # the password was right: say what is wrong, but start no session with it
+            await self.io_call(self.store.end_interaction, session_hash(cookie))
+            clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
+            await self._not_assigned(send, request, user, scope, clear)
+            return
         started = new_session(user.id, now, self.config.sessions)
-        await self._io(self.store.add_session, started.session_hash, started.record)
-        await self._io(self.store.end_interaction, session_hash(cookie))
+        await self.io_call(self.store.add_session, started.session_hash, started.record)
+        await self.io_call(self.store.end_interaction, session_hash(cookie))
         event.update(user_id=user.id, username=user.username)
         self.audit.emit("user.signin", **event, outcome="success", reason="ok")
         self.audit.emit("session.created", **event, sid=started.record.sid)
@@ -330,12 +340,32 @@ class SignIn:
 
     # -- shared steps -------------------------------------------------------------
 
+    async def _not_assigned(
+        self, send: Send, request: AuthorizeRequest, user: User, scope: Scope, headers: Headers
+    ) -> None:
+        """Okta's app assignment: the user is not in any of the client's groups."""
+        self.audit.emit(
+            "user.signin",
+            server=request.server.name,
+            client_id=request.client.client_id,
+            user_id=user.id,
+            username=user.username,
+            remote_addr=self._remote_addr(scope),
+            outcome="failure",
+            reason="not_assigned",
+        )
+        self.metrics.signins.labels("failure").inc()
+        params = request.target.params(
+            error="access_denied", error_description="the user is not assigned to this client"
+        )
+        await self._respond(send, request.target, params, headers)
+
     async def _session(self, scope: Scope, now: int) -> tuple[SessionRecord, User] | None:
         value = read_cookie(_cookies(scope), cookie_name(self.secure))
         if not valid_session_value(value):
             return None
         assert value is not None
-        record = await self._io(
+        record = await self.io_call(
             self.store.touch_session, session_hash(value), now, self.config.sessions.idle_timeout
         )
         if record is None:
@@ -367,7 +397,7 @@ class SignIn:
             auth_time=session.auth_time,
             expires_at=now + CODE_TTL,
         )
-        await self._io(self.store.add_code, code_hash(code), record)
+        await self.io_call(self.store.add_code, code_hash(code), record)
         await self._respond(send, request.target, request.target.params(code=code), headers)
 
     async def _respond(
@@ -391,7 +421,7 @@ class SignIn:
         error: str | None,
         status: int,
     ) -> None:
-        body = self._render(
+        body = self.render(
             "signin.html",
             action=self.paths.login,
             csrf_token=csrf,
@@ -401,11 +431,11 @@ class SignIn:
         )
         await send_bytes(send, status, body, [HTML, *page_headers()])
 
-    async def _error_page(self, send: Send, error: str, message: str, status: int) -> None:
-        body = self._render("error.html", error=error, message=message)
+    async def error_page(self, send: Send, error: str, message: str, status: int) -> None:
+        body = self.render("error.html", error=error, message=message)
         await send_bytes(send, status, body, [HTML, *page_headers()])
 
-    def _render(self, name: str, **context: Any) -> bytes:
+    def render(self, name: str, **context: Any) -> bytes:
         return (
             self.templates.get_template(name)
             .render(
@@ -420,7 +450,7 @@ class SignIn:
     def _static(self, body: bytes) -> Callable[[Scope, Receive, Send], Any]:
         async def serve(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["method"] not in ("GET", "HEAD"):
-                await self._error_page(send, "invalid_request", "Use GET.", 405)
+                await self.error_page(send, "invalid_request", "Use GET.", 405)
                 return
             headers = [
                 (b"content-type", b"text/css; charset=utf-8"),
@@ -436,7 +466,7 @@ class SignIn:
         age = "; Max-Age=0" if clear else f"; Max-Age={SIGNIN_TTL}"
         return f"{self.signin_cookie}={value}; Path=/{age}; HttpOnly; SameSite=Lax{flags}".encode()
 
-    async def _parameters(self, scope: Scope, receive: Receive) -> list[tuple[str, str]]:
+    async def parameters(self, scope: Scope, receive: Receive) -> list[tuple[str, str]]:
         if scope["method"] == "POST":
             form = await read_form(scope, receive, self.config.max_body_bytes)
             return list(form.values.items())  # a repeated parameter was refused already
@@ -449,7 +479,7 @@ class SignIn:
     def _remote_addr(self, scope: Scope) -> str | None:
         return self.proxies.origin_of(scope).client
 
-    async def _io(self, fn: Callable[..., T], *args: Any) -> T:
+    async def io_call(self, fn: Callable[..., T], *args: Any) -> T:
         try:
             return await self.io.call(fn, *args)
         except StoreUnavailable as exc:

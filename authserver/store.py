@@ -102,6 +102,37 @@ class SessionRecord:
     idle_expires_at: int  # moved on by each use, never past expires_at
 
 
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What one sign-in granted one client: the family of every refresh token (and the
+    access tokens they gave) descended from one authorization code. ``family`` is the
+    code's hash. A refresh may narrow ``scopes``, never widen them."""
+
+    family: str
+    server: str
+    client_id: str
+    user_id: str
+    session_id: str  # the session's sid
+    scopes: tuple[str, ...]
+    auth_time: int
+    offline: bool  # offline_access granted: outlives the session
+    expires_at: int  # the family's absolute end (refresh_tokens.max_ttl)
+
+
+RefreshStatus = Literal["ok", "reused", "revoked", "expired"]
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshUse:
+    """:meth:`Store.use_refresh`'s answer. ``ok``: the token was live and is now retired,
+    its successor stored. ``reused``: it was retired already, so the whole family is
+    now revoked; ``jtis`` are the access tokens it gave (revoked too)."""
+
+    grant: Grant
+    status: RefreshStatus
+    jtis: tuple[str, ...] = ()
+
+
 class UsernameTaken(Exception):
     """Another user has that username (compared as ``username_key``)."""
 
@@ -158,6 +189,45 @@ class Store(Protocol):
         """Record a token issued for a redeemed code (kept until ``exp``, for reuse
         detection); False if the code was reused meanwhile: the token must not be sent."""
 
+    def start_family(
+        self, grant: Grant, token_hash: str, idle_expires_at: int, jti: str, exp: int
+    ) -> bool:
+        """Record a new family with its first refresh token and the access token ``jti``
+        issued with it; False if the family's code was reused meanwhile."""
+
+    def use_refresh(
+        self,
+        token_hash: str,
+        now: int,
+        successor: str,
+        idle_expires_at: int,
+        jti: str,
+        exp: int,
+    ) -> RefreshUse | None:
+        """Retire a refresh token and store its ``successor`` (with the access token
+        ``jti`` the exchange issues), atomically: of two uses at once exactly one is
+        ``ok``. None for an unknown token."""
+
+    def refresh_grant(self, token_hash: str, now: int) -> tuple[Grant, int] | None:
+        """The grant of a live refresh token and the token's own end (the earlier of
+        its idle end and the family's); None for any other token."""
+
+    def revoke_family(self, family: str, now: int) -> tuple[str, ...]:
+        """End a family: its refresh tokens stop working, its access tokens are revoked
+        (returned). Safe to call for a family that does not exist."""
+
+    def end_session_grants(self, sid: str, now: int) -> tuple[str, ...]:
+        """Revoke the families of session ``sid`` that lack offline_access (logout);
+        the access tokens revoked."""
+
+    def sessions(self, now: int, user_id: str | None = None) -> list[SessionRecord]:
+        """Live sessions, newest first; only ``user_id``'s when given."""
+
+    def session_alive(self, sid: str, now: int) -> bool: ...
+
+    def end_session_sid(self, sid: str) -> bool:
+        """Delete the session whose sid is ``sid``; False if there was none."""
+
     def users(self) -> list[UserRecord]:
         """Every user, by username_key."""
 
@@ -213,6 +283,17 @@ CREATE TABLE IF NOT EXISTS auth_codes (
     code_hash TEXT PRIMARY KEY, record TEXT NOT NULL, expires_at INTEGER NOT NULL,
     state TEXT NOT NULL, jtis TEXT NOT NULL, keep_until INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS grants (
+    family TEXT PRIMARY KEY, record TEXT NOT NULL, session_id TEXT NOT NULL,
+    user_id TEXT NOT NULL, offline INTEGER NOT NULL, revoked INTEGER NOT NULL,
+    jtis TEXT NOT NULL, expires_at INTEGER NOT NULL, keep_until INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS grants_session ON grants (session_id);
+CREATE TABLE IF NOT EXISTS refresh_tokens (
+    token_hash TEXT PRIMARY KEY, family TEXT NOT NULL, state TEXT NOT NULL,
+    idle_expires_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family);
 CREATE TABLE IF NOT EXISTS user_groups (
     user_id TEXT NOT NULL REFERENCES users (id), name TEXT NOT NULL,
     PRIMARY KEY (user_id, name)
@@ -367,7 +448,13 @@ class SqliteStore:
                 "DELETE FROM sessions WHERE idle_expires_at <= ? OR expires_at <= ?", (now, now)
             ).rowcount
             e = self._db.execute("DELETE FROM interactions WHERE expires_at <= ?", (now,)).rowcount
-        return a + b + c + d + e
+            f = self._db.execute(
+                "DELETE FROM refresh_tokens WHERE idle_expires_at <= ? OR family IN "
+                "(SELECT family FROM grants WHERE keep_until < ? OR expires_at <= ?)",
+                (now, now, now),
+            ).rowcount
+            g = self._db.execute("DELETE FROM grants WHERE keep_until < ?", (now,)).rowcount
+        return a + b + c + d + e + f + g
 
     # -- sign-ins in progress -----------------------------------------------------
 
@@ -474,6 +561,151 @@ class SqliteStore:
             )
             return True
 
+    # -- refresh tokens ------------------------------------------------------------
+    # grants.jtis: [[jti, exp], ...], the access tokens a family gave, to revoke with it.
+    # A retired refresh token stays (state "used") until its family goes: a second
+    # use of it is reuse, however late.
+
+    def start_family(
+        self, grant: Grant, token_hash: str, idle_expires_at: int, jti: str, exp: int
+    ) -> bool:
+        with self.exclusive():
+            row = self._db.execute(
+                "SELECT state FROM auth_codes WHERE code_hash = ?", (grant.family,)
+            ).fetchone()
+            if row is not None and row[0] != "redeemed":
+                return False
+            self._db.execute(
+                "INSERT INTO grants VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                (
+                    grant.family,
+                    json.dumps(dataclasses.asdict(grant), sort_keys=True),
+                    grant.session_id,
+                    grant.user_id,
+                    int(grant.offline),
+                    json.dumps([[jti, exp]]),
+                    grant.expires_at,
+                    max(grant.expires_at, exp),
+                ),
+            )
+            self._db.execute(
+                "INSERT INTO refresh_tokens VALUES (?, ?, 'active', ?)",
+                (token_hash, grant.family, idle_expires_at),
+            )
+            return True
+
+    def use_refresh(
+        self,
+        token_hash: str,
+        now: int,
+        successor: str,
+        idle_expires_at: int,
+        jti: str,
+        exp: int,
+    ) -> RefreshUse | None:
+        with self.exclusive():
+            row = self._db.execute(
+                "SELECT t.state, t.idle_expires_at, g.record, g.revoked, g.jtis, g.keep_until "
+                "FROM refresh_tokens t JOIN grants g ON g.family = t.family "
+                "WHERE t.token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None:
+                return None
+            state, idle_end, record, revoked, jtis, keep_until = row
+            grant = _grant(record)
+            if revoked:
+                return RefreshUse(grant, "revoked")
+            if state != "active":
+                return RefreshUse(grant, "reused", self._revoke_family(grant.family, now))
+            if idle_end <= now or grant.expires_at <= now:
+                return RefreshUse(grant, "expired")
+            self._db.execute(
+                "UPDATE refresh_tokens SET state = 'used' WHERE token_hash = ?", (token_hash,)
+            )
+            self._db.execute(
+                "INSERT INTO refresh_tokens VALUES (?, ?, 'active', ?)",
+                (successor, grant.family, min(idle_expires_at, grant.expires_at)),
+            )
+            issued = [[j, e] for j, e in json.loads(jtis) if e > now]
+            self._db.execute(
+                "UPDATE grants SET jtis = ?, keep_until = ? WHERE family = ?",
+                (json.dumps([*issued, [jti, exp]]), max(keep_until, exp), grant.family),
+            )
+            return RefreshUse(grant, "ok")
+
+    def refresh_grant(self, token_hash: str, now: int) -> tuple[Grant, int] | None:
+        row = self._db.execute(
+            "SELECT g.record, t.idle_expires_at "
+            "FROM refresh_tokens t JOIN grants g ON g.family = t.family "
+            "WHERE t.token_hash = ? AND t.state = 'active' AND t.idle_expires_at > ? "
+            "AND g.revoked = 0 AND g.expires_at > ?",
+            (token_hash, now, now),
+        ).fetchone()
+        if row is None:
+            return None
+        grant = _grant(row[0])
+        return grant, min(row[1], grant.expires_at)
+
+    def revoke_family(self, family: str, now: int) -> tuple[str, ...]:
+        with self.exclusive():
+            return self._revoke_family(family, now)
+
+    def _revoke_family(self, family: str, now: int) -> tuple[str, ...]:
+        row = self._db.execute(
+            "SELECT jtis, record FROM grants WHERE family = ?", (family,)
+        ).fetchone()
+        if row is None:
+            return ()
+        server = _grant(row[1]).server
+        live = [(j, e) for j, e in json.loads(row[0]) if e > now]
+        self._db.executemany(
+            "INSERT OR IGNORE INTO revoked_tokens VALUES (?, ?, ?)",
+            [(j, server, e) for j, e in live],
+        )
+        self._db.execute("UPDATE grants SET revoked = 1, jtis = '[]' WHERE family = ?", (family,))
+        self._db.execute(
+            "DELETE FROM refresh_tokens WHERE family = ? AND state = 'active'", (family,)
+        )
+        return tuple(j for j, _ in live)
+
+    def end_session_grants(self, sid: str, now: int) -> tuple[str, ...]:
+        with self.exclusive():
+            families = [
+                r[0]
+                for r in self._db.execute(
+                    "SELECT family FROM grants WHERE session_id = ? AND offline = 0 "
+                    "AND revoked = 0",
+                    (sid,),
+                )
+            ]
+            revoked: list[str] = []
+            for family in families:
+                revoked.extend(self._revoke_family(family, now))
+            return tuple(revoked)
+
+    def sessions(self, now: int, user_id: str | None = None) -> list[SessionRecord]:
+        sql = (
+            "SELECT sid, user_id, auth_time, created_at, expires_at, idle_expires_at "
+            "FROM sessions WHERE expires_at > ? AND idle_expires_at > ?"
+        )
+        params: tuple[Any, ...] = (now, now)
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params = (*params, user_id)
+        rows = self._db.execute(sql + " ORDER BY created_at DESC, sid", params)
+        return [SessionRecord(*row) for row in rows]
+
+    def session_alive(self, sid: str, now: int) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM sessions WHERE sid = ? AND expires_at > ? AND idle_expires_at > ?",
+            (sid, now, now),
+        ).fetchone()
+        return row is not None
+
+    def end_session_sid(self, sid: str) -> bool:
+        return self._db.execute("DELETE FROM sessions WHERE sid = ?", (sid,)).rowcount == 1
+
     # -- users ---------------------------------------------------------------
 
     def users(self) -> list[UserRecord]:
@@ -579,6 +811,11 @@ def _code_json(record: CodeRecord) -> str:
 def _code_record(text: str) -> CodeRecord:
     fields = json.loads(text)
     return CodeRecord(**{**fields, "scopes": tuple(fields["scopes"])})
+
+
+def _grant(text: str) -> Grant:
+    fields = json.loads(text)
+    return Grant(**{**fields, "scopes": tuple(fields["scopes"])})
 
 
 def _user_row(record: UserRecord) -> tuple[Any, ...]:

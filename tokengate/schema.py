@@ -30,6 +30,7 @@ from authserver.config import (
     PUBLIC,
     RESERVED_CLAIMS,
     SIGNING_ALGS,
+    TOKEN_KINDS,
     Brand,
 )
 from authserver.passwords import MIN_PASSWORD_LENGTH
@@ -200,6 +201,43 @@ def _server() -> Schema:
                 "The scopes it offers.",
                 [],
             ),
+            "refresh_tokens": mapping(
+                {
+                    "idle_ttl": duration(
+                        "A refresh token unused this long stops working.", 7 * 86400
+                    ),
+                    "max_ttl": duration(
+                        "Every refresh token of one sign-in stops this long after it, "
+                        "however often rotated.",
+                        90 * 86400,
+                    ),
+                },
+                "Lifetimes of its refresh tokens (rotated on every use).",
+            ),
+            "user_claims": array(
+                mapping(
+                    {
+                        "name": string("The claim's name (not one the server sets)."),
+                        "from": string(
+                            "groups, username, or profile.<key>.",
+                            pattern=r"^(groups|username|profile\..+)$",
+                        ),
+                        "into": array(
+                            string("A token kind.", enum=list(TOKEN_KINDS)),
+                            "Which tokens get it.",
+                            list(TOKEN_KINDS),
+                        ),
+                        "scope": string(
+                            "Only when this scope is granted (default: always).",
+                            pattern=SCOPE_PATTERN,
+                        ),
+                    },
+                    "A claim read from the user.",
+                    required=("name", "from"),
+                ),
+                "User data put into users' tokens (and userinfo, for id_token claims).",
+                [],
+            ),
         },
         "One authorization server: its own issuer, audience, keys and scopes.",
         required=("name", "audience"),
@@ -264,7 +302,9 @@ def _client() -> Schema:
             ),
             "scopes": array(
                 string(
-                    "A scope its servers offer, or openid/profile/email.", pattern=SCOPE_PATTERN
+                    "A scope its servers offer, or an OIDC scope (openid, profile, email, "
+                    "address, phone, offline_access).",
+                    pattern=SCOPE_PATTERN,
                 ),
                 "What it may ask for. Default: every scope of its servers.",
             ),
@@ -284,6 +324,27 @@ def _client() -> Schema:
                 "own: only its own tokens; any: every token of its servers (resource servers).",
                 INTROSPECT_ACCESS[0],
                 enum=list(INTROSPECT_ACCESS),
+            ),
+            "post_logout_redirect_uris": array(
+                string(
+                    "An exact URI, as for redirect_uris.",
+                    pattern=REDIRECT_URI_PATTERN,
+                ),
+                "Where {issuer}/v1/logout may send the browser after signing out.",
+                [],
+            ),
+            "groups": array(
+                string("A group name."),
+                "authorization_code: only members of one of these groups may sign in "
+                "(default: every user).",
+            ),
+            "allowed_origins": array(
+                string(
+                    "A web origin: https://host[:port] (http only on loopback), no path.",
+                    pattern=r"^https?://[^/?#]+$",
+                ),
+                "Browser origins allowed to call token, userinfo, revoke and keys (CORS).",
+                [],
             ),
         },
         "A client of the authorization servers.",

@@ -259,7 +259,7 @@ async def test_an_unexpected_exception_is_a_logged_audited_500(
     async with authserver.client() as http:
         response = await http.post(
             f"{ISSUER}/v1/{path}",
-            data={"grant_type": "client_credentials", "token": "t"},
+            data={"grant_type": "client_credentials", "token": "a.b.c"},
             auth=("reporting", REPORTING_SECRET),
         )
     assert response.status_code == 500

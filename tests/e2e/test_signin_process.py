@@ -16,13 +16,16 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import httpx
 import jwt
 from authlib.integrations.httpx_client import OAuth2Client
+from authlib.jose import JsonWebKey, JsonWebToken
 from authlib.oauth2.rfc7636 import create_s256_code_challenge
+from authlib.oidc.core import CodeIDToken
 
 from authserver.passwords import hash_password
 from tests.e2e.conftest import e2e_config, free_port
 
 PORTAL_SECRET = "portal-secret-0123456789abcdefghijklmnop"
 CALLBACK = "https://portal.example.com/callback"
+HOME = "https://portal.example.com/"
 
 
 class Form(HTMLParser):
@@ -59,8 +62,9 @@ def test_a_user_signs_in_to_a_web_app(tokengate: Any, tmp_path: Path) -> None:
         {
             "client_id": "portal",
             "secret": PORTAL_SECRET,
-            "grant_types": ["authorization_code"],
+            "grant_types": ["authorization_code", "refresh_token"],
             "redirect_uris": [CALLBACK],
+            "post_logout_redirect_uris": [HOME],
             "scopes": ["openid", "profile", "email", "orders:read"],
         }
     )
@@ -103,7 +107,52 @@ def test_a_user_signs_in_to_a_web_app(tokengate: Any, tmp_path: Path) -> None:
         token = app.fetch_token(
             metadata["token_endpoint"], authorization_response=callback, code_verifier=verifier
         )
-    assert token["token_type"] == "Bearer"
+        assert token["token_type"] == "Bearer"
+        info = app.get(metadata["userinfo_endpoint"]).json()
+        # Authlib's refresh (RFC 6749 section 6): a new access token and a new refresh token
+        refreshed = app.refresh_token(metadata["token_endpoint"])
+        assert refreshed["refresh_token"] != token["refresh_token"]
+        assert refreshed["access_token"] != token["access_token"]
+        assert app.get(metadata["userinfo_endpoint"]).json() == info
+        # the retired refresh token, presented again: refused, and the family is revoked
+        reused = httpx.post(
+            metadata["token_endpoint"],
+            data={"grant_type": "refresh_token", "refresh_token": token["refresh_token"]},
+            auth=("portal", PORTAL_SECRET),
+        )
+        assert reused.status_code == 400 and reused.json()["error"] == "invalid_grant"
+        assert app.get(metadata["userinfo_endpoint"]).status_code == 401
+    assert info["name"] == "Alice Doe" and info["preferred_username"] == "alice"
+
+    # Authlib's OpenID Connect relying-party checks of the ID token (OIDC Core 3.1.3.7)
+    key_set = JsonWebKey.import_key_set(httpx.get(metadata["jwks_uri"]).json())
+    checked = JsonWebToken(["RS256"]).decode(
+        token["id_token"],
+        key_set,
+        claims_cls=CodeIDToken,
+        claims_options={"iss": {"values": [issuer]}},
+        claims_params={
+            "nonce": nonce,
+            "client_id": "portal",
+            "access_token": token["access_token"],
+        },
+    )
+    checked.validate()
+    assert checked["sub"] == info["sub"]
+
+    with httpx.Client(follow_redirects=False) as browser:  # sign out: RP-initiated logout
+        browser.cookies = signed_in.cookies
+        out = browser.get(
+            metadata["end_session_endpoint"],
+            params={
+                "id_token_hint": token["id_token"],
+                "post_logout_redirect_uri": HOME,
+                "state": "bye",
+            },
+        )
+        assert out.status_code == 303 and out.headers["location"] == HOME + "?state=bye"
+        again = browser.get(url)
+        assert again.status_code == 303 and again.headers["location"] == "/signin/login"
 
     jwks = jwt.PyJWKClient(metadata["jwks_uri"], cache_jwk_set=False)
     id_token = token["id_token"]

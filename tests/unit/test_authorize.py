@@ -192,7 +192,18 @@ def test_prompt_and_hints() -> None:
 def test_the_scopes_a_client_may_ask_for() -> None:
     assert client_scopes(SERVER, CLIENTS["portal"]) == {"openid", "profile", "orders:read"}
     every = dataclasses.replace(CLIENTS["portal"], scopes=None)
-    assert client_scopes(SERVER, every) == {"openid", "profile", "email", "orders:read"}
+    assert client_scopes(SERVER, every) == {
+        "openid",
+        "profile",
+        "email",
+        "address",
+        "phone",
+        "orders:read",
+    }  # offline_access only with the refresh_token grant
+    refreshing = dataclasses.replace(
+        every, grant_types=frozenset({"authorization_code", "refresh_token"})
+    )
+    assert "offline_access" in client_scopes(SERVER, refreshing)
     assert client_scopes(OTHER, CLIENTS["portal"]) == {"openid", "profile"}
 
 

@@ -243,7 +243,7 @@ def test_duplicate_names_and_client_ids() -> None:
         (
             "    - client_id: x\n      secret: " + SECRET + "\n      grant_types: [password]\n",
             "authserver.clients[1].grant_types[0]: must be one of client_credentials, "
-            "authorization_code; "
+            "authorization_code, refresh_token; "
             "got 'password'",
         ),
     ],
@@ -824,8 +824,8 @@ def test_sign_in_clients_sessions_and_brand() -> None:
         ),
         (
             "    - client_id: x\n      auth_method: none\n"
-            "      redirect_uris: [https://x.test/cb]\n      scopes: [openid, phone]\n",
-            "authserver.clients[1].scopes[1]: scope 'phone' is not offered by any of the "
+            "      redirect_uris: [https://x.test/cb]\n      scopes: [openid, pager]\n",
+            "authserver.clients[1].scopes[1]: scope 'pager' is not offered by any of the "
             "client's servers",
         ),
         (

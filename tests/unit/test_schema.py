@@ -174,6 +174,11 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "access_token_ttl": "1h",
                     "id_token_ttl": "30m",
                     "scopes": ["orders:read", "orders:write"],
+                    "refresh_tokens": {"idle_ttl": "1d", "max_ttl": "30d"},
+                    "user_claims": [
+                        {"name": "groups", "from": "groups", "scope": "profile"},
+                        {"name": "dept", "from": "profile.department", "into": ["access_token"]},
+                    ],
                 }
             ],
             "sessions": {"idle_timeout": "2h", "max_lifetime": "1d"},
@@ -205,15 +210,18 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                 {
                     "client_id": "portal",
                     "secret": "p" * 40,
-                    "grant_types": ["authorization_code"],
+                    "grant_types": ["authorization_code", "refresh_token"],
                     "redirect_uris": ["https://portal.example.com/callback"],
+                    "post_logout_redirect_uris": ["https://portal.example.com/"],
+                    "groups": ["engineering"],
                     "require_pkce": False,
-                    "scopes": ["openid", "profile", "email", "orders:read"],
+                    "scopes": ["openid", "profile", "email", "offline_access", "orders:read"],
                 },
                 {
                     "client_id": "spa",
                     "auth_method": "none",
                     "redirect_uris": ["http://127.0.0.1/callback", "http://[::1]:8080/cb"],
+                    "allowed_origins": ["https://spa.example.com", "http://localhost:5173"],
                 },
             ],
             "users": [

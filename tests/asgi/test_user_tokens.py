@@ -1,0 +1,507 @@
+"""A user's tokens after sign-in: refresh tokens (rotation, reuse, narrowing, the
+session's end), userinfo, RP-initiated logout, app assignment by group, user claims,
+introspection and revocation of refresh tokens, and CORS for browser apps."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import jwt
+import pytest
+
+from authserver.pkce import s256
+from tests.asgi.test_signin_flow import (
+    AUTHORIZE,
+    PORTAL_SECRET,
+    SPA_CALLBACK,
+    Form,
+    _remember_secrets,  # noqa: F401  (autouse: the secrets seen, for the log-leak search)
+    authorize_params,
+    exchange,
+    remember,
+    sign_in,
+    sign_in_config,
+)
+from tests.conftest import ISSUER, REPORTING_SECRET, TOKEN_URL, AuthServer
+
+pytestmark = pytest.mark.anyio
+
+USERINFO = f"{ISSUER}/v1/userinfo"
+LOGOUT = f"{ISSUER}/v1/logout"
+INTROSPECT = f"{ISSUER}/v1/introspect"
+REVOKE = f"{ISSUER}/v1/revoke"
+HOME = "https://portal.example.com/"
+SPA_ORIGIN = "https://spa.example.com"
+
+
+def config(data: dict[str, Any]) -> None:
+    sign_in_config(data)
+    auth = data["authserver"]
+    portal, spa = auth["clients"][-2:]
+    portal["grant_types"] = ["authorization_code", "refresh_token"]
+    portal["scopes"] += ["offline_access"]
+    portal["post_logout_redirect_uris"] = [HOME]
+    spa["grant_types"] = ["authorization_code", "refresh_token"]
+    spa["allowed_origins"] = [SPA_ORIGIN]
+    auth["clients"].append(
+        {
+            "client_id": "admin-app",
+            "secret": PORTAL_SECRET,
+            "grant_types": ["authorization_code"],
+            "redirect_uris": ["https://admin.example.com/cb"],
+            "groups": ["admins"],
+            "scopes": ["openid"],
+        }
+    )
+    auth["users"][0]["groups"] = ["engineering"]
+    auth["users"][0]["profile"]["department"] = "R&D"
+    auth["servers"][0]["user_claims"] = [
+        {"name": "groups", "from": "groups", "into": ["access_token", "id_token"]},
+        {"name": "dept", "from": "profile.department", "into": ["access_token"]},
+    ]
+
+
+@pytest.fixture
+def server(make_authserver: Any) -> AuthServer:
+    return make_authserver(config)  # type: ignore[no-any-return]
+
+
+async def tokens(
+    http: httpx.AsyncClient, scope: str = "openid profile email orders:read"
+) -> dict[str, Any]:
+    back = await sign_in(http, scope=scope)
+    response = await exchange(http, back["code"])
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    remember(body["refresh_token"])
+    return body
+
+
+async def refresh(http: httpx.AsyncClient, token: str, **extra: str) -> httpx.Response:
+    response = await http.post(
+        TOKEN_URL,
+        data={"grant_type": "refresh_token", "refresh_token": token, **extra},
+        auth=("portal", PORTAL_SECRET),
+    )
+    if response.status_code == 200:
+        remember(response.json()["refresh_token"])
+    return response
+
+
+async def introspect(http: httpx.AsyncClient, token: str, **extra: str) -> dict[str, Any]:
+    response = await http.post(
+        INTROSPECT, data={"token": token, **extra}, auth=("portal", PORTAL_SECRET)
+    )
+    assert response.status_code == 200, response.text
+    return response.json()  # type: ignore[no-any-return]
+
+
+def claims_of(token: str) -> dict[str, Any]:
+    return jwt.decode(token, options={"verify_signature": False})  # type: ignore[no-any-return]
+
+
+# --------------------------------------------------------------------------- refresh
+
+
+async def test_a_refresh_token_is_rotated_on_every_use(server: AuthServer) -> None:
+    async with server.client() as http:
+        first = await tokens(http)
+        assert len(first["refresh_token"]) >= 43 and "." not in first["refresh_token"]
+        second = await refresh(http, first["refresh_token"])
+        assert second.status_code == 200, second.text
+        body = second.json()
+        assert body["refresh_token"] != first["refresh_token"]
+        assert set(body) == {
+            "access_token",
+            "token_type",
+            "expires_in",
+            "scope",
+            "refresh_token",
+            "id_token",
+        }
+        assert body["scope"] == "openid profile email orders:read"
+        access = claims_of(body["access_token"])
+        assert access["sub"] == claims_of(first["access_token"])["sub"]
+        assert access["client_id"] == "portal" and access["preferred_username"] == "alice"
+        id_token = claims_of(body["id_token"])
+        assert id_token["aud"] == "portal" and "nonce" not in id_token
+        assert second.headers["cache-control"] == "no-store"
+        third = await refresh(http, body["refresh_token"])
+        assert third.status_code == 200
+
+
+async def test_a_retired_refresh_token_revokes_its_whole_family(server: AuthServer) -> None:
+    async with server.client() as http:
+        first = await tokens(http)
+        second = (await refresh(http, first["refresh_token"])).json()
+        third = (await refresh(http, second["refresh_token"])).json()
+        reused = await refresh(http, first["refresh_token"])
+        assert reused.status_code == 400
+        assert reused.json()["error"] == "invalid_grant"
+        # the live refresh token and every access token of the family are dead now
+        assert (await refresh(http, third["refresh_token"])).json()["error"] == "invalid_grant"
+        for body in (first, second, third):
+            assert await introspect(http, body["access_token"]) == {"active": False}
+    lines = server.audit_lines()
+    [reuse] = [line for line in lines if line["event"] == "token.reuse_detected"]
+    assert reuse["grant_type"] == "refresh_token" and reuse["client_id"] == "portal"
+    assert reuse["revoked"] == 3 and reuse["reason"] == "refresh_token_reused"
+    issued = [line for line in lines if line["event"] == "token.issued"]
+    assert [line["grant_type"] for line in issued] == [
+        "authorization_code",
+        "refresh_token",
+        "refresh_token",
+    ]
+
+
+async def test_two_uses_at_once_only_one_wins(server: AuthServer) -> None:
+    import anyio
+
+    async with server.client() as http:
+        first = await tokens(http)
+        results: list[int] = []
+
+        async def use() -> None:
+            results.append((await refresh(http, first["refresh_token"])).status_code)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(use)
+            group.start_soon(use)
+        assert sorted(results) == [200, 400]
+
+
+async def test_a_refresh_narrows_scopes_and_never_widens_them(server: AuthServer) -> None:
+    async with server.client() as http:
+        first = await tokens(http, scope="openid orders:read")
+        narrowed = await refresh(http, first["refresh_token"], scope="orders:read")
+        assert narrowed.status_code == 200
+        assert narrowed.json()["scope"] == "orders:read" and "id_token" not in narrowed.json()
+        widened = await refresh(http, narrowed.json()["refresh_token"], scope="orders:read email")
+        assert widened.status_code == 400 and widened.json()["error"] == "invalid_scope"
+        # a refused request cost nothing: the token still works, with the original scopes
+        again = await refresh(http, narrowed.json()["refresh_token"])
+        assert again.status_code == 200 and again.json()["scope"] == "openid orders:read"
+
+
+async def test_another_client_cannot_use_a_refresh_token(server: AuthServer) -> None:
+    async with server.client() as http:
+        first = await tokens(http)
+        stolen = await http.post(
+            TOKEN_URL,
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": first["refresh_token"],
+                "client_id": "spa",
+            },
+        )
+        assert stolen.status_code == 400 and stolen.json()["error"] == "invalid_grant"
+        assert (await refresh(http, first["refresh_token"])).status_code == 200
+
+
+async def test_a_disabled_user_s_refresh_tokens_stop_at_once(server: AuthServer) -> None:
+    async with server.client() as http:
+        first = await tokens(http)
+        alice = await server.services.users.find("alice")
+        assert alice is not None
+        record = server.services.store.user(alice.id)
+        assert record is not None
+        import dataclasses
+
+        server.services.store.update_user(dataclasses.replace(record, disabled=True))
+        refused = await refresh(http, first["refresh_token"])
+        assert refused.status_code == 400 and refused.json()["error"] == "invalid_grant"
+        assert await introspect(http, first["access_token"]) == {"active": False}
+
+
+async def test_refresh_tokens_expire_idle_and_at_the_family_s_end(make_authserver: Any) -> None:
+    def short(data: dict[str, Any]) -> None:
+        config(data)
+        data["authserver"]["servers"][0]["refresh_tokens"] = {"idle_ttl": "1h", "max_ttl": "3h"}
+        data["authserver"]["sessions"] = {"idle_timeout": "1d", "max_lifetime": "1d"}
+
+    server = make_authserver(short)
+    async with server.client() as http:
+        first = await tokens(http)
+        server.clock.advance(3601)  # unused for longer than idle_ttl
+        assert (await refresh(http, first["refresh_token"])).json()["error"] == "invalid_grant"
+        token = (await tokens(http))["refresh_token"]
+        for _ in range(3):  # each use within idle_ttl of the last: it lives on...
+            server.clock.advance(3000)
+            response = await refresh(http, token)
+            assert response.status_code == 200, response.text
+            token = response.json()["refresh_token"]
+        server.clock.advance(1900)  # ...up to max_ttl after the sign-in (10900 s > 3 h)
+        assert (await refresh(http, token)).json()["error"] == "invalid_grant"
+
+
+async def test_logout_ends_refresh_tokens_without_offline_access(server: AuthServer) -> None:
+    async with server.client() as http:
+        online = await tokens(http)
+        offline = await tokens(http, scope="openid orders:read offline_access")
+        hint = online["id_token"]
+        done = await http.get(
+            LOGOUT, params={"id_token_hint": hint, "post_logout_redirect_uri": HOME, "state": "s1"}
+        )
+        assert done.status_code == 303 and done.headers["location"] == HOME + "?state=s1"
+        assert (await refresh(http, online["refresh_token"])).json()["error"] == "invalid_grant"
+        assert await introspect(http, online["access_token"]) == {"active": False}
+        assert (await refresh(http, offline["refresh_token"])).status_code == 200
+
+
+async def test_a_public_client_refreshes_without_a_secret(server: AuthServer) -> None:
+    async with server.client() as http:
+        verifier = secrets.token_urlsafe(40)
+        back = await sign_in(
+            http,
+            client_id="spa",
+            redirect_uri=SPA_CALLBACK,
+            scope="openid orders:read",
+            code_challenge=s256(verifier),
+        )
+        first = await http.post(
+            TOKEN_URL,
+            data={
+                "grant_type": "authorization_code",
+                "code": back["code"],
+                "redirect_uri": SPA_CALLBACK,
+                "code_verifier": verifier,
+                "client_id": "spa",
+            },
+        )
+        assert first.status_code == 200, first.text
+        remember(first.json()["refresh_token"])
+        again = await http.post(
+            TOKEN_URL,
+            data={
+                "grant_type": "refresh_token",
+                "refresh_token": first.json()["refresh_token"],
+                "client_id": "spa",
+            },
+            headers={"origin": SPA_ORIGIN},
+        )
+        assert again.status_code == 200
+        assert again.headers["access-control-allow-origin"] == SPA_ORIGIN
+        remember(again.json()["refresh_token"])
+
+
+async def test_refresh_tokens_can_be_introspected_and_revoked(server: AuthServer) -> None:
+    async with server.client() as http:
+        first = await tokens(http)
+        found = await introspect(http, first["refresh_token"], token_type_hint="refresh_token")
+        assert found["active"] is True and found["token_type"] == "refresh_token"
+        assert (
+            found["client_id"] == "portal" and found["scope"] == "openid profile email orders:read"
+        )
+        assert found["sub"] == claims_of(first["access_token"])["sub"]
+        other = await http.post(
+            INTROSPECT, data={"token": first["refresh_token"]}, auth=("reporting", REPORTING_SECRET)
+        )
+        assert other.json() == {"active": False}  # another client's token
+        revoked = await http.post(
+            REVOKE,
+            data={"token": first["refresh_token"], "token_type_hint": "refresh_token"},
+            auth=("portal", PORTAL_SECRET),
+        )
+        assert revoked.status_code == 200 and revoked.content == b""
+        assert await introspect(http, first["refresh_token"]) == {"active": False}
+        assert await introspect(http, first["access_token"]) == {"active": False}
+        assert (await refresh(http, first["refresh_token"])).json()["error"] == "invalid_grant"
+
+
+async def test_code_reuse_revokes_the_refresh_tokens_it_gave(server: AuthServer) -> None:
+    async with server.client() as http:
+        back = await sign_in(http)
+        first = (await exchange(http, back["code"])).json()
+        remember(first["refresh_token"])
+        second = await refresh(http, first["refresh_token"])
+        assert (await exchange(http, back["code"])).json()["error"] == "invalid_grant"
+        assert (await refresh(http, second.json()["refresh_token"])).json()[
+            "error"
+        ] == "invalid_grant"
+        assert await introspect(http, second.json()["access_token"]) == {"active": False}
+
+
+# --------------------------------------------------------------------------- userinfo
+
+
+async def test_userinfo_answers_with_the_granted_scopes_claims(server: AuthServer) -> None:
+    async with server.client() as http:
+        body = await tokens(http)
+        bearer = {"authorization": f"Bearer {body['access_token']}"}
+        response = await http.get(USERINFO, headers=bearer)
+        assert response.status_code == 200
+        info = response.json()
+        assert info["sub"] == claims_of(body["access_token"])["sub"]
+        assert info["name"] == "Alice Doe" and info["email"] == "alice@example.com"
+        assert info["preferred_username"] == "alice" and info["groups"] == ["engineering"]
+        assert "dept" not in info  # an access-token-only claim
+        posted = await http.post(USERINFO, data={"access_token": body["access_token"]})
+        assert posted.json() == info
+        narrow = (await tokens(http, scope="openid")).get("access_token")
+        assert set(
+            (await http.get(USERINFO, headers={"authorization": f"Bearer {narrow}"})).json()
+        ) == {"sub", "groups"}
+
+
+async def test_userinfo_errors_are_bearer_challenges(server: AuthServer) -> None:
+    async with server.client() as http:
+        none = await http.get(USERINFO)
+        assert none.status_code == 401
+        assert none.headers["www-authenticate"] == f'Bearer realm="{ISSUER}"'
+        bad = await http.get(USERINFO, headers={"authorization": "Bearer nope.nope.nope"})
+        assert bad.status_code == 401
+        assert 'error="invalid_token"' in bad.headers["www-authenticate"]
+        body = await tokens(http, scope="orders:read")
+        no_openid = await http.get(
+            USERINFO, headers={"authorization": f"Bearer {body['access_token']}"}
+        )
+        assert no_openid.status_code == 403
+        assert no_openid.headers["www-authenticate"] == (
+            f'Bearer realm="{ISSUER}", error="insufficient_scope", '
+            'error_description="the access token lacks openid", scope="openid"'
+        )
+        machine = await http.post(
+            TOKEN_URL,
+            data={"grant_type": "client_credentials"},
+            auth=("reporting", REPORTING_SECRET),
+        )
+        token = machine.json()["access_token"]
+        assert (
+            await http.get(USERINFO, headers={"authorization": f"Bearer {token}"})
+        ).status_code == 401
+        full = await tokens(http)
+        await http.post(
+            REVOKE, data={"token": full["access_token"]}, auth=("portal", PORTAL_SECRET)
+        )
+        revoked = await http.get(
+            USERINFO, headers={"authorization": f"Bearer {full['access_token']}"}
+        )
+        assert revoked.status_code == 401
+
+
+# --------------------------------------------------------------------------- logout
+
+
+async def test_logout_without_a_hint_asks_first_and_refuses_forged_posts(
+    server: AuthServer,
+) -> None:
+    async with server.client() as http:
+        await tokens(http)
+        asked = await http.get(LOGOUT)
+        assert asked.status_code == 200 and "Sign out?" in asked.text
+        assert asked.headers["x-frame-options"] == "DENY"
+        form = Form(asked.text)
+        assert form.action == LOGOUT and "csrf_token" in form.fields
+        forged = await http.post(LOGOUT, data={"confirm": "yes", "csrf_token": "x" * 64})
+        assert "Sign out?" in forged.text  # not signed out: asked again
+        assert (await sign_in(http)).get("code")  # still signed in (SSO, no form)
+        done = await http.post(LOGOUT, data={**form.fields, "confirm": "yes"})
+        assert done.status_code == 200 and "You are signed out" in done.text
+        assert any(c.startswith("tg_session=;") for c in done.headers.get_list("set-cookie"))
+        again = await http.get(AUTHORIZE, params=authorize_params())
+        assert again.headers["location"] == "/signin/login"  # the session is gone
+    events = [line["event"] for line in server.audit_lines()]
+    assert "user.signout" in events and "session.ended" in events
+
+
+async def test_logout_redirects_only_where_the_hinted_client_registered(server: AuthServer) -> None:
+    async with server.client() as http:
+        body = await tokens(http)
+        for params in (
+            {"post_logout_redirect_uri": HOME},  # no hint: whose URI would it be?
+            {
+                "id_token_hint": body["id_token"],
+                "post_logout_redirect_uri": "https://evil.example/",
+            },
+            {"id_token_hint": body["id_token"], "post_logout_redirect_uri": HOME + "x"},
+            {"id_token_hint": body["id_token"] + "x", "post_logout_redirect_uri": HOME},
+            {
+                "id_token_hint": body["id_token"],
+                "client_id": "spa",
+                "post_logout_redirect_uri": HOME,
+            },
+            {"id_token_hint": body["access_token"], "post_logout_redirect_uri": HOME},
+        ):
+            refused = await http.get(LOGOUT, params=params)
+            assert refused.status_code == 400, params
+            assert "location" not in refused.headers
+        assert (await sign_in(http)).get("code")  # nothing was ended
+
+
+async def test_an_expired_id_token_still_names_the_session(server: AuthServer) -> None:
+    async with server.client() as http:
+        body = await tokens(http)
+        server.clock.advance(5400)  # the ID token (1 h) expired; the session (idle 2 h) lives
+        done = await http.get(
+            LOGOUT, params={"id_token_hint": body["id_token"], "post_logout_redirect_uri": HOME}
+        )
+        assert done.status_code == 303 and done.headers["location"] == HOME
+
+
+# --------------------------------------------------------------------------- assignment, claims
+
+
+async def test_users_outside_a_client_s_groups_are_not_assigned(server: AuthServer) -> None:
+    async with server.client() as http:
+        await tokens(http)  # signed in (SSO session)
+        denied = await http.get(
+            AUTHORIZE,
+            params=authorize_params(
+                client_id="admin-app", redirect_uri="https://admin.example.com/cb", scope="openid"
+            ),
+        )
+        assert denied.status_code == 303
+        location = denied.headers["location"]
+        assert location.startswith("https://admin.example.com/cb?")
+        params = {k: v[0] for k, v in parse_qs(urlsplit(location).query).items()}
+        assert params["error"] == "access_denied" and "code" not in params
+    reasons = [line["reason"] for line in server.audit_lines() if line["event"] == "user.signin"]
+    assert reasons[-1] == "not_assigned"
+
+
+async def test_user_claims_go_where_they_are_configured(server: AuthServer) -> None:
+    async with server.client() as http:
+        body = await tokens(http)
+        access, id_token = claims_of(body["access_token"]), claims_of(body["id_token"])
+        assert access["groups"] == ["engineering"] and access["dept"] == "R&D"
+        assert id_token["groups"] == ["engineering"] and "dept" not in id_token
+
+
+# --------------------------------------------------------------------------- discovery, CORS
+
+
+async def test_discovery_names_the_new_endpoints(server: AuthServer) -> None:
+    async with server.client() as http:
+        doc = (await http.get(f"{ISSUER}/.well-known/openid-configuration")).json()
+    assert doc["userinfo_endpoint"] == USERINFO and doc["end_session_endpoint"] == LOGOUT
+    assert doc["grant_types_supported"] == [
+        "client_credentials",
+        "authorization_code",
+        "refresh_token",
+    ]
+    assert "offline_access" in doc["scopes_supported"] and "groups" in doc["claims_supported"]
+
+
+async def test_cors_only_for_allowed_origins(server: AuthServer) -> None:
+    async with server.client() as http:
+        preflight = await http.options(
+            TOKEN_URL, headers={"origin": SPA_ORIGIN, "access-control-request-method": "POST"}
+        )
+        assert preflight.status_code == 204
+        assert preflight.headers["access-control-allow-origin"] == SPA_ORIGIN
+        assert "access-control-allow-credentials" not in preflight.headers
+        keys = await http.get(f"{ISSUER}/v1/keys", headers={"origin": SPA_ORIGIN})
+        assert keys.headers["access-control-allow-origin"] == SPA_ORIGIN
+        assert keys.headers["vary"] == "Origin"
+        other = await http.get(f"{ISSUER}/v1/keys", headers={"origin": "https://evil.example"})
+        assert "access-control-allow-origin" not in other.headers
+        evil = await http.options(
+            TOKEN_URL,
+            headers={"origin": "https://evil.example", "access-control-request-method": "POST"},
+        )
+        assert "access-control-allow-origin" not in evil.headers
+        page = await http.get(AUTHORIZE, params=authorize_params(), headers={"origin": SPA_ORIGIN})
+        assert "access-control-allow-origin" not in page.headers
