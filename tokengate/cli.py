@@ -157,6 +157,7 @@ def _parser() -> argparse.ArgumentParser:
     keys.set_defaults(func=_keys)
 
     _users_commands(command)
+    _sessions_commands(command)
 
     secret = command(
         "secret",
@@ -299,6 +300,107 @@ def _users_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
                 "terminal, twice, without echo)",
             )
     users.set_defaults(func=_users)
+
+
+def _sessions_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
+    sessions = command(
+        "sessions",
+        "list or end users' browser sessions",
+        "List or end the org-wide browser sessions in the store of authserver.data_dir.\n"
+        "Ending a session signs its user out of every application at their next sign-in\n"
+        "request, and stops the refresh tokens issued in it without offline_access (and\n"
+        "the access tokens those gave).",
+    )
+    _config_option(sessions, default=argparse.SUPPRESS)
+    actions = sessions.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser(
+        "list",
+        help="list live sessions",
+        description="List live sessions, newest first.",
+        epilog=ENVIRONMENT,
+        formatter_class=_Help,
+    )
+    revoke = actions.add_parser(
+        "revoke",
+        help="end one session, or every session of a user",
+        description="End the session SID, or with --user every session of that user.",
+        epilog=ENVIRONMENT,
+        formatter_class=_Help,
+    )
+    for action in (listing, revoke):
+        _config_option(action, default=argparse.SUPPRESS)
+        action.add_argument("--user", metavar="U", help=USER_REF_HELP + " (default: every user)")
+    revoke.add_argument("sid", metavar="SID", nargs="?", help="the session's id (its sid claim)")
+    sessions.set_defaults(func=_sessions)
+
+
+def _sessions(args: argparse.Namespace) -> int:
+    import time
+
+    from authserver.passwords import PasswordWorker
+    from authserver.store import StoreUnavailable, StoreWorker
+    from authserver.users import UserDirectory
+
+    if args.action == "revoke" and (args.sid is None) == (args.user is None):
+        print("sessions revoke: give a SID or --user U (one of them)", file=sys.stderr)
+        return 2
+    loaded = _load_authserver(args)
+    if loaded is None:
+        return 2
+    path, config = loaded
+    try:
+        store = _open_store(config, path)
+    except _Refused as exc:
+        print(exc, file=sys.stderr)
+        return exc.status
+    io, passwords = StoreWorker(), PasswordWorker(1)
+    directory = UserDirectory(store, io, passwords)
+    now = int(time.time())
+    try:
+        user_id = None
+        if args.user is not None:
+            user = asyncio.run(directory.resolve(args.user))
+            if user is None:
+                print(f"no user {args.user!r}", file=sys.stderr)
+                return 1
+            user_id = user.id
+        found = io.run(store.sessions, now, user_id)
+        if args.action == "list":
+            names = {u.id: u.username for u in asyncio.run(directory.list())}
+            rows = [("SID", "USER", "USER ID", "SIGNED IN", "IDLE UNTIL", "ENDS")]
+            rows += [
+                (
+                    s.sid,
+                    names.get(s.user_id, "-"),
+                    s.user_id,
+                    _time(s.auth_time),
+                    _time(s.idle_expires_at),
+                    _time(s.expires_at),
+                )
+                for s in found
+            ]
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+            for row in rows:
+                print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + row[-1])
+            return 0
+        targets = [s for s in found if args.sid is None or s.sid == args.sid]
+        if args.sid is not None and not targets:
+            print(f"no live session {args.sid!r}", file=sys.stderr)
+            return 1
+        for session in targets:
+            io.run(store.end_session_sid, session.sid)
+            revoked = io.run(store.end_session_grants, session.sid, now)
+            print(f"ended session {session.sid} ({len(revoked)} access tokens revoked)")
+        if not targets:
+            print("no live sessions")
+        return 0
+    except StoreUnavailable as exc:
+        print(f"authserver.data_dir: the store in {config.data_dir}: {exc}", file=sys.stderr)
+        return UNUSABLE
+    finally:
+        passwords.close()
+        io.close()
+        store.close()
 
 
 def _positive(text: str) -> int:

@@ -295,3 +295,74 @@ def test_a_running_server_applies_config_users_and_keeps_cli_users(tmp_path: Pat
         (1, 1, 0),
         (0, 0, 1),
     ]
+
+
+def test_sessions_are_listed_and_revoked_with_their_refresh_tokens(tmp_path: Path) -> None:
+    """``tokengate sessions``: list live sessions (by user too); revoke one by sid or
+    all of a user's, which also ends the refresh tokens issued in them."""
+    from authserver.store import Grant, SessionRecord
+
+    path = write_config(tmp_path, {"username": "alice", "password_hash": ALICE_HASH})
+    assert users("list", "-c", str(path), cwd=tmp_path).returncode == 3  # no store yet
+    store = SqliteStore(tmp_path / "data")
+    from authserver.passwords import PasswordWorker
+    from authserver.store import StoreWorker
+    from authserver.users import UserDirectory  # the config's users, as `run` applies them
+    from tokengate.config import load_config
+
+    config = load_config(path)
+    assert config.authserver is not None
+    io, passwords = StoreWorker(), PasswordWorker(1)
+    UserDirectory(store, io, passwords).apply_config(config.authserver.users)
+    passwords.close()
+    io.close()
+    [alice] = store.users()
+    now = int(time.time())
+    for sid in ("sid-one", "sid-two"):
+        store.add_session(
+            f"hash-{sid}", SessionRecord(sid, alice.id, now, now, now + 3600, now + 600)
+        )
+    grant = Grant(
+        "fam", "default", "portal", alice.id, "sid-one", ("openid",), now, False, now + 86400
+    )
+    assert store.start_family(grant, "refresh-hash", now + 600, "jti-1", now + 300)
+    store.close()
+
+    def sessions(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [TOKENGATE, "sessions", *args, "-c", str(path)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = sessions("list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == [
+        "SID",
+        "USER",
+        "USER",
+        "ID",
+        "SIGNED",
+        "IN",
+        "IDLE",
+        "UNTIL",
+        "ENDS",
+    ]
+    assert sorted(line.split()[0] for line in lines[1:]) == ["sid-one", "sid-two"]
+    assert all(line.split()[1] == "alice" for line in lines[1:])
+    assert sessions("revoke").returncode == 2  # a sid or --user: one of them
+    assert sessions("revoke", "sid-none").returncode == 1
+    ended = sessions("revoke", "sid-one")
+    assert ended.stdout == "ended session sid-one (1 access tokens revoked)\n"
+    assert [line.split()[0] for line in sessions("list").stdout.splitlines()[1:]] == ["sid-two"]
+    store = SqliteStore(tmp_path / "data", create=False)
+    assert store.is_revoked("jti-1") and store.refresh_grant("refresh-hash", now) is None
+    store.close()
+    assert (
+        sessions("revoke", "--user", "ALICE").stdout
+        == "ended session sid-two (0 access tokens revoked)\n"
+    )
+    assert sessions("list", "--user", "alice").stdout.splitlines()[1:] == []

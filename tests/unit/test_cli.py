@@ -87,6 +87,9 @@ def test_every_command_has_help_and_states_its_defaults() -> None:
                 " hash-password",
             )
         ),
+        "tokengate sessions",
+        "tokengate sessions list",
+        "tokengate sessions revoke",
         "tokengate secret",
         "tokengate schema",
     }
