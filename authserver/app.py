@@ -108,6 +108,7 @@ class AuthServices:
             store=store,
             io=io,
             users=users,
+            keyring=keyring,
             # sign-in failures, per username and per address: the client policy's numbers
             throttle=signin_throttle
             if signin_throttle is not None and signin_throttle.policy == config.client_auth_throttle
@@ -218,6 +219,7 @@ class AuthServices:
         changed = self.keyring.reload()
         if purge:
             self.store.purge(now)
+        self.metrics.sessions_active.set(self.store.count_sessions(now))
         return changed
 
     async def aclose(self) -> None:

@@ -29,6 +29,7 @@ RESPONSE_TYPES = ("code",)
 MAX_STATE = 2048  # characters of state, nonce and login_hint accepted
 MAX_NONCE = 512
 MAX_LOGIN_HINT = 256
+MAX_ID_TOKEN_HINT = 8192
 MAX_SCOPES = 100
 
 
@@ -88,6 +89,7 @@ class AuthorizeRequest:
     prompt: Prompt | None
     max_age: int | None
     login_hint: str | None
+    id_token_hint: str | None = None  # checked against the keys by the caller
 
 
 def client_scopes(server: ServerConfig, client: ClientConfig) -> frozenset[str]:
@@ -153,6 +155,9 @@ def parse_authorize(
     login_hint = params.get("login_hint")
     if login_hint is not None and len(login_hint) > MAX_LOGIN_HINT:
         login_hint = None  # a hint only: too long to be a username, so no hint
+    id_token_hint = params.get("id_token_hint")
+    if id_token_hint is not None and len(id_token_hint) > MAX_ID_TOKEN_HINT:
+        raise fail("invalid_request", "id_token_hint is too long")
     return AuthorizeRequest(
         server=server,
         client=client,
@@ -163,6 +168,7 @@ def parse_authorize(
         prompt=_prompt(params.get("prompt"), fail),
         max_age=_max_age(params.get("max_age"), fail),
         login_hint=login_hint,
+        id_token_hint=id_token_hint,
     )
 
 

@@ -23,11 +23,10 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode
 
-import jwt
-
 from authserver.config import ClientConfig, ServerConfig
 from authserver.errors import OAuthError
 from authserver.keyring import KeyRing
+from authserver.oidc import verify_id_token_hint
 from authserver.sessions import (
     clear_cookie,
     cookie_name,
@@ -39,7 +38,6 @@ from authserver.signin import HTML, SignIn, page_headers
 from authserver.store import SessionRecord
 from tokengate.asgi import Headers, Receive, Scope, Send, send_bytes
 from tokengate.jsonlog import AuditLog
-from tokengate.jwk import JWT_DECODE_ERRORS
 
 CARRIED = ("id_token_hint", "post_logout_redirect_uri", "state", "client_id")
 MAX_PARAM = 8192  # characters of a logout parameter accepted
@@ -75,7 +73,9 @@ class Logout:
             await pages.error_page(send, "invalid_request", "A parameter is too long.", 400)
             return
         hint = params.get("id_token_hint")
-        claims = self._hint(server, hint) if hint else None
+        claims = (
+            verify_id_token_hint(hint, server, self.keyring.current(server.name)) if hint else None
+        )
         if hint and claims is None:
             await pages.error_page(send, "invalid_request", "The id_token_hint is not valid.", 400)
             return
@@ -127,33 +127,6 @@ class Logout:
             return
         body = pages.render("signed_out.html")
         await send_bytes(send, 200, body, [HTML, *headers, *page_headers()])
-
-    def _hint(self, server: ServerConfig, token: str) -> dict[str, Any] | None:
-        """The claims of an ID token this server signed (expired ones included: the
-        OP must accept them, RP-Initiated Logout 1.0 section 4)."""
-        keys = self.keyring.current(server.name)
-        try:
-            header = jwt.get_unverified_header(token)
-            kid = header.get("kid")
-            key = keys.published.get(kid) if isinstance(kid, str) else None
-            if key is None or header.get("alg") != key.alg or header.get("typ") != "JWT":
-                return None
-            claims = jwt.decode(
-                token,
-                key.public_key,
-                algorithms=[key.alg],
-                issuer=server.issuer,
-                options={
-                    "require": ["iss", "sub", "aud"],
-                    "verify_aud": False,  # any client's: checked against client_id below
-                    "verify_exp": False,
-                    "verify_iat": False,
-                    "verify_nbf": False,
-                },
-            )
-        except JWT_DECODE_ERRORS:
-            return None
-        return claims if isinstance(claims.get("aud"), str) else None
 
     def _client(
         self, server: ServerConfig, claims: dict[str, Any] | None, client_id: str | None

@@ -14,8 +14,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import jwt
+
 from authserver.config import ClientConfig, ServerConfig, UserClaim
+from authserver.keyring import KeySet
 from authserver.users import User
+from tokengate.jwk import JWT_DECODE_ERRORS
 
 # OIDC Core 5.4: the claims each scope asks for (preferred_username is the username)
 PROFILE_CLAIMS = (
@@ -169,3 +173,33 @@ def scope_claims(user: User, scopes: tuple[str, ...]) -> dict[str, Any]:
     }
     wanted = [name for scope in scopes for name in SCOPE_CLAIMS.get(scope, ())]
     return {name: known[name] for name in wanted if name in known}
+
+
+def verify_id_token_hint(token: str, server: ServerConfig, keys: KeySet) -> dict[str, Any] | None:
+    """The claims of an ID token this server signed, for ``id_token_hint`` (OIDC Core
+    3.1.2.1, RP-Initiated Logout 1.0 section 2): expired ones are accepted (a hint
+    names a sign-in, it grants nothing); None for anything else."""
+    try:
+        header = jwt.get_unverified_header(token)
+        kid = header.get("kid")
+        key = keys.published.get(kid) if isinstance(kid, str) else None
+        if key is None or header.get("alg") != key.alg or header.get("typ") != "JWT":
+            return None
+        claims = jwt.decode(
+            token,
+            key.public_key,
+            algorithms=[key.alg],
+            issuer=server.issuer,
+            options={
+                "require": ["iss", "sub", "aud"],
+                "verify_aud": False,  # any client's: the caller checks which
+                "verify_exp": False,
+                "verify_iat": False,
+                "verify_nbf": False,
+            },
+        )
+    except JWT_DECODE_ERRORS:
+        return None
+    if not isinstance(claims.get("aud"), str) or not isinstance(claims.get("sub"), str):
+        return None
+    return claims

@@ -41,6 +41,8 @@ from authserver.codes import CODE_TTL, code_hash, new_code
 from authserver.config import AuthServerConfig, ClientConfig, ServerConfig
 from authserver.errors import OAuthError
 from authserver.forms import read_form
+from authserver.keyring import KeyRing
+from authserver.oidc import verify_id_token_hint
 from authserver.sessions import (
     cookie_name,
     new_session,
@@ -113,6 +115,7 @@ class SignIn:
         store: Store,
         io: StoreWorker,
         users: UserDirectory,
+        keyring: KeyRing,
         throttle: AuthThrottle,
         audit: AuditLog,
         metrics: Metrics,
@@ -125,6 +128,7 @@ class SignIn:
         self.store = store
         self.io = io
         self.users = users
+        self.keyring = keyring
         self.throttle = throttle
         self.audit = audit
         self.metrics = metrics
@@ -188,6 +192,19 @@ class SignIn:
     ) -> None:
         now = int(self.clock())
         found = await self._session(scope, now)
+        hinted: str | None = None  # the user an id_token_hint names
+        if request.id_token_hint is not None:
+            keys = self.keyring.current(request.server.name)
+            claims = verify_id_token_hint(request.id_token_hint, request.server, keys)
+            if claims is None:
+                params_ = request.target.params(
+                    error="invalid_request", error_description="id_token_hint is not valid"
+                )
+                await self._respond(send, request.target, params_)
+                return
+            hinted = claims["sub"]
+        if found is not None and hinted is not None and found[1].id != hinted:
+            found = None  # the session is another user's: the hinted one must sign in
         if found is not None and not _needs_sign_in(request, found[0], now):
             session, user = found
             if not is_assigned(request.client, user):

@@ -225,6 +225,9 @@ class Store(Protocol):
 
     def session_alive(self, sid: str, now: int) -> bool: ...
 
+    def count_sessions(self, now: int) -> int:
+        """How many sessions are live."""
+
     def end_session_sid(self, sid: str) -> bool:
         """Delete the session whose sid is ``sid``; False if there was none."""
 
@@ -702,6 +705,13 @@ class SqliteStore:
             (sid, now, now),
         ).fetchone()
         return row is not None
+
+    def count_sessions(self, now: int) -> int:
+        row = self._db.execute(
+            "SELECT count(*) FROM sessions WHERE expires_at > ? AND idle_expires_at > ?",
+            (now, now),
+        ).fetchone()
+        return int(row[0])
 
     def end_session_sid(self, sid: str) -> bool:
         return self._db.execute("DELETE FROM sessions WHERE sid = ?", (sid,)).rowcount == 1

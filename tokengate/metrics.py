@@ -128,6 +128,12 @@ class Metrics:
         )
         for result in ("success", "failure"):
             self.signins.labels(result)
+        self.sessions_active = Gauge(
+            "tokengate_authserver_sessions_active",
+            "Live browser sessions in the store (org-wide; read every few seconds).",
+            registry=r,
+            multiprocess_mode="livemax",  # every worker reads the same store
+        )
         self.listener_refusals = Counter(
             "tokengate_listener_refusals",
             "Connections and requests a listener refused before any app saw them, by reason.",

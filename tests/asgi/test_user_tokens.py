@@ -18,12 +18,15 @@ from tests.asgi.test_signin_flow import (
     PORTAL_SECRET,
     SPA_CALLBACK,
     Form,
-    _remember_secrets,  # noqa: F401  (autouse: the secrets seen, for the log-leak search)
+    _remember_secrets,  # noqa: F401  (autouse: records what the log-leak search looks for)
     authorize_params,
+    callback_params,
     exchange,
     remember,
     sign_in,
     sign_in_config,
+    start,
+    submit,
 )
 from tests.conftest import ISSUER, REPORTING_SECRET, TOKEN_URL, AuthServer
 
@@ -57,6 +60,7 @@ def config(data: dict[str, Any]) -> None:
         }
     )
     auth["users"][0]["groups"] = ["engineering"]
+    auth["users"].append({"username": "bob", "password_hash": auth["users"][0]["password_hash"]})
     auth["users"][0]["profile"]["department"] = "R&D"
     auth["servers"][0]["user_claims"] = [
         {"name": "groups", "from": "groups", "into": ["access_token", "id_token"]},
@@ -505,3 +509,39 @@ async def test_cors_only_for_allowed_origins(server: AuthServer) -> None:
         assert "access-control-allow-origin" not in evil.headers
         page = await http.get(AUTHORIZE, params=authorize_params(), headers={"origin": SPA_ORIGIN})
         assert "access-control-allow-origin" not in page.headers
+
+
+async def test_live_sessions_are_a_gauge(server: AuthServer) -> None:
+    registry = server.services.metrics.registry
+    now = int(server.clock())
+    server.services._maintain(now, purge=False)
+    assert registry.get_sample_value("tokengate_authserver_sessions_active") == 0
+    async with server.client() as http:
+        await tokens(http)
+    server.services._maintain(now, purge=False)
+    assert registry.get_sample_value("tokengate_authserver_sessions_active") == 1
+
+
+async def test_prompt_none_with_an_id_token_hint_checks_whose_session_it_is(
+    server: AuthServer,
+) -> None:
+    async with server.client() as http:
+        alice = await tokens(http)
+        same = await sign_in(http, prompt="none", id_token_hint=alice["id_token"])
+        assert "code" in same
+        bogus = await http.get(
+            AUTHORIZE, params=authorize_params(prompt="none", id_token_hint="x.y.z")
+        )
+        assert parse_qs(urlsplit(bogus.headers["location"]).query)["error"] == ["invalid_request"]
+    async with server.client() as other:  # bob's ID token, presented in alice's browser
+        _, form = await start(other)
+        back = callback_params(await submit(other, form, username="bob"))
+        bob = (await exchange(other, back["code"])).json()
+        remember(bob["refresh_token"])
+    async with server.client() as http:
+        await tokens(http)
+        wrong = await http.get(
+            AUTHORIZE, params=authorize_params(prompt="none", id_token_hint=bob["id_token"])
+        )
+        params = parse_qs(urlsplit(wrong.headers["location"]).query)
+        assert params["error"] == ["login_required"] and "code" not in params
