@@ -222,9 +222,13 @@ class Brand:
     color: str = "#1f6feb"
 
 
+PAGE_TEMPLATES = ("signin.html", "error.html", "signout.html", "signed_out.html")
+
+
 @dataclass(frozen=True, slots=True)
 class SignInConfig:
     brand: Brand = Brand()
+    templates_dir: Path | None = None  # replaces the built-in page templates wholesale
 
 
 DEFAULT_SIGN_IN = SignInConfig()
@@ -667,8 +671,34 @@ def as_session_times(node: Node) -> SessionTimes:
 
 
 def as_sign_in(node: Node) -> SignInConfig:
-    f = node.fields(optional=("brand",))
-    return SignInConfig(brand=f.get("brand", as_brand, Brand()) or Brand())
+    f = node.fields(optional=("brand", "templates_dir"))
+    templates = f.get("templates_dir", as_str, None)
+    if templates == "":
+        f.node_at("templates_dir").error("must be a directory path")
+    return SignInConfig(
+        brand=f.get("brand", as_brand, Brand()) or Brand(),
+        templates_dir=Path(templates) if templates else None,
+    )
+
+
+def templates_dir_problem(path: Path) -> str | None:
+    """What keeps ``path`` from replacing the page templates; None when it can."""
+    if not path.is_dir():
+        return f"{path} is not a directory"
+    missing = [name for name in PAGE_TEMPLATES if not (path / name).is_file()]
+    if missing:
+        return f"{path} lacks {', '.join(missing)} (every page template is replaced)"
+    import jinja2  # only for a config that replaces the templates
+
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(path), autoescape=True)
+    for name in PAGE_TEMPLATES:
+        try:
+            environment.get_template(name)
+        except jinja2.TemplateSyntaxError as exc:
+            return f"{path / name} line {exc.lineno}: {exc.message}"
+        except (jinja2.TemplateError, OSError, UnicodeDecodeError) as exc:
+            return f"{name}: {type(exc).__name__}: {exc}"
+    return None
 
 
 def as_brand(node: Node) -> Brand:

@@ -137,8 +137,11 @@ class SignIn:
         self.secure = config.public_url.startswith("https://")
         self.paths = Paths.of(config.public_url)
         self.signin_cookie = ("__Host-" if self.secure else "") + SIGNIN_COOKIE
+        custom = config.sign_in.templates_dir
         self.templates = jinja2.Environment(
-            loader=jinja2.PackageLoader("authserver", "templates"),
+            loader=jinja2.FileSystemLoader(custom)
+            if custom is not None
+            else jinja2.PackageLoader("authserver", "templates"),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
         )

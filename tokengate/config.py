@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from authserver.config import AuthServerConfig, parse_authserver
+from authserver.config import AuthServerConfig, parse_authserver, templates_dir_problem
 from gateway.config import GatewayConfig, parse_gateway
 from gateway.routing import shadow_warnings
 from tokengate.limits import ADMIN_LIMITS, Limits, as_limits
@@ -144,6 +144,11 @@ def _parse_config(
     data_dir = authserver.data_dir if authserver is not None else None
     if check_files and data_dir is not None and data_dir.exists() and not data_dir.is_dir():
         top.report.add("authserver.data_dir", f"{data_dir} is not a directory")
+    templates = authserver.sign_in.templates_dir if authserver is not None else None
+    if check_files and templates is not None:
+        problem = templates_dir_problem(templates)
+        if problem is not None:
+            top.report.add("authserver.sign_in.templates_dir", problem)
     if top.is_mapping() and not any(f.has(s) for s in ("authserver", "gateway", "echo")):
         top.error("nothing to serve: add an authserver, gateway or echo section")
     listens = [
@@ -168,6 +173,10 @@ def _relative_to(
     new file path in the config belongs here too."""
     if authserver is not None and not authserver.data_dir.is_absolute():
         authserver = dataclasses.replace(authserver, data_dir=base_dir / authserver.data_dir)
+    templates = authserver.sign_in.templates_dir if authserver is not None else None
+    if authserver is not None and templates is not None and not templates.is_absolute():
+        sign_in = dataclasses.replace(authserver.sign_in, templates_dir=base_dir / templates)
+        authserver = dataclasses.replace(authserver, sign_in=sign_in)
     if audit is not None and audit.path not in (None, "-") and not Path(audit.path).is_absolute():
         audit = dataclasses.replace(audit, path=str(base_dir / audit.path))
     return authserver, audit

@@ -500,7 +500,12 @@ def authserver() -> Schema:
                             ),
                         },
                         "The look of the hosted sign-in pages.",
-                    )
+                    ),
+                    "templates_dir": string(
+                        "A directory whose signin.html, error.html, signout.html and "
+                        "signed_out.html (Jinja2, autoescaped) replace the built-in pages; "
+                        "relative to the config file's directory.",
+                    ),
                 },
                 "The hosted sign-in pages.",
             ),

@@ -545,3 +545,42 @@ async def test_prompt_none_with_an_id_token_hint_checks_whose_session_it_is(
         )
         params = parse_qs(urlsplit(wrong.headers["location"]).query)
         assert params["error"] == ["login_required"] and "code" not in params
+
+
+async def test_templates_dir_replaces_the_pages(make_authserver: Any, tmp_path: Any) -> None:
+    import shutil
+    from importlib import resources
+
+    from tokengate.config import parse_config
+    from tokengate.yamlconf import ConfigErrors
+
+    templates = tmp_path / "templates"
+    shutil.copytree(str(resources.files("authserver").joinpath("templates")), templates)
+    signin = templates / "signin.html"
+    signin.write_text(signin.read_text().replace("<h1>Sign in</h1>", "<h1>Welcome to Acme</h1>"))
+
+    def custom(data: dict[str, Any]) -> None:
+        config(data)
+        data["authserver"]["sign_in"]["templates_dir"] = str(templates)
+
+    server = make_authserver(custom)
+    async with server.client() as http:
+        page, form = await start(http)
+        assert "<h1>Welcome to Acme</h1>" in page.text and "csrf_token" in form.fields
+
+    (templates / "error.html").write_text("{% if %}")  # a syntax error
+    text = (
+        "authserver:\n  servers: [{name: a, audience: b}]\n"
+        f"  sign_in: {{templates_dir: {templates}}}\n"
+    )
+    with pytest.raises(ConfigErrors) as raised:
+        parse_config(text, check_files=True)
+    [problem] = [str(e) for e in raised.value.errors]
+    assert problem.startswith(f"authserver.sign_in.templates_dir: {templates}/error.html line 1: ")
+    (templates / "error.html").unlink()
+    with pytest.raises(ConfigErrors) as raised:
+        parse_config(text, check_files=True)
+    assert [str(e) for e in raised.value.errors] == [
+        f"authserver.sign_in.templates_dir: {templates} lacks error.html "
+        "(every page template is replaced)"
+    ]

@@ -187,7 +187,8 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "name": "Acme",
                     "logo_url": "https://cdn.example.com/logo.svg",
                     "color": "#1f6feb",
-                }
+                },
+                "templates_dir": "templates",
             },
             "clients": [
                 {
