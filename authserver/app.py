@@ -88,21 +88,6 @@ class AuthServices:
         authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), io, clock=clock)
         if throttle is None or throttle.policy != config.client_auth_throttle:
             throttle = MemoryThrottle(config.client_auth_throttle, clock=clock)
-        endpoints = Endpoints(
-            keyring=keyring,
-            authenticator=authenticator,
-            throttle=throttle,
-            verifier=TokenVerifier(leeway=config.leeway, clock=clock),
-            store=store,
-            io=io,
-            audit=audit,
-            max_body_bytes=config.max_body_bytes,
-            jwks_max_age=config.jwks_max_age,
-            metrics=metrics,
-            proxies=config.trusted_proxies,
-            users=users,
-            clock=clock,
-        )
         signin = SignIn(
             config=config,
             store=store,
@@ -116,6 +101,22 @@ class AuthServices:
             audit=audit,
             metrics=metrics,
             proxies=config.trusted_proxies,
+            clock=clock,
+        )
+        endpoints = Endpoints(
+            keyring=keyring,
+            authenticator=authenticator,
+            throttle=throttle,
+            verifier=TokenVerifier(leeway=config.leeway, clock=clock),
+            store=store,
+            io=io,
+            audit=audit,
+            max_body_bytes=config.max_body_bytes,
+            jwks_max_age=config.jwks_max_age,
+            metrics=metrics,
+            proxies=config.trusted_proxies,
+            users=users,
+            credentials=signin,  # the password grant checks passwords as the page does
             clock=clock,
         )
         for server in config.servers:

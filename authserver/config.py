@@ -46,7 +46,8 @@ AUTH_METHODS: tuple[AuthMethod, ...] = (
     "client_secret_post",
     "private_key_jwt",
 )
-GRANT_TYPES = ("client_credentials", "authorization_code", "refresh_token")
+GRANT_TYPES = ("client_credentials", "authorization_code", "refresh_token", "password")
+DEPRECATED_GRANTS = ("password",)  # RFC 9700 section 2.4: allowed, opt-in, warned about
 DEFAULT_GRANT_TYPES = ("client_credentials",)
 PUBLIC = "none"  # auth_method of a public client (a SPA or native app): no credentials
 # built into every server (OIDC Core 5.4, 11)
@@ -484,8 +485,15 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         node.error("an authorization_code client needs redirect_uris")
     if redirect_uris and "authorization_code" not in grants:
         c.node_at("redirect_uris").error("is only for clients with grant type authorization_code")
-    if "refresh_token" in grants and "authorization_code" not in grants:
-        c.node_at("grant_types").error("refresh_token needs authorization_code (users' tokens)")
+    if "refresh_token" in grants and not {"authorization_code", "password"} & set(grants):
+        c.node_at("grant_types").error(
+            "refresh_token needs authorization_code or password (users' tokens)"
+        )
+    if method == PUBLIC and "password" in grants:
+        c.node_at("grant_types").error(
+            "a public client (auth_method: none) cannot use password: it cannot keep "
+            "a user's password from being replayed by anyone who copies it"
+        )
     logout_uris = c.get("post_logout_redirect_uris", list_of(as_redirect_uri), ()) or ()
     if logout_uris and "authorization_code" not in grants:
         c.node_at("post_logout_redirect_uris").error(
@@ -815,3 +823,14 @@ def as_client_key(node: Node) -> PublicKey:
         raise ConfigError(node.path, str(exc)) from None
     except TypeError:  # a member of the wrong type, such as alg: [RS256]
         raise ConfigError(node.path, "is not a valid JWK") from None
+
+
+def deprecated_grant_warnings(config: AuthServerConfig) -> tuple[str, ...]:
+    """What ``tokengate check`` warns about: clients using grants RFC 9700 deprecates."""
+    return tuple(
+        f"authserver.clients[{i}].grant_types: {grant} ({client.client_id}) is deprecated "
+        "by RFC 9700 (OAuth 2.0 Security BCP); prefer authorization_code with PKCE"
+        for i, client in enumerate(config.clients)
+        for grant in DEPRECATED_GRANTS
+        if grant in client.grant_types
+    )

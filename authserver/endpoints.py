@@ -30,7 +30,15 @@ from authserver.keyring import KeyRing
 from authserver.store import Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
 from authserver.tokens import TokenVerifier, access_token_claims, new_jti
-from authserver.usergrants import CODE_GRANT, REFRESH_GRANT, UserGrants, may_use, refresh_hash
+from authserver.usergrants import (
+    CODE_GRANT,
+    PASSWORD_GRANT,
+    REFRESH_GRANT,
+    Credentials,
+    UserGrants,
+    may_use,
+    refresh_hash,
+)
 from authserver.users import UserDirectory
 from tokengate.asgi import (
     JSON_TYPE,
@@ -48,7 +56,7 @@ from tokengate.proxies import NO_PROXIES, TrustedProxies
 
 T = TypeVar("T")
 JWKS_FRESH = 1.0  # seconds: a JWKS answer re-reads key records older than this
-USER_GRANTS = (CODE_GRANT, REFRESH_GRANT)
+USER_GRANTS = (CODE_GRANT, REFRESH_GRANT, PASSWORD_GRANT)
 
 
 class Endpoints:
@@ -66,6 +74,7 @@ class Endpoints:
         jwks_max_age: int,
         metrics: Metrics,
         users: UserDirectory,
+        credentials: Credentials | None = None,
         proxies: TrustedProxies = NO_PROXIES,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -90,6 +99,7 @@ class Endpoints:
             users=users,
             audit=audit,
             metrics=metrics,
+            credentials=credentials,
             clock=clock,
         )
 
@@ -105,16 +115,18 @@ class Endpoints:
                 raise invalid_request("grant_type is required")
             if grant_type in USER_GRANTS:
                 client = await self._user_client(server, scope, form, event)
-                grant = (
-                    self.user_grants.code if grant_type == CODE_GRANT else self.user_grants.refresh
-                )
+                grant = {
+                    CODE_GRANT: self.user_grants.code,
+                    REFRESH_GRANT: self.user_grants.refresh,
+                    PASSWORD_GRANT: self.user_grants.password,
+                }[grant_type]
                 body = await grant(server, client, form, event)
                 await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE])
                 return
             if grant_type != GRANT_TYPE:
                 raise OAuthError(
                     "unsupported_grant_type",
-                    f"supported: {GRANT_TYPE}, {CODE_GRANT} and {REFRESH_GRANT}",
+                    f"supported: {GRANT_TYPE}, {CODE_GRANT}, {REFRESH_GRANT}, {PASSWORD_GRANT}",
                 )
             authn = await self._authenticate(scope, form, server, server.token_endpoint, event)
             # only now, for an authenticated client: parse what it asks for
@@ -471,6 +483,7 @@ def declare_series(metrics: Metrics, server: str) -> None:
     metrics.tokens_issued.labels(server, GRANT_TYPE)
     metrics.tokens_issued.labels(server, CODE_GRANT)
     metrics.tokens_issued.labels(server, REFRESH_GRANT)
+    metrics.tokens_issued.labels(server, PASSWORD_GRANT)
     for error in TOKEN_ERRORS:
         metrics.token_errors.labels(server, error)
     for result in ("failed", "throttled"):

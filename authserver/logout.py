@@ -34,7 +34,7 @@ from authserver.sessions import (
     session_hash,
     valid_session_value,
 )
-from authserver.signin import HTML, SignIn, page_headers
+from authserver.signin import HTML, SignIn, origin_of, page_headers
 from authserver.store import SessionRecord
 from tokengate.asgi import Headers, Receive, Scope, Send, send_bytes
 from tokengate.jsonlog import AuditLog
@@ -112,7 +112,7 @@ class Logout:
             assert cookie is not None
             hinted = claims is not None and claims.get("sid") == session.sid
             if not hinted and not self._confirmed(scope, params, cookie):
-                await self._confirm(send, server, params, cookie)
+                await self._confirm(send, server, params, cookie, redirect)
                 return
             await self._end(server, scope, session, cookie, client, now)
         headers: Headers = [(b"set-cookie", clear_cookie(secure=pages.secure))]
@@ -147,7 +147,12 @@ class Logout:
         )
 
     async def _confirm(
-        self, send: Send, server: ServerConfig, params: dict[str, str], cookie: str
+        self,
+        send: Send,
+        server: ServerConfig,
+        params: dict[str, str],
+        cookie: str,
+        redirect: str | None,
     ) -> None:
         body = self.signin.render(
             "signout.html",
@@ -155,7 +160,9 @@ class Logout:
             csrf_token=_csrf(cookie),
             carried=[(k, params[k]) for k in CARRIED if k in params],
         )
-        await send_bytes(send, 200, body, [HTML, *page_headers()])
+        # the form's answer may redirect to the client: CSP form-action covers redirects
+        target = origin_of(redirect) if redirect is not None else None
+        await send_bytes(send, 200, body, [HTML, *page_headers(target)])
 
     async def _end(
         self,

@@ -123,9 +123,10 @@ def id_token_claims(
         "iat": now,
         "auth_time": sign_in.auth_time,
         "amr": list(sign_in.amr),
-        "sid": sign_in.session_id,
         "at_hash": at_hash(access_token, server.signing_alg),
     }
+    if sign_in.session_id:  # the password grant signs in without a session
+        claims["sid"] = sign_in.session_id
     if nonce is not None:
         claims["nonce"] = nonce
     claims.update(scope_claims(sign_in.user, scopes))

@@ -86,7 +86,7 @@ def page_headers(form_target: str | None = None) -> Headers:
     return [(b"content-security-policy", _CSP.format(extra=extra).encode()), *PAGE_HEADERS]
 
 
-def _origin(uri: str) -> str:
+def origin_of(uri: str) -> str:
     parts = urlsplit(uri)
     return f"{parts.scheme}://{parts.netloc}"
 
@@ -314,10 +314,63 @@ class SignIn:
         password: str,
         now: int,
     ) -> None:
-        ip = self._remote_addr(scope)
+        user, event = await self.check_credentials(
+            request.server, request.client, username, password, self._remote_addr(scope)
+        )
+        if user is None:
+            await self._form(send, request, csrf, username, BAD_CREDENTIALS, 401)
+            return
+        if not is_assigned(request.client, user):
+            # the password was right: say what is wrong, but start no session with it
+            await self.io_call(self.store.end_interaction, session_hash(cookie))
+            clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
+            await self._not_assigned(send, request, user, scope, clear)
+            return
+        started = new_session(user.id, now, self.config.sessions)
+        await self.io_call(self.store.add_session, started.session_hash, started.record)
+        await self.io_call(self.store.end_interaction, session_hash(cookie))
+        self.audit.emit("user.signin", **event, outcome="success", reason="ok")
+        self.audit.emit("session.created", **event, sid=started.record.sid)
+        self.metrics.signins.labels("success").inc()
+        cookies = [
+            (b"set-cookie", set_cookie(started.cookie_value, secure=self.secure)),
+            (b"set-cookie", self._signin_cookie("", clear=True)),
+        ]
+        await self._issue_code(send, request, user, started.record, now, cookies)
+
+    # -- shared steps -------------------------------------------------------------
+
+    def not_assigned(
+        self, server: ServerConfig, client: ClientConfig, user: User, ip: str | None
+    ) -> None:
+        """Audit and count a user refused for not being in the client's groups."""
+        self.audit.emit(
+            "user.signin",
+            server=server.name,
+            client_id=client.client_id,
+            user_id=user.id,
+            username=user.username,
+            remote_addr=ip,
+            outcome="failure",
+            reason="not_assigned",
+        )
+        self.metrics.signins.labels("failure").inc()
+
+    async def check_credentials(
+        self,
+        server: ServerConfig,
+        client: ClientConfig,
+        username: str,
+        password: str,
+        ip: str | None,
+    ) -> tuple[User | None, dict[str, Any]]:
+        """A username and password, throttled per username and per address (the hosted
+        page and the password grant alike). A refusal is audited and counted here and
+        gives no user; whatever the reason, the caller shows one message. The event:
+        the audit fields of this sign-in, for the caller's success line."""
         event: dict[str, Any] = {
-            "server": request.server.name,
-            "client_id": request.client.client_id,
+            "server": server.name,
+            "client_id": client.client_id,
             "user_id": None,
             "username": username or None,
             "remote_addr": ip,
@@ -335,46 +388,16 @@ class SignIn:
                 event.update(user_id=outcome.user.id, username=outcome.user.username)
             self.audit.emit("user.signin", **event, outcome="failure", reason=reason)
             self.metrics.signins.labels("failure").inc()
-            await self._form(send, request, csrf, username, BAD_CREDENTIALS, 401)
-            return
-        user = outcome.user
+            return None, event
         self.throttle.succeeded(throttle_key)
-        if not is_assigned(request.client, user):
-            # the password was right: say what is wrong, but start no session with it
-            await self.io_call(self.store.end_interaction, session_hash(cookie))
-            clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
-            await self._not_assigned(send, request, user, scope, clear)
-            return
-        started = new_session(user.id, now, self.config.sessions)
-        await self.io_call(self.store.add_session, started.session_hash, started.record)
-        await self.io_call(self.store.end_interaction, session_hash(cookie))
-        event.update(user_id=user.id, username=user.username)
-        self.audit.emit("user.signin", **event, outcome="success", reason="ok")
-        self.audit.emit("session.created", **event, sid=started.record.sid)
-        self.metrics.signins.labels("success").inc()
-        cookies = [
-            (b"set-cookie", set_cookie(started.cookie_value, secure=self.secure)),
-            (b"set-cookie", self._signin_cookie("", clear=True)),
-        ]
-        await self._issue_code(send, request, user, started.record, now, cookies)
-
-    # -- shared steps -------------------------------------------------------------
+        event.update(user_id=outcome.user.id, username=outcome.user.username)
+        return outcome.user, event
 
     async def _not_assigned(
         self, send: Send, request: AuthorizeRequest, user: User, scope: Scope, headers: Headers
     ) -> None:
         """Okta's app assignment: the user is not in any of the client's groups."""
-        self.audit.emit(
-            "user.signin",
-            server=request.server.name,
-            client_id=request.client.client_id,
-            user_id=user.id,
-            username=user.username,
-            remote_addr=self._remote_addr(scope),
-            outcome="failure",
-            reason="not_assigned",
-        )
-        self.metrics.signins.labels("failure").inc()
+        self.not_assigned(request.server, request.client, user, self._remote_addr(scope))
         params = request.target.params(
             error="access_denied", error_description="the user is not assigned to this client"
         )
@@ -426,7 +449,7 @@ class SignIn:
         """The response to the client: 303 to its redirect URI, or a form_post page."""
         if target.response_mode == "form_post":
             body = form_post_page(target, params)
-            all_headers = [HTML, *headers, *page_headers(_origin(target.redirect_uri))]
+            all_headers = [HTML, *headers, *page_headers(origin_of(target.redirect_uri))]
             await send_bytes(send, 200, body, all_headers)
             return
         location = redirect_location(target, params).encode()

@@ -15,10 +15,11 @@ import secrets
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
+from authserver.authorize import client_scopes
 from authserver.codes import code_hash
-from authserver.config import ClientConfig, ServerConfig
+from authserver.config import OIDC_SCOPES, ClientConfig, ServerConfig
 from authserver.errors import OAuthError, invalid_request
 from authserver.forms import Form
 from authserver.grants import requested_scopes
@@ -36,7 +37,25 @@ REFRESH_GRANT = "refresh_token"
 OFFLINE_ACCESS = "offline_access"
 REFRESH_BYTES = 32  # 256 bits of randomness
 
+PASSWORD_GRANT = "password"  # noqa: S105 - a grant type's name
 StoreCall = Callable[..., Awaitable[Any]]
+
+
+class Credentials(Protocol):
+    """How a username and password are checked (the hosted page's rules)."""
+
+    async def check_credentials(
+        self,
+        server: ServerConfig,
+        client: ClientConfig,
+        username: str,
+        password: str,
+        ip: str | None,
+    ) -> tuple[User | None, dict[str, Any]]: ...
+
+    def not_assigned(
+        self, server: ServerConfig, client: ClientConfig, user: User, ip: str | None
+    ) -> None: ...
 
 
 def new_refresh_token() -> str:
@@ -77,8 +96,10 @@ class UserGrants:
         users: UserDirectory,
         audit: AuditLog,
         metrics: Metrics,
+        credentials: Credentials | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
+        self.credentials = credentials  # the password grant's; None: no password grant
         self.keyring = keyring
         self.store = store
         self.call = call  # a store call off the event loop; StoreUnavailable as a 503
@@ -168,6 +189,60 @@ class UserGrants:
                 reason="code_reused",
             )
 
+    # -- password (RFC 6749 4.3; RFC 9700 deprecates it: opt-in per client) ----------
+
+    async def password(
+        self, server: ServerConfig, client: ClientConfig, form: Form, event: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Tokens for a username and password sent by the client itself, checked and
+        throttled as on the hosted page. No browser session: its refresh tokens do not
+        end with one."""
+        if PASSWORD_GRANT not in client.grant_types or self.credentials is None:
+            raise OAuthError("unauthorized_client", f"the client may not use {PASSWORD_GRANT}")
+        username = _required(form, "username")
+        password = _required(form, "password")
+        requested = requested_scopes(form)
+        offered = client_scopes(server, client)
+        if requested and any(s not in offered for s in requested):
+            raise OAuthError("invalid_scope", "a scope is not allowed for this client")
+        scopes = requested or tuple(s for s in (*OIDC_SCOPES, *server.scopes) if s in offered)
+        ip = event["remote_addr"]
+        user, signin = await self.credentials.check_credentials(
+            server, client, username, password, ip
+        )
+        event.update(user_id=signin["user_id"], username=signin["username"])
+        if user is None:
+            raise OAuthError("invalid_grant", "the username or password is incorrect")
+        if not is_assigned(client, user):
+            self.credentials.not_assigned(server, client, user, ip)
+            raise OAuthError("invalid_grant", "the user is not assigned to this client")
+        self.audit.emit("user.signin", **signin, outcome="success", reason="ok")
+        self.metrics.signins.labels("success").inc()
+        now = int(self.clock())
+        event["scopes"] = list(scopes)
+        sign_in = SignIn(user=user, auth_time=now, session_id="")
+        jti = new_jti()
+        issued = self._tokens(server, client, sign_in, scopes, None, now, jti)
+        if REFRESH_GRANT in client.grant_types:
+            token = new_refresh_token()
+            grant = Grant(
+                family="p" + new_refresh_token(),  # no code: a family of its own
+                server=server.name,
+                client_id=client.client_id,
+                user_id=user.id,
+                session_id="",
+                scopes=scopes,
+                auth_time=now,
+                offline=OFFLINE_ACCESS in scopes,
+                expires_at=now + server.refresh_tokens.max_ttl,
+            )
+            idle = min(now + server.refresh_tokens.idle_ttl, grant.expires_at)
+            exp = now + server.access_token_ttl
+            await self.call(self.store.start_family, grant, refresh_hash(token), idle, jti, exp)
+            issued.body["refresh_token"] = token
+        self._issued(server, event, jti, PASSWORD_GRANT)
+        return issued.body
+
     # -- refresh_token -----------------------------------------------------------
 
     async def refresh(
@@ -201,7 +276,11 @@ class UserGrants:
                 if not may_use(client, user):
                     self.store.revoke_family(grant.family, now)
                     raise OAuthError("invalid_grant", "the user may no longer sign in")
-                if not grant.offline and not self.store.session_alive(grant.session_id, now):
+                if (
+                    not grant.offline
+                    and grant.session_id  # the password grant's tokens have no session
+                    and not self.store.session_alive(grant.session_id, now)
+                ):
                     self.store.revoke_family(grant.family, now)
                     raise OAuthError("invalid_grant", "the session has ended; sign in again")
             use = self.store.use_refresh(presented, now, refresh_hash(successor), idle, jti, exp)

@@ -8,7 +8,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from authserver.config import AuthServerConfig, parse_authserver, templates_dir_problem
+from authserver.config import (
+    AuthServerConfig,
+    deprecated_grant_warnings,
+    parse_authserver,
+    templates_dir_problem,
+)
 from gateway.config import GatewayConfig, parse_gateway
 from gateway.routing import shadow_warnings
 from tokengate.limits import ADMIN_LIMITS, Limits, as_limits
@@ -57,8 +62,11 @@ class Config:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        """What is valid but surely not meant: routes that earlier ones shadow."""
-        return shadow_warnings(self.gateway.routes) if self.gateway is not None else ()
+        """What is valid but surely not meant, or unwise: routes that earlier ones
+        shadow, and clients using grants RFC 9700 deprecates."""
+        routes = shadow_warnings(self.gateway.routes) if self.gateway is not None else ()
+        grants = deprecated_grant_warnings(self.authserver) if self.authserver is not None else ()
+        return (*grants, *routes)
 
 
 def default_path(environ: Mapping[str, str] | None = None) -> Path:

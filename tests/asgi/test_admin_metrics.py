@@ -110,7 +110,7 @@ async def test_authserver_metrics(make_authserver: Any) -> None:
         )
         await http.post(
             f"{ISSUER}/v1/token",
-            data={"grant_type": "password"},
+            data={"grant_type": "urn:ietf:params:oauth:grant-type:device_code"},
             auth=("reporting", REPORTING_SECRET),
         )
     _, parsed = await scrape(AdminApp(metrics, [server.services.not_ready]))

@@ -14,6 +14,7 @@ import pytest
 
 from authserver.pkce import s256
 from tests.asgi.test_signin_flow import (
+    ALICE_PASSWORD,
     AUTHORIZE,
     PORTAL_SECRET,
     SPA_CALLBACK,
@@ -57,6 +58,14 @@ def config(data: dict[str, Any]) -> None:
             "redirect_uris": ["https://admin.example.com/cb"],
             "groups": ["admins"],
             "scopes": ["openid"],
+        }
+    )
+    auth["clients"].append(
+        {
+            "client_id": "legacy-cli",
+            "secret": PORTAL_SECRET,
+            "grant_types": ["password", "refresh_token"],
+            "scopes": ["openid", "profile", "orders:read"],
         }
     )
     auth["users"][0]["groups"] = ["engineering"]
@@ -584,3 +593,72 @@ async def test_templates_dir_replaces_the_pages(make_authserver: Any, tmp_path: 
         f"authserver.sign_in.templates_dir: {templates} lacks error.html "
         "(every page template is replaced)"
     ]
+
+
+async def test_the_password_grant_is_opt_in_and_throttled_like_the_page(
+    server: AuthServer,
+) -> None:
+    async def password(username: str, secret: str, **extra: str) -> httpx.Response:
+        async with server.client() as http:
+            return await http.post(
+                TOKEN_URL,
+                data={"grant_type": "password", "username": username, "password": secret, **extra},
+                auth=("legacy-cli", PORTAL_SECRET),
+            )
+
+    good = await password("alice", ALICE_PASSWORD, scope="openid orders:read")
+    assert good.status_code == 200, good.text
+    body = good.json()
+    remember(body["refresh_token"])
+    assert body["scope"] == "openid orders:read"
+    id_token = claims_of(body["id_token"])
+    assert id_token["aud"] == "legacy-cli" and "sid" not in id_token
+    assert claims_of(body["access_token"])["amr"] == ["pwd"]
+    async with server.client() as http:
+        again = await http.post(
+            TOKEN_URL,
+            data={"grant_type": "refresh_token", "refresh_token": body["refresh_token"]},
+            auth=("legacy-cli", PORTAL_SECRET),
+        )
+        assert again.status_code == 200  # no session to end with
+        remember(again.json()["refresh_token"])
+    wrong = await password("alice", "wrong-password")
+    unknown = await password("nobody", "wrong-password")
+    disabled = await password("mallory", ALICE_PASSWORD)
+    for refused in (wrong, unknown, disabled):
+        assert refused.status_code == 400
+        assert refused.json() == {
+            "error": "invalid_grant",
+            "error_description": "the username or password is incorrect",
+        }
+    for _ in range(5):
+        await password("alice", "wrong-password")
+    locked = await password("alice", ALICE_PASSWORD)  # the right password, while locked
+    assert locked.json()["error"] == "invalid_grant"
+    reasons = [
+        line["reason"]
+        for line in server.audit_lines()
+        if line["event"] == "user.signin" and line["client_id"] == "legacy-cli"
+    ]
+    assert reasons[:4] == ["ok", "bad_credentials", "bad_credentials", "disabled"]
+    assert reasons[-1] == "locked"
+    async with server.client() as http:
+        portal = await http.post(
+            TOKEN_URL,
+            data={"grant_type": "password", "username": "alice", "password": ALICE_PASSWORD},
+            auth=("portal", PORTAL_SECRET),
+        )
+    assert portal.json()["error"] == "unauthorized_client"  # not opted in
+
+
+def test_check_warns_about_the_password_grant() -> None:
+    from tokengate.config import parse_config
+
+    text = (
+        "authserver:\n  servers: [{name: a, audience: b}]\n  clients:\n"
+        "    - {client_id: legacy, secret: " + PORTAL_SECRET + ", grant_types: [password]}\n"
+    )
+    assert parse_config(text).warnings == (
+        "authserver.clients[0].grant_types: password (legacy) is deprecated by RFC 9700 "
+        "(OAuth 2.0 Security BCP); prefer authorization_code with PKCE",
+    )

@@ -241,10 +241,23 @@ def test_duplicate_names_and_client_ids() -> None:
             "secret/secret_hash",
         ),
         (
-            "    - client_id: x\n      secret: " + SECRET + "\n      grant_types: [password]\n",
+            "    - client_id: x\n      secret: " + SECRET + "\n      grant_types: [implicit]\n",
             "authserver.clients[1].grant_types[0]: must be one of client_credentials, "
-            "authorization_code, refresh_token; "
-            "got 'password'",
+            "authorization_code, refresh_token, password; "
+            "got 'implicit'",
+        ),
+        (
+            "    - client_id: x\n      auth_method: none\n      grant_types: [password]\n",
+            "authserver.clients[1].grant_types: a public client (auth_method: none) cannot "
+            "use password: it cannot keep a user's password from being replayed by anyone "
+            "who copies it",
+        ),
+        (
+            "    - client_id: x\n      secret: "
+            + SECRET
+            + "\n      grant_types: [refresh_token]\n",
+            "authserver.clients[1].grant_types: refresh_token needs authorization_code or "
+            "password (users' tokens)",
         ),
     ],
 )
