@@ -199,6 +199,11 @@ async def test_the_whole_flow_gives_an_access_token_and_an_id_token(server: Auth
         assert_page_headers(first)
         page = await http.get(first.headers["location"])
         assert_page_headers(page)
+        # its POST is answered by a redirect to the client, which form-action must allow
+        assert (
+            "form-action 'self' https://portal.example.com;"
+            in page.headers["content-security-policy"]
+        )
         assert "text/html" in page.headers["content-type"]
         form = Form(page.text)
         assert form.forms == 1 and form.method == "post"
