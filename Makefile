@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint format check bench-tokens bench-gateway clean promtool
+.PHONY: run test lint format check bench-tokens bench-gateway clean promtool browser
 
 run: $(VENV)/.runtime
 	$(BIN)/tokengate run
@@ -70,6 +70,12 @@ promtool:
 	  if [ -d /run/systemd/system ]; then systemctl disable --now prometheus.service >/dev/null 2>&1 || true; fi; \
 	  [ $$status = 0 ] && command -v promtool >/dev/null; \
 	}
+
+# Headless Chromium for tests/browser/: Debian's chromium and chromium-driver, installed
+# as root with apt-get when missing. `make test` does not need it (those tests then skip);
+# CI runs this first and requires it.
+browser:
+	@tests/install-chromium
 
 $(VENV)/.bench: $(VENV)/.test
 	$(PIP) install -c constraints.txt -e '.[test,bench]'
