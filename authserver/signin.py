@@ -474,7 +474,7 @@ class SignIn:
         )
         # The form's answer redirects to the client, and browsers hold a form's
         # redirects to form-action too: the page allows the client's origin.
-        headers = page_headers(_origin(request.target.redirect_uri))
+        headers = page_headers(origin_of(request.target.redirect_uri))
         await send_bytes(send, status, body, [HTML, *headers])
 
     async def error_page(self, send: Send, error: str, message: str, status: int) -> None:
