@@ -377,7 +377,13 @@ class Endpoints:
         if token.count(".") != 2:
             return None
         claims = self.verifier.verify(token, server, self.keyring.current(server.name))
-        return None if claims is None else {**claims, "token_type": "Bearer"}
+        if claims is None:
+            return None
+        if "auth_time" in claims:  # a user's token: the user must still be allowed in
+            client = self.authenticator.clients.get(str(claims.get("client_id")))
+            if client is None or not may_use(client, await self.users.get(str(claims["sub"]))):
+                return None
+        return {**claims, "token_type": "Bearer"}
 
     async def _verify_refresh(self, server: ServerConfig, token: str) -> dict[str, Any] | None:
         if "." in token or len(token) > 128:

@@ -37,12 +37,14 @@ def session_hash(cookie_value: str) -> str:
     return hashlib.sha256(cookie_value.encode("ascii")).hexdigest()
 
 
-def new_session(user_id: str, now: int, policy: SessionTimes) -> NewSession:
-    """A session for a user who has just signed in: a fresh id every time."""
+def new_session(user_id: str, now: int, policy: SessionTimes, sid: str | None = None) -> NewSession:
+    """A session for a user who has just signed in: a fresh cookie value every time.
+    ``sid``: the one of the session this sign-in replaces, for the same user (what
+    was issued in it lives on)."""
     value = secrets.token_urlsafe(SESSION_BYTES)
     expires_at = now + policy.max_lifetime
     record = SessionRecord(
-        sid=secrets.token_urlsafe(16),
+        sid=sid or secrets.token_urlsafe(16),
         user_id=user_id,
         auth_time=now,
         created_at=now,

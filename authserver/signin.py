@@ -326,7 +326,8 @@ class SignIn:
             clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
             await self._not_assigned(send, request, user, scope, clear)
             return
-        started = new_session(user.id, now, self.config.sessions)
+        replaced = await self._replace_session(scope, user, now)
+        started = new_session(user.id, now, self.config.sessions, replaced)
         await self.io_call(self.store.add_session, started.session_hash, started.record)
         await self.io_call(self.store.end_interaction, session_hash(cookie))
         self.audit.emit("user.signin", **event, outcome="success", reason="ok")
@@ -339,6 +340,25 @@ class SignIn:
         await self._issue_code(send, request, user, started.record, now, cookies)
 
     # -- shared steps -------------------------------------------------------------
+
+    async def _replace_session(self, scope: Scope, user: User, now: int) -> str | None:
+        """End the session the browser holds, if any: a sign-in never leaves the old
+        cookie value working. Another user's session ends with what was issued in it;
+        the same user's sid carries over (its refresh tokens live on). Its sid, or None."""
+        value = read_cookie(_cookies(scope), cookie_name(self.secure))
+        if not valid_session_value(value):
+            return None
+        assert value is not None
+        old = await self.io_call(
+            self.store.touch_session, session_hash(value), now, self.config.sessions.idle_timeout
+        )
+        if old is None:
+            return None
+        await self.io_call(self.store.end_session, session_hash(value))
+        if old.user_id == user.id:
+            return old.sid
+        await self.io_call(self.store.end_session_grants, old.sid, now)
+        return None
 
     def not_assigned(
         self, server: ServerConfig, client: ClientConfig, user: User, ip: str | None

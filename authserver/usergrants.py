@@ -134,6 +134,8 @@ class UserGrants:
         user = await self.users.get(record.user_id)
         if not may_use(client, user):
             raise OAuthError("invalid_grant", "the user may no longer sign in")
+        if not await self.call(self.store.session_alive, record.session_id, now):
+            raise OAuthError("invalid_grant", "the session has ended; sign in again")
         assert user is not None
         event.update(user_id=user.id, username=user.username, scopes=list(record.scopes))
         sign_in = SignIn(user=user, auth_time=record.auth_time, session_id=record.session_id)
@@ -294,11 +296,11 @@ class UserGrants:
             raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
         grant = use.grant
         event.update(user_id=grant.user_id)
-        if grant.client_id != client.client_id or grant.server != server.name:
-            raise OAuthError("invalid_grant", "the refresh token was issued to another client")
-        if use.status == "reused":
+        if use.status == "reused":  # whoever presented it: the family is revoked already
             self._reuse_detected(server, event, use)
             raise OAuthError("invalid_grant", "the refresh token was used already")
+        if grant.client_id != client.client_id or grant.server != server.name:
+            raise OAuthError("invalid_grant", "the refresh token was issued to another client")
         if use.status != "ok" or user is None:
             raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
         scopes = _narrowed(grant, requested)

@@ -285,7 +285,11 @@ class UserDirectory:
             await self.passwords.verify_unknown(password)
             return Refused("bad_credentials", None)
         user = User.of(record)
-        if not await self.passwords.verify(record.password_hash, password):
+        verified = await self.passwords.verify(record.password_hash, password)
+        if not verified and needs_rehash(record.password_hash):
+            # a weaker stored hash answers faster than an unknown user's: as slow as one
+            await self.passwords.verify_unknown(password)
+        if not verified:
             return Refused("bad_credentials", user)
         if record.disabled:
             return Refused("disabled", user)

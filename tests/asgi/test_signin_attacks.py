@@ -463,11 +463,6 @@ async def test_another_confidential_client_cannot_use_a_refresh_token(
     assert [line["client_id"] for line in events(server, "token.issued")] == ["portal", "portal"]
 
 
-@pytest.mark.skip(
-    reason="product bug: a retired refresh token presented by another client revokes the "
-    "family but writes no token.reuse_detected / token.revoked lines (authserver/usergrants.py "
-    "UserGrants.refresh checks the client before use.status == 'reused')"
-)
 async def test_a_retired_refresh_token_from_another_client_revokes_and_is_audited_as_reuse(
     server: AuthServer,
 ) -> None:
@@ -638,11 +633,6 @@ async def test_a_planted_session_cookie_is_never_adopted(server: AuthServer) -> 
     assert len(events(server, "session.created")) == 2
 
 
-@pytest.mark.skip(
-    reason="product bug: a new sign-in leaves the browser's previous session live in "
-    "the store (authserver/signin.py _check_password), so a copied cookie outlives "
-    "re-authentication"
-)
 async def test_a_new_sign_in_ends_the_session_it_replaces(server: AuthServer) -> None:
     """Renewing the session id at sign-in (DESIGN: "its id is renewed at every
     sign-in") means the old id stops working: whoever copied the cookie before a
@@ -839,11 +829,6 @@ WEAK_HASH = PasswordHasher(time_cost=1, memory_cost=8, parallelism=1, type=Type.
 )
 
 
-@pytest.mark.skip(
-    reason="product bug: a user whose stored hash is cheaper than the current parameters "
-    "(until the next successful sign-in upgrades it) answers a wrong password much faster "
-    "than an unknown username (authserver/users.py authenticate)"
-)
 async def test_a_user_with_a_weaker_hash_takes_as_long_as_an_unknown_one(
     make_authserver: Any,
 ) -> None:
