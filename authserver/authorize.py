@@ -90,6 +90,7 @@ class AuthorizeRequest:
     max_age: int | None
     login_hint: str | None
     id_token_hint: str | None = None  # checked against the keys by the caller
+    ask_consent: bool = False  # prompt=consent: ask again, even if granted before
 
 
 def client_scopes(server: ServerConfig, client: ClientConfig) -> frozenset[str]:
@@ -169,6 +170,7 @@ def parse_authorize(
         max_age=_max_age(params.get("max_age"), fail),
         login_hint=login_hint,
         id_token_hint=id_token_hint,
+        ask_consent="consent" in (params.get("prompt") or "").split(),
     )
 
 
@@ -216,8 +218,8 @@ def _scopes(
 
 
 def _prompt(raw: str | None, fail: Fail) -> Prompt | None:
-    """``none`` (alone) or ``login``; ``consent`` and ``select_account`` ask for
-    nothing more here (first-party clients, one account per session) and are ignored."""
+    """``none`` (alone) or ``login``; ``consent`` is the request's ``ask_consent``, and
+    ``select_account`` asks for nothing more here (one account per session)."""
     if raw is None:
         return None
     values = set(raw.split())

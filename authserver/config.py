@@ -55,6 +55,8 @@ OIDC_SCOPES = ("openid", "profile", "email", "address", "phone", "offline_access
 TOKEN_KINDS = ("access_token", "id_token")  # where a user claim may go
 USER_CLAIM_SOURCES = ("groups", "username", "profile.")  # what a user claim is read from
 BRAND_COLOR = re.compile(r"#[0-9A-Fa-f]{6}")
+Consent = Literal["none", "required"]
+CONSENTS: tuple[Consent, ...] = ("none", "required")
 IntrospectAccess = Literal["own", "any"]
 INTROSPECT_ACCESS: tuple[IntrospectAccess, ...] = ("own", "any")
 
@@ -157,6 +159,7 @@ class ClientConfig:
     post_logout_redirect_uris: tuple[str, ...] = ()  # where logout may send the browser
     groups: frozenset[str] | None = None  # only members may sign in (None: everyone)
     allowed_origins: frozenset[str] = frozenset()  # CORS on token/userinfo/revoke/keys
+    consent: Consent = "none"  # "required": the user grants the scopes on a page, once
 
     @property
     def public(self) -> bool:
@@ -223,7 +226,7 @@ class Brand:
     color: str = "#1f6feb"
 
 
-PAGE_TEMPLATES = ("signin.html", "error.html", "signout.html", "signed_out.html")
+PAGE_TEMPLATES = ("signin.html", "error.html", "consent.html", "signout.html", "signed_out.html")
 
 
 @dataclass(frozen=True, slots=True)
@@ -427,6 +430,7 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
             "post_logout_redirect_uris",
             "groups",
             "allowed_origins",
+            "consent",
         ),
     )
     client_id = c.get("client_id", as_client_id)
@@ -503,6 +507,9 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
     if groups is not None and "authorization_code" not in grants:
         c.node_at("groups").error("is only for clients with grant type authorization_code")
     origins = c.get("allowed_origins", list_of(as_origin), ()) or ()
+    consent = c.get("consent", one_of(*CONSENTS), "none") or "none"
+    if consent == "required" and "authorization_code" not in grants:
+        c.node_at("consent").error("is only for clients with grant type authorization_code")
     return ClientConfig(
         client_id=client_id,
         auth_methods=methods,
@@ -519,6 +526,7 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         post_logout_redirect_uris=logout_uris,
         groups=frozenset(groups) if groups is not None else None,
         allowed_origins=frozenset(origins),
+        consent=consent,  # type: ignore[arg-type]
     )
 
 

@@ -39,8 +39,9 @@ from authserver.authorize import (
 )
 from authserver.codes import CODE_TTL, code_hash, new_code
 from authserver.config import AuthServerConfig, ClientConfig, ServerConfig
+from authserver.consent import described, needs_consent
 from authserver.errors import OAuthError
-from authserver.forms import read_form
+from authserver.forms import Form, read_form
 from authserver.keyring import KeyRing
 from authserver.oidc import verify_id_token_hint
 from authserver.sessions import (
@@ -64,6 +65,10 @@ T = TypeVar("T")
 SIGNIN_TTL = 600  # seconds a sign-in page stays usable
 SIGNIN_COOKIE = "tg_signin"
 BAD_CREDENTIALS = "The username or password is incorrect."
+EXPIRED = (
+    "This sign-in page has expired or was opened elsewhere. "
+    "Go back to the application and start again."
+)
 HTML = (b"content-type", b"text/html; charset=utf-8")
 PAGE_HEADERS: Headers = [
     (b"x-frame-options", b"DENY"),
@@ -96,13 +101,19 @@ class Paths:
     """Where the sign-in pages live, under the public URL's path."""
 
     login: str
+    consent: str
     stylesheet: str
     brand_stylesheet: str
 
     @classmethod
     def of(cls, public_url: str) -> Paths:
         base = urlsplit(public_url).path.rstrip("/") + "/signin"
-        return cls(f"{base}/login", f"{base}/static/signin.css", f"{base}/static/brand.css")
+        return cls(
+            f"{base}/login",
+            f"{base}/consent",
+            f"{base}/static/signin.css",
+            f"{base}/static/brand.css",
+        )
 
 
 class SignIn:
@@ -153,6 +164,7 @@ class SignIn:
         """The org-wide paths, besides each server's authorize endpoint."""
         return {
             self.paths.login: self.login,
+            self.paths.consent: self.consent,
             self.paths.stylesheet: self._static(self.stylesheet),
             self.paths.brand_stylesheet: self._static(self.brand_css),
         }
@@ -213,7 +225,7 @@ class SignIn:
             if not is_assigned(request.client, user):
                 await self._not_assigned(send, request, user, scope, [])
                 return
-            await self._issue_code(send, request, user, session, now, [])
+            await self._proceed(send, request, params, user, session, now, [], None)
             return
         if request.prompt == "none":
             await self._respond(
@@ -255,49 +267,15 @@ class SignIn:
             await self.error_page(send, "invalid_request", "Use GET or POST.", 405)
             return
         now = int(self.clock())
-        cookie = read_cookie(_cookies(scope), self.signin_cookie)
-        found = None
-        if valid_session_value(cookie):
-            assert cookie is not None
-            found = await self.io_call(self.store.interaction, session_hash(cookie), now)
+        found = await self._in_progress(scope, send, now)
         if found is None:
-            await self.error_page(
-                send,
-                "expired",
-                "This sign-in page has expired or was opened elsewhere. "
-                "Go back to the application and start again.",
-                400,
-            )
             return
-        assert cookie is not None
-        server_name, params_json, csrf = found
-        server = self.servers.get(server_name)
-        try:
-            if server is None:
-                raise PageError("invalid_request", "the authorization server is gone")
-            request = parse_authorize(server, self.clients, json.loads(params_json))
-        except PageError as exc:  # the config changed meanwhile
-            await self.error_page(send, exc.error, exc.description, 400)
-            return
-        except RedirectError as exc:
-            await self._respond(send, exc.target, exc.params())
-            return
+        request, cookie, csrf = found
         if scope["method"] == "GET":
             await self._form(send, request, csrf, request.login_hint or "", None, 200)
             return
-        try:
-            form = await read_form(scope, receive, self.config.max_body_bytes)
-        except OAuthError:
-            await self.error_page(send, "invalid_request", "The form could not be read.", 400)
-            return
-        presented = form.get("csrf_token") or ""
-        if not hmac.compare_digest(presented.encode(), csrf.encode()):
-            await self.error_page(
-                send,
-                "invalid_request",
-                "This form has expired. Go back to the application and start again.",
-                400,
-            )
+        form = await self._checked_form(scope, receive, send, csrf)
+        if form is None:
             return
         username = (form.get("username") or "")[:MAX_FIELD]
         password = (form.get("password") or "")[:MAX_FIELD]
@@ -329,17 +307,171 @@ class SignIn:
         replaced = await self._replace_session(scope, user, now)
         started = new_session(user.id, now, self.config.sessions, replaced)
         await self.io_call(self.store.add_session, started.session_hash, started.record)
-        await self.io_call(self.store.end_interaction, session_hash(cookie))
         self.audit.emit("user.signin", **event, outcome="success", reason="ok")
         self.audit.emit("session.created", **event, sid=started.record.sid)
         self.metrics.signins.labels("success").inc()
-        cookies = [
-            (b"set-cookie", set_cookie(started.cookie_value, secure=self.secure)),
-            (b"set-cookie", self._signin_cookie("", clear=True)),
-        ]
-        await self._issue_code(send, request, user, started.record, now, cookies)
+        cookies = [(b"set-cookie", set_cookie(started.cookie_value, secure=self.secure))]
+        await self._proceed(send, request, None, user, started.record, now, cookies, cookie)
+
+    # -- {public_url}/signin/consent ---------------------------------------------
+
+    async def _proceed(
+        self,
+        send: Send,
+        request: AuthorizeRequest,
+        params: dict[str, str] | None,
+        user: User,
+        session: SessionRecord,
+        now: int,
+        headers: Headers,
+        interaction: str | None,
+    ) -> None:
+        """A signed-in user: the code, or first the consent page when the client asks
+        for consent the user has not given. ``interaction``: the sign-in cookie of the
+        sign-in in progress (None after SSO: ``params`` make one if consent is needed)."""
+        granted: frozenset[str] = frozenset()
+        if request.client.consent == "required":
+            granted = await self.io_call(
+                self.store.consented_scopes, user.id, request.client.client_id
+            )
+        if not needs_consent(request, granted):
+            if interaction is not None:
+                await self.io_call(self.store.end_interaction, session_hash(interaction))
+                headers = [*headers, (b"set-cookie", self._signin_cookie("", clear=True))]
+            await self._issue_code(send, request, user, session, now, headers)
+            return
+        if request.prompt == "none":
+            error = request.target.params(
+                error="consent_required", error_description="the user must grant access"
+            )
+            await self._respond(send, request.target, error)
+            return
+        if interaction is None:
+            assert params is not None
+            interaction = secrets.token_urlsafe(32)
+            await self.io_call(
+                self.store.add_interaction,
+                session_hash(interaction),
+                request.server.name,
+                json.dumps(params, sort_keys=True),
+                secrets.token_urlsafe(32),
+                now + SIGNIN_TTL,
+            )
+            headers = [*headers, (b"set-cookie", self._signin_cookie(interaction))]
+        location = [(b"location", self.paths.consent.encode())]
+        await send_bytes(send, 303, b"", [*location, *headers, *page_headers()])
+
+    async def consent(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self._consent(scope, receive, send)
+        except StoreUnavailable:
+            await self.error_page(
+                send, "temporarily_unavailable", "Sign-in is unavailable; try again soon.", 503
+            )
+
+    async def _consent(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["method"] not in ("GET", "POST"):
+            await self.error_page(send, "invalid_request", "Use GET or POST.", 405)
+            return
+        now = int(self.clock())
+        found = await self._in_progress(scope, send, now)
+        if found is None:
+            return
+        request, cookie, csrf = found
+        signed_in = await self._session(scope, now)
+        if signed_in is None:  # the session ended meanwhile: sign in again
+            await self.error_page(send, "expired", EXPIRED, 400)
+            return
+        session, user = signed_in
+        if scope["method"] == "GET":
+            body = self.render(
+                "consent.html",
+                action=self.paths.consent,
+                csrf_token=csrf,
+                client_id=request.client.client_id,
+                username=user.username,
+                scopes=described(request.scopes),
+            )
+            target = origin_of(request.target.redirect_uri)
+            await send_bytes(send, 200, body, [HTML, *page_headers(target)])
+            return
+        form = await self._checked_form(scope, receive, send, csrf)
+        if form is None:
+            return
+        event = {
+            "server": request.server.name,
+            "client_id": request.client.client_id,
+            "user_id": user.id,
+            "username": user.username,
+            "remote_addr": self._remote_addr(scope),
+            "scopes": list(request.scopes),
+        }
+        await self.io_call(self.store.end_interaction, session_hash(cookie))
+        clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
+        if form.get("consent") != "allow":
+            self.audit.emit("consent.denied", **event, outcome="denied", reason="user_denied")
+            error = request.target.params(
+                error="access_denied", error_description="the user denied access"
+            )
+            await self._respond(send, request.target, error, clear)
+            return
+        await self.io_call(
+            self.store.add_consent, user.id, request.client.client_id, request.scopes, now
+        )
+        self.audit.emit("consent.granted", **event, outcome="granted", reason="ok")
+        await self._issue_code(send, request, user, session, now, clear)
 
     # -- shared steps -------------------------------------------------------------
+
+    async def _in_progress(
+        self, scope: Scope, send: Send, now: int
+    ) -> tuple[AuthorizeRequest, str, str] | None:
+        """The sign-in in progress the browser's sign-in cookie names: its checked
+        authorization request, the cookie's value and the forms' CSRF token. None once
+        an error page has been sent."""
+        cookie = read_cookie(_cookies(scope), self.signin_cookie)
+        found = None
+        if valid_session_value(cookie):
+            assert cookie is not None
+            found = await self.io_call(self.store.interaction, session_hash(cookie), now)
+        if found is None:
+            await self.error_page(send, "expired", EXPIRED, 400)
+            return None
+        assert cookie is not None
+        server_name, params_json, csrf = found
+        server = self.servers.get(server_name)
+        try:
+            if server is None:
+                raise PageError("invalid_request", "the authorization server is gone")
+            request = parse_authorize(server, self.clients, json.loads(params_json))
+        except PageError as exc:  # the config changed meanwhile
+            await self.error_page(send, exc.error, exc.description, 400)
+            return None
+        except RedirectError as exc:
+            await self._respond(send, exc.target, exc.params())
+            return None
+        return request, cookie, csrf
+
+    async def _checked_form(
+        self, scope: Scope, receive: Receive, send: Send, csrf: str
+    ) -> Form | None:
+        """A page's POSTed form, if it carries the page's CSRF token (compared in
+        constant time); None once an error page has been sent."""
+        try:
+            form = await read_form(scope, receive, self.config.max_body_bytes)
+        except OAuthError:
+            await self.error_page(send, "invalid_request", "The form could not be read.", 400)
+            return None
+        presented = form.get("csrf_token") or ""
+        if not hmac.compare_digest(presented.encode(), csrf.encode()):
+            await self.error_page(
+                send,
+                "invalid_request",
+                "This form has expired. Go back to the application and start again.",
+                400,
+            )
+            return None
+        return form
 
     async def _replace_session(self, scope: Scope, user: User, now: int) -> str | None:
         """End the session the browser holds, if any: a sign-in never leaves the old

@@ -228,6 +228,12 @@ class Store(Protocol):
     def count_sessions(self, now: int) -> int:
         """How many sessions are live."""
 
+    def consented_scopes(self, user_id: str, client_id: str) -> frozenset[str]:
+        """The scopes the user has granted the client on the consent page."""
+
+    def add_consent(self, user_id: str, client_id: str, scopes: Iterable[str], now: int) -> None:
+        """Remember scopes granted (added to those granted before)."""
+
     def end_session_sid(self, sid: str) -> bool:
         """Delete the session whose sid is ``sid``; False if there was none."""
 
@@ -297,6 +303,10 @@ CREATE TABLE IF NOT EXISTS refresh_tokens (
     idle_expires_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family);
+CREATE TABLE IF NOT EXISTS consents (
+    user_id TEXT NOT NULL, client_id TEXT NOT NULL, scope TEXT NOT NULL,
+    granted_at INTEGER NOT NULL, PRIMARY KEY (user_id, client_id, scope)
+);
 CREATE TABLE IF NOT EXISTS user_groups (
     user_id TEXT NOT NULL REFERENCES users (id), name TEXT NOT NULL,
     PRIMARY KEY (user_id, name)
@@ -713,6 +723,18 @@ class SqliteStore:
         ).fetchone()
         return int(row[0])
 
+    def consented_scopes(self, user_id: str, client_id: str) -> frozenset[str]:
+        rows = self._db.execute(
+            "SELECT scope FROM consents WHERE user_id = ? AND client_id = ?", (user_id, client_id)
+        )
+        return frozenset(row[0] for row in rows)
+
+    def add_consent(self, user_id: str, client_id: str, scopes: Iterable[str], now: int) -> None:
+        self._db.executemany(
+            "INSERT OR REPLACE INTO consents VALUES (?, ?, ?, ?)",
+            [(user_id, client_id, scope, now) for scope in scopes],
+        )
+
     def end_session_sid(self, sid: str) -> bool:
         return self._db.execute("DELETE FROM sessions WHERE sid = ?", (sid,)).rowcount == 1
 
@@ -801,6 +823,7 @@ class SqliteStore:
     def remove_user(self, user_id: str) -> bool:
         with self.exclusive():
             self._db.execute("DELETE FROM user_groups WHERE user_id = ?", (user_id,))
+            self._db.execute("DELETE FROM consents WHERE user_id = ?", (user_id,))
             return self._db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount == 1
 
     def replace_password_hash(self, user_id: str, old: str, new: str, updated_at: int) -> bool:

@@ -21,6 +21,7 @@ from typing import Any
 
 from authserver.config import (
     AUTH_METHODS,
+    CONSENTS,
     DEFAULT_CLIENT_AUTH_THROTTLE,
     DEFAULT_GRANT_TYPES,
     DEFAULT_SESSION_TIMES,
@@ -346,6 +347,12 @@ def _client() -> Schema:
                 "Browser origins allowed to call token, userinfo, revoke and keys (CORS).",
                 [],
             ),
+            "consent": string(
+                "required: the user grants the requested scopes on a consent page (once per "
+                "scope; prompt=consent asks again). none: first-party, no page.",
+                "none",
+                enum=list(CONSENTS),
+            ),
         },
         "A client of the authorization servers.",
         required=("client_id",),
@@ -502,7 +509,7 @@ def authserver() -> Schema:
                         "The look of the hosted sign-in pages.",
                     ),
                     "templates_dir": string(
-                        "A directory whose signin.html, error.html, signout.html and "
+                        "A directory whose signin.html, error.html, consent.html, signout.html and "
                         "signed_out.html (Jinja2, autoescaped) replace the built-in pages; "
                         "relative to the config file's directory.",
                     ),

@@ -39,6 +39,7 @@ INTROSPECT = f"{ISSUER}/v1/introspect"
 REVOKE = f"{ISSUER}/v1/revoke"
 HOME = "https://portal.example.com/"
 SPA_ORIGIN = "https://spa.example.com"
+PARTNER = "https://partner.example.com/cb"
 
 
 def config(data: dict[str, Any]) -> None:
@@ -66,6 +67,16 @@ def config(data: dict[str, Any]) -> None:
             "secret": PORTAL_SECRET,
             "grant_types": ["password", "refresh_token"],
             "scopes": ["openid", "profile", "orders:read"],
+        }
+    )
+    auth["clients"].append(
+        {
+            "client_id": "partner-app",
+            "secret": PORTAL_SECRET,
+            "grant_types": ["authorization_code"],
+            "redirect_uris": [PARTNER],
+            "scopes": ["openid", "email", "orders:read"],
+            "consent": "required",
         }
     )
     auth["users"][0]["groups"] = ["engineering"]
@@ -662,3 +673,63 @@ def test_check_warns_about_the_password_grant() -> None:
         "authserver.clients[0].grant_types: password (legacy) is deprecated by RFC 9700 "
         "(OAuth 2.0 Security BCP); prefer authorization_code with PKCE",
     )
+
+
+class Buttons(Form):
+    """The consent page's form, its buttons too."""
+
+    def __init__(self, html: str) -> None:
+        self.buttons: list[tuple[str, str]] = []
+        super().__init__(html)
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        super().handle_starttag(tag, attrs)
+        a = dict(attrs)
+        if tag == "button" and a.get("name"):
+            self.buttons.append((a["name"] or "", a.get("value") or ""))
+
+
+async def test_a_client_that_requires_consent_asks_once(server: AuthServer) -> None:
+    partner = {"client_id": "partner-app", "redirect_uri": PARTNER, "scope": "openid email"}
+    async with server.client() as http:
+        _, form = await start(http, **partner)
+        to_consent = await submit(http, form)  # the password is right: now the consent page
+        assert to_consent.status_code == 303
+        assert to_consent.headers["location"] == "/signin/consent"
+        page = await http.get("/signin/consent")
+        assert page.status_code == 200 and "Allow access?" in page.text
+        assert "See your email address" in page.text and "partner-app" in page.text
+        assert (
+            "form-action 'self' https://partner.example.com"
+            in (page.headers["content-security-policy"])
+        )
+        consent = Buttons(page.text)
+        assert consent.buttons == [("consent", "allow"), ("consent", "deny")]
+        forged = await http.post("/signin/consent", data={"consent": "allow"})
+        assert forged.status_code == 400  # no CSRF token: nothing granted
+        allowed = await http.post("/signin/consent", data={**consent.fields, "consent": "allow"})
+        assert allowed.status_code == 303
+        params = parse_qs(urlsplit(allowed.headers["location"]).query)
+        assert allowed.headers["location"].startswith(PARTNER + "?") and "code" in params
+        remember(params["code"][0])
+        again = await http.get(AUTHORIZE, params=authorize_params(**partner))
+        assert "code" in parse_qs(urlsplit(again.headers["location"]).query)  # granted before
+        more = await http.get(
+            AUTHORIZE, params=authorize_params(**{**partner, "scope": "openid orders:read"})
+        )
+        assert more.headers["location"] == "/signin/consent"  # a scope never granted
+        silent = await http.get(
+            AUTHORIZE,
+            params=authorize_params(**{**partner, "scope": "openid orders:read"}, prompt="none"),
+        )
+        assert parse_qs(urlsplit(silent.headers["location"]).query)["error"] == ["consent_required"]
+        asked = await http.get(AUTHORIZE, params=authorize_params(**partner, prompt="consent"))
+        assert asked.headers["location"] == "/signin/consent"
+        page = await http.get("/signin/consent")
+        denied = await http.post(
+            "/signin/consent", data={**Buttons(page.text).fields, "consent": "deny"}
+        )
+        back = parse_qs(urlsplit(denied.headers["location"]).query)
+        assert back["error"] == ["access_denied"] and "code" not in back
+    events = [line["event"] for line in server.audit_lines()]
+    assert events.count("consent.granted") == 1 and events.count("consent.denied") == 1

@@ -215,6 +215,7 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "redirect_uris": ["https://portal.example.com/callback"],
                     "post_logout_redirect_uris": ["https://portal.example.com/"],
                     "groups": ["engineering"],
+                    "consent": "required",
                     "require_pkce": False,
                     "scopes": ["openid", "profile", "email", "offline_access", "orders:read"],
                 },
