@@ -22,10 +22,11 @@ from authserver.errors import OAuthError
 from authserver.pkce import parse_challenge
 from authserver.redirect_uris import matches
 
-ResponseMode = Literal["query", "form_post"]
+ResponseMode = Literal["query", "fragment", "form_post"]
 Prompt = Literal["none", "login"]
-RESPONSE_MODES: tuple[ResponseMode, ...] = ("query", "form_post")
+RESPONSE_MODES: tuple[ResponseMode, ...] = ("query", "fragment", "form_post")
 RESPONSE_TYPES = ("code",)
+IMPLICIT_TYPES = ("id_token", "id_token token")  # OIDC Core 3.2: opt-in, deprecated
 MAX_STATE = 2048  # characters of state, nonce and login_hint accepted
 MAX_NONCE = 512
 MAX_LOGIN_HINT = 256
@@ -84,13 +85,18 @@ class AuthorizeRequest:
     client: ClientConfig
     target: Target
     scopes: tuple[str, ...]
-    nonce: str | None
+    nonce: str | None  # required for the implicit flow
     code_challenge: str | None
     prompt: Prompt | None
     max_age: int | None
     login_hint: str | None
     id_token_hint: str | None = None  # checked against the keys by the caller
     ask_consent: bool = False  # prompt=consent: ask again, even if granted before
+    response_type: str = "code"  # or one of IMPLICIT_TYPES
+
+    @property
+    def implicit(self) -> bool:
+        return self.response_type != "code"
 
 
 def client_scopes(server: ServerConfig, client: ClientConfig) -> frozenset[str]:
@@ -113,10 +119,13 @@ def parse_authorize(
     ``repeated``: the names sent more than once)."""
     client, redirect_uri = _client_and_redirect(server, clients, params, repeated)
     mode = params.get("response_mode")
-    delivery: ResponseMode = "form_post" if mode == "form_post" else "query"
+    response_type = _response_type(params.get("response_type"))
+    # where errors go too: tokens never in a query (OAuth 2.0 Multiple Response Types 5)
+    default: ResponseMode = "fragment" if response_type in IMPLICIT_TYPES else "query"
+    delivery: ResponseMode = mode if mode in ("form_post", "fragment") else default  # type: ignore[assignment]
     target = Target(
         redirect_uri=redirect_uri,
-        response_mode="query" if "response_mode" in repeated else delivery,
+        response_mode=default if "response_mode" in repeated else delivery,
         state=None if "state" in repeated else params.get("state"),
         issuer=server.issuer,
     )
@@ -132,27 +141,37 @@ def parse_authorize(
         raise fail("invalid_request", f"{sorted(repeated)[0]} was sent more than once")
     if target.state is not None and len(target.state) > MAX_STATE:
         raise fail("invalid_request", f"state is longer than {MAX_STATE} characters")
-    response_type = params.get("response_type")
     if response_type is None:
         raise fail("invalid_request", "response_type is required")
-    if response_type not in RESPONSE_TYPES:
-        raise fail("unsupported_response_type", "only response_type=code is supported")
-    if mode is not None and mode not in RESPONSE_MODES:
-        raise fail("invalid_request", "response_mode must be query or form_post")
-    if "authorization_code" not in client.grant_types:
-        raise fail("unauthorized_client", "the client may not use the authorization code flow")
-    scopes = _scopes(server, client, params.get("scope"), fail)
-    try:
-        challenge = parse_challenge(
-            params.get("code_challenge"),
-            params.get("code_challenge_method"),
-            required=client.require_pkce or client.public,
+    if response_type not in (*RESPONSE_TYPES, *IMPLICIT_TYPES):
+        raise fail(
+            "unsupported_response_type",
+            "response_type must be code (or, for an implicit client, id_token or id_token token)",
         )
-    except OAuthError as exc:
-        raise fail(exc.error, exc.description) from None
+    if mode is not None and mode not in RESPONSE_MODES:
+        raise fail("invalid_request", "response_mode must be query, fragment or form_post")
+    implicit = response_type in IMPLICIT_TYPES
+    if implicit and mode == "query":
+        raise fail("invalid_request", "tokens are never sent in a query: use fragment or form_post")
+    grant = "implicit" if implicit else "authorization_code"
+    if grant not in client.grant_types:
+        raise fail("unauthorized_client", f"the client may not use the {grant} flow")
+    scopes = _scopes(server, client, params.get("scope"), fail)
+    challenge = None
+    if not implicit:
+        try:
+            challenge = parse_challenge(
+                params.get("code_challenge"),
+                params.get("code_challenge_method"),
+                required=client.require_pkce or client.public,
+            )
+        except OAuthError as exc:
+            raise fail(exc.error, exc.description) from None
     nonce = params.get("nonce")
     if nonce is not None and len(nonce) > MAX_NONCE:
         raise fail("invalid_request", f"nonce is longer than {MAX_NONCE} characters")
+    if implicit and (nonce is None or "openid" not in scopes):
+        raise fail("invalid_request", "the implicit flow needs the openid scope and a nonce")
     login_hint = params.get("login_hint")
     if login_hint is not None and len(login_hint) > MAX_LOGIN_HINT:
         login_hint = None  # a hint only: too long to be a username, so no hint
@@ -171,7 +190,19 @@ def parse_authorize(
         login_hint=login_hint,
         id_token_hint=id_token_hint,
         ask_consent="consent" in (params.get("prompt") or "").split(),
+        response_type=response_type,
     )
+
+
+def _response_type(raw: str | None) -> str | None:
+    """The response type with its words in our order (OAuth 2.0 Multiple Response
+    Types 2: the order does not matter); None when absent."""
+    if raw is None:
+        return None
+    words = raw.split()
+    if sorted(words) == ["id_token", "token"]:
+        return "id_token token"
+    return raw
 
 
 def _client_and_redirect(
@@ -239,7 +270,10 @@ def _max_age(raw: str | None, fail: Fail) -> int | None:
 
 
 def redirect_location(target: Target, params: Mapping[str, str]) -> str:
-    """``response_mode=query``: the redirect URI with ``params`` added to its query."""
+    """``response_mode=query``: the redirect URI with ``params`` added to its query;
+    ``fragment``: as its fragment (redirect URIs have none of their own)."""
+    if target.response_mode == "fragment":
+        return target.redirect_uri + "#" + urlencode(params)
     joiner = "&" if "?" in target.redirect_uri else "?"
     return target.redirect_uri + joiner + urlencode(params)
 

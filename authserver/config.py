@@ -46,8 +46,10 @@ AUTH_METHODS: tuple[AuthMethod, ...] = (
     "client_secret_post",
     "private_key_jwt",
 )
-GRANT_TYPES = ("client_credentials", "authorization_code", "refresh_token", "password")
-DEPRECATED_GRANTS = ("password",)  # RFC 9700 section 2.4: allowed, opt-in, warned about
+GRANT_TYPES = ("client_credentials", "authorization_code", "refresh_token", "password", "implicit")
+# RFC 9700 sections 2.1.2 and 2.4: allowed, opt-in, warned about
+DEPRECATED_GRANTS = ("password", "implicit")
+BROWSER_GRANTS = frozenset({"authorization_code", "implicit"})  # through the authorize endpoint
 DEFAULT_GRANT_TYPES = ("client_credentials",)
 PUBLIC = "none"  # auth_method of a public client (a SPA or native app): no credentials
 # built into every server (OIDC Core 5.4, 11)
@@ -485,10 +487,12 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         )
     if method == PUBLIC and require_pkce is False:
         c.node_at("require_pkce").error("a public client (auth_method: none) must use PKCE")
-    if "authorization_code" in grants and not redirect_uris:
-        node.error("an authorization_code client needs redirect_uris")
-    if redirect_uris and "authorization_code" not in grants:
-        c.node_at("redirect_uris").error("is only for clients with grant type authorization_code")
+    browser = bool(BROWSER_GRANTS & set(grants))
+    only_browser = "is only for clients with grant type authorization_code or implicit"
+    if browser and not redirect_uris:
+        node.error("an authorization_code or implicit client needs redirect_uris")
+    if redirect_uris and not browser:
+        c.node_at("redirect_uris").error(only_browser)
     if "refresh_token" in grants and not {"authorization_code", "password"} & set(grants):
         c.node_at("grant_types").error(
             "refresh_token needs authorization_code or password (users' tokens)"
@@ -499,17 +503,15 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
             "a user's password from being replayed by anyone who copies it"
         )
     logout_uris = c.get("post_logout_redirect_uris", list_of(as_redirect_uri), ()) or ()
-    if logout_uris and "authorization_code" not in grants:
-        c.node_at("post_logout_redirect_uris").error(
-            "is only for clients with grant type authorization_code"
-        )
+    if logout_uris and not browser:
+        c.node_at("post_logout_redirect_uris").error(only_browser)
     groups = c.get("groups", list_of(as_group), None)
-    if groups is not None and "authorization_code" not in grants:
-        c.node_at("groups").error("is only for clients with grant type authorization_code")
+    if groups is not None and not browser:
+        c.node_at("groups").error(only_browser)
     origins = c.get("allowed_origins", list_of(as_origin), ()) or ()
     consent = c.get("consent", one_of(*CONSENTS), "none") or "none"
-    if consent == "required" and "authorization_code" not in grants:
-        c.node_at("consent").error("is only for clients with grant type authorization_code")
+    if consent == "required" and not browser:
+        c.node_at("consent").error(only_browser)
     return ClientConfig(
         client_id=client_id,
         auth_methods=methods,

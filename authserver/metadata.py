@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from authserver.authorize import RESPONSE_MODES, RESPONSE_TYPES
+from authserver.authorize import IMPLICIT_TYPES, RESPONSE_MODES, RESPONSE_TYPES
 from authserver.config import AUTH_METHODS, OIDC_SCOPES, PUBLIC, ClientConfig, ServerConfig
 from authserver.grants import GRANT_TYPE
 from authserver.oidc import CLAIMS_SUPPORTED
@@ -19,11 +19,17 @@ from tokengate.jwk import ALGORITHMS
 
 CODE_GRANT = "authorization_code"
 REFRESH_GRANT = "refresh_token"
+IMPLICIT_GRANT = "implicit"
+PASSWORD_GRANT = "password"  # noqa: S105 - a grant type's name
 
 
 def _code_flow(server: ServerConfig, clients: tuple[ClientConfig, ...]) -> list[ClientConfig]:
     """The clients that may use the authorization code flow with ``server``."""
-    return [c for c in clients if server.name in c.servers and CODE_GRANT in c.grant_types]
+    return [
+        c
+        for c in clients
+        if server.name in c.servers and {CODE_GRANT, IMPLICIT_GRANT} & c.grant_types
+    ]
 
 
 def authorization_server_metadata(
@@ -51,18 +57,21 @@ def authorization_server_metadata(
     }
     if code_clients:
         public = [PUBLIC] if any(c.public for c in code_clients) else []
-        refresh = (
-            [REFRESH_GRANT] if any(REFRESH_GRANT in c.grant_types for c in code_clients) else []
-        )
+        used = {g for c in clients if server.name in c.servers for g in c.grant_types}
+        implicit = IMPLICIT_GRANT in used
         metadata.update(
             authorization_endpoint=server.authorization_endpoint,
-            grant_types_supported=[GRANT_TYPE, CODE_GRANT, *refresh],
-            response_types_supported=list(RESPONSE_TYPES),
+            grant_types_supported=[
+                GRANT_TYPE,
+                CODE_GRANT,
+                *(g for g in (REFRESH_GRANT, PASSWORD_GRANT, IMPLICIT_GRANT) if g in used),
+            ],
+            response_types_supported=[*RESPONSE_TYPES, *(IMPLICIT_TYPES if implicit else ())],
             response_modes_supported=list(RESPONSE_MODES),
             code_challenge_methods_supported=list(METHODS),
             authorization_response_iss_parameter_supported=True,
             scopes_supported=[
-                *(s for s in OIDC_SCOPES if s != "offline_access" or refresh),
+                *(s for s in OIDC_SCOPES if s != "offline_access" or REFRESH_GRANT in used),
                 *server.scopes,
             ],
             token_endpoint_auth_methods_supported=auth_methods + public,

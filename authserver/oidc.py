@@ -112,7 +112,7 @@ def id_token_claims(
     scopes: tuple[str, ...],
     nonce: str | None,
     now: int,
-    access_token: str,
+    access_token: str | None,
 ) -> dict[str, Any]:
     """OIDC Core 2 and 3.1.3.6, plus the claims of the granted profile/email scopes."""
     claims: dict[str, Any] = {
@@ -123,8 +123,9 @@ def id_token_claims(
         "iat": now,
         "auth_time": sign_in.auth_time,
         "amr": list(sign_in.amr),
-        "at_hash": at_hash(access_token, server.signing_alg),
     }
+    if access_token is not None:  # none with the implicit flow's response_type=id_token
+        claims["at_hash"] = at_hash(access_token, server.signing_alg)
     if sign_in.session_id:  # the password grant signs in without a session
         claims["sid"] = sign_in.session_id
     if nonce is not None:

@@ -43,7 +43,8 @@ from authserver.consent import described, needs_consent
 from authserver.errors import OAuthError
 from authserver.forms import Form, read_form
 from authserver.keyring import KeyRing
-from authserver.oidc import verify_id_token_hint
+from authserver.oidc import SignIn as OidcSignIn
+from authserver.oidc import id_token_claims, user_access_token_claims, verify_id_token_hint
 from authserver.sessions import (
     cookie_name,
     new_session,
@@ -54,6 +55,7 @@ from authserver.sessions import (
 )
 from authserver.store import CodeRecord, SessionRecord, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
+from authserver.tokens import new_jti
 from authserver.usergrants import is_assigned
 from authserver.users import Authenticated, User, UserDirectory, username_key
 from tokengate.asgi import Headers, Receive, Scope, Send, send_bytes
@@ -579,6 +581,9 @@ class SignIn:
         now: int,
         headers: Headers,
     ) -> None:
+        if request.implicit:
+            await self._issue_tokens(send, request, user, session, now, headers)
+            return
         code = new_code()
         record = CodeRecord(
             server=request.server.name,
@@ -594,6 +599,53 @@ class SignIn:
         )
         await self.io_call(self.store.add_code, code_hash(code), record)
         await self._respond(send, request.target, request.target.params(code=code), headers)
+
+    async def _issue_tokens(
+        self,
+        send: Send,
+        request: AuthorizeRequest,
+        user: User,
+        session: SessionRecord,
+        now: int,
+        headers: Headers,
+    ) -> None:
+        """The implicit flow (OIDC Core 3.2, opt-in): the ID token, and with
+        ``id_token token`` an access token, straight in the response (a fragment or a
+        form_post), never in a query."""
+        server, client = request.server, request.client
+        sign_in = OidcSignIn(user=user, auth_time=session.auth_time, session_id=session.sid)
+        signer = self.keyring.current(server.name).signer
+        params: dict[str, str] = {}
+        access_token = None
+        jti = None
+        if request.response_type == "id_token token":
+            jti = new_jti()
+            claims = user_access_token_claims(server, client, sign_in, request.scopes, now, jti)
+            access_token = signer.sign(claims)
+            params.update(
+                access_token=access_token,
+                token_type="Bearer",  # noqa: S106 - a token type, not a secret
+                expires_in=str(server.access_token_ttl),
+                scope=claims["scope"],
+            )
+        id_claims = id_token_claims(
+            server, client.client_id, sign_in, request.scopes, request.nonce, now, access_token
+        )
+        params["id_token"] = signer.sign_id_token(id_claims)
+        self.audit.emit(
+            "token.issued",
+            server=server.name,
+            client_id=client.client_id,
+            grant_type="implicit",
+            scopes=list(request.scopes),
+            jti=jti,
+            user_id=user.id,
+            username=user.username,
+            outcome="issued",
+            reason="ok",
+        )
+        self.metrics.tokens_issued.labels(server.name, "implicit").inc()
+        await self._respond(send, request.target, request.target.params(**params), headers)
 
     async def _respond(
         self, send: Send, target: Target, params: dict[str, str], headers: Headers = ()

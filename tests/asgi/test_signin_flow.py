@@ -505,7 +505,7 @@ async def test_discovery_advertises_the_code_flow(server: AuthServer) -> None:
         metadata = (await http.get(f"{ISSUER}/.well-known/openid-configuration")).json()
     assert metadata["authorization_endpoint"] == AUTHORIZE
     assert metadata["response_types_supported"] == ["code"]
-    assert metadata["response_modes_supported"] == ["query", "form_post"]
+    assert metadata["response_modes_supported"] == ["query", "fragment", "form_post"]
     assert metadata["code_challenge_methods_supported"] == ["S256"]
     assert metadata["id_token_signing_alg_values_supported"] == ["RS256"]
     assert metadata["authorization_response_iss_parameter_supported"] is True

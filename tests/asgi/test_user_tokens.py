@@ -40,6 +40,7 @@ REVOKE = f"{ISSUER}/v1/revoke"
 HOME = "https://portal.example.com/"
 SPA_ORIGIN = "https://spa.example.com"
 PARTNER = "https://partner.example.com/cb"
+LEGACY = "https://legacy.example.com/cb"
 
 
 def config(data: dict[str, Any]) -> None:
@@ -77,6 +78,15 @@ def config(data: dict[str, Any]) -> None:
             "redirect_uris": [PARTNER],
             "scopes": ["openid", "email", "orders:read"],
             "consent": "required",
+        }
+    )
+    auth["clients"].append(
+        {
+            "client_id": "legacy-spa",
+            "auth_method": "none",
+            "grant_types": ["implicit"],
+            "redirect_uris": [LEGACY],
+            "scopes": ["openid", "profile", "orders:read"],
         }
     )
     auth["users"][0]["groups"] = ["engineering"]
@@ -505,7 +515,11 @@ async def test_discovery_names_the_new_endpoints(server: AuthServer) -> None:
         "client_credentials",
         "authorization_code",
         "refresh_token",
+        "password",
+        "implicit",
     ]
+    assert doc["response_types_supported"] == ["code", "id_token", "id_token token"]
+    assert doc["response_modes_supported"] == ["query", "fragment", "form_post"]
     assert "offline_access" in doc["scopes_supported"] and "groups" in doc["claims_supported"]
 
 
@@ -733,3 +747,78 @@ async def test_a_client_that_requires_consent_asks_once(server: AuthServer) -> N
         assert back["error"] == ["access_denied"] and "code" not in back
     events = [line["event"] for line in server.audit_lines()]
     assert events.count("consent.granted") == 1 and events.count("consent.denied") == 1
+
+
+async def test_the_implicit_flow_is_opt_in_and_answers_in_the_fragment(
+    server: AuthServer,
+) -> None:
+    legacy = {"client_id": "legacy-spa", "redirect_uri": LEGACY, "code_challenge": None}
+    async with server.client() as http:
+        await tokens(http)  # signed in: SSO
+        both = await http.get(
+            AUTHORIZE,
+            params=authorize_params(
+                **legacy, response_type="token id_token", scope="openid profile orders:read"
+            ),
+        )
+        assert both.status_code == 303
+        location = both.headers["location"]
+        assert location.startswith(LEGACY + "#") and "?" not in location
+        fragment = {k: v[0] for k, v in parse_qs(urlsplit(location).fragment).items()}
+        assert set(fragment) == {
+            "access_token",
+            "token_type",
+            "expires_in",
+            "scope",
+            "id_token",
+            "state",
+            "iss",
+        }
+        id_token = claims_of(fragment["id_token"])
+        assert id_token["aud"] == "legacy-spa" and id_token["name"] == "Alice Doe"
+        assert id_token["nonce"].startswith("n-") and "at_hash" in id_token
+        assert claims_of(fragment["access_token"])["client_id"] == "legacy-spa"
+        only = await http.get(
+            AUTHORIZE, params=authorize_params(**legacy, response_type="id_token", scope="openid")
+        )
+        fragment = parse_qs(urlsplit(only.headers["location"]).fragment)
+        assert set(fragment) == {"id_token", "state", "iss"}
+        assert "at_hash" not in claims_of(fragment["id_token"][0])
+        for changes, error in (
+            ({"nonce": None}, "invalid_request"),  # a nonce is required
+            ({"response_mode": "query"}, "invalid_request"),  # never tokens in a query
+            ({"response_type": "token"}, "unsupported_response_type"),
+        ):
+            refused = await http.get(
+                AUTHORIZE,
+                params=authorize_params(
+                    **{**legacy, "response_type": "id_token", "scope": "openid", **changes}
+                ),
+            )
+            where = urlsplit(refused.headers["location"])
+            # an unknown response type's error goes where any would: the query
+            part = where.query if changes.get("response_type") == "token" else where.fragment
+            assert parse_qs(part)["error"] == [error], changes
+            assert "id_token=" not in refused.headers["location"]
+        code_client = await http.get(
+            AUTHORIZE, params=authorize_params(response_type="id_token", code_challenge=None)
+        )
+        assert parse_qs(urlsplit(code_client.headers["location"]).fragment)["error"] == [
+            "unauthorized_client"
+        ]
+    issued = [line for line in server.audit_lines() if line["event"] == "token.issued"]
+    assert [line["grant_type"] for line in issued][-2:] == ["implicit", "implicit"]
+
+
+def test_check_warns_about_the_implicit_grant() -> None:
+    from tokengate.config import parse_config
+
+    text = (
+        "authserver:\n  servers: [{name: a, audience: b}]\n  clients:\n"
+        "    - {client_id: old, auth_method: none, grant_types: [implicit],"
+        " redirect_uris: ['https://x.test/cb']}\n"
+    )
+    assert parse_config(text).warnings == (
+        "authserver.clients[0].grant_types: implicit (old) is deprecated by RFC 9700 "
+        "(OAuth 2.0 Security BCP); prefer authorization_code with PKCE",
+    )

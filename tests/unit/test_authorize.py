@@ -128,7 +128,7 @@ def test_errors_before_the_redirect_uri_is_known_good_are_shown_not_redirected(
         ({"response_type": "code id_token"}, (), "unsupported_response_type"),
         ({"request": "eyJ..."}, (), "request_not_supported"),
         ({"request_uri": "https://x/r"}, (), "request_uri_not_supported"),
-        ({"response_mode": "fragment"}, (), "invalid_request"),
+        ({"response_mode": "web_message"}, (), "invalid_request"),
         ({"scope": None}, (), "invalid_scope"),
         ({"scope": "orders:write"}, (), "invalid_scope"),
         ({"scope": "openid email"}, (), "invalid_scope"),  # email: not in the client's list

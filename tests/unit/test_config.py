@@ -241,10 +241,10 @@ def test_duplicate_names_and_client_ids() -> None:
             "secret/secret_hash",
         ),
         (
-            "    - client_id: x\n      secret: " + SECRET + "\n      grant_types: [implicit]\n",
+            "    - client_id: x\n      secret: " + SECRET + "\n      grant_types: [device_code]\n",
             "authserver.clients[1].grant_types[0]: must be one of client_credentials, "
-            "authorization_code, refresh_token, password; "
-            "got 'implicit'",
+            "authorization_code, refresh_token, password, implicit; "
+            "got 'device_code'",
         ),
         (
             "    - client_id: x\n      auth_method: none\n      grant_types: [password]\n",
@@ -800,7 +800,7 @@ def test_sign_in_clients_sessions_and_brand() -> None:
         (
             f"    - client_id: x\n      secret: {SECRET}\n"
             "      grant_types: [authorization_code]\n",
-            "authserver.clients[1]: an authorization_code client needs redirect_uris",
+            "authserver.clients[1]: an authorization_code or implicit client needs redirect_uris",
         ),
         (
             f"    - client_id: x\n      secret: {SECRET}\n      redirect_uris: [https://x.test/cb]\n",
