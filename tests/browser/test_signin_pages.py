@@ -23,6 +23,7 @@ import yaml
 from authlib.integrations.httpx_client import OAuth2Client
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
+from selenium.webdriver.support.ui import WebDriverWait
 
 from authserver.signin import BAD_CREDENTIALS
 from tests.asgi.test_signin_flow import ISSUED_SECRETS_FILE
@@ -33,6 +34,7 @@ PASSWORD = "alice-demo-password"  # the demo user's, from config/tokengate.yaml
 SECRETS = {
     "portal": "portal-secret-0123456789abcdefghijklmnop",
     "wiki": "wiki-secret-0123456789abcdefghijklmnopqr",
+    "partner": "partner-secret-0123456789abcdefghijklmno",
 }
 ACCENT = "rgba(31, 111, 235, 1)"  # the brand colour, #1f6feb
 
@@ -62,6 +64,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, chromium: tuple[str, str]) -
     callbacks = {
         "portal": f"http://127.0.0.1:{echo_port}/callback-a",
         "wiki": f"http://127.0.0.1:{echo_port}/callback-b",
+        "partner": f"http://127.0.0.1:{echo_port}/callback-c",  # asks for consent
     }
     config["authserver"]["clients"] += [
         {
@@ -69,7 +72,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, chromium: tuple[str, str]) -
             "secret": SECRETS[client_id],
             "grant_types": ["authorization_code"],
             "redirect_uris": [callback],
+            "post_logout_redirect_uris": [callback.replace("callback", "signed-out")],
             "scopes": ["openid", "profile", "email", "orders:read"],
+            **({"consent": "required"} if client_id == "partner" else {}),
         }
         for client_id, callback in callbacks.items()
     ]
@@ -278,5 +283,37 @@ def test_prompt_login_asks_again_despite_the_session(stack: Stack, browser: WebD
     after = session_cookie(browser)
     stack.remember(before, after)
     assert second["sub"] == first["sub"]
-    assert second["sid"] != first["sid"] and after != before  # a new session
+    assert after != before  # a new session cookie: the old value no longer works...
+    assert second["sid"] == first["sid"]  # ...for the same user's session, renewed
     assert second["auth_time"] >= first["auth_time"]
+
+
+def test_consent_then_signing_out(
+    stack: Stack, browser: WebDriver, screenshot: Callable[[str], Path]
+) -> None:
+    """A client that requires consent: the page after the password, Allow, the code
+    (the page's CSP lets its form's answer redirect to the client); then logout with
+    no id_token_hint asks first, and signing out ends the session."""
+    partner = App(stack, "partner")
+    browser.get(partner.authorization_url())
+    signin(browser, "alice", PASSWORD)
+    assert urlsplit(browser.current_url).path == "/signin/consent"
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Allow access?"
+    assert png_size(screenshot("consent")) == DESKTOP
+    items = [li.text for li in browser.find_elements(By.CSS_SELECTOR, ".scopes li span")]
+    assert items[:2] == ["Know who you are (your user id)", "See your name and profile"]
+    browser.find_element(By.CSS_SELECTOR, "button[value=allow]").click()
+    WebDriverWait(browser, 10).until(lambda b: b.current_url.startswith(partner.redirect_uri))
+    partner.id_token(partner.code(browser))
+    stack.remember(session_cookie(browser))
+
+    browser.get(stack.metadata["end_session_endpoint"])
+    assert browser.find_element(By.TAG_NAME, "h1").text == "Sign out?"
+    assert png_size(screenshot("sign-out")) == DESKTOP
+    browser.find_element(By.CSS_SELECTOR, "button[value=yes]").click()
+    WebDriverWait(browser, 10).until(
+        lambda b: b.find_element(By.TAG_NAME, "h1").text == "You are signed out"
+    )
+    assert browser.get_cookie("tg_session") is None
+    browser.get(App(stack, "wiki").authorization_url())  # no session: the form again
+    assert on_sign_in_page(browser, stack)
