@@ -91,6 +91,7 @@ def openid_configuration(
     }
     if code_flow:
         document["userinfo_endpoint"] = server.userinfo_endpoint
+        document["claims_parameter_supported"] = True
         document["end_session_endpoint"] = server.end_session_endpoint
         document["claims_supported"] = [
             *CLAIMS_SUPPORTED,

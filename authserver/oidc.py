@@ -113,6 +113,7 @@ def id_token_claims(
     nonce: str | None,
     now: int,
     access_token: str | None,
+    requested: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """OIDC Core 2 and 3.1.3.6, plus the claims of the granted profile/email scopes."""
     claims: dict[str, Any] = {
@@ -132,6 +133,9 @@ def id_token_claims(
         claims["nonce"] = nonce
     claims.update(scope_claims(sign_in.user, scopes))
     claims.update(user_claim_values(server.user_claims, sign_in.user, scopes, "id_token"))
+    if requested:  # the claims parameter: standard claims the user has, whatever the scopes
+        known = _standard_claims(sign_in.user)
+        claims.update({name: known[name] for name in requested if name in known})
     return claims
 
 
@@ -168,11 +172,7 @@ def user_claim_values(
 def scope_claims(user: User, scopes: tuple[str, ...]) -> dict[str, Any]:
     """The user's claims that ``profile``, ``email``, ``address`` and ``phone`` ask
     for, those it has."""
-    known: Mapping[str, Any] = {
-        **user.profile,
-        "preferred_username": user.username,
-        "updated_at": user.updated_at,
-    }
+    known = _standard_claims(user)
     wanted = [name for scope in scopes for name in SCOPE_CLAIMS.get(scope, ())]
     return {name: known[name] for name in wanted if name in known}
 
@@ -205,3 +205,10 @@ def verify_id_token_hint(token: str, server: ServerConfig, keys: KeySet) -> dict
     if not isinstance(claims.get("aud"), str) or not isinstance(claims.get("sub"), str):
         return None
     return claims
+
+
+def _standard_claims(user: User) -> Mapping[str, Any]:
+    """The user's OIDC standard claims (section 5.1) that it has."""
+    standard = {name for names in SCOPE_CLAIMS.values() for name in names}
+    profile = {k: v for k, v in user.profile.items() if k in standard}
+    return {**profile, "preferred_username": user.username, "updated_at": user.updated_at}

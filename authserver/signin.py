@@ -596,6 +596,7 @@ class SignIn:
             session_id=session.sid,
             auth_time=session.auth_time,
             expires_at=now + CODE_TTL,
+            id_token_claims=request.id_token_claims,
         )
         await self.io_call(self.store.add_code, code_hash(code), record)
         await self._respond(send, request.target, request.target.params(code=code), headers)
@@ -629,7 +630,14 @@ class SignIn:
                 scope=claims["scope"],
             )
         id_claims = id_token_claims(
-            server, client.client_id, sign_in, request.scopes, request.nonce, now, access_token
+            server,
+            client.client_id,
+            sign_in,
+            request.scopes,
+            request.nonce,
+            now,
+            access_token,
+            request.id_token_claims,
         )
         params["id_token"] = signer.sign_id_token(id_claims)
         self.audit.emit(

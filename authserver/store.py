@@ -77,6 +77,7 @@ class CodeRecord:
     session_id: str  # the session's sid claim, not its cookie value
     auth_time: int
     expires_at: int
+    id_token_claims: tuple[str, ...] = ()  # asked for by the claims parameter (OIDC 5.5)
 
 
 @dataclass(frozen=True, slots=True)
@@ -843,6 +844,7 @@ def _code_json(record: CodeRecord) -> str:
 
 def _code_record(text: str) -> CodeRecord:
     fields = json.loads(text)
+    fields["id_token_claims"] = tuple(fields.get("id_token_claims", ()))
     return CodeRecord(**{**fields, "scopes": tuple(fields["scopes"])})
 
 

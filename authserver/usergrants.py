@@ -140,7 +140,9 @@ class UserGrants:
         event.update(user_id=user.id, username=user.username, scopes=list(record.scopes))
         sign_in = SignIn(user=user, auth_time=record.auth_time, session_id=record.session_id)
         jti = new_jti()
-        issued = self._tokens(server, client, sign_in, record.scopes, record.nonce, now, jti)
+        issued = self._tokens(
+            server, client, sign_in, record.scopes, record.nonce, now, jti, record.id_token_claims
+        )
         exp = now + server.access_token_ttl
         if REFRESH_GRANT in client.grant_types:
             token = new_refresh_token()
@@ -338,6 +340,7 @@ class UserGrants:
         nonce: str | None,
         now: int,
         jti: str,
+        requested: tuple[str, ...] = (),
     ) -> Issued:
         claims = user_access_token_claims(server, client, sign_in, scopes, now, jti)
         signer = self.keyring.current(server.name).signer
@@ -350,7 +353,7 @@ class UserGrants:
         }
         if "openid" in scopes:
             id_claims = id_token_claims(
-                server, client.client_id, sign_in, scopes, nonce, now, access_token
+                server, client.client_id, sign_in, scopes, nonce, now, access_token, requested
             )
             body["id_token"] = signer.sign_id_token(id_claims)
         return Issued(body, jti, scopes)

@@ -822,3 +822,21 @@ def test_check_warns_about_the_implicit_grant() -> None:
         "authserver.clients[0].grant_types: implicit (old) is deprecated by RFC 9700 "
         "(OAuth 2.0 Security BCP); prefer authorization_code with PKCE",
     )
+
+
+async def test_the_claims_parameter_adds_id_token_claims_the_user_has(server: AuthServer) -> None:
+    import json
+
+    wanted = {"id_token": {"email": {"essential": True}, "name": None, "phone_number": None}}
+    async with server.client() as http:
+        back = await sign_in(http, scope="openid orders:read", claims=json.dumps(wanted))
+        body = (await exchange(http, back["code"])).json()
+        remember(body["refresh_token"])
+        claims = claims_of(body["id_token"])
+        assert claims["email"] == "alice@example.com" and claims["name"] == "Alice Doe"
+        assert "phone_number" not in claims  # the user has none
+        for bad in ("not json", "[1]", '{"id_token": 3}'):
+            refused = await http.get(AUTHORIZE, params=authorize_params(claims=bad))
+            assert parse_qs(urlsplit(refused.headers["location"]).query)["error"] == [
+                "invalid_request"
+            ]
