@@ -17,6 +17,7 @@ from authserver.config import (
 from gateway.config import GatewayConfig, parse_gateway
 from gateway.routing import shadow_warnings
 from tokengate.limits import ADMIN_LIMITS, Limits, as_limits
+from tokengate.portal.config import PortalConfig, parse_portal
 from tokengate.yamlconf import (
     UNEXPECTED,
     ConfigError,
@@ -32,7 +33,7 @@ from tokengate.yamlconf import (
 )
 
 DEFAULT_PATH = Path("config/tokengate.yaml")
-SECTIONS = ("version", "authserver", "gateway", "admin", "echo", "audit")
+SECTIONS = ("version", "authserver", "gateway", "admin", "echo", "portal", "audit")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +60,7 @@ class Config:
     admin: AdminConfig | None
     echo: EchoConfig | None
     audit: AuditConfig
+    portal: PortalConfig | None = None  # the demo web portal (tokengate.portal)
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -142,6 +144,7 @@ def _parse_config(
     gateway = f.get("gateway", parse_gateway, None)
     admin = f.get("admin", _admin, None)
     echo = f.get("echo", _echo, None)
+    portal = f.get("portal", parse_portal, None)
     audit = f.get("audit", _audit, AuditConfig("-"))
     if base_dir is not None:
         authserver, audit = _relative_to(base_dir, authserver, audit)
@@ -157,11 +160,17 @@ def _parse_config(
         problem = templates_dir_problem(templates)
         if problem is not None:
             top.report.add("authserver.sign_in.templates_dir", problem)
-    if top.is_mapping() and not any(f.has(s) for s in ("authserver", "gateway", "echo")):
-        top.error("nothing to serve: add an authserver, gateway or echo section")
+    served = ("authserver", "gateway", "echo", "portal")
+    if top.is_mapping() and not any(f.has(s) for s in served):
+        top.error("nothing to serve: add an authserver, gateway, echo or portal section")
     listens = [
         (n, c.listen)
-        for n, c in (("authserver", authserver), ("gateway", gateway), ("echo", echo))
+        for n, c in (
+            ("authserver", authserver),
+            ("gateway", gateway),
+            ("echo", echo),
+            ("portal", portal),
+        )
         if c and c.listen is not None  # None: its problem is reported already
     ]
     for i, (name, listen) in enumerate(listens):
@@ -169,7 +178,14 @@ def _parse_config(
             if listen == earlier and listen.port != 0:
                 top.report.add(f"{name}.listen", f"{listen} is also {other}.listen")
     top.report.raise_if_any()
-    return Config(authserver=authserver, gateway=gateway, admin=admin, echo=echo, audit=audit)
+    return Config(
+        authserver=authserver,
+        gateway=gateway,
+        admin=admin,
+        echo=echo,
+        audit=audit,
+        portal=portal,
+    )
 
 
 def _relative_to(

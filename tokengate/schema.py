@@ -46,6 +46,7 @@ from authserver.userrules import (
 from tokengate.asgi import HTTP_METHODS
 from tokengate.jwk import ALGORITHMS
 from tokengate.limits import ADMIN_LIMITS, DEFAULT_LIMITS, MIN_HEADER_BYTES, Limits
+from tokengate.portal.config import DEFAULT_SCOPES
 from tokengate.yamlconf import MAX_DURATION_DAYS
 
 Schema = dict[str, Any]
@@ -664,6 +665,46 @@ def gateway() -> Schema:
     )
 
 
+def portal() -> Schema:
+    return mapping(
+        {
+            "listen": ref("listen", "Where the portal listens."),
+            "issuer": ref(
+                "http_url",
+                "The OpenID Connect issuer it signs users in with, exactly as its discovery "
+                "document says (any issuer: tokengate's, Okta, Keycloak, Auth0).",
+            ),
+            "client_id": string(
+                "The portal's client_id at the issuer (a confidential client with "
+                "authorization_code and refresh_token).",
+                pattern=CLIENT_ID_PATTERN,
+            ),
+            "client_secret": string(
+                "The portal's client secret (better: a ${NAME} reference). It also keys the "
+                "portal's sealed cookies."
+            ),
+            "api_url": ref(
+                "http_url",
+                "What 'Call the orders API' requests with the user's access token, "
+                "through the gateway.",
+            ),
+            "public_url": ref(
+                "http_url",
+                "Where browsers reach the portal; the redirect URI is {public_url}/callback, "
+                "the post-logout redirect URI {public_url}/. Default: http://{listen}.",
+            ),
+            "scopes": array(
+                string("A scope.", pattern=SCOPE_PATTERN),
+                "What the portal asks for; must include openid.",
+                list(DEFAULT_SCOPES),
+                contains={"const": "openid"},
+            ),
+        },
+        "A demo web portal: an OpenID Connect relying party served by `tokengate run`.",
+        required=("listen", "issuer", "client_id", "client_secret", "api_url"),
+    )
+
+
 DEFS: dict[str, Schema] = {
     "env_string": {
         "type": "string",
@@ -732,6 +773,7 @@ def _schema() -> Schema:
                 "A built-in echo upstream.",
                 required=("listen",),
             ),
+            "portal": portal(),
             "audit": mapping(
                 {
                     "path": string(
@@ -747,7 +789,7 @@ def _schema() -> Schema:
             ),
         },
         "additionalProperties": False,
-        "anyOf": _one_of_keys("authserver", "gateway", "echo"),
+        "anyOf": _one_of_keys("authserver", "gateway", "echo", "portal"),
         "$defs": DEFS,
     }
 

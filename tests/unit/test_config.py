@@ -273,7 +273,7 @@ def test_yaml_syntax_error_names_the_line() -> None:
 
 def test_nothing_to_serve() -> None:
     assert problems("audit: {path: '-'}\n") == [
-        "(top level): nothing to serve: add an authserver, gateway or echo section"
+        "(top level): nothing to serve: add an authserver, gateway, echo or portal section"
     ]
 
 

@@ -291,6 +291,15 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
         },
         "admin": {"listen": "127.0.0.1:9100", "limits": {"max_connections": 10}},
         "echo": {"listen": "127.0.0.1:7000"},
+        "portal": {
+            "listen": "127.0.0.1:7100",
+            "issuer": "https://auth.example.com/oauth2/default",
+            "client_id": "portal",
+            "client_secret": "p" * 40,
+            "api_url": "https://api.example.com/orders/42",
+            "public_url": "https://portal.example.com",
+            "scopes": ["openid", "profile", "orders:read"],
+        },
         "audit": {"path": "-", "required": True},
     }
 
@@ -405,10 +414,17 @@ def test_schema_defaults_are_the_parsers(
             "limits": {},
         },
         "admin": {"listen": "127.0.0.1:9100", "limits": {}},
+        "portal": {
+            "listen": "127.0.0.1:7100",
+            "issuer": "http://i",
+            "client_id": "portal",
+            "client_secret": "s",
+            "api_url": "http://api/orders/42",
+        },
         "audit": {},
     }
     config = parse_config(yaml.safe_dump(minimal), {})
-    assert config.authserver and config.gateway and config.admin
+    assert config.authserver and config.gateway and config.admin and config.portal
     objects = {
         "authserver": config.authserver,
         "authserver.servers[]": config.authserver.servers[0],
@@ -422,6 +438,7 @@ def test_schema_defaults_are_the_parsers(
         "gateway.routes[].require": config.gateway.routes[0].require,
         "gateway.limits": config.gateway.limits,
         "admin.limits": config.admin.limits,
+        "portal": config.portal,
         "audit": config.audit,
     }
     compared = 0
