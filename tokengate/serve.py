@@ -88,6 +88,8 @@ def listeners(config: Config, only: str | None) -> list[Listener]:
         out.append(Listener("admin", config.admin.listen))
     if config.echo is not None and only is None:
         out.append(Listener("echo", config.echo.listen))
+    if config.portal is not None and only is None:
+        out.append(Listener("portal", config.portal.listen))
     return out
 
 
@@ -177,6 +179,10 @@ def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], Au
         from tokengate.echo import EchoApp
 
         apps["echo"] = EchoApp()
+    if "portal" in names and config.portal is not None:
+        from tokengate.portal.app import PortalApp
+
+        apps["portal"] = PortalApp(config.portal)
     return apps, audit, metrics
 
 
@@ -187,7 +193,7 @@ def applier(current: Config, apps: dict[str, Any]) -> Apply:
     async def apply(new: Config) -> list[str]:
         old = state["config"]
         restart = []
-        for name in ("authserver", "gateway", "admin", "echo"):
+        for name in ("authserver", "gateway", "admin", "echo", "portal"):
             before, after = getattr(old, name), getattr(new, name)
             if (before is None) != (after is None):
                 restart.append(f"{name}: adding or removing a section needs a restart")
@@ -197,6 +203,8 @@ def applier(current: Config, apps: dict[str, Any]) -> Apply:
                 after, "limits", None
             ):
                 restart.append(f"{name}.limits: changing listener limits needs a restart")
+        if old.portal is not None and new.portal is not None and old.portal != new.portal:
+            restart.append("portal: changing the portal section needs a restart")
         if old.audit != new.audit:
             restart.append("audit.path: changing the audit sink needs a restart")
         if "authserver" in apps and new.authserver is not None:
