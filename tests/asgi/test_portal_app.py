@@ -59,6 +59,7 @@ class FakeIssuer:
     access_ttl: int = 300
     nonce_override: str | None = None
     down: bool = False
+    logout_endpoint: bool = True  # whether discovery names an end_session_endpoint
     codes: dict[str, dict[str, str]] = field(default_factory=dict)
     refresh_tokens: dict[str, str] = field(default_factory=dict)  # live token -> sub
     access_tokens: set[str] = field(default_factory=set)  # what the API accepts
@@ -123,7 +124,7 @@ class FakeIssuer:
                     "token_endpoint": f"{ISSUER}/v1/token",
                     "jwks_uri": f"{ISSUER}/v1/keys",
                     "userinfo_endpoint": f"{ISSUER}/v1/userinfo",
-                    "end_session_endpoint": f"{ISSUER}/v1/logout",
+                    "end_session_endpoint": f"{ISSUER}/v1/logout" if self.logout_endpoint else None,
                     "revocation_endpoint": f"{ISSUER}/v1/revoke",
                     "id_token_signing_alg_values_supported": ["RS256"],
                     "authorization_response_iss_parameter_supported": True,
@@ -197,7 +198,7 @@ async def test_signed_in_the_page_shows_the_id_token_and_userinfo(portal: Portal
     assert "Signed in as Alice &lt;Doe&gt;" in home.text  # escaped
     assert "<dt>Groups</dt><dd>engineering</dd>" in home.text  # from userinfo
     assert "From the ID token and userinfo." in home.text
-    assert "expires in 300 s; a refresh token renews it." in home.text
+    assert "The access token expires in 5 min; a refresh token renews it." in home.text
 
 
 async def test_an_expired_access_token_is_refreshed_first(portal: Portal) -> None:
@@ -287,6 +288,23 @@ async def test_sign_out_goes_to_the_issuers_logout_and_back(portal: Portal) -> N
     assert back.status_code == 200 and "You have signed out." in back.text
     replayed = await browser.get("/", params={"state": params["state"]})
     assert "You have signed out." not in replayed.text  # the state is used once
+
+
+async def test_without_an_end_session_endpoint_sign_out_is_the_portals_alone(
+    portal: Portal,
+) -> None:
+    browser, fake, _ = portal
+    fake.logout_endpoint = False
+    await sign_in(browser, fake)
+    page = (await browser.get("/")).text
+    out = await browser.post("/logout", data={"csrf_token": csrf(page)})
+    assert out.status_code == 303
+    assert re.fullmatch(r"/\?state=[\w-]{22}", out.headers["location"])
+    cookies = out.headers.get_list("set-cookie")
+    assert cookies[0] == "portal_session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
+    back = await browser.get(out.headers["location"])
+    assert back.status_code == 200 and "You have signed out." in back.text
+    assert "Sign in</a>" in back.text
 
 
 async def test_state_changes_need_the_sessions_csrf_token(portal: Portal) -> None:

@@ -77,14 +77,18 @@ def http_client() -> httpx.AsyncClient:
     )
 
 
+def _span(seconds: float) -> str:
+    return f"{int(seconds)} s" if seconds < 120 else f"{int(seconds // 60)} min"
+
+
 def token_note(tokens: Tokens, now: float) -> str:
     """What the page says about the access token's life."""
     if tokens.expires_at is None:
         when = "The access token lasts as long as the issuer lets it"
     elif tokens.expires_at > now:
-        when = f"The access token expires in {int(tokens.expires_at - now)} s"
+        when = f"The access token expires in {_span(tokens.expires_at - now)}"
     else:
-        when = f"The access token expired {int(now - tokens.expires_at)} s ago"
+        when = f"The access token expired {_span(now - tokens.expires_at)} ago"
     if tokens.refresh_token is None:
         return f"{when}; without a refresh token, you will sign in again then."
     return f"{when}; a refresh token renews it."
