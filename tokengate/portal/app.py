@@ -38,7 +38,7 @@ from tokengate.asgi import (
     send_bytes,
 )
 from tokengate.jsonlog import log_event, traceback_frames
-from tokengate.portal.api import ApiAnswer, call_api
+from tokengate.portal.api import ApiAnswer
 from tokengate.portal.config import PortalConfig
 from tokengate.portal.cookies import (
     CookieTooLarge,
@@ -49,13 +49,12 @@ from tokengate.portal.cookies import (
     set_cookie,
 )
 from tokengate.portal.idtoken import IdTokenError
-from tokengate.portal.issuer import Issuer, IssuerUnavailable, TokenRefused, UserinfoRefused
+from tokengate.portal.issuer import Issuer, IssuerUnavailable, TokenRefused
 from tokengate.portal.pages import HTML, Pages, Paths
-from tokengate.portal.state import BadState, PendingLogin, Profile, Session, Tokens, pkce_challenge
+from tokengate.portal.renewal import Renewal, SignInAgain, token_note
+from tokengate.portal.state import BadState, PendingLogin, Session, pkce_challenge
 
 LOGIN_TTL = 600  # seconds a sign-in may take, from "Sign in" to the callback
-SESSION_TTL = 86400  # seconds a portal session lasts at most, refreshes or not
-EXPIRY_MARGIN = 1  # seconds before its expiry an access token is refreshed
 MAX_FORM = 4096  # bytes of a form post (the forms hold one CSRF token)
 HTTP_TIMEOUT = 10.0  # seconds for any call to the issuer or the API
 
@@ -75,27 +74,6 @@ def http_client() -> httpx.AsyncClient:
         trust_env=False,
         cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
     )
-
-
-def _span(seconds: float) -> str:
-    return f"{int(seconds)} s" if seconds < 120 else f"{int(seconds // 60)} min"
-
-
-def token_note(tokens: Tokens, now: float) -> str:
-    """What the page says about the access token's life."""
-    if tokens.expires_at is None:
-        when = "The access token lasts as long as the issuer lets it"
-    elif tokens.expires_at > now:
-        when = f"The access token expires in {_span(tokens.expires_at - now)}"
-    else:
-        when = f"The access token expired {_span(now - tokens.expires_at)} ago"
-    if tokens.refresh_token is None:
-        return f"{when}; without a refresh token, you will sign in again then."
-    return f"{when}; a refresh token renews it."
-
-
-class SignInAgain(Exception):
-    """The session cannot go on (no refresh token, or the issuer refused it)."""
 
 
 @dataclass(slots=True)
@@ -130,6 +108,7 @@ class PortalApp:
         self.issuer = Issuer(
             config.issuer, config.client_id, config.client_secret, self.http, clock
         )
+        self.renewal = Renewal(self.issuer, self.http, config.api_url)
         self.sealer = Sealer(config.client_secret)
         self.secure = config.public_url.startswith("https://")
         self.paths = Paths.of(config.public_url)
@@ -268,7 +247,11 @@ class PortalApp:
         sealed = self.sealer.open(
             self.login_cookie, request.cookies.get(self.login_cookie), request.now
         )
-        if sealed is None:
+        try:
+            pending = None if sealed is None else PendingLogin.load(sealed)
+        except BadState:  # sealed by another version of the portal
+            pending = None
+        if pending is None:
             return self._error(
                 400,
                 "No sign-in in progress",
@@ -277,7 +260,6 @@ class PortalApp:
                 offer_sign_in=True,
                 headers=done,
             )
-        pending = PendingLogin.load(sealed)
         params = {k: v[0] for k, v in request.query.items()}
         if any(len(v) > 1 for v in request.query.values()) or not hmac.compare_digest(
             params.get("state", ""), pending.state
@@ -328,23 +310,7 @@ class PortalApp:
                 offer_sign_in=True,
                 headers=done,
             )
-        if tokens.id_token is None:
-            raise IssuerUnavailable("code exchange: no id_token in the answer")
-        claims = await self.issuer.check_id_token(
-            tokens.id_token, nonce=pending.nonce, access_token=tokens.access_token
-        )
-        userinfo = await self._userinfo(tokens.access_token, claims["sub"])
-        session = Session(
-            tokens=Tokens(
-                tokens.access_token,
-                self._expires_at(request.now, tokens.expires_in),
-                tokens.refresh_token,
-                tokens.id_token,
-            ),
-            profile=Profile.from_claims(claims, userinfo),
-            csrf=secrets.token_urlsafe(32),
-            ends_at=int(request.now) + SESSION_TTL,
-        )
+        session = await self.renewal.start(tokens, pending.nonce, request.now)
         cookie = self.sealer.seal(self.session_cookie, session.dump(), session.ends_at)
         return self._redirect(self.paths.home, [*done, self._cookie(self.session_cookie, cookie)])
 
@@ -358,7 +324,7 @@ class PortalApp:
             return self._stale_form()
         started = session
         try:
-            answer, session = await self._call_with_refresh(session, request.now)
+            answer, session = await self.renewal.call_api(session, request.now)
         except SignInAgain as exc:
             return self._signed_out(headers, str(exc), clear=True)
         if session is not started:  # refreshed: the new tokens replace the old
@@ -405,62 +371,6 @@ class PortalApp:
             self.pages.stylesheet,
             [(b"content-type", b"text/css; charset=utf-8")],
         )
-
-    # ------------------------------------------------------------------ tokens
-
-    async def _call_with_refresh(self, session: Session, now: float) -> tuple[ApiAnswer, Session]:
-        """The API's answer, and the session after it (refreshed, or as it was)."""
-        refreshed = False
-        expires_at = session.tokens.expires_at
-        if expires_at is not None and now >= expires_at - EXPIRY_MARGIN:
-            session, refreshed = await self._refresh(session, now), True
-        answer = await call_api(self.http, self.config.api_url, session.tokens.access_token)
-        if answer.status == 401 and not refreshed and session.tokens.refresh_token is not None:
-            session, refreshed = await self._refresh(session, now), True
-            answer = await call_api(self.http, self.config.api_url, session.tokens.access_token)
-        return ApiAnswer(answer.status, answer.body, refreshed), session
-
-    async def _refresh(self, session: Session, now: float) -> Session:
-        """New tokens for the session's refresh token; the refresh token rotates."""
-        old = session.tokens
-        if old.refresh_token is None:
-            raise SignInAgain(
-                "Your access token has expired and the portal has no refresh token: sign in again."
-            )
-        try:
-            answer = await self.issuer.refresh(old.refresh_token)
-        except TokenRefused as exc:
-            log_event("portal.refresh_refused", error=exc.error)
-            raise SignInAgain(
-                f"The authorization server ended your session ({exc.error}): sign in again."
-            ) from None
-        id_token = old.id_token
-        if answer.id_token is not None:
-            claims = await self.issuer.check_id_token(
-                answer.id_token, nonce=None, access_token=answer.access_token
-            )
-            if claims["sub"] != session.profile.sub:
-                raise SignInAgain("The refreshed tokens are another user's: sign in again.")
-            id_token = answer.id_token
-        tokens = Tokens(
-            answer.access_token,
-            self._expires_at(now, answer.expires_in),
-            answer.refresh_token or old.refresh_token,
-            id_token,
-        )
-        return Session(tokens, session.profile, session.csrf, session.ends_at)
-
-    async def _userinfo(self, access_token: str, sub: str) -> dict[str, Any]:
-        """Userinfo's claims; {} (the ID token's alone are shown) when it fails."""
-        try:
-            return await self.issuer.userinfo(access_token, sub)
-        except (UserinfoRefused, IssuerUnavailable) as exc:
-            log_event("portal.userinfo_failed", problem=str(exc))
-            return {}
-
-    @staticmethod
-    def _expires_at(now: float, expires_in: int | None) -> int | None:
-        return None if expires_in is None else int(now) + expires_in
 
     # ------------------------------------------------------------------ helpers
 
