@@ -1,8 +1,8 @@
 """The demo portal in a real ``tokengate run``, beside the authorization server, the
 gateway and the echo, as config/tokengate.yaml ships them (on free ports): a browser,
 played by httpx with its redirects followed by hand, signs the demo user in through
-the hosted page, sees who signed in, calls the orders API through the gateway, and
-signs out."""
+the hosted page, sees who signed in, calls the orders API through the gateway, has
+its access token refreshed, and signs out through the issuer."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
-import pytest
 import yaml
 
 from tests.e2e.conftest import ROOT, free_port
@@ -24,19 +23,9 @@ from tests.e2e.conftest import ROOT, free_port
 DEMO_PORTS = {"authserver": 9000, "gateway": 8080, "echo": 7000, "admin": 9100, "portal": 7100}
 
 
-# The authorization server's client for the portal, as the default config declares it.
-PORTAL_CLIENT = {
-    "client_id": "portal",
-    "grant_types": ["authorization_code", "refresh_token"],
-    "scopes": ["openid", "profile", "email", "offline_access", "orders:read"],
-    "claims": {"tenant": "acme"},
-}
-
-
-def demo_config(tmp_path: Path, **client: Any) -> tuple[dict[str, Any], dict[str, int]]:
+def demo_config(tmp_path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     """config/tokengate.yaml with every port moved to a free one, its data and audit
-    log in ``tmp_path``; ``client``: changes to the portal's client (and the portal's
-    scopes follow the client's)."""
+    log in ``tmp_path``."""
     text = (ROOT / "config" / "tokengate.yaml").read_text()
     ports = {name: free_port() for name in DEMO_PORTS}
     for name, port in DEMO_PORTS.items():
@@ -44,23 +33,6 @@ def demo_config(tmp_path: Path, **client: Any) -> tuple[dict[str, Any], dict[str
     config = yaml.safe_load(text)
     config["authserver"]["data_dir"] = str(tmp_path / "data")
     config["audit"] = {"path": str(tmp_path / "audit.log")}
-    clients = config["authserver"]["clients"]
-    declared = next((c for c in clients if c["client_id"] == "portal"), None)
-    if declared is None:  # until the default config declares it
-        declared = {
-            **PORTAL_CLIENT,
-            "secret": config["portal"]["client_secret"],
-            "redirect_uris": [f"http://127.0.0.1:{ports['portal']}/callback"],
-            "post_logout_redirect_uris": [f"http://127.0.0.1:{ports['portal']}/"],
-        }
-        clients.append(declared)
-    for key, value in client.items():
-        if value is None:
-            declared.pop(key, None)
-        else:
-            declared[key] = value
-    if "scopes" in client:
-        config["portal"]["scopes"] = client["scopes"]
     return config, ports
 
 
@@ -133,7 +105,7 @@ def sign_in(browser: Browser, config: dict[str, Any], portal: str) -> httpx.Resp
     assert request["response_type"] == "code"
     assert request["client_id"] == "portal"
     assert request["redirect_uri"] == f"{portal}/callback"
-    assert request["scope"] == " ".join(config["portal"].get("scopes", PORTAL_CLIENT["scopes"]))
+    assert request["scope"] == "openid profile email offline_access orders:read"
     assert request["code_challenge_method"] == "S256"
     assert len(request["code_challenge"]) == 43 and request["state"] and request["nonce"]
     page = browser.go("GET", login.headers["location"], hops=[303, 200])
@@ -157,6 +129,7 @@ def sign_in(browser: Browser, config: dict[str, Any], portal: str) -> httpx.Resp
     assert "Signed in as Alice Doe" in home.text
     assert field(home.text, "Email") == "alice@example.com"
     assert field(home.text, "Username") == "alice"
+    assert field(home.text, "Groups") == "engineering"
     return home
 
 
@@ -173,14 +146,16 @@ def call_api(browser: Browser, portal: str, home: str, sub: str) -> httpx.Respon
     return answered
 
 
-def test_the_demo_user_signs_in_calls_the_api_and_signs_out(tokengate: Any, tmp_path: Path) -> None:
-    """What the authorization server offers today: the code flow, no refresh tokens,
-    no userinfo or logout endpoint."""
-    scopes = ["openid", "profile", "email", "orders:read"]
-    config, ports = demo_config(
-        tmp_path, grant_types=["authorization_code"], scopes=scopes, post_logout_redirect_uris=None
-    )
+def test_the_demo_user_signs_in_calls_the_api_is_refreshed_and_signs_out(
+    tokengate: Any, tmp_path: Path
+) -> None:
+    """The default config as it ships, with access tokens of 4 s: sign-in with userinfo,
+    the API through the gateway, a refresh once the token has expired, and sign-out
+    through the issuer's logout."""
+    config, ports = demo_config(tmp_path)
+    config["authserver"]["servers"][0]["access_token_ttl"] = "4s"
     portal = f"http://127.0.0.1:{ports['portal']}"
+    issuer = config["portal"]["issuer"]
     process = tokengate(config)
     process.start(f"{portal}/")
     browser = Browser()
@@ -196,41 +171,17 @@ def test_the_demo_user_signs_in_calls_the_api_and_signs_out(tokengate: Any, tmp_
     assert home.headers["x-frame-options"] == "DENY"
 
     home = sign_in(browser, config, portal)
+    signed_in = time.monotonic()
+    assert "From the ID token and userinfo." in home.text
+    assert re.search(r"The access token expires in [234] s; a refresh token renews it\.", home.text)
     sub = field(home.text, "Subject")
     assert re.fullmatch(r"[\w-]{10,}", sub) and sub != "alice"
-    call_api(browser, portal, home.text, sub)
+    first = call_api(browser, portal, home.text, sub)
+    assert "refreshed it first" not in first.text and "set-cookie" not in first.headers
 
     # a form without this session's CSRF token is refused, and changes nothing
     stale = browser.client.post(f"{portal}/api", data={"csrf_token": "forged"})
     assert stale.status_code == 403 and "This form has expired" in stale.text
-
-    assert process.stop() == 0
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="pending on the authorization server: the refresh_token grant, offline_access, "
-    "post_logout_redirect_uris, {issuer}/v1/userinfo and {issuer}/v1/logout",
-)
-def test_the_portal_refreshes_and_signs_out_through_the_issuer(
-    tokengate: Any, tmp_path: Path
-) -> None:
-    """The default config as it ships, with access tokens of 4 s: userinfo at sign-in,
-    a refresh when the token has expired, and sign-out through the issuer's logout."""
-    config, ports = demo_config(tmp_path)
-    config["authserver"]["servers"][0]["access_token_ttl"] = "4s"
-    portal = f"http://127.0.0.1:{ports['portal']}"
-    process = tokengate(config)
-    process.start(f"{portal}/")
-    browser = Browser()
-
-    home = sign_in(browser, config, portal)
-    signed_in = time.monotonic()
-    assert "From the ID token and userinfo." in home.text
-    assert "The access token expires in 4 s; a refresh token renews it." in home.text
-    sub = field(home.text, "Subject")
-    first = call_api(browser, portal, home.text, sub)
-    assert "refreshed it first" not in first.text and "set-cookie" not in first.headers
 
     time.sleep(max(0.0, signed_in + 3.2 - time.monotonic()))  # 1 s before exp: refresh
     second = call_api(browser, portal, home.text, sub)
@@ -238,21 +189,29 @@ def test_the_portal_refreshes_and_signs_out_through_the_issuer(
     assert re.fullmatch(
         r"portal_session=[\w-]+; Path=/; HttpOnly; SameSite=Lax", second.headers["set-cookie"]
     )
-    audit = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
-    grants = [e["grant_type"] for e in audit if e["event"] == "token.issued"]
-    assert grants == ["authorization_code", "refresh_token"]
 
     # "Sign out": the issuer's logout, then back on the portal, signed out of both
     out = browser.client.post(f"{portal}/logout", data={"csrf_token": csrf(home.text)})
     assert out.status_code == 303
+    assert out.headers.get_list("set-cookie")[0] == (
+        "portal_session=; Path=/; HttpOnly; SameSite=Lax; Max-Age=0"
+    )
     logout = urlsplit(out.headers["location"])
-    issuer = config["portal"]["issuer"]
     assert f"{logout.scheme}://{logout.netloc}{logout.path}" == f"{issuer}/v1/logout"
     params = {k: v[0] for k, v in parse_qs(logout.query).items()}
     assert params["post_logout_redirect_uri"] == f"{portal}/"
+    assert params["client_id"] == "portal" and params["id_token_hint"].count(".") == 2
     back = browser.go("GET", out.headers["location"], hops=[303, 200])
     assert str(back.url) == f"{portal}/?state={params['state']}"
     assert "You have signed out." in back.text and "Signed in as" not in back.text
+    again = browser.client.post(f"{portal}/api", data={"csrf_token": csrf(home.text)})
+    assert again.status_code == 401 and "You are not signed in." in again.text
     page = browser.go("GET", f"{portal}/login", hops=[303, 303, 200])  # no SSO left
     assert set(Form(page.text).fields) >= {"username", "password"}
-    assert process.stop() == 0
+
+    assert process.stop() == 0  # the audit log is whole once it has stopped
+    audit = [json.loads(line) for line in (tmp_path / "audit.log").read_text().splitlines()]
+    issued = [e["grant_type"] for e in audit if e["event"] == "token.issued"]
+    assert issued == ["authorization_code", "refresh_token"]
+    ended = [e["event"] for e in audit if e["event"] in ("token.revoked", "user.signout")]
+    assert ended == ["token.revoked", "user.signout"]  # the refresh token, then the session
