@@ -28,6 +28,9 @@ check: $(VENV)/.runtime
 bench-tokens: $(VENV)/.bench
 	$(BIN)/python bench/token_issuance.py
 
+bench-signin: $(VENV)/.bench
+	$(BIN)/python bench/signin.py
+
 bench-gateway: $(VENV)/.bench
 	$(BIN)/python bench/gateway_overhead.py
 
