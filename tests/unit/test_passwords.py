@@ -193,3 +193,20 @@ async def test_a_ticker_keeps_ticking_during_five_verifications() -> None:
     # one verification on the loop would stall it for a whole hash time (about 25 ms
     # here): the longest gap stays well below what five of them took together
     assert max(gaps) < took / 2, (max(gaps), took)
+
+
+def test_password_threads_run_at_a_lower_priority_than_the_loop() -> None:
+    """A sign-in flood must not take CPU from token requests on the event loop: the
+    pool's threads are niced (Linux schedules each thread on its own)."""
+    import os
+    import threading
+
+    from authserver.passwords import NICENESS, PasswordWorker
+
+    worker = PasswordWorker(1)
+    try:
+        ours = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        [theirs] = worker.run([lambda: os.getpriority(os.PRIO_PROCESS, threading.get_native_id())])
+    finally:
+        worker.close()
+    assert theirs == min(ours + NICENESS, 19) and ours == os.getpriority(os.PRIO_PROCESS, 0)
