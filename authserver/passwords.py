@@ -207,7 +207,7 @@ class EnvPassword:
 # --------------------------------------------------------------------------- threads
 
 
-NICENESS = 10  # the password threads' scheduling priority (0 is the loop's; 19 lowest)
+NICENESS = 19  # the password threads' scheduling priority: the lowest (the loop's is 0)
 
 
 def _lower_priority() -> None:
