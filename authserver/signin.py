@@ -38,7 +38,7 @@ from authserver.authorize import (
     redirect_location,
 )
 from authserver.codes import CODE_TTL, code_hash, new_code
-from authserver.config import AuthServerConfig, ClientConfig, ServerConfig
+from authserver.config import PAGE_TEMPLATES, AuthServerConfig, ClientConfig, ServerConfig
 from authserver.consent import described, needs_consent
 from authserver.errors import OAuthError
 from authserver.forms import Form, read_form
@@ -157,7 +157,10 @@ class SignIn:
             else jinja2.PackageLoader("authserver", "templates"),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
+            auto_reload=False,  # read once, here: no file checks on the event loop
         )
+        for name in PAGE_TEMPLATES:  # compiled now (at start or in a reload's thread)
+            self.templates.get_template(name)
         self.stylesheet = resources.files("authserver").joinpath("static/signin.css").read_bytes()
         brand = config.sign_in.brand
         self.brand_css = f":root {{ --accent: {brand.color}; }}\n".encode()

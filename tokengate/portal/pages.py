@@ -70,6 +70,7 @@ class Pages:
             loader=jinja2.PackageLoader("tokengate.portal", "templates"),
             autoescape=True,
             undefined=jinja2.StrictUndefined,
+            auto_reload=False,  # no file checks on the event loop
         )
         self.stylesheet = (
             resources.files("tokengate.portal").joinpath("static/portal.css").read_bytes()
