@@ -133,7 +133,9 @@ class Endpoints:
             requested = requested_scopes(form)
             event["scopes"] = list(requested or ())
             request = client_credentials(server, authn.client, requested, form.all("resource"))
-        except OAuthError as exc:
+        except (OAuthError, StoreUnavailable) as caught:
+            # a failing store (a user read, a password check) is a 503 to retry
+            exc = caught if isinstance(caught, OAuthError) else self._store_failed(caught)
             self._emit_error("token.denied", event, exc, outcome="denied")
             self.metrics.token_errors.labels(server.name, exc.error).inc()
             await send_error(send, exc)
@@ -196,7 +198,9 @@ class Endpoints:
             )
             token = _required(form, "token")
             claims, reason = await self._verify(server, token, form.get("token_type_hint"))
-        except OAuthError as exc:
+        except (OAuthError, StoreUnavailable) as caught:
+            # a failing store (a user read, a password check) is a 503 to retry
+            exc = caught if isinstance(caught, OAuthError) else self._store_failed(caught)
             self._emit_error("token.introspected", event, exc)
             self.metrics.introspections.labels(server.name, "error").inc()
             await send_error(send, exc)
@@ -240,7 +244,9 @@ class Endpoints:
                 event["jti"] = claims.get("jti")
                 await self._revoke(server, token, claims)
                 reason = "ok"
-        except OAuthError as exc:
+        except (OAuthError, StoreUnavailable) as caught:
+            # a failing store (a user read, a password check) is a 503 to retry
+            exc = caught if isinstance(caught, OAuthError) else self._store_failed(caught)
             self._emit_error("token.revoked", event, exc)
             self.metrics.revocations.labels(server.name, "error").inc()
             await send_error(send, exc)

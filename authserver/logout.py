@@ -35,9 +35,9 @@ from authserver.sessions import (
     valid_session_value,
 )
 from authserver.signin import HTML, SignIn, origin_of, page_headers
-from authserver.store import SessionRecord
+from authserver.store import SessionRecord, StoreUnavailable
 from tokengate.asgi import Headers, Receive, Scope, Send, send_bytes
-from tokengate.jsonlog import AuditLog
+from tokengate.jsonlog import AuditLog, log_event
 
 CARRIED = ("id_token_hint", "post_logout_redirect_uri", "state", "client_id")
 MAX_PARAM = 8192  # characters of a logout parameter accepted
@@ -58,6 +58,17 @@ class Logout:
         self.clock = clock
 
     async def __call__(
+        self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        try:
+            await self._logout(server, scope, receive, send)
+        except StoreUnavailable as exc:
+            log_event("authserver.store_unavailable", error=str(exc))
+            await self.signin.error_page(
+                send, "temporarily_unavailable", "Signing out is unavailable; try again soon.", 503
+            )
+
+    async def _logout(
         self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
     ) -> None:
         pages = self.signin

@@ -840,3 +840,39 @@ async def test_the_claims_parameter_adds_id_token_claims_the_user_has(server: Au
             assert parse_qs(urlsplit(refused.headers["location"]).query)["error"] == [
                 "invalid_request"
             ]
+
+
+async def test_a_failing_store_is_a_503_on_every_user_endpoint(server: AuthServer) -> None:
+    """A user read that fails (a locked or full store) answers 503, never a 500."""
+    import sqlite3
+
+    def locked(*args: Any) -> Any:
+        raise sqlite3.OperationalError("database is locked")
+
+    async with server.client() as http:
+        body = await tokens(http)
+        back = await sign_in(http)
+        store = server.services.store
+        store.user = locked  # type: ignore[method-assign]
+        store.user_by_key = locked  # type: ignore[method-assign]
+        bearer = {"authorization": f"Bearer {body['access_token']}"}
+        answers = {
+            "userinfo": await http.get(USERINFO, headers=bearer),
+            "code": await exchange(http, back["code"]),
+            "refresh introspection": await http.post(
+                INTROSPECT,
+                data={"token": body["refresh_token"]},
+                auth=("portal", PORTAL_SECRET),
+            ),
+            "password": await http.post(
+                TOKEN_URL,
+                data={"grant_type": "password", "username": "alice", "password": "x"},
+                auth=("legacy-cli", PORTAL_SECRET),
+            ),
+        }
+        for name, answer in answers.items():
+            assert answer.status_code == 503, name
+            assert answer.json()["error"] == "server_error", name
+            assert answer.headers["retry-after"] == "1", name
+        out = await http.get(LOGOUT, params={"id_token_hint": body["id_token"]})
+        assert out.status_code == 503 and "try again soon" in out.text
