@@ -20,7 +20,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
@@ -241,15 +241,7 @@ class SignIn:
                 ),
             )
             return
-        cookie_value = secrets.token_urlsafe(32)
-        await self.io_call(
-            self.store.add_interaction,
-            session_hash(cookie_value),
-            request.server.name,
-            json.dumps(params, sort_keys=True),
-            secrets.token_urlsafe(32),
-            now + SIGNIN_TTL,
-        )
+        cookie_value = await self._start_interaction(request, params, now)
         headers = [
             (b"location", self.paths.login.encode()),
             (b"set-cookie", self._signin_cookie(cookie_value)),
@@ -260,17 +252,9 @@ class SignIn:
     # -- {public_url}/signin/login ----------------------------------------------
 
     async def login(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self._login(scope, receive, send)
-        except StoreUnavailable:
-            await self.error_page(
-                send, "temporarily_unavailable", "Sign-in is unavailable; try again soon.", 503
-            )
+        await self._page(self._login, scope, receive, send)
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] not in ("GET", "POST"):
-            await self.error_page(send, "invalid_request", "Use GET or POST.", 405)
-            return
         now = int(self.clock())
         found = await self._in_progress(scope, send, now)
         if found is None:
@@ -353,31 +337,15 @@ class SignIn:
             return
         if interaction is None:
             assert params is not None
-            interaction = secrets.token_urlsafe(32)
-            await self.io_call(
-                self.store.add_interaction,
-                session_hash(interaction),
-                request.server.name,
-                json.dumps(params, sort_keys=True),
-                secrets.token_urlsafe(32),
-                now + SIGNIN_TTL,
-            )
+            interaction = await self._start_interaction(request, params, now)
             headers = [*headers, (b"set-cookie", self._signin_cookie(interaction))]
         location = [(b"location", self.paths.consent.encode())]
         await send_bytes(send, 303, b"", [*location, *headers, *page_headers()])
 
     async def consent(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await self._consent(scope, receive, send)
-        except StoreUnavailable:
-            await self.error_page(
-                send, "temporarily_unavailable", "Sign-in is unavailable; try again soon.", 503
-            )
+        await self._page(self._consent, scope, receive, send)
 
     async def _consent(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] not in ("GET", "POST"):
-            await self.error_page(send, "invalid_request", "Use GET or POST.", 405)
-            return
         now = int(self.clock())
         found = await self._in_progress(scope, send, now)
         if found is None:
@@ -427,6 +395,40 @@ class SignIn:
         await self._issue_code(send, request, user, session, now, clear)
 
     # -- shared steps -------------------------------------------------------------
+
+    async def _page(
+        self,
+        serve: Callable[[Scope, Receive, Send], Awaitable[None]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None:
+        """A sign-in page (GET shows it, POST submits it); a failing store is a 503."""
+        if scope["method"] not in ("GET", "POST"):
+            await self.error_page(send, "invalid_request", "Use GET or POST.", 405)
+            return
+        try:
+            await serve(scope, receive, send)
+        except StoreUnavailable:
+            await self.error_page(
+                send, "temporarily_unavailable", "Sign-in is unavailable; try again soon.", 503
+            )
+
+    async def _start_interaction(
+        self, request: AuthorizeRequest, params: dict[str, str], now: int
+    ) -> str:
+        """Keep a checked authorization request for the pages that follow (sign-in,
+        consent), with their CSRF token; the sign-in cookie's value naming it."""
+        cookie_value = secrets.token_urlsafe(32)
+        await self.io_call(
+            self.store.add_interaction,
+            session_hash(cookie_value),
+            request.server.name,
+            json.dumps(params, sort_keys=True),
+            secrets.token_urlsafe(32),
+            now + SIGNIN_TTL,
+        )
+        return cookie_value
 
     async def _in_progress(
         self, scope: Scope, send: Send, now: int
