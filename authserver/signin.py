@@ -484,15 +484,10 @@ class SignIn:
         """End the session the browser holds, if any: a sign-in never leaves the old
         cookie value working. Another user's session ends with what was issued in it;
         the same user's sid carries over (its refresh tokens live on). Its sid, or None."""
-        value = read_cookie(_cookies(scope), cookie_name(self.secure))
-        if not valid_session_value(value):
+        found = await self._live_session(scope, now)
+        if found is None:
             return None
-        assert value is not None
-        old = await self.io_call(
-            self.store.touch_session, session_hash(value), now, self.config.sessions.idle_timeout
-        )
-        if old is None:
-            return None
+        value, old = found
         await self.io_call(self.store.end_session, session_hash(value))
         if old.user_id == user.id:
             return old.sid
@@ -562,7 +557,8 @@ class SignIn:
         )
         await self._respond(send, request.target, params, headers)
 
-    async def _session(self, scope: Scope, now: int) -> tuple[SessionRecord, User] | None:
+    async def _live_session(self, scope: Scope, now: int) -> tuple[str, SessionRecord] | None:
+        """The browser's live session (its idle end moved on) and the cookie's value."""
         value = read_cookie(_cookies(scope), cookie_name(self.secure))
         if not valid_session_value(value):
             return None
@@ -570,8 +566,13 @@ class SignIn:
         record = await self.io_call(
             self.store.touch_session, session_hash(value), now, self.config.sessions.idle_timeout
         )
-        if record is None:
+        return None if record is None else (value, record)
+
+    async def _session(self, scope: Scope, now: int) -> tuple[SessionRecord, User] | None:
+        found = await self._live_session(scope, now)
+        if found is None:
             return None
+        record = found[1]
         user = await self.users.get(record.user_id)
         if user is None or user.disabled:
             return None

@@ -10,7 +10,6 @@ import html
 import json
 import re
 import time
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -18,6 +17,7 @@ from urllib.parse import parse_qs, urljoin, urlsplit
 import httpx
 import yaml
 
+from tests.asgi.test_signin_flow import Form
 from tests.e2e.conftest import ROOT, free_port
 
 DEMO_PORTS = {"authserver": 9000, "gateway": 8080, "echo": 7000, "admin": 9100, "portal": 7100}
@@ -34,23 +34,6 @@ def demo_config(tmp_path: Path) -> tuple[dict[str, Any], dict[str, int]]:
     config["authserver"]["data_dir"] = str(tmp_path / "data")
     config["audit"] = {"path": str(tmp_path / "audit.log")}
     return config, ports
-
-
-class Form(HTMLParser):
-    """The hosted sign-in page's form: its action and its inputs' values."""
-
-    def __init__(self, page: str) -> None:
-        super().__init__()
-        self.action = ""
-        self.fields: dict[str, str] = {}
-        self.feed(page)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag == "form":
-            self.action = a.get("action") or ""
-        elif tag == "input" and a.get("name"):
-            self.fields[a["name"] or ""] = a.get("value") or ""
 
 
 class Browser:

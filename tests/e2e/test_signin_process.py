@@ -8,7 +8,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import secrets
-from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urljoin, urlsplit
@@ -21,26 +20,12 @@ from authlib.oauth2.rfc7636 import create_s256_code_challenge
 from authlib.oidc.core import CodeIDToken
 
 from authserver.passwords import hash_password
+from tests.asgi.test_signin_flow import Form
 from tests.e2e.conftest import e2e_config, free_port
 
 PORTAL_SECRET = "portal-secret-0123456789abcdefghijklmnop"
 CALLBACK = "https://portal.example.com/callback"
 HOME = "https://portal.example.com/"
-
-
-class Form(HTMLParser):
-    def __init__(self, html: str) -> None:
-        super().__init__()
-        self.action = ""
-        self.fields: dict[str, str] = {}
-        self.feed(html)
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        a = dict(attrs)
-        if tag == "form":
-            self.action = a.get("action") or ""
-        elif tag == "input" and a.get("name"):
-            self.fields[a["name"] or ""] = a.get("value") or ""
 
 
 def test_a_user_signs_in_to_a_web_app(tokengate: Any, tmp_path: Path) -> None:
