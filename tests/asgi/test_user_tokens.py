@@ -16,6 +16,7 @@ from authserver.pkce import s256
 from tests.asgi.test_signin_flow import (
     ALICE_PASSWORD,
     AUTHORIZE,
+    CALLBACK,
     PORTAL_SECRET,
     SPA_CALLBACK,
     Form,
@@ -879,3 +880,40 @@ async def test_a_failing_store_is_a_503_on_every_user_endpoint(server: AuthServe
             assert answer.headers["retry-after"] == "1", name
         out = await http.get(LOGOUT, params={"id_token_hint": body["id_token"]})
         assert out.status_code == 503 and "try again soon" in out.text
+
+
+async def test_on_https_the_cookies_are_secure_host_only(make_authserver: Any) -> None:
+    """public_url https: the session and sign-in cookies are Secure, named __Host-,
+    Path=/ with no Domain; the flow works with them."""
+
+    def https(data: dict[str, Any]) -> None:
+        config(data)
+        data["authserver"]["public_url"] = "https://auth.test"
+
+    server = make_authserver(https)
+    issuer = "https://auth.test/oauth2/default"
+    async with httpx.AsyncClient(
+        transport=server.transport(), base_url="https://auth.test"
+    ) as http:
+        first = await http.get(f"{issuer}/v1/authorize", params=authorize_params())
+        assert first.status_code == 303
+        [signin_cookie] = first.headers.get_list("set-cookie")
+        assert signin_cookie.startswith("__Host-tg_signin=")
+        assert "; Secure" in signin_cookie and "Path=/" in signin_cookie
+        assert "domain" not in signin_cookie.lower()
+        page = await http.get(first.headers["location"])
+        form = Form(page.text)
+        done = await http.post(
+            form.action or "", data={**form.fields, "username": "alice", "password": ALICE_PASSWORD}
+        )
+        assert done.status_code == 303 and done.headers["location"].startswith(CALLBACK)
+        session = next(
+            c for c in done.headers.get_list("set-cookie") if c.startswith("__Host-tg_session=")
+        )
+        assert session.endswith("; Path=/; HttpOnly; SameSite=Lax; Secure")
+        remember(session.split(";")[0].partition("=")[2])
+        code = parse_qs(urlsplit(done.headers["location"]).query)["code"][0]
+        remember(code)
+        sso = await http.get(f"{issuer}/v1/authorize", params=authorize_params())
+        assert "code=" in sso.headers["location"]  # the __Host- cookie signs in again
+        remember(parse_qs(urlsplit(sso.headers["location"]).query)["code"][0])
