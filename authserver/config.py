@@ -18,6 +18,7 @@ from authserver.userrules import claim_problem, group_problem, username_key, use
 from tokengate.jwk import PublicKey, load_public_jwk
 from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
 from tokengate.proxies import NO_PROXIES, TrustedProxies, as_trusted_proxies
+from tokengate.ratelimit import Rate, as_rate
 from tokengate.yamlconf import (
     ConfigError,
     Fields,
@@ -176,6 +177,17 @@ class ClientConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RateLimits:
+    """``rate_limits``: the token endpoint's budget per authenticated client
+    (``token: {per_client: 600/min, burst: 100}``); None: unlimited."""
+
+    token_per_client: Rate | None = None
+
+
+NO_RATE_LIMITS = RateLimits()
+
+
+@dataclass(frozen=True, slots=True)
 class ClientAuthThrottle:
     """Failed client authentications before a lock, per presented client_id and per IP.
 
@@ -256,6 +268,7 @@ class AuthServerConfig:
     users: tuple[UserConfig, ...] = ()  # declared users; the store holds the others
     sessions: SessionTimes = DEFAULT_SESSION_TIMES
     sign_in: SignInConfig = DEFAULT_SIGN_IN
+    rate_limits: RateLimits = NO_RATE_LIMITS
 
 
 # --------------------------------------------------------------------------- parsing
@@ -278,6 +291,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "users",
             "sessions",
             "sign_in",
+            "rate_limits",
         ),
     )
     listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
@@ -305,6 +319,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         sessions=f.get("sessions", as_session_times, DEFAULT_SESSION_TIMES)
         or DEFAULT_SESSION_TIMES,
         sign_in=f.get("sign_in", as_sign_in, DEFAULT_SIGN_IN) or DEFAULT_SIGN_IN,
+        rate_limits=f.get("rate_limits", as_rate_limits, NO_RATE_LIMITS) or NO_RATE_LIMITS,
     )
 
 
@@ -642,6 +657,17 @@ def as_profile(node: Node) -> dict[str, Any]:
             continue
         profile[key] = value
     return profile
+
+
+def as_rate_limits(node: Node) -> RateLimits:
+    f = node.fields(optional=("token",))
+    return RateLimits(token_per_client=f.get("token", _token_rate, None))
+
+
+def _token_rate(node: Node) -> Rate | None:
+    f = node.fields(required=("per_client",), optional=("burst",))
+    burst = f.node_at("burst") if f.has("burst") else None
+    return f.get("per_client", lambda n: as_rate(n, burst))
 
 
 def as_client_auth_throttle(node: Node) -> ClientAuthThrottle:

@@ -10,6 +10,7 @@ from tokengate.asgi import HTTP_METHODS
 from tokengate.jwk import ALGORITHMS
 from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
 from tokengate.proxies import NO_PROXIES, TrustedProxies, as_trusted_proxies
+from tokengate.ratelimit import Rate, as_rate
 from tokengate.yamlconf import (
     ConfigError,
     Fields,
@@ -63,6 +64,21 @@ class Require:
     claims: tuple[ClaimRule, ...]
 
 
+RateKey = Literal["client_id", "sub", "route", "remote_addr"]
+RATE_KEYS: tuple[RateKey, ...] = ("client_id", "sub", "route", "remote_addr")
+TOKEN_RATE_KEYS = frozenset({"client_id", "sub"})  # decided after authentication
+
+
+@dataclass(frozen=True, slots=True)
+class RouteRateLimit:
+    per: RateKey  # what one budget belongs to
+    rate: Rate
+
+    @property
+    def needs_token(self) -> bool:
+        return self.per in TOKEN_RATE_KEYS
+
+
 @dataclass(frozen=True, slots=True)
 class RouteConfig:
     name: str
@@ -75,6 +91,7 @@ class RouteConfig:
     public: bool
     forward_token: bool
     require: Require
+    rate_limit: RouteRateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,7 +206,7 @@ def _parse_issuers(f: Fields) -> tuple[IssuerConfig, ...]:
 def _parse_route(node: Node, issuers: dict[str, IssuerConfig]) -> RouteConfig:
     r = node.fields(
         required=("name", "match", "upstream"),
-        optional=("strip_prefix", "timeout", "public", "forward_token", "require"),
+        optional=("strip_prefix", "timeout", "public", "forward_token", "require", "rate_limit"),
     )
     m = r.node_at("match").fields(required=("path",), optional=("methods", "host"))
     path = m.get("path", as_path_pattern)
@@ -202,6 +219,12 @@ def _parse_route(node: Node, issuers: dict[str, IssuerConfig]) -> RouteConfig:
         r.node_at("require").error("a public route takes no token, so it cannot require one")
     methods = m.get("methods", list_of(one_of(*HTTP_METHODS)), None)
     timeout = r.get("timeout", as_seconds, 30)  # None when it was wrong: reported already
+    rate_limit = r.get("rate_limit", as_route_rate_limit, None)
+    if public and rate_limit is not None and rate_limit.needs_token:
+        node.report.add(
+            f"{r.node.key_path('rate_limit')}.per",
+            f"a public route takes no token, so it cannot be limited per {rate_limit.per}",
+        )
     return RouteConfig(
         name=r.get("name", as_name),
         path=path,
@@ -213,7 +236,18 @@ def _parse_route(node: Node, issuers: dict[str, IssuerConfig]) -> RouteConfig:
         public=public,
         forward_token=r.get("forward_token", as_bool, False),
         require=require,
+        rate_limit=rate_limit,
     )
+
+
+def as_route_rate_limit(node: Node) -> RouteRateLimit:
+    """``{per: client_id|sub|route|remote_addr, limit: 100/s, burst: 200}``."""
+    f = node.fields(required=("per", "limit"), optional=("burst",))
+    per = f.get("per", one_of(*RATE_KEYS))
+    rate = f.get("limit", lambda n: as_rate(n, f.node_at("burst") if f.has("burst") else None))
+    if per is None or rate is None:
+        return None  # type: ignore[return-value]  # the problem is reported already
+    return RouteRateLimit(per, rate)  # type: ignore[arg-type]
 
 
 def _parse_require(r: Fields, issuers: dict[str, IssuerConfig]) -> Require:

@@ -18,6 +18,7 @@ from gateway.config import GatewayConfig, parse_gateway
 from gateway.routing import shadow_warnings
 from tokengate.limits import ADMIN_LIMITS, Limits, as_limits
 from tokengate.portal.config import PortalConfig, parse_portal
+from tokengate.ratelimit import as_redis_url
 from tokengate.yamlconf import (
     UNEXPECTED,
     ConfigError,
@@ -33,7 +34,7 @@ from tokengate.yamlconf import (
 )
 
 DEFAULT_PATH = Path("config/tokengate.yaml")
-SECTIONS = ("version", "authserver", "gateway", "admin", "echo", "portal", "audit")
+SECTIONS = ("version", "authserver", "gateway", "admin", "echo", "portal", "audit", "redis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +62,7 @@ class Config:
     echo: EchoConfig | None
     audit: AuditConfig
     portal: PortalConfig | None = None  # the demo web portal (tokengate.portal)
+    redis: str | None = None  # redis:// URL: rate limits shared by every process and replica
 
     @property
     def warnings(self) -> tuple[str, ...]:
@@ -146,6 +148,7 @@ def _parse_config(
     echo = f.get("echo", _echo, None)
     portal = f.get("portal", parse_portal, None)
     audit = f.get("audit", _audit, AuditConfig("-"))
+    redis = f.get("redis", as_redis_url, None)
     if base_dir is not None:
         authserver, audit = _relative_to(base_dir, authserver, audit)
     if check_files and audit is not None:
@@ -185,6 +188,7 @@ def _parse_config(
         echo=echo,
         audit=audit,
         portal=portal,
+        redis=redis,
     )
 
 

@@ -43,6 +43,7 @@ from authserver.userrules import (
     OBJECT_CLAIMS,
     STRING_CLAIMS,
 )
+from gateway.config import RATE_KEYS
 from tokengate.asgi import HTTP_METHODS
 from tokengate.jwk import ALGORITHMS
 from tokengate.limits import ADMIN_LIMITS, DEFAULT_LIMITS, MIN_HEADER_BYTES, Limits
@@ -69,6 +70,8 @@ PATH_PATTERN = r"^/"
 REDIRECT_URI_PATTERN = r"^(?:https://|http://(?:127\.0\.0\.1|\[::1\]|localhost)[:/?]|http://(?:127\.0\.0\.1|\[::1\]|localhost)$)[^#\s]*$"
 BRAND_PATTERN = r"^#[0-9A-Fa-f]{6}$"
 PATH_PREFIX_PATTERN = r"^/(?!.*//)[^*]*$"
+RATE_PATTERN = r"^\s*[0-9]+\s*/\s*(?:s|sec|min|m|h|hour)\s*$"
+REDIS_URL_PATTERN = r"^(?:rediss?|unix)://"
 
 ENV = {"$ref": "#/$defs/env_string"}
 
@@ -426,6 +429,14 @@ def _user() -> Schema:
     )
 
 
+def rate(description: str) -> Schema:
+    return string(description, pattern=RATE_PATTERN)
+
+
+def burst() -> Schema:
+    return integer("Requests a fresh key may make at once. Default: the limit.")
+
+
 def authserver() -> Schema:
     t = DEFAULT_CLIENT_AUTH_THROTTLE
     return mapping(
@@ -458,6 +469,21 @@ def authserver() -> Schema:
                 "default": [],
             },
             "limits": limits(DEFAULT_LIMITS),
+            "rate_limits": mapping(
+                {
+                    "token": mapping(
+                        {
+                            "per_client": rate(
+                                "Token requests per authenticated client_id: N/s, N/min or N/h."
+                            ),
+                            "burst": burst(),
+                        },
+                        "The token endpoint's budget per client (429 beyond it).",
+                        required=("per_client",),
+                    )
+                },
+                "Rate limits; shared through `redis:` when it is set, else per process.",
+            ),
             "client_auth_throttle": mapping(
                 {
                     "failures": integer(
@@ -585,6 +611,19 @@ def _route() -> Schema:
             "timeout": duration("For the upstream's response to start.", 30),
             "public": boolean("No token needed (and no require).", False),
             "forward_token": boolean("Send the Authorization header upstream.", False),
+            "rate_limit": mapping(
+                {
+                    "per": string(
+                        "Whose budget: client_id and sub need a token (decided after "
+                        "authorization), route and remote_addr are decided before it.",
+                        enum=list(RATE_KEYS),
+                    ),
+                    "limit": rate("Requests per key: N/s, N/min or N/h."),
+                    "burst": burst(),
+                },
+                "A rate limit (429 beyond it); shared through `redis:` when it is set.",
+                required=("per", "limit"),
+            ),
             "require": mapping(
                 {
                     "issuer": ref("http_url", "Only this issuer's tokens (one of issuers)."),
@@ -774,6 +813,11 @@ def _schema() -> Schema:
                 required=("listen",),
             ),
             "portal": portal(),
+            "redis": string(
+                "Redis URL (redis://host:port/db): rate limits shared by every worker and "
+                "replica. Default: none, limits hold per process.",
+                pattern=REDIS_URL_PATTERN,
+            ),
             "audit": mapping(
                 {
                     "path": string(

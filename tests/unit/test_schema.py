@@ -160,6 +160,7 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
             "leeway": "30s",
             "max_body_bytes": 65536,
             "limits": limits,
+            "rate_limits": {"token": {"per_client": "600/min", "burst": 100}},
             "client_auth_throttle": {
                 "failures": 5,
                 "ip_failures": 0,
@@ -272,6 +273,7 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "timeout": "10s",
                     "public": False,
                     "forward_token": True,
+                    "rate_limit": {"per": "client_id", "limit": "100/s", "burst": 200},
                     "require": {
                         "issuer": "https://auth.example.com/oauth2/default",
                         "audience": "api://orders",
@@ -301,6 +303,7 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
             "scopes": ["openid", "profile", "orders:read"],
         },
         "audit": {"path": "-", "required": True},
+        "redis": "redis://127.0.0.1:6379/0",
     }
 
 

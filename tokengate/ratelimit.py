@@ -1,0 +1,303 @@
+"""Rate limits: GCRA decisions, shared through Redis when configured, else per process.
+
+GCRA (the generic cell rate algorithm) keeps one number per key, the theoretical
+arrival time (TAT) of the next request. A rate of ``limit`` per ``period`` gives an
+emission interval ``T = period / limit``; ``burst`` requests may arrive at once. A
+request at ``now`` is admitted when ``max(TAT, now) + T - now <= burst * T``, and
+then the TAT moves to ``max(TAT, now) + T``. :func:`gcra` is that decision, pure.
+
+:class:`RateLimiter` takes it in two places:
+
+* with ``redis:``, one Lua script per decision (:data:`GCRA_LUA`, the same
+  arithmetic, on the Redis server's clock so every replica agrees), registered once
+  and run by EVALSHA; keys ``tokengate:rl:{scope}:{key}`` expire when the TAT passes;
+* without Redis, or while Redis is down or slow (over ``timeout`` per decision), in a
+  bounded per-process map. Requests are never refused because Redis is down: the
+  limit falls back to per process, ``ratelimit.redis_unavailable`` goes to stderr
+  once, ``/readyz`` lists it as degraded, and a background task retries with backoff
+  until ``ratelimit.redis_recovered``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import math
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import TTLCache
+
+from tokengate.jsonlog import log_event
+from tokengate.yamlconf import ConfigError, Node, as_str, positive_int
+
+MICROS = 1_000_000
+REDIS_TIMEOUT = 0.05  # seconds one decision may wait for Redis before falling back
+RETRY_FIRST = 0.5  # seconds before the first background retry; doubles up to RETRY_MAX
+RETRY_MAX = 10.0
+MAX_LOCAL_KEYS = 100_000  # per-process limiter state; least recently used forgotten first
+KEY_PREFIX = "tokengate:rl:"
+_PERIODS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hour": 3600}
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(s|sec|min|m|h|hour)\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """``limit`` requests per ``period`` seconds, ``burst`` of them at once."""
+
+    limit: int
+    period: int  # seconds: 1, 60 or 3600
+    burst: int
+
+    @property
+    def interval_us(self) -> int:
+        """The emission interval T in microseconds (at least 1)."""
+        return max(1, self.period * MICROS // self.limit)
+
+    @property
+    def window(self) -> int:
+        """Seconds for an empty bucket to refill (the ``w`` of RateLimit-Policy)."""
+        return max(1, math.ceil(self.burst * self.interval_us / MICROS))
+
+    def __str__(self) -> str:
+        unit = {1: "s", 60: "min", 3600: "h"}[self.period]
+        return f"{self.limit}/{unit}"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    allowed: bool
+    limit: int  # the burst: requests a fresh key may make at once
+    remaining: int  # requests that could be made now, after this one
+    retry_after: float  # seconds until one more would be admitted (0 when allowed)
+    reset_after: float  # seconds until the key is back to a full burst
+
+    @property
+    def retry_after_s(self) -> int:
+        """``Retry-After`` in whole seconds, at least 1."""
+        return max(1, math.ceil(self.retry_after))
+
+    @property
+    def reset_s(self) -> int:
+        """``t`` of the RateLimit field: whole seconds until the quota is full again."""
+        return max(0, math.ceil(self.reset_after))
+
+
+def gcra(tat_us: int | None, now_us: int, interval_us: int, burst: int) -> tuple[Decision, int]:
+    """Decide one request at ``now_us``; returns the decision and the new TAT.
+
+    ``tat_us``: the key's theoretical arrival time (None: never seen, or expired).
+    Times are integer microseconds on any one clock. Refused requests leave the TAT
+    as it was. :data:`GCRA_LUA` is the same arithmetic inside Redis."""
+    tat = now_us if tat_us is None or tat_us < now_us else tat_us
+    new_tat = tat + interval_us
+    tolerance = burst * interval_us
+    if new_tat - now_us > tolerance:
+        return outcome(False, tat - now_us, interval_us, burst), tat
+    return outcome(True, new_tat - now_us, interval_us, burst), new_tat
+
+
+def outcome(allowed: bool, ahead_us: int, interval_us: int, burst: int) -> Decision:
+    """A decision from how far the key's TAT is ahead of now (after it, when allowed)."""
+    tolerance = burst * interval_us
+    remaining = max(0, (tolerance - ahead_us) // interval_us)
+    retry = 0 if allowed else ahead_us + interval_us - tolerance
+    return Decision(allowed, burst, remaining, max(0, retry) / MICROS, max(0, ahead_us) / MICROS)
+
+
+# KEYS[1] the key; ARGV[1] interval (us), ARGV[2] burst. Returns {allowed, ahead_us}:
+# how far the TAT is ahead of the server's now after the decision. Integers in
+# microseconds stay exact in Lua's doubles (below 2^53); string.format keeps them
+# from being printed in exponent form.
+GCRA_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now)
+if tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > burst * interval then
+  return {0, tat - now}
+end
+local ttl_ms = math.ceil((new_tat - now) / 1000) + 1
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
+return {1, new_tat - now}
+"""
+
+
+def redis_key(scope: str, key: str) -> str:
+    """``tokengate:rl:{scope}:{key}``; a long key (a ``sub``) is hashed to 32 hex digits."""
+    if len(key) > 64:
+        key = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+    return f"{KEY_PREFIX}{scope}:{key}"
+
+
+class LocalLimiter:
+    """GCRA in this process: a bounded map of TATs; an entry leaves when its TAT passes."""
+
+    def __init__(
+        self, *, clock: Callable[[], float] = time.monotonic, max_keys: int = MAX_LOCAL_KEYS
+    ):
+        self.clock = clock
+        # an entry is worth keeping for at most an hour (the longest period) past its
+        # last update: a TAT never runs further ahead than burst * interval = period
+        self.tats: TTLCache[str, int] = TTLCache(maxsize=max_keys, ttl=3600, timer=clock)
+
+    def decide(self, key: str, rate: Rate) -> Decision:
+        now = int(self.clock() * MICROS)
+        decision, tat = gcra(self.tats.get(key), now, rate.interval_us, rate.burst)
+        if decision.allowed:
+            self.tats[key] = tat
+        return decision
+
+
+class RateLimiter:
+    """Decides rate limits for one process: in Redis when ``redis_url`` is set and
+    Redis answers within ``timeout``, else in this process (see the module doc)."""
+
+    def __init__(
+        self,
+        redis_url: str | None = None,
+        *,
+        timeout: float = REDIS_TIMEOUT,
+        clock: Callable[[], float] = time.monotonic,
+        max_keys: int = MAX_LOCAL_KEYS,
+        retry_first: float = RETRY_FIRST,
+        retry_max: float = RETRY_MAX,
+    ) -> None:
+        self.redis_url = redis_url
+        self.timeout = timeout
+        self.local = LocalLimiter(clock=clock, max_keys=max_keys)
+        self.retry_first = retry_first
+        self.retry_max = retry_max
+        self._client: Any = None
+        self._script: Any = None
+        self.redis_down = False  # an episode of Redis failures is in progress
+        self._retry: asyncio.Task[None] | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether decisions are cluster-wide right now."""
+        return self.redis_url is not None and not self.redis_down
+
+    def _connect(self) -> None:
+        import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        self._client = aioredis.Redis.from_url(
+            self.redis_url,
+            socket_timeout=self.timeout,
+            socket_connect_timeout=self.timeout,
+            retry=Retry(NoBackoff(), 0),  # never retried inline: the fallback answers
+            health_check_interval=0,
+        )
+        self._script = self._client.register_script(GCRA_LUA)
+
+    async def decide(self, scope: str, key: str, rate: Rate) -> Decision:
+        """Admit or refuse one request of ``key`` under ``rate``; never raises for Redis."""
+        full_key = redis_key(scope, key)
+        if self.redis_url is None or self.redis_down:
+            return self.local.decide(full_key, rate)
+        if self._client is None:
+            self._connect()
+        try:
+            async with asyncio.timeout(self.timeout):
+                allowed, ahead = await self._script(
+                    keys=[full_key], args=[rate.interval_us, rate.burst]
+                )
+        except (TimeoutError, OSError, _redis_errors()) as exc:
+            self._went_down(exc)
+            return self.local.decide(full_key, rate)
+        return outcome(bool(allowed), int(ahead), rate.interval_us, rate.burst)
+
+    def _went_down(self, exc: BaseException) -> None:
+        if self.redis_down:
+            return
+        self.redis_down = True
+        log_event(
+            "ratelimit.redis_unavailable",
+            error=type(exc).__name__,
+            action="rate limits hold per process until Redis answers again",
+        )
+        self._retry = asyncio.get_running_loop().create_task(self._reconnect())
+
+    async def _reconnect(self) -> None:
+        """Retry Redis with backoff until it answers; then decisions go back to it."""
+        delay = self.retry_first
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                async with asyncio.timeout(max(self.timeout, 0.5)):
+                    await self._client.ping()
+            except (TimeoutError, OSError, _redis_errors()):
+                delay = min(delay * 2, self.retry_max)
+                continue
+            break
+        self.redis_down = False
+        log_event("ratelimit.redis_recovered", action="rate limits are shared again")
+
+    def degraded(self) -> list[str]:
+        """For ``/readyz``: what is wrong while requests are still served."""
+        if self.redis_down:
+            return ["ratelimit: redis unavailable, limits hold per process"]
+        return []
+
+    async def aclose(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._retry
+        if self._client is not None:
+            with contextlib.suppress(Exception):
+                await self._client.aclose()
+            self._client = None
+
+
+def _redis_errors() -> type[Exception]:
+    from redis.exceptions import RedisError
+
+    return RedisError
+
+
+# --------------------------------------------------------------------------- config
+
+
+def parse_rate(text: str, path: str) -> tuple[int, int]:
+    """``100/s``, ``600/min``, ``5000/h``: (limit, period in seconds)."""
+    m = _RATE.fullmatch(text)
+    if m is None or int(m.group(1)) < 1:
+        raise ConfigError(path, f"must be a rate like 100/s, 600/min or 5000/h, got {text!r}")
+    limit = int(m.group(1))
+    if limit > 1_000_000:
+        raise ConfigError(path, f"must be at most 1000000 per period, got {limit}")
+    return limit, _PERIODS[m.group(2)]
+
+
+def as_rate(node: Node, burst: Node | None = None) -> Rate:
+    """A rate string, with an optional ``burst`` (default: the limit)."""
+    limit, period = parse_rate(as_str(node), node.path)
+    size = positive_int(burst) if burst is not None else limit
+    if size > 1_000_000:
+        raise ConfigError(
+            burst.path if burst else node.path, f"must be at most 1000000, got {size}"
+        )
+    return Rate(limit, period, size)
+
+
+def as_redis_url(node: Node) -> str:
+    text = as_str(node)
+    if not re.match(r"(rediss?|unix)://", text):
+        raise ConfigError(node.path, "must be a redis://, rediss:// or unix:// URL")
+    try:
+        from redis.asyncio.connection import parse_url
+
+        parse_url(text)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(node.path, f"is not a Redis URL ({exc})") from None
+    return text
