@@ -31,6 +31,7 @@ from authserver.users import UserDirectory
 from tokengate.asgi import ClientDisconnected, Message, Receive, Scope, Send, json_bytes
 from tokengate.jsonlog import AuditLog, log_event, traceback_frames
 from tokengate.metrics import Metrics
+from tokengate.ratelimit import RateLimiter
 
 Handler = Callable[[ServerConfig, Scope, Receive, Send], Awaitable[None]]
 Route = tuple[Handler, ServerConfig, str | None]
@@ -70,6 +71,7 @@ class AuthServices:
         passwords: PasswordWorker | None = None,
         users: UserDirectory | None = None,
         signin_throttle: AuthThrottle | None = None,
+        limiter: RateLimiter | None = None,
     ) -> AuthServices:
         store = store or SqliteStore(config.data_dir)
         manager = KeyManager(
@@ -118,6 +120,8 @@ class AuthServices:
             users=users,
             credentials=signin,  # the password grant checks passwords as the page does
             clock=clock,
+            limiter=limiter,
+            token_rate=config.rate_limits.token_per_client,
         )
         for server in config.servers:
             declare_series(metrics, server.name)
@@ -160,6 +164,7 @@ class AuthServices:
             passwords=self.passwords,
             users=self.users,
             signin_throttle=self.signin.throttle,
+            limiter=self.endpoints.limiter,  # budgets spent so far still count
         )
         try:
             new.start()
@@ -224,6 +229,7 @@ class AuthServices:
         return changed
 
     async def aclose(self) -> None:
+        await self.endpoints.limiter.aclose()
         await self.http.aclose()
         self.passwords.close()
         self.io.close()
@@ -380,5 +386,11 @@ def build_routes(
     return routes
 
 
-def create_app(config: AuthServerConfig, *, audit: AuditLog, metrics: Metrics) -> AuthServerApp:
-    return AuthServerApp(AuthServices.build(config, audit=audit, metrics=metrics))
+def create_app(
+    config: AuthServerConfig,
+    *,
+    audit: AuditLog,
+    metrics: Metrics,
+    limiter: RateLimiter | None = None,
+) -> AuthServerApp:
+    return AuthServerApp(AuthServices.build(config, audit=audit, metrics=metrics, limiter=limiter))

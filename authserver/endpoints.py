@@ -12,9 +12,11 @@ from authserver.clientauth import JWKS_UNAVAILABLE, AuthenticatedClient, ClientA
 from authserver.config import ClientConfig, ServerConfig
 from authserver.errors import (
     NO_STORE,
+    RATE_LIMITED,
     OAuthError,
     invalid_request,
     method_not_allowed,
+    rate_limited,
     send_error,
     store_unavailable,
     throttled,
@@ -53,6 +55,7 @@ from tokengate.asgi import (
 from tokengate.jsonlog import AuditLog, EventLimiter, log_event
 from tokengate.metrics import Metrics
 from tokengate.proxies import NO_PROXIES, TrustedProxies
+from tokengate.ratelimit import Rate, RateLimiter, okta_headers, ratelimit_headers
 
 T = TypeVar("T")
 JWKS_FRESH = 1.0  # seconds: a JWKS answer re-reads key records older than this
@@ -77,8 +80,12 @@ class Endpoints:
         credentials: Credentials | None = None,
         proxies: TrustedProxies = NO_PROXIES,
         clock: Callable[[], float] = time.time,
+        limiter: RateLimiter | None = None,
+        token_rate: Rate | None = None,
     ) -> None:
         self.users = users
+        self.limiter = limiter or RateLimiter()
+        self.token_rate = token_rate  # per authenticated client; None: unlimited
         self.keyring = keyring
         self.proxies = proxies
         self.metrics = metrics
@@ -107,6 +114,7 @@ class Endpoints:
 
     async def token(self, server: ServerConfig, scope: Scope, receive: Receive, send: Send) -> None:
         event = self._event(server, scope)
+        limited: list[tuple[bytes, bytes]] = []  # a limited client's headers, on every answer
         try:
             form = await self._form(scope, receive)
             grant_type = form.get("grant_type")
@@ -115,13 +123,14 @@ class Endpoints:
                 raise invalid_request("grant_type is required")
             if grant_type in USER_GRANTS:
                 client = await self._user_client(server, scope, form, event)
+                limited = await self._rate_limit(server, client.client_id)
                 grant = {
                     CODE_GRANT: self.user_grants.code,
                     REFRESH_GRANT: self.user_grants.refresh,
                     PASSWORD_GRANT: self.user_grants.password,
                 }[grant_type]
                 body = await grant(server, client, form, event)
-                await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE])
+                await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE, *limited])
                 return
             if grant_type != GRANT_TYPE:
                 raise OAuthError(
@@ -129,6 +138,7 @@ class Endpoints:
                     f"supported: {GRANT_TYPE}, {CODE_GRANT}, {REFRESH_GRANT}, {PASSWORD_GRANT}",
                 )
             authn = await self._authenticate(scope, form, server, server.token_endpoint, event)
+            limited = await self._rate_limit(server, authn.client.client_id)
             # only now, for an authenticated client: parse what it asks for
             requested = requested_scopes(form)
             event["scopes"] = list(requested or ())
@@ -137,7 +147,10 @@ class Endpoints:
             # a failing store (a user read, a password check) is a 503 to retry
             exc = caught if isinstance(caught, OAuthError) else self._store_failed(caught)
             self._emit_error("token.denied", event, exc, outcome="denied")
-            self.metrics.token_errors.labels(server.name, exc.error).inc()
+            label = RATE_LIMITED if exc.reason == RATE_LIMITED else exc.error
+            self.metrics.token_errors.labels(server.name, label).inc()
+            if limited and exc.reason != RATE_LIMITED:
+                exc.headers = [*exc.headers, *limited]
             await send_error(send, exc)
             return
         now = int(self.clock())
@@ -155,7 +168,19 @@ class Endpoints:
                 "scope": claims["scope"],
             }
         )
-        await send_bytes(send, 200, body, [JSON_TYPE, *NO_STORE])
+        await send_bytes(send, 200, body, [JSON_TYPE, *NO_STORE, *limited])
+
+    async def _rate_limit(self, server: ServerConfig, client_id: str) -> list[tuple[bytes, bytes]]:
+        """Spend one of the client's token requests: the headers of every answer to it
+        (RateLimit fields and Okta's X-Rate-Limit-*), or a 429 when it has none left."""
+        rate = self.token_rate
+        if rate is None:
+            return []
+        decision = await self.limiter.decide(f"token:{server.name}", client_id, rate)
+        headers = ratelimit_headers("token", rate, decision) + okta_headers(decision, self.clock())
+        if not decision.allowed:
+            raise rate_limited(headers)
+        return headers
 
     # -- user grants (authorization_code, refresh_token) ----------------------------
 
@@ -487,6 +512,7 @@ TOKEN_ERRORS = (
     "invalid_target",
     "temporarily_unavailable",
     "server_error",
+    RATE_LIMITED,  # the 429 of a client over authserver.rate_limits.token
 )
 
 

@@ -65,6 +65,20 @@ def throttled(retry_after: int) -> OAuthError:
     return exc
 
 
+RATE_LIMITED = "rate_limited"
+
+
+def rate_limited(headers: Headers) -> OAuthError:
+    """429 for a client over its token budget. RFC 6749 has no rate-limit error; like
+    the throttle above, ``temporarily_unavailable`` (its 5.2 meaning: try again later)
+    with ``Retry-After``; the audit reason and metric label say ``rate_limited``."""
+    exc = OAuthError(
+        "temporarily_unavailable", "too many token requests; retry later", 429, headers
+    )
+    exc.reason = RATE_LIMITED
+    return exc
+
+
 def store_unavailable() -> OAuthError:
     """503: the store could not be read or written; nothing was done, retry."""
     exc = OAuthError(

@@ -17,7 +17,7 @@ import httpx
 from gateway.audit import NO_IDENTITY, NO_ROUTE, request_line
 from gateway.authn import Authenticator, Principal, bearer_token
 from gateway.authz import authorize
-from gateway.config import GatewayConfig
+from gateway.config import GatewayConfig, RouteRateLimit
 from gateway.errors import Denied, Reason, send_denial
 from gateway.forward import Exchange, Forwarder
 from gateway.headers import SPOOFABLE, RequestIds, upstream_headers
@@ -30,6 +30,7 @@ from tokengate.httpserver import ABORT_EXTENSION
 from tokengate.jsonlog import AuditLog, EventLimiter, log_event, rfc3339_now, traceback_frames
 from tokengate.metrics import Metrics
 from tokengate.proxies import TrustedProxies
+from tokengate.ratelimit import RateLimiter, ratelimit_headers
 
 _UNSAFE_IN_QUERY = re.compile(rb"[\x00-\x20\x7f#]")  # would end or split the request line
 STARTUP_WAIT = 10.0  # seconds the first start waits for every issuer's keys
@@ -88,8 +89,10 @@ class GatewayApp:
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self.audit = audit
+        self.limiter = limiter or RateLimiter()  # routes' rate limits; per process by default
         self.metrics = metrics or Metrics()
         self.http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
         self.clock = clock
@@ -143,6 +146,7 @@ class GatewayApp:
         return [f"gateway: no keys for issuer {url}" for url in self.jwks.not_ready()]
 
     async def shutdown(self) -> None:
+        await self.limiter.aclose()
         await self.state.jwks.stop()
         await self.http.aclose()
         if self.forwarder is not None:
@@ -202,9 +206,15 @@ class GatewayApp:
             route = state.routes.match(scope["method"], host, path)
             if route is None:
                 raise Denied(Reason.NO_ROUTE, "no route matches this request")
+            limit = route.config.rate_limit
+            limited: list[tuple[bytes, bytes]] = []
+            if limit is not None and not limit.needs_token:  # per route or address: first
+                limited = await self._rate_limit(route, limit, None, source.client)
             if not route.config.public:
                 principal = await state.authenticator.authenticate(bearer_token(authorization))
                 authorize(principal, route)
+            if limit is not None and limit.needs_token:  # per client_id or sub: once known
+                limited = await self._rate_limit(route, limit, principal, source.client)
             assert self.forwarder is not None, "the gateway has not started"
             upstream = state.upstreams[route.name]
             target = upstream.base_path + route.upstream_path(path).encode("ascii")
@@ -232,6 +242,7 @@ class GatewayApp:
                 stall_timeout=upstream.timeout,
                 request_id=rid_bytes,
                 exchange=exchange,
+                response_headers=limited,
             )
         except Denied as denied:
             exchange.reason = denied.reason
@@ -253,6 +264,31 @@ class GatewayApp:
             exchange.bytes_out = await send_denial(send, denied, [(b"x-request-id", rid_bytes)])
         finally:
             self._record(scope, rid, route, principal, path, exchange, started, source.client)
+
+    async def _rate_limit(
+        self,
+        route: Route,
+        limit: RouteRateLimit,
+        principal: Principal | None,
+        remote_addr: str | None,
+    ) -> list[tuple[bytes, bytes]]:
+        """Spend one request of the route's budget for this caller: the RateLimit
+        headers of the response, or Denied (429) when the budget is spent."""
+        if limit.per == "route":
+            key = "-"
+        elif limit.per == "remote_addr":
+            key = remote_addr or "-"
+        elif principal is None:  # not reached: the config refuses token keys on public routes
+            key = "-"
+        elif limit.per == "client_id":
+            key = principal.client_id or principal.sub or "-"
+        else:
+            key = principal.sub or "-"
+        decision = await self.limiter.decide(f"route:{route.name}", key, limit.rate)
+        headers = ratelimit_headers(route.name, limit.rate, decision)
+        if not decision.allowed:
+            raise Denied(Reason.RATE_LIMITED, "rate limit exceeded; retry later", headers=headers)
+        return headers
 
     def _report_internal(self, exc: Exception, route: Route | None) -> None:
         """The traceback on stderr, at most every 10 s per exception type and route. Its
@@ -312,5 +348,11 @@ class GatewayApp:
         )
 
 
-def create_app(config: GatewayConfig, *, audit: AuditLog, metrics: Metrics) -> GatewayApp:
-    return GatewayApp(config, audit=audit, metrics=metrics)
+def create_app(
+    config: GatewayConfig,
+    *,
+    audit: AuditLog,
+    metrics: Metrics,
+    limiter: RateLimiter | None = None,
+) -> GatewayApp:
+    return GatewayApp(config, audit=audit, metrics=metrics, limiter=limiter)

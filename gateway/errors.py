@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.utils
 import time
+from collections.abc import Sequence
 from enum import StrEnum
 
 from tokengate.asgi import JSON_TYPE, Headers, Send, json_bytes, send_bytes
@@ -29,6 +30,7 @@ class Reason(StrEnum):
     JWKS_UNAVAILABLE = "jwks_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    RATE_LIMITED = "rate_limited"
     INTERNAL_ERROR = "internal_error"
 
     @property
@@ -57,11 +59,19 @@ _DECISION = {
 class Denied(Exception):
     """A request answered by the gateway itself, never forwarded (or failed upstream)."""
 
-    def __init__(self, reason: Reason, description: str, *, scope: str | None = None) -> None:
+    def __init__(
+        self,
+        reason: Reason,
+        description: str,
+        *,
+        scope: str | None = None,
+        headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         super().__init__(description)
         self.reason = reason
         self.description = description
         self.scope = scope  # insufficient_scope: what the route needs
+        self.headers = list(headers)  # rate_limited: Retry-After and the RateLimit fields
 
     @property
     def status(self) -> int:
@@ -83,6 +93,7 @@ _STATUS = {
     Reason.JWKS_UNAVAILABLE: 503,
     Reason.UPSTREAM_TIMEOUT: 504,
     Reason.UPSTREAM_UNAVAILABLE: 502,
+    Reason.RATE_LIMITED: 429,
     Reason.INTERNAL_ERROR: 500,
 }
 
@@ -91,6 +102,7 @@ _ERROR = {
     403: "insufficient_scope",
     404: "not_found",
     400: "invalid_request",
+    429: "rate_limited",
     503: "temporarily_unavailable",
     504: "gateway_timeout",
     502: "bad_gateway",
@@ -120,6 +132,7 @@ def denial_response(denied: Denied) -> tuple[int, Headers, bytes]:
         headers.append((b"www-authenticate", challenge.encode()))
     if status == 503:
         headers.append((b"retry-after", b"1"))
+    headers.extend(denied.headers)
     body = json_bytes({"error": error, "error_description": denied.description})
     return status, headers, body
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass
 
 from gateway.errors import Denied, Reason
@@ -95,6 +95,7 @@ class Forwarder:
         stall_timeout: float,
         request_id: bytes,
         exchange: Exchange,
+        response_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
         async def request_body() -> AsyncIterator[bytes]:
             while True:
@@ -141,13 +142,10 @@ class Forwarder:
             raise Denied(Reason.UPSTREAM_UNAVAILABLE, "the upstream is unavailable") from None
         try:
             exchange.status = upstream.status
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": upstream.status,
-                    "headers": downstream_headers(upstream.headers, request_id, upstream.status),
-                }
-            )
+            sent = downstream_headers(upstream.headers, request_id, upstream.status)
+            if response_headers:
+                sent.extend(response_headers)
+            await send({"type": "http.response.start", "status": upstream.status, "headers": sent})
             length = upstream.content_length
             if (
                 exchange.body_done

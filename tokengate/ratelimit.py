@@ -265,6 +265,33 @@ def _redis_errors() -> type[Exception]:
     return RedisError
 
 
+# --------------------------------------------------------------------------- headers
+
+
+def ratelimit_headers(name: str, rate: Rate, decision: Decision) -> list[tuple[bytes, bytes]]:
+    """``RateLimit-Policy`` and ``RateLimit`` (draft-ietf-httpapi-ratelimit-headers-10/-11):
+    the policy's quota ``q`` (the burst) over window ``w`` (seconds to refill it), and
+    what is left now, ``r``, with ``t`` the seconds until the quota is full again. A
+    refusal adds ``Retry-After``: whole seconds, at least 1, until one more request is
+    admitted."""
+    headers = [
+        (b"ratelimit-policy", f'"{name}";q={decision.limit};w={rate.window}'.encode()),
+        (b"ratelimit", f'"{name}";r={decision.remaining};t={decision.reset_s}'.encode()),
+    ]
+    if not decision.allowed:
+        headers.append((b"retry-after", str(decision.retry_after_s).encode()))
+    return headers
+
+
+def okta_headers(decision: Decision, now: float) -> list[tuple[bytes, bytes]]:
+    """Okta's ``X-Rate-Limit-Limit``, ``-Remaining`` and ``-Reset`` (Unix time)."""
+    return [
+        (b"x-rate-limit-limit", str(decision.limit).encode()),
+        (b"x-rate-limit-remaining", str(decision.remaining).encode()),
+        (b"x-rate-limit-reset", str(math.ceil(now + decision.reset_after)).encode()),
+    ]
+
+
 # --------------------------------------------------------------------------- config
 
 

@@ -57,6 +57,7 @@ from tokengate.jsonlog import (
 )
 from tokengate.limits import ECHO_LIMITS, Limits
 from tokengate.metrics import MULTIPROC_ENV, Metrics
+from tokengate.ratelimit import RateLimiter
 from tokengate.reload import Apply, ConfigWatcher
 from tokengate.yamlconf import ConfigErrors, Listen
 
@@ -161,16 +162,20 @@ def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], Au
     checks: list[NotReady] = []
     degraded: list[NotReady] = []
     (checks if config.audit.required else degraded).append(audit.sink.problems)
+    limiter = RateLimiter(config.redis)  # one per process, for every listener's limits
+    degraded.append(limiter.degraded)  # Redis down: limits per process, still serving
     if "authserver" in names and config.authserver is not None:
         from authserver.app import create_app as authserver_app
 
-        authserver = authserver_app(config.authserver, audit=audit, metrics=metrics)
+        authserver = authserver_app(
+            config.authserver, audit=audit, metrics=metrics, limiter=limiter
+        )
         apps["authserver"] = authserver
         checks.append(authserver.services.not_ready)
     if "gateway" in names and config.gateway is not None:
         from gateway.app import create_app as gateway_app
 
-        gateway = gateway_app(config.gateway, audit=audit, metrics=metrics)
+        gateway = gateway_app(config.gateway, audit=audit, metrics=metrics, limiter=limiter)
         apps["gateway"] = gateway
         checks.append(gateway.not_ready)
     if "admin" in names:
@@ -207,6 +212,8 @@ def applier(current: Config, apps: dict[str, Any]) -> Apply:
             restart.append("portal: changing the portal section needs a restart")
         if old.audit != new.audit:
             restart.append("audit.path: changing the audit sink needs a restart")
+        if old.redis != new.redis:
+            restart.append("redis: changing the Redis URL needs a restart")
         if "authserver" in apps and new.authserver is not None:
             await apps["authserver"].reconfigure(new.authserver)
         if "gateway" in apps and new.gateway is not None:
