@@ -1,0 +1,293 @@
+"""Rate limits in real ``tokengate run`` processes: a route's limit held across two
+workers through Redis (and per worker without it), and Redis killed mid-run."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.e2e.conftest import Tokengate, free_port
+
+SHARED_REDIS = os.environ.get("TOKENGATE_TEST_REDIS_E2E", "redis://127.0.0.1:6379/13")
+RATE, BURST = 20, 20  # the route's limit: 20/s, 20 at once
+HAMMER = 2.0  # seconds of traffic
+
+
+def shared_redis() -> str:
+    """The shared Redis's test database, emptied; a skip where there is none."""
+    import redis
+
+    client = redis.Redis.from_url(SHARED_REDIS, socket_connect_timeout=1)
+    try:
+        client.flushdb()  # only this test database, never the others
+    except redis.RedisError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no Redis at {SHARED_REDIS} ({type(exc).__name__})")
+    finally:
+        client.close()
+    return SHARED_REDIS
+
+
+def stack_config(echo: int, gateway: int, admin: int, redis_url: str | None) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "echo": {"listen": f"127.0.0.1:{echo}"},
+        "admin": {"listen": f"127.0.0.1:{admin}"},
+        "audit": {"path": "audit.log"},
+        "gateway": {
+            "listen": f"127.0.0.1:{gateway}",
+            "routes": [
+                {
+                    "name": "limited",
+                    "match": {"path": "/limited/**"},
+                    "upstream": f"http://127.0.0.1:{echo}",
+                    "public": True,
+                    "rate_limit": {"per": "route", "limit": f"{RATE}/s", "burst": BURST},
+                }
+            ],
+        },
+    }
+    if redis_url is not None:
+        config["redis"] = redis_url
+    return config
+
+
+class Stack:
+    def __init__(self, process: Tokengate, gateway: int, admin: int) -> None:
+        self.process = process
+        self.gateway = f"http://127.0.0.1:{gateway}"
+        self.admin = f"http://127.0.0.1:{admin}"
+
+    def readyz(self) -> dict[str, Any]:
+        return httpx.get(f"{self.admin}/readyz", timeout=5).json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def stack(tokengate: Any) -> Iterator[Any]:
+    def start(redis_url: str | None, workers: int = 2) -> Stack:
+        echo, gateway, admin = free_port(), free_port(), free_port()
+        process = tokengate(
+            stack_config(echo, gateway, admin, redis_url), "--workers", str(workers)
+        )
+        process.start(f"http://127.0.0.1:{admin}/readyz")
+        return Stack(process, gateway, admin)
+
+    yield start
+
+
+async def hammer(url: str, seconds: float, concurrency: int = 16) -> tuple[int, int, float]:
+    """Requests from ``concurrency`` callers for ``seconds``, each on a new connection so
+    that both workers take a share: (admitted, refused, elapsed seconds)."""
+    counts = {200: 0, 429: 0}
+    limits = httpx.Limits(max_keepalive_connections=0)
+    async with httpx.AsyncClient(limits=limits, timeout=5) as client:
+        started = time.monotonic()
+        deadline = started + seconds
+
+        async def caller() -> None:
+            while time.monotonic() < deadline:
+                response = await client.get(url)
+                counts[response.status_code] = counts.get(response.status_code, 0) + 1
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+        elapsed = time.monotonic() - started
+    assert set(counts) == {200, 429}, counts
+    return counts[200], counts[429], elapsed
+
+
+def test_a_route_limit_holds_across_two_workers_through_redis(stack: Any) -> None:
+    gw = stack(shared_redis())
+    admitted, refused, elapsed = asyncio.run(hammer(f"{gw.gateway}/limited/x", HAMMER))
+    expected = BURST + RATE * elapsed  # a full burst, then the rate
+    print(
+        f"redis, 2 workers: {admitted} admitted, {refused} refused in {elapsed:.2f} s; "
+        f"limit allows {expected:.1f} ({admitted / expected:.1%})"
+    )
+    assert refused > admitted  # the limit was the bottleneck
+    assert expected * 0.95 - 1 <= admitted <= expected + 1
+    assert gw.readyz()["degraded"] == []
+
+
+def test_without_redis_each_worker_holds_the_limit_on_its_own(stack: Any) -> None:
+    gw = stack(None)
+    admitted, refused, elapsed = asyncio.run(hammer(f"{gw.gateway}/limited/x", HAMMER))
+    one = BURST + RATE * elapsed
+    print(
+        f"no redis, 2 workers: {admitted} admitted, {refused} refused in {elapsed:.2f} s; "
+        f"one process allows {one:.1f} ({admitted / one:.1%})"
+    )
+    # per process: up to twice the limit over two workers, never more
+    assert one * 1.2 <= admitted <= 2 * one + 2
+
+
+# --------------------------------------------------------------------------- Redis killed
+
+
+class OwnRedis:
+    """A redis-server of this test's own, on a free port: killing it harms nobody."""
+
+    def __init__(self, workdir: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed")
+        self.binary = binary
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            [
+                self.binary,
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(self.workdir),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        import redis
+
+        while time.monotonic() < deadline:
+            try:
+                redis.Redis(port=self.port, socket_connect_timeout=0.2).ping()
+                return
+            except redis.RedisError:
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[OwnRedis]:
+    server = OwnRedis(tmp_path)
+    server.start()
+    yield server
+    server.kill()
+
+
+def test_redis_killed_mid_run_falls_back_per_process_and_recovers(
+    stack: Any, own_redis: OwnRedis
+) -> None:
+    gw = stack(own_redis.url, workers=1)
+    url = f"{gw.gateway}/limited/x"
+    admitted, _, elapsed = asyncio.run(hammer(url, 0.5))
+    assert admitted <= BURST + RATE * elapsed + 1  # shared: in Redis
+    own_redis.kill()
+    admitted, refused, elapsed = asyncio.run(hammer(url, 1.0))
+    # requests keep flowing, on the process's own limit: nothing is refused for Redis
+    assert admitted >= RATE * elapsed * 0.9 and refused > 0
+    readyz = gw.readyz()
+    assert readyz["ready"] is True
+    assert readyz["degraded"] == ["ratelimit: redis unavailable, limits hold per process"]
+    events = [e["event"] for e in gw.process.log_events()]
+    assert events.count("ratelimit.redis_unavailable") == 1  # once per episode
+    own_redis.start()  # same port, empty
+    deadline = time.monotonic() + 10
+    while gw.readyz()["degraded"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert gw.readyz()["degraded"] == []
+    events = [e["event"] for e in gw.process.log_events()]
+    assert events.count("ratelimit.redis_recovered") == 1
+    admitted, _, elapsed = asyncio.run(hammer(url, 0.5))
+    assert admitted <= BURST + RATE * elapsed + 1
+    import redis
+
+    keys = redis.Redis(port=own_redis.port).keys("tokengate:rl:*")
+    assert keys == [b"tokengate:rl:route:limited:-"]  # decisions are in Redis again
+
+
+def test_a_stalled_redis_costs_a_decision_at_most_the_timeout(own_redis: OwnRedis) -> None:
+    """SIGSTOP: Redis accepts nothing and answers nothing. Each decision waits at most
+    the 50 ms timeout once, then the process decides alone until Redis answers again."""
+    import signal
+
+    from tokengate.ratelimit import Rate, RateLimiter
+
+    async def scenario() -> None:
+        limiter = RateLimiter(own_redis.url, retry_first=0.1, retry_max=0.2)
+        rate = Rate(100, 60, 100)  # one back every 0.6 s
+        try:
+            assert (await limiter.decide("route:r", "k", rate)).allowed and limiter.shared
+            assert own_redis.proc is not None
+            own_redis.proc.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            decisions = [await limiter.decide("route:r", "k", rate) for _ in range(50)]
+            took = time.monotonic() - started
+            assert all(d.allowed for d in decisions) and not limiter.shared
+            assert took < 0.5  # one timeout, then local decisions
+            own_redis.proc.send_signal(signal.SIGCONT)
+            for _ in range(100):  # up to 5 s
+                if limiter.shared:
+                    break
+                await asyncio.sleep(0.05)
+            assert limiter.shared
+            # in Redis again: it kept the first decision and ran the one that timed out
+            # once it resumed (a timed-out decision may still count), not the local ones
+            assert (await limiter.decide("route:r", "k", rate)).remaining == 97
+        finally:
+            if own_redis.proc is not None:
+                own_redis.proc.send_signal(signal.SIGCONT)
+            await limiter.aclose()
+
+    asyncio.run(scenario())
+
+
+def test_the_token_endpoint_limit_holds_across_two_workers(tokengate: Any, tmp_path: Path) -> None:
+    from tests.conftest import REPORTING_SECRET
+    from tests.e2e.conftest import e2e_config
+
+    port, admin = free_port(), free_port()
+    config = e2e_config(tmp_path / "data", port, rate_limits={"token": {"per_client": "5/min"}})
+    config.update(redis=shared_redis(), admin={"listen": f"127.0.0.1:{admin}"})
+    process = tokengate(config, "--workers", "2")
+    process.start(f"http://127.0.0.1:{admin}/readyz")
+    url = f"http://127.0.0.1:{port}/oauth2/default/v1/token"
+    answers = []
+    for _ in range(8):  # a new connection each: both workers answer
+        with httpx.Client(timeout=10) as client:
+            answers.append(
+                client.post(
+                    url,
+                    data={"grant_type": "client_credentials"},
+                    auth=("reporting", REPORTING_SECRET),
+                )
+            )
+    assert [r.status_code for r in answers] == [200] * 5 + [429] * 3
+    assert [r.headers["x-rate-limit-remaining"] for r in answers] == [
+        "4",
+        "3",
+        "2",
+        "1",
+        "0",
+        "0",
+        "0",
+        "0",
+    ]
+    assert answers[-1].json()["error"] == "temporarily_unavailable"
+    assert int(answers[-1].headers["retry-after"]) >= 1
