@@ -325,6 +325,6 @@ def as_redis_url(node: Node) -> str:
         from redis.asyncio.connection import parse_url
 
         parse_url(text)
-    except (ValueError, TypeError) as exc:
-        raise ConfigError(node.path, f"is not a Redis URL ({exc})") from None
+    except (ValueError, TypeError):  # its message could quote a password in the URL
+        raise ConfigError(node.path, "is not a valid Redis URL") from None
     return text

@@ -234,3 +234,13 @@ def test_rate_limit_config_errors_name_their_paths() -> None:
         "gateway.routes[0].rate_limit.burst",
         "gateway.routes[1].rate_limit.per",  # a public route has no client_id or sub
     }
+
+
+def test_a_reload_that_changes_redis_says_it_needs_a_restart() -> None:
+    from tokengate.config import parse_config
+    from tokengate.serve import applier
+
+    before = parse_config(CONFIG)
+    after = parse_config(CONFIG.replace("6379/10", "6380/10"))
+    restart = asyncio.run(applier(before, {})(after))
+    assert restart == ["redis: changing the Redis URL needs a restart"]
