@@ -158,6 +158,12 @@ class Metrics:
             ["server", "outcome"],
             registry=r,
         )
+        self.ratelimit_fallbacks = Counter(
+            "tokengate_ratelimit_redis_fallbacks",
+            "Rate-limit decisions made in the process although redis: is set (Redis down,"
+            " or slower than 50 ms).",
+            registry=r,
+        )
         self.config_reloads = Counter(
             "tokengate_config_reloads",
             "Configuration reloads by result (ok or error).",

@@ -13,9 +13,11 @@ then the TAT moves to ``max(TAT, now) + T``. :func:`gcra` is that decision, pure
   and run by EVALSHA; keys ``tokengate:rl:{scope}:{key}`` expire when the TAT passes;
 * without Redis, or while Redis is down or slow (over ``timeout`` per decision), in a
   bounded per-process map. Requests are never refused because Redis is down: the
-  limit falls back to per process, ``ratelimit.redis_unavailable`` goes to stderr
-  once, ``/readyz`` lists it as degraded, and a background task retries with backoff
-  until ``ratelimit.redis_recovered``.
+  limit falls back to per process. A refused connection or an error starts an
+  episode at once, timeouts once they have gone on for :data:`SLOW_EPISODE` with no
+  answer between them. An episode is said once on stderr
+  (``ratelimit.redis_unavailable``), listed as degraded in ``/readyz``, and a
+  background task retries with backoff until ``ratelimit.redis_recovered``.
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from cachetools import TTLCache
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeout
 
 from tokengate.jsonlog import log_event
 from tokengate.yamlconf import ConfigError, Node, as_str, positive_int
 
 MICROS = 1_000_000
 REDIS_TIMEOUT = 0.05  # seconds one decision may wait for Redis before falling back
+SLOW_EPISODE = 0.25  # seconds of nothing but timeouts before Redis counts as down
 RETRY_FIRST = 0.5  # seconds before the first background retry; doubles up to RETRY_MAX
 RETRY_MAX = 10.0
 MAX_LOCAL_KEYS = 100_000  # per-process limiter state; least recently used forgotten first
@@ -169,15 +174,19 @@ class RateLimiter:
         max_keys: int = MAX_LOCAL_KEYS,
         retry_first: float = RETRY_FIRST,
         retry_max: float = RETRY_MAX,
+        on_fallback: Callable[[], None] = lambda: None,
     ) -> None:
         self.redis_url = redis_url
         self.timeout = timeout
         self.local = LocalLimiter(clock=clock, max_keys=max_keys)
         self.retry_first = retry_first
         self.retry_max = retry_max
+        self.clock = clock
+        self.on_fallback = on_fallback  # a decision made here although Redis is configured
         self._client: Any = None
         self._script: Any = None
         self.redis_down = False  # an episode of Redis failures is in progress
+        self._slow_since: float | None = None  # first timeout since Redis last answered
         self._retry: asyncio.Task[None] | None = None
 
     @property
@@ -202,7 +211,10 @@ class RateLimiter:
     async def decide(self, scope: str, key: str, rate: Rate) -> Decision:
         """Admit or refuse one request of ``key`` under ``rate``; never raises for Redis."""
         full_key = redis_key(scope, key)
-        if self.redis_url is None or self.redis_down:
+        if self.redis_url is None:
+            return self.local.decide(full_key, rate)
+        if self.redis_down:
+            self.on_fallback()
             return self.local.decide(full_key, rate)
         if self._client is None:
             self._connect()
@@ -211,15 +223,28 @@ class RateLimiter:
                 allowed, ahead = await self._script(
                     keys=[full_key], args=[rate.interval_us, rate.burst]
                 )
-        except (TimeoutError, OSError, _redis_errors()) as exc:
-            self._went_down(exc)
+        except (TimeoutError, RedisTimeout) as exc:
+            # A slow answer is decided here; only timeouts that go on for SLOW_EPISODE
+            # with no answer in between make an episode (a loaded event loop stalls too).
+            now = self.clock()
+            if self._slow_since is None:
+                self._slow_since = now
+            elif now - self._slow_since >= SLOW_EPISODE:
+                self._went_down(exc)
+            self.on_fallback()
             return self.local.decide(full_key, rate)
+        except (OSError, RedisError) as exc:  # refused, reset, an error reply
+            self._went_down(exc)
+            self.on_fallback()
+            return self.local.decide(full_key, rate)
+        self._slow_since = None
         return outcome(bool(allowed), int(ahead), rate.interval_us, rate.burst)
 
     def _went_down(self, exc: BaseException) -> None:
         if self.redis_down:
             return
         self.redis_down = True
+        self._slow_since = None
         log_event(
             "ratelimit.redis_unavailable",
             error=type(exc).__name__,
@@ -235,7 +260,7 @@ class RateLimiter:
             try:
                 async with asyncio.timeout(max(self.timeout, 0.5)):
                     await self._client.ping()
-            except (TimeoutError, OSError, _redis_errors()):
+            except (TimeoutError, OSError, RedisError):
                 delay = min(delay * 2, self.retry_max)
                 continue
             break
@@ -257,12 +282,6 @@ class RateLimiter:
             with contextlib.suppress(Exception):
                 await self._client.aclose()
             self._client = None
-
-
-def _redis_errors() -> type[Exception]:
-    from redis.exceptions import RedisError
-
-    return RedisError
 
 
 # --------------------------------------------------------------------------- headers

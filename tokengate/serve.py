@@ -162,7 +162,8 @@ def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], Au
     checks: list[NotReady] = []
     degraded: list[NotReady] = []
     (checks if config.audit.required else degraded).append(audit.sink.problems)
-    limiter = RateLimiter(config.redis)  # one per process, for every listener's limits
+    # one per process, for every listener's limits
+    limiter = RateLimiter(config.redis, on_fallback=metrics.ratelimit_fallbacks.inc)
     degraded.append(limiter.degraded)  # Redis down: limits per process, still serving
     if "authserver" in names and config.authserver is not None:
         from authserver.app import create_app as authserver_app

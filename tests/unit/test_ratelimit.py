@@ -168,11 +168,15 @@ async def test_concurrent_decisions_never_admit_more_than_the_limit(redis_client
 async def test_an_unreachable_redis_falls_back_to_the_process_and_says_so_once(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    limiter = RateLimiter("redis://127.0.0.1:9/0", retry_first=60)  # port 9: nothing there
+    fallbacks = []
+    limiter = RateLimiter(  # port 9: nothing there
+        "redis://127.0.0.1:9/0", retry_first=60, on_fallback=lambda: fallbacks.append(1)
+    )
     rate = Rate(2, 60, 2)
     try:
         decisions = [await limiter.decide("route:r", "k", rate) for _ in range(4)]
         assert [d.allowed for d in decisions] == [True, True, False, False]
+        assert len(fallbacks) == 4
         assert limiter.degraded() == ["ratelimit: redis unavailable, limits hold per process"]
     finally:
         await limiter.aclose()
