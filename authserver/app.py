@@ -379,6 +379,7 @@ def build_routes(
             (f"{base}/v1/token", endpoints.token, "token.denied", True),
             (f"{base}/v1/introspect", endpoints.introspect, "token.introspected", False),
             (f"{base}/v1/revoke", endpoints.revoke, "token.revoked", True),
+            (f"{base}/v1/revocations", endpoints.revocations, None, False),
             (f"{base}/v1/userinfo", userinfo, None, True),
             (f"{base}/v1/logout", logout, None, False),
         ):

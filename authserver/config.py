@@ -144,6 +144,10 @@ class ServerConfig:
     def revocation_endpoint(self) -> str:
         return f"{self.issuer}/v1/revoke"
 
+    @property
+    def revocation_feed_endpoint(self) -> str:
+        return f"{self.issuer}/v1/revocations"
+
 
 @dataclass(frozen=True, slots=True)
 class ClientConfig:

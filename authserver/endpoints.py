@@ -3,6 +3,7 @@ metadata. Each handler validates, acts, writes one audit line, and answers."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from authserver.errors import (
     store_unavailable,
     throttled,
 )
-from authserver.forms import Form, read_form
+from authserver.forms import Form, parse_form, read_form
 from authserver.grants import (
     GRANT_TYPE,
     KNOWN_GRANT_TYPES,
@@ -60,6 +61,9 @@ from tokengate.ratelimit import Rate, RateLimiter, okta_headers, ratelimit_heade
 T = TypeVar("T")
 JWKS_FRESH = 1.0  # seconds: a JWKS answer re-reads key records older than this
 USER_GRANTS = (CODE_GRANT, REFRESH_GRANT, PASSWORD_GRANT)
+FEED_PAGE = 1000  # revocations per feed answer at most
+FEED_MAX_WAIT = 30  # seconds a feed request may ask to be held
+FEED_POLL = 0.5  # seconds between store checks while a feed request waits
 
 
 class Endpoints:
@@ -99,6 +103,8 @@ class Endpoints:
         self.max_body_bytes = max_body_bytes
         self.jwks_cache_control = f"public, max-age={jwks_max_age}".encode()
         self.clock = clock
+        self._revoked_here = asyncio.Event()  # set (and replaced) at each revocation here
+        self._feed_waiters = 0
         self.user_grants = UserGrants(
             keyring=keyring,
             store=store,
@@ -268,6 +274,7 @@ class Endpoints:
             if claims is not None:  # only a revocation that was stored is reported done
                 event["jti"] = claims.get("jti")
                 await self._revoke(server, token, claims)
+                self._notify_revoked()
                 reason = "ok"
         except (OAuthError, StoreUnavailable) as caught:
             # a failing store (a user read, a password check) is a 503 to retry
@@ -286,6 +293,64 @@ class Endpoints:
         self.metrics.revocations.labels(server.name, event["outcome"]).inc()
         # RFC 7009 2.2: 200 whether or not the token was valid.
         await send_bytes(send, 200, b"", NO_STORE)
+
+    # -- revocation feed (tokengate's own) --------------------------------------
+
+    async def revocations(
+        self, server: ServerConfig, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        """Revoked access-token ``jti``s with their ``exp``, after a cursor, for
+        gateways to follow. GET (credentials in the Authorization header) or POST
+        (form body); ``cursor`` opaque, absent = everything still live; ``wait``:
+        hold the request up to that many seconds (0-30) until something arrives.
+        Client-authenticated like introspection, for clients with ``introspect: any``."""
+        event = self._event(server, scope)
+        try:
+            if scope["method"] == "GET":
+                form = parse_form(scope.get("query_string") or b"")
+                if any(form.get(n) for n in ("client_secret", "client_assertion")):
+                    raise invalid_request("credentials go in the Authorization header or a POST")
+            else:
+                form = await self._form(scope, receive)
+            await self._authenticate(scope, form, server, server.revocation_feed_endpoint, event)
+            cursor = _feed_cursor(form.get("cursor"))
+            wait = _feed_wait(form.get("wait"))
+            client = self.authenticator.clients.get(event["client_id"] or "")
+            if client is None or client.introspect != "any":
+                raise OAuthError(
+                    "unauthorized_client", "the revocation feed needs introspect: any", 403
+                )
+            deadline = time.monotonic() + wait
+            while True:
+                entries, after = await self._store(
+                    self.store.revocations_after, server.name, cursor, FEED_PAGE, int(self.clock())
+                )
+                left = deadline - time.monotonic()
+                if entries or left <= 0:
+                    break
+                self._feed_waiters += 1
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(min(FEED_POLL, left)):
+                            await self._revoked_here.wait()
+                finally:
+                    self._feed_waiters -= 1
+        except OAuthError as exc:
+            self.metrics.revocation_feed.labels(server.name, "error").inc()
+            await send_error(send, exc)
+            return
+        self.metrics.revocation_feed.labels(server.name, "ok").inc()
+        body = {
+            "revocations": [{"jti": jti, "exp": exp} for jti, exp in entries],
+            "cursor": str(after),
+        }
+        await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE])
+
+    def _notify_revoked(self) -> None:
+        """Wake this process's waiting feed requests at once (other processes' learn of
+        it at their next store check)."""
+        self._revoked_here.set()
+        self._revoked_here = asyncio.Event()
 
     # -- public documents -------------------------------------------------------
 
@@ -530,6 +595,26 @@ def declare_series(metrics: Metrics, server: str) -> None:
         metrics.introspections.labels(server, outcome)
     for outcome in ("revoked", "ignored", "error"):
         metrics.revocations.labels(server, outcome)
+    for outcome in ("ok", "error"):
+        metrics.revocation_feed.labels(server, outcome)
+
+
+def _feed_cursor(value: str | None) -> int:
+    """A feed cursor as :meth:`Endpoints.revocations` hands them out: a decimal
+    sequence number (opaque to clients)."""
+    if value is None:
+        return 0
+    if not value.isascii() or not value.isdigit() or len(value) > 18:
+        raise invalid_request("cursor is not one this endpoint gave")
+    return int(value)
+
+
+def _feed_wait(value: str | None) -> float:
+    if value is None:
+        return 0.0
+    if not value.isascii() or not value.isdigit() or int(value) > FEED_MAX_WAIT:
+        raise invalid_request(f"wait must be a number of seconds from 0 to {FEED_MAX_WAIT}")
+    return float(value)
 
 
 def _required(form: Form, name: str) -> str:

@@ -44,6 +44,8 @@ def authorization_server_metadata(
         "jwks_uri": server.jwks_uri,
         "introspection_endpoint": server.introspection_endpoint,
         "revocation_endpoint": server.revocation_endpoint,
+        # tokengate's own: revoked jtis for gateways to follow (not in RFC 8414)
+        "revocation_feed_endpoint": server.revocation_feed_endpoint,
         "grant_types_supported": [GRANT_TYPE],
         "response_types_supported": [],  # no client uses the authorization endpoint
         "scopes_supported": list(server.scopes),

@@ -152,6 +152,14 @@ class Store(Protocol):
 
     def is_revoked(self, jti: str) -> bool: ...
 
+    def revocations_after(
+        self, server: str, cursor: int, limit: int, now: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        """The revocation feed: ``server``'s revoked ``(jti, exp)`` recorded after
+        ``cursor`` (0: every one still live), oldest first, at most ``limit``, none past
+        its ``exp``; and the cursor to ask from next. A cursor from beyond anything this
+        store ever recorded (another store's) starts over from 0."""
+
     def remember_assertion(self, client_id: str, jti: str, exp: int) -> bool:
         """Record an assertion ``jti`` until ``exp``; False if it was seen before."""
 
@@ -270,6 +278,11 @@ CREATE TABLE IF NOT EXISTS signing_keys (
 CREATE TABLE IF NOT EXISTS revoked_tokens (
     jti TEXT PRIMARY KEY, server TEXT NOT NULL, exp INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS revocation_log (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, jti TEXT NOT NULL, server TEXT NOT NULL,
+    exp INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS revocation_log_exp ON revocation_log (exp);
 CREATE TABLE IF NOT EXISTS used_assertions (
     client_id TEXT NOT NULL, jti TEXT NOT NULL, exp INTEGER NOT NULL,
     PRIMARY KEY (client_id, jti)
@@ -389,9 +402,17 @@ class SqliteStore:
         self._wal()
         self._db.execute("PRAGMA synchronous = NORMAL")
         with self.exclusive():
+            logged = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'revocation_log'"
+            ).fetchone()
             for statement in _SCHEMA.split(";"):
                 if statement.strip():
                     self._db.execute(statement)
+            if logged is None:  # a store from before the feed: what it revoked joins it
+                self._db.execute(
+                    "INSERT INTO revocation_log (jti, server, exp) "
+                    "SELECT jti, server, exp FROM revoked_tokens ORDER BY exp"
+                )
 
     def _wal(self) -> None:
         """Switch to WAL. SQLite answers "database is locked" at once, without waiting
@@ -439,9 +460,35 @@ class SqliteStore:
         self._db.execute("DELETE FROM signing_keys WHERE server = ? AND kid = ?", (server, kid))
 
     def revoke(self, jti: str, server: str, exp: int) -> None:
-        self._db.execute(
+        with self.exclusive():
+            self._revoke(jti, server, exp)
+
+    def _revoke(self, jti: str, server: str, exp: int) -> None:
+        """Record a revoked jti, and, the first time, its place in the feed (in the
+        caller's transaction)."""
+        cur = self._db.execute(
             "INSERT OR IGNORE INTO revoked_tokens VALUES (?, ?, ?)", (jti, server, exp)
         )
+        if cur.rowcount == 1:
+            self._db.execute(
+                "INSERT INTO revocation_log (jti, server, exp) VALUES (?, ?, ?)",
+                (jti, server, exp),
+            )
+
+    def revocations_after(
+        self, server: str, cursor: int, limit: int, now: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        row = self._db.execute(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'revocation_log'"
+        ).fetchone()
+        if cursor > (row[0] if row is not None else 0):
+            cursor = 0  # not this store's cursor: everything still live
+        rows = self._db.execute(
+            "SELECT seq, jti, exp FROM revocation_log WHERE seq > ? AND server = ? "
+            "AND exp >= ? ORDER BY seq LIMIT ?",
+            (cursor, server, now, limit),
+        ).fetchall()
+        return [(jti, exp) for _, jti, exp in rows], rows[-1][0] if rows else cursor
 
     def is_revoked(self, jti: str) -> bool:
         row = self._db.execute("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)).fetchone()
@@ -456,6 +503,7 @@ class SqliteStore:
     def purge(self, now: int) -> int:
         with self.exclusive():
             a = self._db.execute("DELETE FROM revoked_tokens WHERE exp < ?", (now,)).rowcount
+            self._db.execute("DELETE FROM revocation_log WHERE exp < ?", (now,))
             b = self._db.execute("DELETE FROM used_assertions WHERE exp < ?", (now,)).rowcount
             c = self._db.execute("DELETE FROM auth_codes WHERE keep_until < ?", (now,)).rowcount
             d = self._db.execute(
@@ -673,10 +721,8 @@ class SqliteStore:
             return ()
         server = _grant(row[1]).server
         live = [(j, e) for j, e in json.loads(row[0]) if e > now]
-        self._db.executemany(
-            "INSERT OR IGNORE INTO revoked_tokens VALUES (?, ?, ?)",
-            [(j, server, e) for j, e in live],
-        )
+        for j, e in live:
+            self._revoke(j, server, e)
         self._db.execute("UPDATE grants SET revoked = 1, jtis = '[]' WHERE family = ?", (family,))
         self._db.execute(
             "DELETE FROM refresh_tokens WHERE family = ? AND state = 'active'", (family,)

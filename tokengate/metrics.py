@@ -164,6 +164,32 @@ class Metrics:
             " or slower than 50 ms).",
             registry=r,
         )
+        self.revocation_feed = Counter(
+            "tokengate_authserver_revocation_feed_requests",
+            "Revocation feed requests by authorization server and outcome (ok or error).",
+            ["server", "outcome"],
+            registry=r,
+        )
+        self.feed_errors = Counter(
+            "tokengate_gateway_revocation_feed_errors",
+            "Failed polls of an issuer's revocation feed, by issuer.",
+            ["issuer"],
+            registry=r,
+        )
+        self.feed_last_success = Gauge(
+            "tokengate_gateway_revocation_feed_last_success_timestamp_seconds",
+            "When the issuer's revocation feed last answered (Unix time).",
+            ["issuer"],
+            registry=r,
+            multiprocess_mode="livemin",  # the worker furthest behind
+        )
+        self.revoked_tokens = Gauge(
+            "tokengate_gateway_revoked_tokens",
+            "Revoked, unexpired token jtis the gateway refuses, by issuer.",
+            ["issuer"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.config_reloads = Counter(
             "tokengate_config_reloads",
             "Configuration reloads by result (ok or error).",
