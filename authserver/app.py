@@ -258,6 +258,10 @@ class AuthServerApp:
         self.routes = build_routes(services.config.servers, services.endpoints, services.signin)
         self.pages = services.signin.routes()
 
+    def drain(self) -> None:
+        """The process is shutting down: end held (long-poll) requests now."""
+        self.services.endpoints.drain()
+
     async def reconfigure(self, config: AuthServerConfig) -> None:
         """A reload: the slow part on a thread, then the switch on the event loop."""
         prepared = await asyncio.to_thread(self.services.prepare, config)

@@ -104,7 +104,7 @@ class Endpoints:
         self.jwks_cache_control = f"public, max-age={jwks_max_age}".encode()
         self.clock = clock
         self._revoked_here = asyncio.Event()  # set (and replaced) at each revocation here
-        self._feed_waiters = 0
+        self.draining = False  # the process is shutting down: feed requests answer now
         self.user_grants = UserGrants(
             keyring=keyring,
             store=store,
@@ -326,15 +326,11 @@ class Endpoints:
                     self.store.revocations_after, server.name, cursor, FEED_PAGE, int(self.clock())
                 )
                 left = deadline - time.monotonic()
-                if entries or left <= 0:
+                if entries or left <= 0 or self.draining:
                     break
-                self._feed_waiters += 1
-                try:
-                    with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(min(FEED_POLL, left)):
-                            await self._revoked_here.wait()
-                finally:
-                    self._feed_waiters -= 1
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(min(FEED_POLL, left)):
+                        await self._revoked_here.wait()
         except OAuthError as exc:
             self.metrics.revocation_feed.labels(server.name, "error").inc()
             await send_error(send, exc)
@@ -345,6 +341,12 @@ class Endpoints:
             "cursor": str(after),
         }
         await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE])
+
+    def drain(self) -> None:
+        """The process is shutting down: held feed requests answer at once, so that
+        they do not hold the drain up (their clients poll again elsewhere)."""
+        self.draining = True
+        self._notify_revoked()
 
     def _notify_revoked(self) -> None:
         """Wake this process's waiting feed requests at once (other processes' learn of

@@ -6,6 +6,7 @@ request -> canonical path -> route -> bearer token -> authorize -> forward
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable
@@ -23,6 +24,8 @@ from gateway.forward import Exchange, Forwarder
 from gateway.headers import SPOOFABLE, RequestIds, upstream_headers
 from gateway.jwks import JwksCache
 from gateway.paths import BadPath, canonical_path
+from gateway.revocations import STARTUP_WAIT as FEED_STARTUP_WAIT
+from gateway.revocations import Revocations
 from gateway.routing import Route, RouteTable, request_host
 from gateway.upstream import Origin, UpstreamClient, UpstreamError
 from tokengate.asgi import Receive, Scope, Send
@@ -59,18 +62,25 @@ class GatewayState:
     routes: RouteTable
     upstreams: dict[str, Upstream]
     jwks: JwksCache
+    revocations: Revocations
     authenticator: Authenticator
     match_hosts: bool
     strip: frozenset[bytes]  # request headers never forwarded, normalized names
     proxies: TrustedProxies  # whose X-Forwarded-For/-Proto and Forwarded are believed
 
 
-def build_state(config: GatewayConfig, jwks: JwksCache, clock: Callable[[], float]) -> GatewayState:
+def build_state(
+    config: GatewayConfig,
+    jwks: JwksCache,
+    clock: Callable[[], float],
+    revocations: Revocations,
+) -> GatewayState:
     return GatewayState(
         config=config,
         routes=RouteTable(config.routes),
         upstreams={r.name: Upstream.of(r.upstream, r.timeout) for r in config.routes},
         jwks=jwks,
+        revocations=revocations,
         authenticator=Authenticator(config, jwks, clock=clock),
         match_hosts=any(r.host is not None for r in config.routes),
         strip=SPOOFABLE | {name.encode("ascii") for name in config.strip_headers},
@@ -98,7 +108,10 @@ class GatewayApp:
         self.clock = clock
         self.monotonic = monotonic
         jwks = JwksCache(config.issuers, self.http, clock=monotonic, metrics=self.metrics)
-        self.state = build_state(config, jwks, clock)
+        revocations = Revocations(
+            config.issuers, self.http, metrics=self.metrics, clock=clock, monotonic=monotonic
+        )
+        self.state = build_state(config, jwks, clock, revocations)
         self.client_factory = client_factory
         self.forwarder: Forwarder | None = None
         self.started = False
@@ -114,6 +127,10 @@ class GatewayApp:
         return self.state.jwks
 
     @property
+    def revocations(self) -> Revocations:
+        return self.state.revocations
+
+    @property
     def authenticator(self) -> Authenticator:
         return self.state.authenticator
 
@@ -123,18 +140,32 @@ class GatewayApp:
         jwks = JwksCache(
             config.issuers, self.http, clock=self.monotonic, metrics=self.metrics, reuse=old.jwks
         )
+        revocations = Revocations(
+            config.issuers,
+            self.http,
+            metrics=self.metrics,
+            clock=self.clock,
+            monotonic=self.monotonic,
+            reuse=old.revocations,
+        )
         jwks.start()
+        revocations.start()
         for issuer in await jwks.wait_loaded(STARTUP_WAIT):
             log_event("gateway.issuer_not_ready", issuer=issuer)
-        self.state = build_state(config, jwks, self.clock)
+        await revocations.wait_loaded(FEED_STARTUP_WAIT)
+        self.state = build_state(config, jwks, self.clock, revocations)
         await old.jwks.stop(keep=jwks)
+        await old.revocations.stop(keep=revocations)
 
     # -- lifecycle ---------------------------------------------------------------
 
     async def startup(self) -> None:
         self.forwarder = Forwarder(self.client_factory())
         self.jwks.start()
-        missing = await self.jwks.wait_loaded(STARTUP_WAIT)
+        self.revocations.start()
+        missing, _ = await asyncio.gather(
+            self.jwks.wait_loaded(STARTUP_WAIT), self.revocations.wait_loaded(FEED_STARTUP_WAIT)
+        )
         for issuer in missing:
             log_event("gateway.issuer_not_ready", issuer=issuer)
         self.started = True
@@ -145,9 +176,14 @@ class GatewayApp:
             return ["gateway: starting"]
         return [f"gateway: no keys for issuer {url}" for url in self.jwks.not_ready()]
 
+    def degraded(self) -> list[str]:
+        """What is wrong while this gateway serves anyway: named in /readyz."""
+        return self.revocations.degraded()
+
     async def shutdown(self) -> None:
         await self.limiter.aclose()
         await self.state.jwks.stop()
+        await self.state.revocations.stop()
         await self.http.aclose()
         if self.forwarder is not None:
             await self.forwarder.client.close()
@@ -212,6 +248,11 @@ class GatewayApp:
                 limited = await self._rate_limit(route, limit, None, source.client)
             if not route.config.public:
                 principal = await state.authenticator.authenticate(bearer_token(authorization))
+                # after the verified-token cache too: a revocation outranks it
+                if principal.jti is not None and state.revocations.revoked(
+                    principal.issuer.issuer, principal.jti
+                ):
+                    raise Denied(Reason.TOKEN_REVOKED, "the token has been revoked")
                 authorize(principal, route)
             if limit is not None and limit.needs_token:  # per client_id or sub: once known
                 limited = await self._rate_limit(route, limit, principal, source.client)

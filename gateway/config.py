@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from tokengate.asgi import HTTP_METHODS
@@ -31,6 +31,20 @@ from tokengate.yamlconf import (
 _PATTERN_SEGMENT = re.compile(r"[A-Za-z0-9._~!$&'()*+,=:@%-]+")
 
 
+FeedAuthMethod = Literal["client_secret_basic", "client_secret_post"]
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationsConfig:
+    """How to follow an issuer's revocation feed (tokengate's ``/v1/revocations``)."""
+
+    client_id: str
+    secret: str = field(repr=False)
+    auth_method: FeedAuthMethod = "client_secret_basic"
+    endpoint: str | None = None  # None: {issuer}/v1/revocations
+    degraded_after: int = 60  # seconds of failing polls before /readyz says so
+
+
 @dataclass(frozen=True, slots=True)
 class IssuerConfig:
     issuer: str
@@ -43,6 +57,7 @@ class IssuerConfig:
     jwks_cache_max: int  # refresh at least this often, whatever Cache-Control says
     jwks_cache_default: int  # when the JWKS response has no Cache-Control max-age
     jwks_max_stale: int  # serve old keys this long after fetches start failing; then deny
+    revocations: RevocationsConfig | None = None  # follow the issuer's revocation feed
 
 
 ClaimOp = Literal["equals", "any_of", "contains", "matches", "exists"]
@@ -172,6 +187,7 @@ def _parse_issuers(f: Fields) -> tuple[IssuerConfig, ...]:
                 "jwks_cache_max",
                 "jwks_cache_default",
                 "jwks_max_stale",
+                "revocations",
             ),
         )
         url = i.get("issuer", as_http_url)
@@ -198,6 +214,7 @@ def _parse_issuers(f: Fields) -> tuple[IssuerConfig, ...]:
                 jwks_cache_max=cache_max,
                 jwks_cache_default=i.get("jwks_cache_default", as_seconds, 300),
                 jwks_max_stale=i.get("jwks_max_stale", as_seconds, 86400),
+                revocations=i.get("revocations", as_revocations, None),
             )
         )
     return tuple(out)
@@ -274,6 +291,24 @@ def _parse_require(r: Fields, issuers: dict[str, IssuerConfig]) -> Require:
 
 
 # --------------------------------------------------------------------------- converters
+
+
+def as_revocations(node: Node) -> RevocationsConfig:
+    r = node.fields(
+        required=("client_id", "secret"),
+        optional=("auth_method", "endpoint", "degraded_after"),
+    )
+    degraded_after = r.get("degraded_after", as_seconds, 60)
+    if degraded_after == 0:
+        r.node_at("degraded_after").error("must be at least 1s")
+    return RevocationsConfig(
+        client_id=r.get("client_id", as_str),
+        secret=r.get("secret", as_str),
+        auth_method=r.get("auth_method", one_of("client_secret_basic", "client_secret_post"), None)
+        or "client_secret_basic",
+        endpoint=r.get("endpoint", as_http_url, None),
+        degraded_after=degraded_after or 60,
+    )
 
 
 def as_path_pattern(node: Node) -> str:

@@ -20,6 +20,7 @@ class Reason(StrEnum):
     TOKEN_INVALID = "token_invalid"
     TOKEN_EXPIRED = "token_expired"
     TOKEN_NOT_YET_VALID = "token_not_yet_valid"
+    TOKEN_REVOKED = "token_revoked"
     ISSUER_UNKNOWN = "issuer_unknown"
     AUDIENCE_MISMATCH = "audience_mismatch"
     KEY_UNKNOWN = "key_unknown"
@@ -83,6 +84,7 @@ _STATUS = {
     Reason.TOKEN_INVALID: 401,
     Reason.TOKEN_EXPIRED: 401,
     Reason.TOKEN_NOT_YET_VALID: 401,
+    Reason.TOKEN_REVOKED: 401,
     Reason.ISSUER_UNKNOWN: 401,
     Reason.AUDIENCE_MISMATCH: 401,
     Reason.KEY_UNKNOWN: 401,

@@ -326,6 +326,7 @@ EVENT_LEVELS: dict[str, str] = {
     "metrics.publish_failed": "error",
     # worth a look; tokengate carries on (stale keys, a refused client, a new worker)
     "jwks.fetch_failed": "warning",
+    "gateway.revocation_feed_failed": "warning",
     "client_jwks.fetch_failed": "warning",
     "gateway.upstream_failed": "warning",
     "gateway.issuer_not_ready": "warning",

@@ -671,6 +671,24 @@ def gateway() -> Schema:
                 "When the JWKS response has no Cache-Control max-age.", 300
             ),
             "jwks_max_stale": duration("Serve old keys this long while fetches fail.", 86400),
+            "revocations": mapping(
+                {
+                    "client_id": string("A client of the issuer with introspect: any."),
+                    "secret": string("Its secret (better: a ${NAME} reference)."),
+                    "auth_method": string(
+                        "How the secret is sent.",
+                        "client_secret_basic",
+                        enum=["client_secret_basic", "client_secret_post"],
+                    ),
+                    "endpoint": ref("http_url", "Default: {issuer}/v1/revocations."),
+                    "degraded_after": duration(
+                        "Failing polls this long: /readyz says the feed is degraded.", 60
+                    ),
+                },
+                "Follow the issuer's revocation feed: its revoked tokens are refused "
+                "within seconds.",
+                required=("client_id", "secret"),
+            ),
         },
         "An issuer whose tokens are accepted.",
         required=("issuer", "audiences"),

@@ -179,6 +179,7 @@ def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], Au
         gateway = gateway_app(config.gateway, audit=audit, metrics=metrics, limiter=limiter)
         apps["gateway"] = gateway
         checks.append(gateway.not_ready)
+        degraded.append(gateway.degraded)
     if "admin" in names:
         apps["admin"] = AdminApp(metrics, checks, degraded)
     if "echo" in names:
@@ -319,6 +320,9 @@ async def serve_all(
 
     def drain() -> None:
         """Stop accepting now, then let uvicorn finish the in-flight requests."""
+        held = getattr(apps.get("authserver"), "drain", None)
+        if held is not None:  # revocation-feed long polls answer at once
+            held()
         for server, _ in servers:
             server.should_exit = True
             # uvicorn closes its listeners when its main loop next looks (every 0.1 s);

@@ -106,3 +106,14 @@ async def test_discovery_names_the_feed(authserver: AuthServer) -> None:
     async with authserver.client() as http:
         document = (await http.get(f"{ISSUER}/.well-known/oauth-authorization-server")).json()
     assert document["revocation_feed_endpoint"] == FEED
+
+
+async def test_a_drain_answers_held_requests_at_once(authserver: AuthServer) -> None:
+    async with authserver.client() as http:
+        started = time.monotonic()
+        waiting = asyncio.ensure_future(http.get(FEED, params={"wait": "20"}, auth=ADMIN))
+        await asyncio.sleep(0.2)
+        authserver.services.endpoints.drain()
+        answer = await waiting
+    assert answer.status_code == 200 and answer.json()["revocations"] == []
+    assert time.monotonic() - started < 2

@@ -262,6 +262,13 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "jwks_cache_max": "1h",
                     "jwks_cache_default": "5m",
                     "jwks_max_stale": "1d",
+                    "revocations": {
+                        "client_id": "gateway",
+                        "secret": "gateway-secret-0123456789abcdefghijklmnop",
+                        "auth_method": "client_secret_post",
+                        "endpoint": "https://auth.example.com/oauth2/default/v1/revocations",
+                        "degraded_after": "2m",
+                    },
                 }
             ],
             "routes": [
