@@ -312,14 +312,15 @@ class Endpoints:
                     raise invalid_request("credentials go in the Authorization header or a POST")
             else:
                 form = await self._form(scope, receive)
-            await self._authenticate(scope, form, server, server.revocation_feed_endpoint, event)
-            cursor = _feed_cursor(form.get("cursor"))
-            wait = _feed_wait(form.get("wait"))
-            client = self.authenticator.clients.get(event["client_id"] or "")
-            if client is None or client.introspect != "any":
+            authn = await self._authenticate(
+                scope, form, server, server.revocation_feed_endpoint, event
+            )
+            if authn.client.introspect != "any":
                 raise OAuthError(
                     "unauthorized_client", "the revocation feed needs introspect: any", 403
                 )
+            cursor = _feed_cursor(form.get("cursor"))
+            wait = _feed_wait(form.get("wait"))
             deadline = time.monotonic() + wait
             while True:
                 entries, after = await self._store(
