@@ -258,10 +258,12 @@ class Store(Protocol):
 
     def update_user(self, record: UserRecord) -> None:
         """Replace the user ``record.id``, groups included; UsernameTaken if it takes
-        another user's username_key."""
+        another user's username_key. Disabling a user ends their sessions and revokes
+        their token families (the access tokens those gave included)."""
 
     def remove_user(self, user_id: str) -> bool:
-        """Delete a user and its groups; False if there was none."""
+        """Delete a user, its groups and consents, ending its sessions and revoking its
+        token families as disabling does; False if there was none."""
 
     def replace_password_hash(self, user_id: str, old: str, new: str, updated_at: int) -> bool:
         """Set the user's hash to ``new`` if it is still ``old``; False otherwise."""
@@ -312,6 +314,7 @@ CREATE TABLE IF NOT EXISTS grants (
     jtis TEXT NOT NULL, expires_at INTEGER NOT NULL, keep_until INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS grants_session ON grants (session_id);
+CREATE INDEX IF NOT EXISTS grants_user ON grants (user_id);
 CREATE TABLE IF NOT EXISTS refresh_tokens (
     token_hash TEXT PRIMARY KEY, family TEXT NOT NULL, state TEXT NOT NULL,
     idle_expires_at INTEGER NOT NULL
@@ -844,6 +847,12 @@ class SqliteStore:
     def update_user(self, record: UserRecord) -> None:
         with self.exclusive():
             self._check_key_free(record)
+            if record.disabled:
+                was = self._db.execute(
+                    "SELECT disabled FROM users WHERE id = ?", (record.id,)
+                ).fetchone()
+                if was is not None and not was[0]:
+                    self._end_user(record.id)
             row = _user_row(record)
             self._db.execute(
                 "UPDATE users SET username = ?, username_key = ?, password_hash = ?, "
@@ -867,8 +876,20 @@ class SqliteStore:
             [(user_id, name) for name in groups],
         )
 
+    def _end_user(self, user_id: str) -> None:
+        """A user disabled or deleted: their sessions end, and every token family of
+        theirs is revoked with the access tokens it gave (onto the revocation feed)."""
+        now = int(time.time())
+        self._db.execute("DELETE FROM sessions WHERE user_id = ?", (user_id,))
+        families = self._db.execute(
+            "SELECT family FROM grants WHERE user_id = ? AND revoked = 0", (user_id,)
+        ).fetchall()
+        for (family,) in families:
+            self._revoke_family(family, now)
+
     def remove_user(self, user_id: str) -> bool:
         with self.exclusive():
+            self._end_user(user_id)
             self._db.execute("DELETE FROM user_groups WHERE user_id = ?", (user_id,))
             self._db.execute("DELETE FROM consents WHERE user_id = ?", (user_id,))
             return self._db.execute("DELETE FROM users WHERE id = ?", (user_id,)).rowcount == 1

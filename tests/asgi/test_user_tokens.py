@@ -917,3 +917,27 @@ async def test_on_https_the_cookies_are_secure_host_only(make_authserver: Any) -
         sso = await http.get(f"{issuer}/v1/authorize", params=authorize_params())
         assert "code=" in sso.headers["location"]  # the __Host- cookie signs in again
         remember(parse_qs(urlsplit(sso.headers["location"]).query)["code"][0])
+
+
+async def test_disabling_or_deleting_a_user_revokes_their_tokens_at_once(
+    server: AuthServer,
+) -> None:
+    """Onto the revocation list (and so the revocation feed gateways follow): the
+    access tokens of every family, not only at the next refresh; sessions end."""
+    import dataclasses
+
+    async with server.client() as http:
+        first = await tokens(http)
+        offline = await tokens(http, scope="openid orders:read offline_access")
+        store = server.services.store
+        alice = store.user_by_key("alice")
+        assert alice is not None
+        store.update_user(dataclasses.replace(alice, disabled=True))
+        for body in (first, offline):
+            assert store.is_revoked(claims_of(body["access_token"])["jti"])
+        assert store.sessions(int(server.clock()), alice.id) == []
+        now = int(server.clock())
+        revoked, _ = store.revocations_after("default", 0, 100, now)
+        assert {claims_of(b["access_token"])["jti"] for b in (first, offline)} <= {
+            jti for jti, _ in revoked
+        }
