@@ -315,6 +315,10 @@ CREATE TABLE IF NOT EXISTS grants (
 );
 CREATE INDEX IF NOT EXISTS grants_session ON grants (session_id);
 CREATE INDEX IF NOT EXISTS grants_user ON grants (user_id);
+CREATE TABLE IF NOT EXISTS grant_tokens (
+    family TEXT NOT NULL, jti TEXT NOT NULL, exp INTEGER NOT NULL,
+    PRIMARY KEY (family, jti)
+);
 CREATE TABLE IF NOT EXISTS refresh_tokens (
     token_hash TEXT PRIMARY KEY, family TEXT NOT NULL, state TEXT NOT NULL,
     idle_expires_at INTEGER NOT NULL
@@ -416,6 +420,13 @@ class SqliteStore:
                     "INSERT INTO revocation_log (jti, server, exp) "
                     "SELECT jti, server, exp FROM revoked_tokens ORDER BY exp"
                 )
+            # a store whose families listed their access tokens in grants.jtis (JSON)
+            self._db.execute(
+                "INSERT OR IGNORE INTO grant_tokens (family, jti, exp) "
+                "SELECT g.family, json_extract(j.value, '$[0]'), json_extract(j.value, '$[1]') "
+                "FROM grants g, json_each(g.jtis) j WHERE g.jtis != '[]'"
+            )
+            self._db.execute("UPDATE grants SET jtis = '[]' WHERE jtis != '[]'")
 
     def _wal(self) -> None:
         """Switch to WAL. SQLite answers "database is locked" at once, without waiting
@@ -519,7 +530,8 @@ class SqliteStore:
                 (now, now, now),
             ).rowcount
             g = self._db.execute("DELETE FROM grants WHERE keep_until < ?", (now,)).rowcount
-        return a + b + c + d + e + f + g
+            h = self._db.execute("DELETE FROM grant_tokens WHERE exp < ?", (now,)).rowcount
+        return a + b + c + d + e + f + g + h
 
     # -- sign-ins in progress -----------------------------------------------------
 
@@ -627,7 +639,7 @@ class SqliteStore:
             return True
 
     # -- refresh tokens ------------------------------------------------------------
-    # grants.jtis: [[jti, exp], ...], the access tokens a family gave, to revoke with it.
+    # grant_tokens: the access tokens a family gave (jti, exp), to revoke with it.
     # A retired refresh token stays (state "used") until its family goes: a second
     # use of it is reuse, however late.
 
@@ -648,11 +660,12 @@ class SqliteStore:
                     grant.session_id,
                     grant.user_id,
                     int(grant.offline),
-                    json.dumps([[jti, exp]]),
+                    "[]",  # the access tokens are rows of grant_tokens
                     grant.expires_at,
                     max(grant.expires_at, exp),
                 ),
             )
+            self._db.execute("INSERT INTO grant_tokens VALUES (?, ?, ?)", (grant.family, jti, exp))
             self._db.execute(
                 "INSERT INTO refresh_tokens VALUES (?, ?, 'active', ?)",
                 (token_hash, grant.family, idle_expires_at),
@@ -670,14 +683,14 @@ class SqliteStore:
     ) -> RefreshUse | None:
         with self.exclusive():
             row = self._db.execute(
-                "SELECT t.state, t.idle_expires_at, g.record, g.revoked, g.jtis, g.keep_until "
+                "SELECT t.state, t.idle_expires_at, g.record, g.revoked, g.keep_until "
                 "FROM refresh_tokens t JOIN grants g ON g.family = t.family "
                 "WHERE t.token_hash = ?",
                 (token_hash,),
             ).fetchone()
             if row is None:
                 return None
-            state, idle_end, record, revoked, jtis, keep_until = row
+            state, idle_end, record, revoked, keep_until = row
             grant = _grant(record)
             if revoked:
                 return RefreshUse(grant, "revoked")
@@ -692,11 +705,12 @@ class SqliteStore:
                 "INSERT INTO refresh_tokens VALUES (?, ?, 'active', ?)",
                 (successor, grant.family, min(idle_expires_at, grant.expires_at)),
             )
-            issued = [[j, e] for j, e in json.loads(jtis) if e > now]
-            self._db.execute(
-                "UPDATE grants SET jtis = ?, keep_until = ? WHERE family = ?",
-                (json.dumps([*issued, [jti, exp]]), max(keep_until, exp), grant.family),
-            )
+            # one row a refresh: its cost does not grow with the family's age
+            self._db.execute("INSERT INTO grant_tokens VALUES (?, ?, ?)", (grant.family, jti, exp))
+            if exp > keep_until:
+                self._db.execute(
+                    "UPDATE grants SET keep_until = ? WHERE family = ?", (exp, grant.family)
+                )
             return RefreshUse(grant, "ok")
 
     def refresh_grant(self, token_hash: str, now: int) -> tuple[Grant, int] | None:
@@ -717,16 +731,18 @@ class SqliteStore:
             return self._revoke_family(family, now)
 
     def _revoke_family(self, family: str, now: int) -> tuple[str, ...]:
-        row = self._db.execute(
-            "SELECT jtis, record FROM grants WHERE family = ?", (family,)
-        ).fetchone()
+        row = self._db.execute("SELECT record FROM grants WHERE family = ?", (family,)).fetchone()
         if row is None:
             return ()
-        server = _grant(row[1]).server
-        live = [(j, e) for j, e in json.loads(row[0]) if e > now]
+        server = _grant(row[0]).server
+        live = self._db.execute(
+            "SELECT jti, exp FROM grant_tokens WHERE family = ? AND exp > ? ORDER BY exp",
+            (family, now),
+        ).fetchall()
         for j, e in live:
             self._revoke(j, server, e)
-        self._db.execute("UPDATE grants SET revoked = 1, jtis = '[]' WHERE family = ?", (family,))
+        self._db.execute("DELETE FROM grant_tokens WHERE family = ?", (family,))
+        self._db.execute("UPDATE grants SET revoked = 1 WHERE family = ?", (family,))
         self._db.execute(
             "DELETE FROM refresh_tokens WHERE family = ? AND state = 'active'", (family,)
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -86,5 +87,34 @@ def test_an_older_store_brings_its_revocations_into_the_log(tmp_path: Path) -> N
     store = SqliteStore(tmp_path)
     try:
         assert store.revocations_after("default", 0, 100, NOW)[0] == [("old", NOW + 60)]
+    finally:
+        store.close()
+
+
+def test_a_family_s_access_tokens_are_rows_and_old_json_lists_are_moved(
+    tmp_path: Path,
+) -> None:
+    """Every refresh adds one row (its cost does not grow with the family's age); a
+    store whose families listed their access tokens as JSON in grants.jtis has them
+    moved into rows when it is opened, so revoking the family still revokes them."""
+    store = SqliteStore(tmp_path)
+    assert store.start_family(grant("fam"), "rt-0", NOW + 600, "jti-0", NOW + 300)
+    for i in range(1, 4):
+        use = store.use_refresh(f"rt-{i - 1}", NOW + i, f"rt-{i}", NOW + 600, f"jti-{i}", NOW + 300)
+        assert use is not None and use.status == "ok"
+    legacy = grant("legacy")
+    assert store.start_family(legacy, "rt-legacy", NOW + 600, "jti-x", NOW + 300)
+    store.close()
+    with sqlite3.connect(tmp_path / SqliteStore.FILENAME) as db:  # as an earlier release kept it
+        db.execute("DELETE FROM grant_tokens WHERE family = 'legacy'")
+        db.execute(
+            "UPDATE grants SET jtis = ? WHERE family = 'legacy'",
+            (json.dumps([["jti-old", NOW + 300], ["jti-gone", NOW - 1]]),),
+        )
+    store = SqliteStore(tmp_path)
+    try:
+        assert sorted(store.revoke_family("fam", NOW + 5)) == ["jti-0", "jti-1", "jti-2", "jti-3"]
+        assert store.revoke_family("legacy", NOW + 5) == ("jti-old",)  # jti-gone had expired
+        assert store.is_revoked("jti-old") and not store.is_revoked("jti-gone")
     finally:
         store.close()
