@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import hashlib
 import json
@@ -20,7 +21,8 @@ import os
 import secrets
 import sqlite3
 import sys
-from collections.abc import Callable, Coroutine
+import time
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -335,72 +337,57 @@ def _sessions_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
 
 
 def _sessions(args: argparse.Namespace) -> int:
-    import time
-
-    from authserver.passwords import PasswordWorker
-    from authserver.store import StoreUnavailable, StoreWorker
-    from authserver.users import UserDirectory
-
     if args.action == "revoke" and (args.sid is None) == (args.user is None):
         print("sessions revoke: give a SID or --user U (one of them)", file=sys.stderr)
         return 2
     loaded = _load_authserver(args)
     if loaded is None:
         return 2
-    path, config = loaded
     try:
-        store = _open_store(config, path)
+        with _directory(loaded[1], loaded[0]) as (store, directory):
+            return _sessions_action(args, store, directory)
     except _Refused as exc:
         print(exc, file=sys.stderr)
         return exc.status
-    io, passwords = StoreWorker(), PasswordWorker(1)
-    directory = UserDirectory(store, io, passwords)
+
+
+def _sessions_action(args: argparse.Namespace, store: SqliteStore, directory: UserDirectory) -> int:
     now = int(time.time())
-    try:
-        user_id = None
-        if args.user is not None:
-            user = asyncio.run(directory.resolve(args.user))
-            if user is None:
-                print(f"no user {args.user!r}", file=sys.stderr)
-                return 1
-            user_id = user.id
-        found = io.run(store.sessions, now, user_id)
-        if args.action == "list":
-            names = {u.id: u.username for u in asyncio.run(directory.list())}
-            rows = [("SID", "USER", "USER ID", "SIGNED IN", "IDLE UNTIL", "ENDS")]
-            rows += [
-                (
-                    s.sid,
-                    names.get(s.user_id, "-"),
-                    s.user_id,
-                    _time(s.auth_time),
-                    _time(s.idle_expires_at),
-                    _time(s.expires_at),
-                )
-                for s in found
-            ]
-            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-            for row in rows:
-                print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False)) + row[-1])
-            return 0
-        targets = [s for s in found if args.sid is None or s.sid == args.sid]
-        if args.sid is not None and not targets:
-            print(f"no live session {args.sid!r}", file=sys.stderr)
+    user_id = None
+    if args.user is not None:
+        user = asyncio.run(directory.resolve(args.user))
+        if user is None:
+            print(f"no user {args.user!r}", file=sys.stderr)
             return 1
-        for session in targets:
-            io.run(store.end_session_sid, session.sid)
-            revoked = io.run(store.end_session_grants, session.sid, now)
-            print(f"ended session {session.sid} ({len(revoked)} access tokens revoked)")
-        if not targets:
-            print("no live sessions")
+        user_id = user.id
+    found = directory.io.run(store.sessions, now, user_id)
+    if args.action == "list":
+        names = {u.id: u.username for u in asyncio.run(directory.list())}
+        rows = [("SID", "USER", "USER ID", "SIGNED IN", "IDLE UNTIL", "ENDS")]
+        rows += [
+            (
+                s.sid,
+                names.get(s.user_id, "-"),
+                s.user_id,
+                _time(s.auth_time),
+                _time(s.idle_expires_at),
+                _time(s.expires_at),
+            )
+            for s in found
+        ]
+        _print_table(rows)
         return 0
-    except StoreUnavailable as exc:
-        print(f"authserver.data_dir: the store in {config.data_dir}: {exc}", file=sys.stderr)
-        return UNUSABLE
-    finally:
-        passwords.close()
-        io.close()
-        store.close()
+    targets = [s for s in found if args.sid is None or s.sid == args.sid]
+    if args.sid is not None and not targets:
+        print(f"no live session {args.sid!r}", file=sys.stderr)
+        return 1
+    for session in targets:
+        directory.io.run(store.end_session_sid, session.sid)
+        revoked = directory.io.run(store.end_session_grants, session.sid, now)
+        print(f"ended session {session.sid} ({len(revoked)} access tokens revoked)")
+    if not targets:
+        print("no live sessions")
+    return 0
 
 
 def _positive(text: str) -> int:
@@ -557,26 +544,36 @@ def _users(args: argparse.Namespace) -> int:
 
 
 def _users_in_store(args: argparse.Namespace) -> int:
-    from authserver.passwords import PasswordWorker
-    from authserver.store import StoreUnavailable, StoreWorker
-    from authserver.users import UserDirectory, UserError
+    from authserver.users import UserError
 
     loaded = _load_authserver(args)
     if loaded is None:
         return 2
     path, config = loaded
-    store = _open_store(config, path)
-    io, passwords = StoreWorker(), PasswordWorker(1)
-    directory = UserDirectory(store, io, passwords)
-
     try:
-        return _users_action(args, config, directory, asyncio.run)
+        with _directory(config, path) as (_, directory):
+            return _users_action(args, config, directory, asyncio.run)
     except UserError as exc:
         print(exc, file=sys.stderr)
         return 2 if isinstance(exc, ValueError) else 1
+
+
+@contextlib.contextmanager
+def _directory(config: AuthServerConfig, path: Path) -> Iterator[tuple[SqliteStore, UserDirectory]]:
+    """The store of ``config`` (never created: _Refused) and its user directory, closed
+    after; a store that fails meanwhile is _Refused with exit 3."""
+    from authserver.passwords import PasswordWorker
+    from authserver.store import StoreUnavailable, StoreWorker
+    from authserver.users import UserDirectory
+
+    store = _open_store(config, path)
+    io, passwords = StoreWorker(), PasswordWorker(1)
+    try:
+        yield store, UserDirectory(store, io, passwords)
     except StoreUnavailable as exc:
-        print(f"authserver.data_dir: the store in {config.data_dir}: {exc}", file=sys.stderr)
-        return UNUSABLE
+        raise _Refused(
+            f"authserver.data_dir: the store in {config.data_dir}: {exc}", UNUSABLE
+        ) from None
     finally:
         passwords.close()
         io.close()
@@ -655,6 +652,11 @@ def _print_users(users: list[User]) -> None:
                 u.source,
             )
         )
+    _print_table(rows)
+
+
+def _print_table(rows: list[tuple[str, ...]]) -> None:
+    """Rows as columns padded to their widest cell, the header first."""
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print(" ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
