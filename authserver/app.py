@@ -286,14 +286,19 @@ class AuthServerApp:
             await self._lifespan(receive, send)
 
     async def _handle(self, route: Route, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the handler; an unexpected exception is a logged, audited 500, never a
-        traceback for the client."""
+        """Run the handler; a failing store is a 503 to retry (handlers that audit
+        convert it themselves, to say so in their line); an unexpected exception is a
+        logged, audited 500, never a traceback for the client."""
         handler, server, audit_event = route
         tracked = StartTracking(send)
         try:
             await handler(server, scope, receive, tracked)
         except ClientDisconnected:
             pass
+        except StoreUnavailable as exc:  # a store read no handler converted: 503, retry
+            if tracked.started:
+                raise
+            await send_error(send, self.services.endpoints.store_failed(exc))
         except Exception as exc:  # the safety net: bugs are 500s, logged with their traceback
             log_event(
                 "authserver.internal_error",

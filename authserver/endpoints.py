@@ -151,7 +151,7 @@ class Endpoints:
             request = client_credentials(server, authn.client, requested, form.all("resource"))
         except (OAuthError, StoreUnavailable) as caught:
             # a failing store (a user read, a password check) is a 503 to retry
-            exc = caught if isinstance(caught, OAuthError) else self._store_failed(caught)
+            exc = caught if isinstance(caught, OAuthError) else self.store_failed(caught)
             self._emit_error("token.denied", event, exc, outcome="denied")
             label = RATE_LIMITED if exc.reason == RATE_LIMITED else exc.error
             self.metrics.token_errors.labels(server.name, label).inc()
@@ -231,7 +231,7 @@ class Endpoints:
             claims, reason = await self._verify(server, token, form.get("token_type_hint"))
         except (OAuthError, StoreUnavailable) as caught:
             # a failing store (a user read, a password check) is a 503 to retry
-            exc = caught if isinstance(caught, OAuthError) else self._store_failed(caught)
+            exc = caught if isinstance(caught, OAuthError) else self.store_failed(caught)
             self._emit_error("token.introspected", event, exc)
             self.metrics.introspections.labels(server.name, "error").inc()
             await send_error(send, exc)
@@ -278,7 +278,7 @@ class Endpoints:
                 reason = "ok"
         except (OAuthError, StoreUnavailable) as caught:
             # a failing store (a user read, a password check) is a 503 to retry
-            exc = caught if isinstance(caught, OAuthError) else self._store_failed(caught)
+            exc = caught if isinstance(caught, OAuthError) else self.store_failed(caught)
             self._emit_error("token.revoked", event, exc)
             self.metrics.revocations.labels(server.name, "error").inc()
             await send_error(send, exc)
@@ -420,7 +420,7 @@ class Endpoints:
             try:
                 authn = await self.authenticator.verify(credentials, audiences)
             except StoreUnavailable as exc:  # an assertion's jti could not be recorded
-                raise self._store_failed(exc) from None
+                raise self.store_failed(exc) from None
         except OAuthError as exc:
             presented = presented or exc.client_id
             if self.authenticator.is_client(presented):
@@ -528,9 +528,9 @@ class Endpoints:
         try:
             return await self.io.call(fn, *args)
         except StoreUnavailable as exc:
-            raise self._store_failed(exc) from None
+            raise self.store_failed(exc) from None
 
-    def _store_failed(self, exc: StoreUnavailable) -> OAuthError:
+    def store_failed(self, exc: StoreUnavailable) -> OAuthError:
         unreported = self.store_failures.due(type(exc))
         if unreported is not None:
             log_event("authserver.store_unavailable", error=str(exc), unreported=unreported)

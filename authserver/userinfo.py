@@ -13,10 +13,9 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from authserver.config import ClientConfig, ServerConfig
-from authserver.errors import NO_STORE, OAuthError, send_error, store_unavailable
+from authserver.errors import NO_STORE, OAuthError, send_error
 from authserver.forms import read_form
 from authserver.oidc import userinfo_claims
-from authserver.store import StoreUnavailable
 from authserver.usergrants import may_use
 from authserver.users import UserDirectory
 from tokengate.asgi import (
@@ -29,7 +28,6 @@ from tokengate.asgi import (
     json_bytes,
     send_bytes,
 )
-from tokengate.jsonlog import log_event
 
 Verify = Callable[[ServerConfig, str], Awaitable[tuple[dict[str, Any] | None, str]]]
 FORM_TYPE = b"application/x-www-form-urlencoded"
@@ -71,10 +69,6 @@ class UserInfo:
             return
         except OAuthError as exc:  # the store is unavailable: 503, retry
             await send_error(send, exc)
-            return
-        except StoreUnavailable as exc:
-            log_event("authserver.store_unavailable", error=str(exc))
-            await send_error(send, store_unavailable())
             return
         await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE])
 
