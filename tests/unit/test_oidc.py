@@ -3,6 +3,7 @@ at_hash, and ID tokens that verify with PyJWT and Authlib's OIDC validator."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import MappingProxyType
 
 import jwt
@@ -11,7 +12,7 @@ from authlib.oidc.core import CodeIDToken
 from authlib.oidc.core.util import create_half_hash
 from joserfc.errors import InvalidClaimError
 
-from authserver.config import ClientConfig, ServerConfig
+from authserver.config import ClientConfig, ServerConfig, UserClaim
 from authserver.keys import SigningKey, generate_private_key, public_members, thumbprint
 from authserver.oidc import (
     CLAIMS_SUPPORTED,
@@ -19,6 +20,7 @@ from authserver.oidc import (
     at_hash,
     id_token_claims,
     user_access_token_claims,
+    user_claim_values,
 )
 from authserver.users import User
 
@@ -157,3 +159,30 @@ def test_a_wrong_at_hash_is_caught_by_a_relying_party() -> None:
     assert at_hash("token-a", "RS256") != at_hash("token-b", "RS256")
     assert at_hash("token-a", "RS256") != at_hash("token-a", "EdDSA")
     assert len(at_hash("x", "RS256")) == 22 and len(at_hash("x", "EdDSA")) == 43
+
+
+def test_user_claims_go_into_the_tokens_and_scopes_they_name() -> None:
+    """``user_claims``: the source (groups, username, profile.<key>), the token kinds
+    (``into``) and the scope condition; a profile key the user lacks is left out."""
+    claims = (
+        UserClaim("groups", "groups", frozenset({"access_token", "id_token"})),
+        UserClaim("login", "username", frozenset({"id_token"})),
+        UserClaim("dept", "profile.department", frozenset({"access_token"}), scope="profile"),
+        UserClaim("cost_center", "profile.cost_center", frozenset({"access_token"})),
+    )
+    assert user_claim_values(claims, ALICE, ("openid",), "access_token") == {"groups": ["admins"]}
+    assert user_claim_values(claims, ALICE, ("openid", "profile"), "access_token") == {
+        "groups": ["admins"],
+        "dept": "finance",
+    }
+    assert user_claim_values(claims, ALICE, ("openid",), "id_token") == {
+        "groups": ["admins"],
+        "login": "alice",
+    }
+    configured = dataclasses.replace(server(), user_claims=claims)
+    access = user_access_token_claims(
+        configured, client(), SIGN_IN, ("openid", "profile"), NOW, "jti-1"
+    )
+    assert access["dept"] == "finance" and "login" not in access
+    id_token = id_token_claims(configured, "portal", SIGN_IN, ("openid",), None, NOW, None)
+    assert id_token["login"] == "alice" and "dept" not in id_token and "at_hash" not in id_token
