@@ -60,7 +60,6 @@ from tokengate.ratelimit import Rate, RateLimiter, okta_headers, ratelimit_heade
 
 T = TypeVar("T")
 JWKS_FRESH = 1.0  # seconds: a JWKS answer re-reads key records older than this
-USER_GRANTS = (CODE_GRANT, REFRESH_GRANT, PASSWORD_GRANT)
 FEED_PAGE = 1000  # revocations per feed answer at most
 FEED_MAX_WAIT = 30  # seconds a feed request may ask to be held
 FEED_POLL = 0.5  # seconds between store checks while a feed request waits
@@ -115,6 +114,11 @@ class Endpoints:
             credentials=credentials,
             clock=clock,
         )
+        self.user_grant = {  # grant_type -> its handler
+            CODE_GRANT: self.user_grants.code,
+            REFRESH_GRANT: self.user_grants.refresh,
+            PASSWORD_GRANT: self.user_grants.password,
+        }
 
     # -- token -------------------------------------------------------------
 
@@ -127,15 +131,10 @@ class Endpoints:
             event["grant_type"] = grant_type if grant_type in KNOWN_GRANT_TYPES else None
             if grant_type is None:
                 raise invalid_request("grant_type is required")
-            if grant_type in USER_GRANTS:
+            if grant_type in self.user_grant:
                 client = await self._user_client(server, scope, form, event)
                 limited = await self._rate_limit(server, client.client_id)
-                grant = {
-                    CODE_GRANT: self.user_grants.code,
-                    REFRESH_GRANT: self.user_grants.refresh,
-                    PASSWORD_GRANT: self.user_grants.password,
-                }[grant_type]
-                body = await grant(server, client, form, event)
+                body = await self.user_grant[grant_type](server, client, form, event)
                 await send_bytes(send, 200, json_bytes(body), [JSON_TYPE, *NO_STORE, *limited])
                 return
             if grant_type != GRANT_TYPE:
