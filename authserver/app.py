@@ -23,7 +23,8 @@ from authserver.logout import Logout
 from authserver.metadata import authorization_server_metadata, openid_configuration
 from authserver.passwords import PasswordWorker
 from authserver.signin import SignIn
-from authserver.store import SqliteStore, Store, StoreUnavailable, StoreWorker
+from authserver.store import Store, StoreUnavailable, StoreWorker
+from authserver.stores import open_store
 from authserver.throttle import AuthThrottle, MemoryThrottle
 from authserver.tokens import TokenVerifier
 from authserver.userinfo import UserInfo
@@ -73,18 +74,19 @@ class AuthServices:
         signin_throttle: AuthThrottle | None = None,
         limiter: RateLimiter | None = None,
     ) -> AuthServices:
-        store = store or SqliteStore(config.data_dir)
+        store = store or open_store(config)
         manager = KeyManager(
             store,
             KeyFiles(config.data_dir),
             jwks_max_age=config.jwks_max_age,
             leeway=config.leeway,
             clock=clock,
+            kek=config.key_encryption_key,
         )
         keyring = KeyRing(manager, config.servers, clock=clock)
         http = http or httpx.AsyncClient(follow_redirects=False, trust_env=False)
         metrics = metrics or Metrics()
-        io = io or StoreWorker()
+        io = io or StoreWorker(getattr(store, "threads", 1))
         passwords = passwords or PasswordWorker()
         users = users or UserDirectory(store, io, passwords, clock=clock)
         authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), io, clock=clock)
@@ -152,6 +154,10 @@ class AuthServices:
         directory cannot change live."""
         if config.data_dir != self.config.data_dir:
             raise ValueError("authserver.data_dir: changing the data dir needs a restart")
+        if config.store != self.config.store:
+            raise ValueError("authserver.store: changing the store needs a restart")
+        if config.key_encryption_key != self.config.key_encryption_key:
+            raise ValueError("authserver.key_encryption_key: changing it needs a restart")
         new = AuthServices.build(
             config,
             audit=self.audit,
@@ -222,6 +228,18 @@ class AuthServices:
                 log_event("keys.reload_failed", error=f"{type(exc).__name__}: {exc}")
 
     def _maintain(self, now: int, purge: bool) -> list[str]:
+        every = self.config.rotation_every
+        for server in self.config.servers if every else ():
+            record = self.keyring.manager.rotate_if_due(server, every)
+            if record is not None:
+                log_event(
+                    "keys.rotated",
+                    server=record.server,
+                    kid=record.kid,
+                    alg=record.alg,
+                    activate_at=record.activate_at,
+                    scheduled=True,
+                )
         changed = self.keyring.reload()
         if purge:
             self.store.purge(now)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import re
@@ -273,6 +274,15 @@ class AuthServerConfig:
     sessions: SessionTimes = DEFAULT_SESSION_TIMES
     sign_in: SignInConfig = DEFAULT_SIGN_IN
     rate_limits: RateLimits = NO_RATE_LIMITS
+    store: str | None = field(default=None, repr=False)  # postgresql:// URL; None: SQLite
+    # signing keys' private parts at rest in the store, sealed with AES-256-GCM
+    key_encryption_key: bytes | None = field(default=None, repr=False)
+    rotation_every: int | None = None  # scheduled signing-key rotation, seconds
+
+
+STORE_SCHEMES = ("postgresql", "postgres")
+KEK_BYTES = 32
+KEK_HINT = "32 random bytes, base64-encoded (openssl rand -base64 32)"
 
 
 # --------------------------------------------------------------------------- parsing
@@ -296,9 +306,20 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "sessions",
             "sign_in",
             "rate_limits",
+            "store",
+            "key_encryption_key",
+            "rotation",
         ),
     )
     listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
+    jwks_max_age = f.get("jwks_max_age", as_seconds, 300)
+    store = f.get("store", as_store_url, None)
+    kek = f.get("key_encryption_key", as_key_encryption_key, None)
+    if store and not f.has("key_encryption_key"):
+        f.node_at("store").error(
+            "a PostgreSQL store keeps the signing keys, sealed with "
+            f"authserver.key_encryption_key: set it to {KEK_HINT}"
+        )
     public_url = f.get("public_url", as_http_url, None)
     if public_url is None and listen is not None and "public_url" not in f:
         public_url = f"http://{listen}"
@@ -308,7 +329,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         listen=listen,
         public_url=public_url,
         data_dir=Path(f.get("data_dir", as_str, "./data") or "./data"),  # "" is reported
-        jwks_max_age=f.get("jwks_max_age", as_seconds, 300),
+        jwks_max_age=jwks_max_age,
         leeway=f.get("leeway", as_seconds, 30),
         max_body_bytes=f.get("max_body_bytes", positive_int, 65536),
         servers=servers,
@@ -324,7 +345,46 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         or DEFAULT_SESSION_TIMES,
         sign_in=f.get("sign_in", as_sign_in, DEFAULT_SIGN_IN) or DEFAULT_SIGN_IN,
         rate_limits=f.get("rate_limits", as_rate_limits, NO_RATE_LIMITS) or NO_RATE_LIMITS,
+        store=store or None,
+        key_encryption_key=kek,
+        rotation_every=f.get("rotation", lambda n: as_rotation(n, jwks_max_age), None),
     )
+
+
+def as_store_url(node: Node) -> str:
+    """A PostgreSQL connection URL (libpq's syntax); checked here, connected at start."""
+    text = as_str(node)
+    parts = urlsplit(text)
+    if parts.scheme not in STORE_SCHEMES or not (parts.hostname or "host=" in parts.query):
+        raise ConfigError(
+            node.path,
+            "must be a postgresql://user@host:port/database URL (leave it out for the "
+            "SQLite store in data_dir)",
+        )
+    return text
+
+
+def as_key_encryption_key(node: Node) -> bytes:
+    text = as_str(node).strip().rstrip("=").replace("-", "+").replace("_", "/")
+    try:  # standard or URL-safe alphabet, padded or not
+        key = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        raise ConfigError(node.path, f"must be {KEK_HINT}; it is not base64") from None
+    if len(key) != KEK_BYTES:
+        raise ConfigError(node.path, f"must be {KEK_HINT}; it decodes to {len(key)} bytes")
+    return key
+
+
+def as_rotation(node: Node, jwks_max_age: int | None) -> int:
+    f = node.fields(required=("every",))
+    every = f.get("every", as_seconds)
+    lead = (jwks_max_age or 300) + 2
+    if every is not None and every <= 2 * lead:
+        f.node_at("every").error(
+            f"must be longer than {2 * lead}s: each next key is published {lead}s "
+            "(jwks_max_age plus 2s) before it signs"
+        )
+    return every or 0
 
 
 def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:

@@ -1,4 +1,8 @@
-"""Signing keys: generation, files, RFC 7638 thumbprints, and the rotation schedule.
+"""Signing keys: generation, storage, RFC 7638 thumbprints, and the rotation schedule.
+
+A key's private part is sealed into the store under the key encryption key when one
+is configured (required with PostgreSQL: every replica reads the same keys), else kept
+as a file of the data dir (the SQLite default).
 
 A key's state is derived from times alone, so every worker process agrees on it
 without coordination:
@@ -29,6 +33,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from jwt.algorithms import get_default_algorithms
 
+from authserver import keyseal
 from authserver.config import ServerConfig
 from authserver.store import KeyRecord, Store
 from tokengate.jsonlog import rfc3339
@@ -224,7 +229,7 @@ def _header_prefix(header: dict[str, str]) -> bytes:
 
 
 class KeyManager:
-    """Creates, rotates, prunes and loads one data dir's keys (I/O lives here)."""
+    """Creates, rotates, prunes and loads one store's keys (I/O lives here)."""
 
     def __init__(
         self,
@@ -234,9 +239,11 @@ class KeyManager:
         jwks_max_age: int,
         leeway: int,
         clock: Callable[[], float] = time.time,
+        kek: bytes | None = None,
     ) -> None:
         self.store = store
         self.files = files
+        self.kek = kek
         self.jwks_max_age = jwks_max_age
         self.leeway = leeway
         self.clock = clock
@@ -276,6 +283,18 @@ class KeyManager:
             self.prune(server)
             return self._create(server, activate_at=int(self.clock()) + self.rotation_lead)
 
+    def rotate_if_due(self, server: ServerConfig, every: int) -> KeyRecord | None:
+        """Scheduled rotation: publish the next key ``rotation_lead`` seconds before the
+        active one has signed for ``every`` seconds. Under the store's lock, so of all
+        replicas checking at once exactly one publishes it; None when nothing was due."""
+        if not rotation_due(self.schedule(server), self.clock(), every, self.rotation_lead):
+            return None
+        with self.store.exclusive():
+            if not rotation_due(self.schedule(server), self.clock(), every, self.rotation_lead):
+                return None  # another replica published it meanwhile
+            self.prune(server)
+            return self._create(server, activate_at=int(self.clock()) + self.rotation_lead)
+
     def prune(self, server: ServerConfig) -> list[KeyRecord]:
         """Forget keys that have left the JWKS for good."""
         removed = []
@@ -290,21 +309,54 @@ class KeyManager:
     def _create(self, server: ServerConfig, *, activate_at: int) -> KeyRecord:
         private_key = generate_private_key(server.signing_alg)
         kid = thumbprint(public_members(private_key))
-        self.files.write(server.name, kid, private_key)
         record = KeyRecord(server.name, kid, server.signing_alg, int(self.clock()), activate_at)
-        self.store.add_key(record)
+        if self.kek is None:
+            self.files.write(server.name, kid, private_key)
+            self.store.add_key(record)
+        else:
+            der = private_key.private_bytes(
+                serialization.Encoding.DER,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+            self.store.add_key(record, keyseal.seal(self.kek, server.name, kid, der))
         return record
 
     def signing_key(self, record: KeyRecord) -> SigningKey:
-        """The loaded key for ``record``; files are read once per process."""
+        """The loaded key for ``record``, read once per process: from the store,
+        unsealed, or from its file. A key that does not open is KeyUnsealError, never
+        replaced by a new one."""
         cache_key = (record.server, record.kid)
         key = self._loaded.get(cache_key)
         if key is None:
-            key = SigningKey.load(
-                record.kid, record.alg, self.files.read(record.server, record.kid)
-            )
+            key = SigningKey.load(record.kid, record.alg, self._private_key(record))
             self._loaded[cache_key] = key
         return key
+
+    def _private_key(self, record: KeyRecord) -> PrivateKey:
+        sealed = self.store.private_key(record.server, record.kid)
+        if sealed is None:
+            return self.files.read(record.server, record.kid)
+        if self.kek is None:
+            raise keyseal.KeyUnsealError(
+                f"signing key {record.kid} of server {record.server!r} is sealed in the "
+                "store: set authserver.key_encryption_key to the key it was sealed with"
+            )
+        der = keyseal.unseal(self.kek, record.server, record.kid, sealed)
+        key = serialization.load_der_private_key(der, password=None)
+        if not isinstance(key, PrivateKey):
+            raise keyseal.KeyUnsealError(f"unsupported key type in signing key {record.kid}")
+        return key
+
+
+def rotation_due(statuses: Iterable[KeyStatus], now: float, every: int, lead: int) -> bool:
+    """Whether the next key should be published now: the active key will have signed
+    for ``every`` seconds within ``lead``, and no next key is waiting. Pure."""
+    statuses = list(statuses)
+    if any(s.state == "next" for s in statuses):
+        return False
+    active = next((s.record for s in statuses if s.state == "active"), None)
+    return active is not None and now >= active.activate_at + every - lead
 
 
 class RotationPending(Exception):

@@ -175,3 +175,37 @@ def make_authserver(
 @pytest.fixture
 def authserver(make_authserver: Callable[..., AuthServer]) -> AuthServer:
     return make_authserver()
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A PostgreSQL URL whose connections see a fresh, empty schema of their own."""
+    from tests.pg import fresh_schema
+
+    yield from fresh_schema()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[[], Any]]:
+    """Opens a store (again and again, on the same data) on each backend in turn: the
+    store's shared suite runs on both."""
+    if request.param == "sqlite":
+        from authserver.sqlite_store import SqliteStore
+
+        yield lambda: SqliteStore(tmp_path)
+        return
+    from authserver.pg_store import PostgresStore
+    from tests.pg import fresh_schema
+
+    schemas = fresh_schema()
+    url = next(schemas)
+    opened: list[PostgresStore] = []
+
+    def open_pg() -> PostgresStore:
+        opened.append(PostgresStore(url, pool_size=2))
+        return opened[-1]
+
+    yield open_pg
+    for store in opened:
+        store.close()
+    next(schemas, None)  # drops the schema

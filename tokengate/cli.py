@@ -41,7 +41,7 @@ from tokengate.yamlconf import ConfigErrors
 
 if TYPE_CHECKING:
     from authserver.config import AuthServerConfig
-    from authserver.store import SqliteStore
+    from authserver.sqlstore import SqlStore
     from authserver.users import User, UserDirectory
 
 
@@ -157,6 +157,28 @@ def _parser() -> argparse.ArgumentParser:
         )
         _keys_options(action)
     keys.set_defaults(func=_keys)
+
+    db = command(
+        "db",
+        "apply the store's schema migrations",
+        "Manage the authorization server's store (authserver.store, else the SQLite\n"
+        "store in authserver.data_dir).",
+    )
+    _config_option(db, default=argparse.SUPPRESS)
+    db_actions = db.add_subparsers(dest="action", required=True, metavar="ACTION")
+    migrate = db_actions.add_parser(
+        "migrate",
+        help="apply the migrations the store lacks, and print its schema version",
+        description="Apply the versioned schema migrations the store lacks, in order, in one\n"
+        "transaction under the store's lock (replicas starting at the same time wait,\n"
+        "then find nothing to do), and print the schema version. `tokengate run` does\n"
+        "the same at start; run this first to upgrade a fleet (a Helm pre-upgrade Job).\n"
+        "Migrations only add: replicas of the previous release keep working meanwhile.",
+        epilog=ENVIRONMENT,
+        formatter_class=_Help,
+    )
+    _config_option(migrate, default=argparse.SUPPRESS)
+    db.set_defaults(func=_db)
 
     _users_commands(command)
     _sessions_commands(command)
@@ -351,7 +373,7 @@ def _sessions(args: argparse.Namespace) -> int:
         return exc.status
 
 
-def _sessions_action(args: argparse.Namespace, store: SqliteStore, directory: UserDirectory) -> int:
+def _sessions_action(args: argparse.Namespace, store: SqlStore, directory: UserDirectory) -> int:
     now = int(time.time())
     user_id = None
     if args.user is not None:
@@ -456,7 +478,6 @@ def _load_authserver(args: argparse.Namespace) -> tuple[Path, AuthServerConfig] 
 
 def _keys(args: argparse.Namespace) -> int:
     from authserver.keys import KeyFiles, KeyManager, RotationPending
-    from authserver.store import SqliteStore, StoreMissing
 
     loaded = _load_authserver(args)
     if loaded is None:
@@ -470,24 +491,16 @@ def _keys(args: argparse.Namespace) -> int:
             print(f"no authorization server named {only!r} in {path}", file=sys.stderr)
             return 2
     try:
-        store = SqliteStore(config.data_dir, create=False)
-    except StoreMissing:
-        print(
-            f"authserver.data_dir: no key store in {config.data_dir} (from {path}); nothing "
-            "was created. Start the server once with this config (`tokengate run`), or "
-            "pass -c with the config the server runs with",
-            file=sys.stderr,
-        )
-        return UNUSABLE
-    except (OSError, sqlite3.Error) as exc:
-        print(
-            f"authserver.data_dir: cannot open the key store in {config.data_dir} "
-            f"(from {path}): {type(exc).__name__}: {exc}",
-            file=sys.stderr,
-        )
-        return UNUSABLE
+        store = _open_store(config, path)
+    except _Refused as exc:
+        print(exc, file=sys.stderr)
+        return exc.status
     manager = KeyManager(
-        store, KeyFiles(config.data_dir), jwks_max_age=config.jwks_max_age, leeway=config.leeway
+        store,
+        KeyFiles(config.data_dir),
+        jwks_max_age=config.jwks_max_age,
+        leeway=config.leeway,
+        kek=config.key_encryption_key,
     )
     try:
         if args.action == "rotate":
@@ -559,7 +572,7 @@ def _users_in_store(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _directory(config: AuthServerConfig, path: Path) -> Iterator[tuple[SqliteStore, UserDirectory]]:
+def _directory(config: AuthServerConfig, path: Path) -> Iterator[tuple[SqlStore, UserDirectory]]:
     """The store of ``config`` (never created: _Refused) and its user directory, closed
     after; a store that fails meanwhile is _Refused with exit 3."""
     from authserver.passwords import PasswordWorker
@@ -571,9 +584,7 @@ def _directory(config: AuthServerConfig, path: Path) -> Iterator[tuple[SqliteSto
     try:
         yield store, UserDirectory(store, io, passwords)
     except StoreUnavailable as exc:
-        raise _Refused(
-            f"authserver.data_dir: the store in {config.data_dir}: {exc}", UNUSABLE
-        ) from None
+        raise _Refused(f"the store {store}: {exc}", UNUSABLE) from None
     finally:
         passwords.close()
         io.close()
@@ -693,12 +704,19 @@ def _read_password(args: argparse.Namespace) -> str:
     return password
 
 
-def _open_store(config: AuthServerConfig, path: Path) -> SqliteStore:
-    """The store of ``config``, never created here: exit 3 (as _Refused) otherwise."""
-    from authserver.store import SqliteStore, StoreMissing
+def _open_store(config: AuthServerConfig, path: Path, *, create: bool = False) -> SqlStore:
+    """The store of ``config``, migrated; a SQLite one is never created here unless
+    ``create``. Exit 3 (as _Refused) when it cannot be opened."""
+    from authserver.store import StoreMissing, StoreUnavailable
+    from authserver.stores import open_store
 
+    where = (
+        f"authserver.store: {_redacted(config.store)}"
+        if config.store is not None
+        else f"authserver.data_dir: {config.data_dir}"
+    )
     try:
-        return SqliteStore(config.data_dir, create=False)
+        store = open_store(config, create=create)
     except StoreMissing:
         raise _Refused(
             f"authserver.data_dir: no store in {config.data_dir} (from {path}); "
@@ -706,12 +724,52 @@ def _open_store(config: AuthServerConfig, path: Path) -> SqliteStore:
             "or pass -c with the config the server runs with",
             UNUSABLE,
         ) from None
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, StoreUnavailable) as exc:
         raise _Refused(
-            f"authserver.data_dir: cannot open the store in {config.data_dir} "
-            f"(from {path}): {type(exc).__name__}: {exc}",
+            f"{where}: cannot open the store (from {path}): {type(exc).__name__}: {exc}",
             UNUSABLE,
         ) from None
+    if store.migration is not None and store.migration.ahead:
+        print(f"warning: {_ahead(store)}", file=sys.stderr)
+    return store
+
+
+def _redacted(url: str) -> str:
+    from authserver.pg_store import redact
+
+    return redact(url)
+
+
+def _ahead(store: SqlStore) -> str:
+    assert store.migration is not None
+    return (
+        f"{store} is at schema version {store.migration.version}, newer than this "
+        f"release's {store.migration.known}: a newer tokengate migrated it (migrations "
+        "only add, so this one still works; upgrade it)"
+    )
+
+
+def _db(args: argparse.Namespace) -> int:
+    loaded = _load_authserver(args)
+    if loaded is None:
+        return 2
+    path, config = loaded
+    try:
+        store = _open_store(config, path, create=True)
+    except _Refused as exc:
+        print(exc, file=sys.stderr)
+        return exc.status
+    try:
+        result = store.migration
+        assert result is not None
+        if result.applied:
+            applied = ", ".join(str(v) for v in result.applied)
+            print(f"{store}: applied migrations {applied}; at schema version {result.version}")
+        else:
+            print(f"{store}: at schema version {result.version}, nothing to apply")
+        return 0
+    finally:
+        store.close()
 
 
 def _time(ts: int | None) -> str:

@@ -469,6 +469,20 @@ def authserver() -> Schema:
                 "default": [],
             },
             "limits": limits(DEFAULT_LIMITS),
+            "store": string(
+                "PostgreSQL URL (postgresql://user@host:port/database) of a store shared "
+                "by several replicas. Default: SQLite in data_dir.",
+                pattern=r"^postgres(?:ql)?://",
+            ),
+            "key_encryption_key": string(
+                "32 random bytes, base64 (openssl rand -base64 32): seals the signing keys "
+                "kept in the store. Required with a PostgreSQL store; use ${ENV}.",
+            ),
+            "rotation": mapping(
+                {"every": duration("Publish a next signing key this often.", None)},
+                "Scheduled signing-key rotation (one replica publishes each next key).",
+                required=("every",),
+            ),
             "rate_limits": mapping(
                 {
                     "token": mapping(

@@ -382,10 +382,12 @@ def run_process(
     parent: int | None = None,
 ) -> None:
     """Serve until a signal; exits STARTUP_FAILURE if the data dir or store is unusable."""
+    from authserver.store import StoreUnavailable  # stdlib only: cheap for a gateway too
+
     try:
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve_all(config, sockets, config_path, parent))
-    except (OSError, sqlite3.Error) as exc:
+    except (OSError, sqlite3.Error, StoreUnavailable) as exc:
         log_event("startup_failed", error=f"{type(exc).__name__}: {exc}")
         sys.exit(STARTUP_FAILURE)
 

@@ -9,7 +9,7 @@ import jwt
 import pytest
 
 from authserver.keys import RELOAD_INTERVAL, KeyFiles, KeyManager
-from authserver.store import SqliteStore
+from authserver.sqlite_store import SqliteStore
 from tests.conftest import ADMIN_SECRET, ISSUER, AuthServer, FakeClock
 
 pytestmark = pytest.mark.anyio

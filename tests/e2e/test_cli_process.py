@@ -128,7 +128,7 @@ def test_keys_refuse_to_create_a_store(tmp_path: Path, action: str) -> None:
     assert result.returncode == 3
     assert result.stdout == ""
     (line,) = result.stderr.splitlines()
-    assert line.startswith(f"authserver.data_dir: no key store in {tmp_path / 'etc' / 'data'} ")
+    assert line.startswith(f"authserver.data_dir: no store in {tmp_path / 'etc' / 'data'} ")
     assert not (tmp_path / "etc" / "data").exists() and not (tmp_path / "data").exists()
 
 

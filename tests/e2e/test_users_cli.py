@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from authserver.passwords import hash_password, verify_password
-from authserver.store import SqliteStore
+from authserver.sqlite_store import SqliteStore
 from tests.conftest import REPORTING_SECRET
 from tests.e2e.conftest import free_port
 from tests.e2e.test_cli_process import TOKENGATE, serving

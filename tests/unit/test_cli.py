@@ -19,7 +19,8 @@ import yaml
 from authserver.config import ServerConfig
 from authserver.keys import KeyFiles, KeyManager, RotationPending
 from authserver.passwords import verify_password
-from authserver.store import SqliteStore, StoreMissing
+from authserver.sqlite_store import SqliteStore
+from authserver.store import StoreMissing
 from tests.conftest import REPORTING_SECRET, FakeClock
 from tokengate.cli import _parser, main
 from tokengate.jsonlog import (
@@ -72,6 +73,8 @@ def test_every_command_has_help_and_states_its_defaults() -> None:
         "tokengate keys",
         "tokengate keys list",
         "tokengate keys rotate",
+        "tokengate db",
+        "tokengate db migrate",
         *(
             f"tokengate users{action}"
             for action in (
@@ -265,7 +268,7 @@ def test_keys_refuses_a_missing_store_and_creates_nothing(
     out, err = capsys.readouterr()
     assert out == ""
     (line,) = err.splitlines()
-    assert line.startswith(f"authserver.data_dir: no key store in {tmp_path / 'etc' / 'data'} ")
+    assert line.startswith(f"authserver.data_dir: no store in {tmp_path / 'etc' / 'data'} ")
     assert str(config) in line
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["elsewhere", "etc", "tokengate.yaml"]
 

@@ -4,15 +4,15 @@ gives up the tokens it produced and stays burnt."""
 from __future__ import annotations
 
 import dataclasses
-import sqlite3
 import threading
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from authserver.codes import CODE_BYTES, CODE_TTL, code_hash, new_code
-from authserver.store import CodeRecord, SqliteStore
+from authserver.sqlstore import SqlStore
+from authserver.store import CodeRecord
+from tests.pg import dump_store
 
 NOW = 1_800_000_000
 
@@ -34,8 +34,9 @@ def record(**changes: object) -> CodeRecord:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path)
+def store(store_backend: Callable[[], SqlStore]) -> Iterator[SqlStore]:
+    """Each test on SQLite and on PostgreSQL."""
+    s = store_backend()
     yield s
     s.close()
 
@@ -48,16 +49,16 @@ def test_codes_are_256_random_bits_and_distinct() -> None:
     assert CODE_TTL == 60
 
 
-def test_the_store_holds_only_the_codes_hash(store: SqliteStore, tmp_path: Path) -> None:
+def test_the_store_holds_only_the_codes_hash(store: SqlStore) -> None:
     code = new_code()
     store.add_code(code_hash(code), record())
-    dump = "\n".join(sqlite3.connect(tmp_path / SqliteStore.FILENAME).iterdump())
+    dump = dump_store(store)
     assert code not in dump
     assert code_hash(code) in dump
     assert code_hash(code) == code_hash(code) != code_hash(new_code())
 
 
-def test_a_code_is_redeemed_once_with_everything_it_was_bound_to(store: SqliteStore) -> None:
+def test_a_code_is_redeemed_once_with_everything_it_was_bound_to(store: SqlStore) -> None:
     key = code_hash(new_code())
     store.add_code(key, record())
     first = store.redeem_code(key, NOW)
@@ -66,7 +67,7 @@ def test_a_code_is_redeemed_once_with_everything_it_was_bound_to(store: SqliteSt
     assert store.code_issued(key, "jti-1", NOW + 3600)
 
 
-def test_a_second_use_fails_and_names_the_tokens_to_revoke(store: SqliteStore) -> None:
+def test_a_second_use_fails_and_names_the_tokens_to_revoke(store: SqlStore) -> None:
     key = code_hash(new_code())
     store.add_code(key, record())
     assert store.redeem_code(key, NOW) is not None
@@ -77,7 +78,7 @@ def test_a_second_use_fails_and_names_the_tokens_to_revoke(store: SqliteStore) -
     assert third is not None and third.reused and third.jtis == ("jti-1",)
 
 
-def test_a_token_recorded_after_a_reuse_is_refused(store: SqliteStore) -> None:
+def test_a_token_recorded_after_a_reuse_is_refused(store: SqlStore) -> None:
     key = code_hash(new_code())
     store.add_code(key, record())
     assert store.redeem_code(key, NOW) is not None  # the first redemption, still signing...
@@ -85,7 +86,7 @@ def test_a_token_recorded_after_a_reuse_is_refused(store: SqliteStore) -> None:
     assert not store.code_issued(key, "jti-late", NOW + 3600)  # so the first sends nothing
 
 
-def test_unknown_expired_and_unredeemed_codes(store: SqliteStore) -> None:
+def test_unknown_expired_and_unredeemed_codes(store: SqlStore) -> None:
     key = code_hash(new_code())
     assert store.redeem_code(key, NOW) is None
     assert not store.code_issued(key, "jti", NOW + 3600)
@@ -95,17 +96,20 @@ def test_unknown_expired_and_unredeemed_codes(store: SqliteStore) -> None:
     assert store.redeem_code(key, NOW + CODE_TTL - 1) is not None
 
 
-def test_only_one_of_many_concurrent_redemptions_wins(tmp_path: Path) -> None:
-    SqliteStore(tmp_path).close()
+def test_only_one_of_many_concurrent_redemptions_wins(
+    store_backend: Callable[[], SqlStore],
+) -> None:
+    """Eight connections of their own, as other workers and replicas have."""
+    store_backend().close()
     key = code_hash(new_code())
-    first = SqliteStore(tmp_path)
+    first = store_backend()
     first.add_code(key, record())
     first.close()
     results: list[bool] = []
     barrier = threading.Barrier(8)
 
     def redeem() -> None:
-        s = SqliteStore(tmp_path)  # a connection of its own, as another worker has
+        s = store_backend()
         barrier.wait()
         got = s.redeem_code(key, NOW)
         results.append(got is not None and not got.reused)
@@ -119,7 +123,7 @@ def test_only_one_of_many_concurrent_redemptions_wins(tmp_path: Path) -> None:
     assert sorted(results) == [False] * 7 + [True]
 
 
-def test_purge_keeps_a_code_while_its_tokens_live(store: SqliteStore) -> None:
+def test_purge_keeps_a_code_while_its_tokens_live(store: SqlStore) -> None:
     used, unused = code_hash(new_code()), code_hash(new_code())
     store.add_code(used, record())
     store.add_code(unused, record())

@@ -22,7 +22,8 @@ from authserver.keys import (
     public_members,
     thumbprint,
 )
-from authserver.store import KeyRecord, SqliteStore
+from authserver.sqlite_store import SqliteStore
+from authserver.store import KeyRecord
 
 
 def test_rfc7638_example_thumbprint() -> None:
@@ -113,7 +114,7 @@ def test_concurrent_first_start_creates_exactly_one_key(tmp_path: Path) -> None:
         from pathlib import Path
         from authserver.config import ServerConfig
         from authserver.keys import KeyFiles, KeyManager
-        from authserver.store import SqliteStore
+        from authserver.sqlite_store import SqliteStore
         data = Path({str(tmp_path)!r})
         server = ServerConfig("default", "http://x/oauth2/default", "api://x", "RS256", 3600, ())
         KeyManager(SqliteStore(data), KeyFiles(data), jwks_max_age=60, leeway=30).ensure(server)
@@ -136,7 +137,7 @@ def test_a_new_store_waits_for_another_process_switching_it_to_wal(tmp_path: Pat
     import threading
     import time
 
-    from authserver.store import SqliteStore
+    from authserver.sqlite_store import SqliteStore
 
     tmp_path.mkdir(exist_ok=True)
     other = sqlite3.connect(

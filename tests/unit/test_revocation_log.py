@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from authserver.store import Grant, SessionRecord, SqliteStore
+from authserver.sqlite_store import SqliteStore
+from authserver.sqlstore import SqlStore
+from authserver.store import Grant, SessionRecord
 
 NOW = 1_800_000_000
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path)
+def store(store_backend: Callable[[], SqlStore]) -> Iterator[SqlStore]:
+    """Each test on SQLite and on PostgreSQL."""
+    s = store_backend()
     yield s
     s.close()
 
@@ -35,7 +38,7 @@ def grant(family: str, *, offline: bool = False) -> Grant:
     )
 
 
-def test_revocations_come_in_order_after_a_cursor(store: SqliteStore) -> None:
+def test_revocations_come_in_order_after_a_cursor(store: SqlStore) -> None:
     store.revoke("a", "default", NOW + 60)
     store.revoke("b", "partners", NOW + 60)
     store.revoke("c", "default", NOW + 120)
@@ -49,7 +52,7 @@ def test_revocations_come_in_order_after_a_cursor(store: SqliteStore) -> None:
     assert store.revocations_after("default", page, 1, NOW)[0] == [("c", NOW + 120)]
 
 
-def test_entries_leave_at_their_exp(store: SqliteStore) -> None:
+def test_entries_leave_at_their_exp(store: SqlStore) -> None:
     store.revoke("soon", "default", NOW + 10)
     store.revoke("later", "default", NOW + 100)
     assert store.revocations_after("default", 0, 100, NOW + 11)[0] == [("later", NOW + 100)]
@@ -57,12 +60,12 @@ def test_entries_leave_at_their_exp(store: SqliteStore) -> None:
     assert store.revocations_after("default", 0, 100, NOW)[0] == [("later", NOW + 100)]
 
 
-def test_a_cursor_from_another_store_starts_over(store: SqliteStore) -> None:
+def test_a_cursor_from_another_store_starts_over(store: SqlStore) -> None:
     store.revoke("a", "default", NOW + 60)
     assert store.revocations_after("default", 10**9, 100, NOW)[0] == [("a", NOW + 60)]
 
 
-def test_family_revocations_reach_the_log(store: SqliteStore) -> None:
+def test_family_revocations_reach_the_log(store: SqlStore) -> None:
     """Reuse, revocation of a refresh token and logout all end families through
     revoke_family: their access tokens join the feed."""
     store.add_session("h", SessionRecord("sid-1", "u_1", NOW, NOW, NOW + 3600, NOW + 3600))
@@ -77,9 +80,16 @@ def test_family_revocations_reach_the_log(store: SqliteStore) -> None:
     assert entries == [("jti-1", NOW + 300), ("jti-1b", NOW + 600), ("jti-2", NOW + 300)]
 
 
+def as_before_versions(db: sqlite3.Connection) -> None:
+    """Make a new store look like one from before schema versions were recorded."""
+    db.execute("DROP TABLE schema_migrations")
+    db.execute("ALTER TABLE signing_keys DROP COLUMN private_key")
+
+
 def test_an_older_store_brings_its_revocations_into_the_log(tmp_path: Path) -> None:
     SqliteStore(tmp_path).close()
     db = sqlite3.connect(tmp_path / SqliteStore.FILENAME)
+    as_before_versions(db)
     db.execute("DROP TABLE revocation_log")
     db.execute("INSERT INTO revoked_tokens VALUES ('old', 'default', ?)", (NOW + 60,))
     db.commit()
@@ -106,6 +116,7 @@ def test_a_family_s_access_tokens_are_rows_and_old_json_lists_are_moved(
     assert store.start_family(legacy, "rt-legacy", NOW + 600, "jti-x", NOW + 300)
     store.close()
     with sqlite3.connect(tmp_path / SqliteStore.FILENAME) as db:  # as an earlier release kept it
+        as_before_versions(db)
         db.execute("DELETE FROM grant_tokens WHERE family = 'legacy'")
         db.execute(
             "UPDATE grants SET jtis = ? WHERE family = 'legacy'",

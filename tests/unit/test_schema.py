@@ -161,6 +161,9 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
             "max_body_bytes": 65536,
             "limits": limits,
             "rate_limits": {"token": {"per_client": "600/min", "burst": 100}},
+            "rotation": {"every": "90d"},
+            "store": "postgresql://tokengate@db:5432/tokengate",
+            "key_encryption_key": "q83vEjRWeJCrze8SNFZ4kKvN7xI0VniQq83vEjRWeJA=",
             "client_auth_throttle": {
                 "failures": 5,
                 "ip_failures": 0,

@@ -3,10 +3,8 @@ that are HttpOnly, SameSite=Lax and, on https, Secure with the __Host- prefix.""
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.cookies import SimpleCookie
-from pathlib import Path
 
 import pytest
 
@@ -20,15 +18,17 @@ from authserver.sessions import (
     set_cookie,
     valid_session_value,
 )
-from authserver.store import SqliteStore
+from authserver.sqlstore import SqlStore
+from tests.pg import dump_store
 
 NOW = 1_800_000_000
 POLICY = SessionTimes(idle_timeout=7200, max_lifetime=86400)
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    s = SqliteStore(tmp_path)
+def store(store_backend: Callable[[], SqlStore]) -> Iterator[SqlStore]:
+    """Each test on SQLite and on PostgreSQL."""
+    s = store_backend()
     yield s
     s.close()
 
@@ -46,14 +46,14 @@ def test_each_session_is_fresh_and_its_sid_is_not_its_cookie() -> None:
         assert s.record.idle_expires_at == NOW + 7200
 
 
-def test_the_store_holds_only_the_hash(store: SqliteStore, tmp_path: Path) -> None:
+def test_the_store_holds_only_the_hash(store: SqlStore) -> None:
     s = new_session("u1", NOW, POLICY)
     store.add_session(s.session_hash, s.record)
-    dump = "\n".join(sqlite3.connect(tmp_path / SqliteStore.FILENAME).iterdump())
+    dump = dump_store(store)
     assert s.cookie_value not in dump and s.session_hash in dump
 
 
-def test_use_moves_the_idle_end_and_idleness_ends_it(store: SqliteStore) -> None:
+def test_use_moves_the_idle_end_and_idleness_ends_it(store: SqlStore) -> None:
     s = new_session("u1", NOW, POLICY)
     store.add_session(s.session_hash, s.record)
     touched = store.touch_session(s.session_hash, NOW + 7000, 7200)
@@ -64,7 +64,7 @@ def test_use_moves_the_idle_end_and_idleness_ends_it(store: SqliteStore) -> None
     assert store.touch_session(s.session_hash, NOW, 7200) is None  # and gone
 
 
-def test_the_absolute_end_holds_however_busy_the_session(store: SqliteStore) -> None:
+def test_the_absolute_end_holds_however_busy_the_session(store: SqlStore) -> None:
     s = new_session("u1", NOW, POLICY)
     store.add_session(s.session_hash, s.record)
     for t in range(NOW, NOW + 86400, 3600):
@@ -73,7 +73,7 @@ def test_the_absolute_end_holds_however_busy_the_session(store: SqliteStore) -> 
     assert store.touch_session(s.session_hash, NOW + 86400, 7200) is None
 
 
-def test_unknown_and_ended_sessions(store: SqliteStore) -> None:
+def test_unknown_and_ended_sessions(store: SqlStore) -> None:
     s = new_session("u1", NOW, POLICY)
     assert store.touch_session(s.session_hash, NOW, 7200) is None
     store.add_session(s.session_hash, s.record)
@@ -83,7 +83,7 @@ def test_unknown_and_ended_sessions(store: SqliteStore) -> None:
     assert store.touch_session(s.session_hash, NOW, 7200) is None
 
 
-def test_purge_forgets_ended_sessions(store: SqliteStore) -> None:
+def test_purge_forgets_ended_sessions(store: SqlStore) -> None:
     idle, live = new_session("u1", NOW, POLICY), new_session("u2", NOW + 7000, POLICY)
     store.add_session(idle.session_hash, idle.record)
     store.add_session(live.session_hash, live.record)

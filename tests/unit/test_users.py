@@ -7,7 +7,7 @@ import asyncio
 import dataclasses
 import statistics
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -18,7 +18,9 @@ from argon2 import PasswordHasher, Type
 
 from authserver.config import UserConfig
 from authserver.passwords import PasswordWorker, hash_password, needs_rehash, verify_password
-from authserver.store import SqliteStore, StoreWorker, UsernameTaken, UserRecord
+from authserver.sqlite_store import SqliteStore
+from authserver.sqlstore import SqlStore
+from authserver.store import StoreWorker, UsernameTaken, UserRecord
 from authserver.users import (
     Authenticated,
     InvalidUser,
@@ -44,14 +46,15 @@ WEAK = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1, type=Type.ID
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[SqliteStore]:
-    store = SqliteStore(tmp_path)
-    yield store
-    store.close()
+def store(store_backend: Callable[[], SqlStore]) -> Iterator[SqlStore]:
+    """Each test on SQLite and on PostgreSQL."""
+    s = store_backend()
+    yield s
+    s.close()
 
 
 @pytest.fixture
-def directory(store: SqliteStore) -> Iterator[UserDirectory]:
+def directory(store: SqlStore) -> Iterator[UserDirectory]:
     io, passwords = StoreWorker(), PasswordWorker()
     yield UserDirectory(store, io, passwords, clock=FakeClock(1_796_407_200))
     passwords.close()
@@ -152,7 +155,7 @@ def test_ids_are_random_and_opaque() -> None:
 # --------------------------------------------------------------------------- store
 
 
-def test_store_crud(store: SqliteStore) -> None:
+def test_store_crud(store: SqlStore) -> None:
     alice = record("Alice", profile=MappingProxyType({"name": "Alice", "n": [1, {"x": None}]}))
     store.add_user(alice)
     assert store.user(alice.id) == alice
@@ -170,11 +173,11 @@ def test_store_crud(store: SqliteStore) -> None:
     assert store.remove_user(alice.id)
     assert not store.remove_user(alice.id)
     assert store.user(alice.id) is None and store.users() == []
-    assert store._db.execute("SELECT COUNT(*) FROM user_groups").fetchone() == (0,)
+    assert store._q("SELECT COUNT(*) FROM user_groups").fetchone() == (0,)
 
 
 @pytest.mark.parametrize("other", ["alice", "ALICE", WIDE_ALICE, WIDE_ALICE.capitalize()])
-def test_usernames_are_unique_across_case_and_width(store: SqliteStore, other: str) -> None:
+def test_usernames_are_unique_across_case_and_width(store: SqlStore, other: str) -> None:
     store.add_user(record("Alice"))
     with pytest.raises(UsernameTaken):
         store.add_user(record(other))
@@ -185,7 +188,7 @@ def test_usernames_are_unique_across_case_and_width(store: SqliteStore, other: s
     assert [u.username for u in store.users()] == ["Alice", "bob"]
 
 
-def test_users_are_listed_with_their_own_groups(store: SqliteStore) -> None:
+def test_users_are_listed_with_their_own_groups(store: SqlStore) -> None:
     store.add_user(record("b", groups=("x",)))
     store.add_user(record("a", groups=()))
     store.add_user(record("c", groups=("y", "z")))
@@ -323,7 +326,7 @@ async def test_authenticate(directory: UserDirectory) -> None:
 
 
 async def test_a_weaker_hash_is_upgraded_at_a_successful_sign_in(
-    directory: UserDirectory, store: SqliteStore
+    directory: UserDirectory, store: SqlStore
 ) -> None:
     weak = WEAK.hash(ALICE_PASSWORD)
     store.add_user(record("alice", password_hash=weak))
@@ -344,7 +347,7 @@ async def test_a_weaker_hash_is_upgraded_at_a_successful_sign_in(
     assert store.user_by_key("alice").password_hash == upgraded.password_hash  # type: ignore[union-attr]
 
 
-async def test_an_upgrade_never_overwrites_a_password_set_meanwhile(store: SqliteStore) -> None:
+async def test_an_upgrade_never_overwrites_a_password_set_meanwhile(store: SqlStore) -> None:
     weak = WEAK.hash(ALICE_PASSWORD)
     store.add_user(record("alice", password_hash=weak))
     io, passwords = StoreWorker(), PasswordWorker()
@@ -442,7 +445,7 @@ def test_config_users_are_created_updated_and_deleted(directory: UserDirectory) 
 
 
 def test_cli_users_are_untouched_and_taken_over_only_by_name(
-    directory: UserDirectory, store: SqliteStore
+    directory: UserDirectory, store: SqlStore
 ) -> None:
     carol, dave = record("carol"), record("Dave", groups=("x",))
     store.add_user(carol)
@@ -462,7 +465,7 @@ def test_cli_users_are_untouched_and_taken_over_only_by_name(
 
 
 def test_an_upgraded_hash_outlives_reloads_until_the_config_changes_it(
-    directory: UserDirectory, store: SqliteStore
+    directory: UserDirectory, store: SqlStore
 ) -> None:
     weak = WEAK.hash(ALICE_PASSWORD)
     declared = users_config({"username": "alice", "password_hash": weak})
@@ -481,7 +484,7 @@ def test_an_upgraded_hash_outlives_reloads_until_the_config_changes_it(
 
 
 def test_an_env_password_is_hashed_once_and_kept_while_it_matches(
-    store: SqliteStore,
+    store: SqlStore,
 ) -> None:
     workers: list[StoreWorker | PasswordWorker] = []
 

@@ -1,0 +1,170 @@
+"""The shared store: PostgreSQL through psycopg 3 and its connection pool.
+
+Several authorization-server replicas (and their worker processes) share one
+database. Statements run on pooled connections in autocommit; a read-modify-write
+(:meth:`PostgresStore.exclusive`) runs in one transaction holding a transaction-level
+advisory lock, the PostgreSQL counterpart of SQLite's ``BEGIN IMMEDIATE``: two
+replicas racing for one refresh token, code or key rotation are put in order, and
+revocation-feed sequence numbers commit in the order they were handed out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from authserver import migrations
+from authserver.sqlstore import Rows, SqlStore
+from authserver.store import StoreUnavailable
+
+# pg_advisory_xact_lock key of the store-wide lock: "tokengat" as a big-endian int64
+STORE_LOCK = int.from_bytes(b"tokengat", "big", signed=True)
+POOL_SIZE = 8
+CONNECT_TIMEOUT = 10.0  # seconds to wait for the first connection at start
+CHECKOUT_TIMEOUT = 5.0  # seconds a store call waits for a free connection
+
+
+@dataclass(frozen=True, slots=True)
+class _Result:
+    """A statement's rows, read off its cursor before the connection goes back."""
+
+    rows: list[Any]
+    rowcount: int
+
+    def fetchone(self) -> Any:
+        return self.rows[0] if self.rows else None
+
+    def fetchall(self) -> list[Any]:
+        return self.rows
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self.rows)
+
+
+def redact(url: str) -> str:
+    """``url`` without its password (or anything else but where it points), for logs."""
+    try:
+        info = psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError:
+        return "postgresql://(unparsable URL)"
+    user = f"{info['user']}@" if info.get("user") else ""
+    port = f":{info['port']}" if info.get("port") else ""
+    return f"postgresql://{user}{info.get('host', '')}{port}/{info.get('dbname', '')}"
+
+
+class PostgresStore(SqlStore):
+    """:class:`~authserver.store.Store` on PostgreSQL. Opening it connects (a clear
+    :class:`StoreUnavailable` when it cannot) and, unless ``migrate`` is False,
+    applies missing migrations under the store's lock."""
+
+    KEY_SEQ = "seq"
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        pool_size: int = POOL_SIZE,
+        migrate: bool = True,
+        connect_timeout: float = CONNECT_TIMEOUT,
+    ) -> None:
+        self.url = redact(url)
+        self.threads = pool_size
+        self._local = threading.local()  # the connection of this thread's transaction
+        self._sql: dict[str, str] = {}
+        self._pool = ConnectionPool(
+            url,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True},
+            timeout=CHECKOUT_TIMEOUT,
+            name="tokengate-store",
+            open=False,
+        )
+        try:
+            self._pool.open(wait=True, timeout=connect_timeout)
+        except (PoolTimeout, psycopg.Error) as exc:
+            self._pool.close()
+            raise StoreUnavailable(f"cannot connect to {self.url}: {_reason(exc)}") from exc
+        try:
+            self.migration = migrations.migrate(self, migrations.POSTGRES) if migrate else None
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def __str__(self) -> str:
+        return self.url
+
+    def _text(self, sql: str) -> str:
+        text = self._sql.get(sql)
+        if text is None:
+            text = self._sql[sql] = sql.replace("%", "%%").replace("?", "%s")
+        return text
+
+    def _q(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        text = self._text(sql)
+        try:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                return _read(conn.execute(text, params))
+            with self._pool.connection() as conn:
+                return _read(conn.execute(text, params))
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise StoreUnavailable(f"{self.url}: {_reason(exc)}") from exc
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        text = self._text(sql)
+        batch = list(rows)
+        if not batch:
+            return
+        try:
+            conn = getattr(self._local, "conn", None)
+            if conn is not None:
+                conn.cursor().executemany(text, batch)
+                return
+            with self._pool.connection() as conn:
+                conn.cursor().executemany(text, batch)
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise StoreUnavailable(f"{self.url}: {_reason(exc)}") from exc
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if getattr(self._local, "conn", None) is not None:  # nested: the lock holds
+            yield
+            return
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (STORE_LOCK,))
+                self._local.conn = conn
+                try:
+                    yield
+                finally:
+                    self._local.conn = None
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise StoreUnavailable(f"{self.url}: {_reason(exc)}") from exc
+
+    def _feed_high_water(self) -> int:
+        row = self._q(
+            "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM revocation_log_seq_seq"
+        ).fetchone()
+        return int(row[0])
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def _read(cursor: psycopg.Cursor[Any]) -> _Result:
+    rows = cursor.fetchall() if cursor.description is not None else []
+    return _Result(rows, cursor.rowcount)
+
+
+def _reason(exc: BaseException) -> str:
+    """An error's first line: libpq's messages run on with hints and context."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"

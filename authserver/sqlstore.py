@@ -1,0 +1,574 @@
+"""The store's logic in SQL that SQLite and PostgreSQL both speak.
+
+:class:`SqlStore` implements :class:`~authserver.store.Store` once; a backend gives it
+a connection (:meth:`SqlStore._q`, :meth:`SqlStore._many`), a store-wide lock
+(:meth:`SqlStore.exclusive`: every read-modify-write below runs under it, so two
+replicas racing for one refresh token, code or assertion ``jti`` are put in order)
+and the revocation feed's high-water mark. Statements are written with ``?``
+placeholders and ``ON CONFLICT`` clauses, which both engines accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from authserver.store import (
+    CodeRecord,
+    CodeRedemption,
+    Grant,
+    KeyRecord,
+    RefreshUse,
+    SessionRecord,
+    UsernameTaken,
+    UserRecord,
+)
+
+if TYPE_CHECKING:
+    from authserver.migrations import MigrationResult
+
+_SELECT_USERS = (
+    "SELECT id, username, username_key, password_hash, profile, disabled, source, "
+    "created_at, updated_at, declared_hash FROM users"
+)
+
+
+class Rows(Protocol):
+    """What a statement gives back (a DB-API cursor, or the rows read off one)."""
+
+    rowcount: int
+
+    def fetchone(self) -> Any: ...
+
+    def fetchall(self) -> list[Any]: ...
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+
+class SqlStore:
+    """:class:`~authserver.store.Store` in portable SQL; see the module docstring."""
+
+    KEY_SEQ: ClassVar[str]  # the column that orders keys inserted in the same second
+    threads: int = 1  # how many store calls may run at once (StoreWorker's threads)
+    migration: MigrationResult | None = None  # what opening the store applied
+
+    def _q(self, sql: str, params: Sequence[Any] = ()) -> Rows:
+        raise NotImplementedError
+
+    def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        raise NotImplementedError
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        raise NotImplementedError
+
+    def _feed_high_water(self) -> int:
+        """The highest revocation_log seq ever handed out (purged rows included)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def keys(self, server: str | None = None) -> list[KeyRecord]:
+        seq = self.KEY_SEQ  # a column name fixed by the class, never input
+        sql = f"SELECT server, kid, alg, created_at, activate_at, {seq} FROM signing_keys"  # noqa: S608
+        params: tuple[str, ...] = ()
+        if server is not None:
+            sql += " WHERE server = ?"
+            params = (server,)
+        rows = self._q(sql + f" ORDER BY activate_at, {seq}", params)
+        return [KeyRecord(*row) for row in rows]
+
+    def add_key(self, record: KeyRecord, private_key: bytes | None = None) -> None:
+        self._q(
+            "INSERT INTO signing_keys (server, kid, alg, created_at, activate_at, private_key) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                record.server,
+                record.kid,
+                record.alg,
+                record.created_at,
+                record.activate_at,
+                private_key,
+            ),
+        )
+
+    def private_key(self, server: str, kid: str) -> bytes | None:
+        row = self._q(
+            "SELECT private_key FROM signing_keys WHERE server = ? AND kid = ?", (server, kid)
+        ).fetchone()
+        return None if row is None or row[0] is None else bytes(row[0])
+
+    def remove_key(self, server: str, kid: str) -> None:
+        self._q("DELETE FROM signing_keys WHERE server = ? AND kid = ?", (server, kid))
+
+    def revoke(self, jti: str, server: str, exp: int) -> None:
+        with self.exclusive():
+            self._revoke(jti, server, exp)
+
+    def _revoke(self, jti: str, server: str, exp: int) -> None:
+        """Record a revoked jti, and, the first time, its place in the feed (in the
+        caller's transaction)."""
+        cur = self._q(
+            "INSERT INTO revoked_tokens VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (jti, server, exp),
+        )
+        if cur.rowcount == 1:
+            self._q(
+                "INSERT INTO revocation_log (jti, server, exp) VALUES (?, ?, ?)",
+                (jti, server, exp),
+            )
+
+    def revocations_after(
+        self, server: str, cursor: int, limit: int, now: int
+    ) -> tuple[list[tuple[str, int]], int]:
+        if cursor > self._feed_high_water():
+            cursor = 0  # not this store's cursor: everything still live
+        rows = self._q(
+            "SELECT seq, jti, exp FROM revocation_log WHERE seq > ? AND server = ? "
+            "AND exp >= ? ORDER BY seq LIMIT ?",
+            (cursor, server, now, limit),
+        ).fetchall()
+        return [(jti, exp) for _, jti, exp in rows], rows[-1][0] if rows else cursor
+
+    def is_revoked(self, jti: str) -> bool:
+        row = self._q("SELECT 1 FROM revoked_tokens WHERE jti = ?", (jti,)).fetchone()
+        return row is not None
+
+    def remember_assertion(self, client_id: str, jti: str, exp: int) -> bool:
+        cur = self._q(
+            "INSERT INTO used_assertions VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (client_id, jti, exp),
+        )
+        return cur.rowcount == 1
+
+    def purge(self, now: int) -> int:
+        with self.exclusive():
+            a = self._q("DELETE FROM revoked_tokens WHERE exp < ?", (now,)).rowcount
+            self._q("DELETE FROM revocation_log WHERE exp < ?", (now,))
+            b = self._q("DELETE FROM used_assertions WHERE exp < ?", (now,)).rowcount
+            c = self._q("DELETE FROM auth_codes WHERE keep_until < ?", (now,)).rowcount
+            d = self._q(
+                "DELETE FROM sessions WHERE idle_expires_at <= ? OR expires_at <= ?", (now, now)
+            ).rowcount
+            e = self._q("DELETE FROM interactions WHERE expires_at <= ?", (now,)).rowcount
+            f = self._q(
+                "DELETE FROM refresh_tokens WHERE idle_expires_at <= ? OR family IN "
+                "(SELECT family FROM grants WHERE keep_until < ? OR expires_at <= ?)",
+                (now, now, now),
+            ).rowcount
+            g = self._q("DELETE FROM grants WHERE keep_until < ?", (now,)).rowcount
+            h = self._q("DELETE FROM grant_tokens WHERE exp < ?", (now,)).rowcount
+        return a + b + c + d + e + f + g + h
+
+    # -- sign-ins in progress -----------------------------------------------------
+
+    def add_interaction(
+        self, cookie_hash: str, server: str, params: str, csrf: str, expires_at: int
+    ) -> None:
+        self._q(
+            "INSERT INTO interactions VALUES (?, ?, ?, ?, ?) ON CONFLICT (cookie_hash) "
+            "DO UPDATE SET server = excluded.server, params = excluded.params, "
+            "csrf = excluded.csrf, expires_at = excluded.expires_at",
+            (cookie_hash, server, params, csrf, expires_at),
+        )
+
+    def interaction(self, cookie_hash: str, now: int) -> tuple[str, str, str] | None:
+        row = self._q(
+            "SELECT server, params, csrf FROM interactions WHERE cookie_hash = ? "
+            "AND expires_at > ?",
+            (cookie_hash, now),
+        ).fetchone()
+        return None if row is None else (row[0], row[1], row[2])
+
+    def end_interaction(self, cookie_hash: str) -> None:
+        self._q("DELETE FROM interactions WHERE cookie_hash = ?", (cookie_hash,))
+
+    # -- sessions ------------------------------------------------------------
+
+    def add_session(self, session_hash: str, record: SessionRecord) -> None:
+        self._q(
+            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (
+                session_hash,
+                record.sid,
+                record.user_id,
+                record.auth_time,
+                record.created_at,
+                record.expires_at,
+                record.idle_expires_at,
+            ),
+        )
+
+    def touch_session(self, session_hash: str, now: int, idle_timeout: int) -> SessionRecord | None:
+        with self.exclusive():
+            row = self._q(
+                "SELECT sid, user_id, auth_time, created_at, expires_at, idle_expires_at "
+                "FROM sessions WHERE session_hash = ?",
+                (session_hash,),
+            ).fetchone()
+            if row is None:
+                return None
+            record = SessionRecord(*row)
+            if now >= record.expires_at or now >= record.idle_expires_at:
+                self._q("DELETE FROM sessions WHERE session_hash = ?", (session_hash,))
+                return None
+            idle = min(now + idle_timeout, record.expires_at)
+            self._q(
+                "UPDATE sessions SET idle_expires_at = ? WHERE session_hash = ?",
+                (idle, session_hash),
+            )
+            return dataclasses.replace(record, idle_expires_at=idle)
+
+    def end_session(self, session_hash: str) -> bool:
+        cur = self._q("DELETE FROM sessions WHERE session_hash = ?", (session_hash,))
+        return cur.rowcount == 1
+
+    # -- authorization codes ---------------------------------------------------
+    # state: "issued" -> "redeemed" (one use) -> "reused" (a second one: burnt for good)
+
+    def add_code(self, code_hash: str, record: CodeRecord) -> None:
+        self._q(
+            "INSERT INTO auth_codes VALUES (?, ?, ?, 'issued', '[]', ?)",
+            (code_hash, _code_json(record), record.expires_at, record.expires_at),
+        )
+
+    def redeem_code(self, code_hash: str, now: int) -> CodeRedemption | None:
+        with self.exclusive():
+            row = self._q(
+                "SELECT record, state, jtis FROM auth_codes WHERE code_hash = ?", (code_hash,)
+            ).fetchone()
+            if row is None:
+                return None
+            record = _code_record(row[0])
+            if row[1] == "issued":
+                if record.expires_at <= now:
+                    return None
+                self._q(
+                    "UPDATE auth_codes SET state = 'redeemed' WHERE code_hash = ?", (code_hash,)
+                )
+                return CodeRedemption(record, reused=False)
+            self._q("UPDATE auth_codes SET state = 'reused' WHERE code_hash = ?", (code_hash,))
+            return CodeRedemption(record, reused=True, jtis=tuple(json.loads(row[2])))
+
+    def code_issued(self, code_hash: str, jti: str, exp: int) -> bool:
+        with self.exclusive():
+            row = self._q(
+                "SELECT state, jtis, keep_until FROM auth_codes WHERE code_hash = ?",
+                (code_hash,),
+            ).fetchone()
+            if row is None or row[0] != "redeemed":
+                return False
+            jtis = [*json.loads(row[1]), jti]
+            self._q(
+                "UPDATE auth_codes SET jtis = ?, keep_until = ? WHERE code_hash = ?",
+                (json.dumps(jtis), max(row[2], exp), code_hash),
+            )
+            return True
+
+    # -- refresh tokens ------------------------------------------------------------
+    # grant_tokens: the access tokens a family gave (jti, exp), to revoke with it.
+    # A retired refresh token stays (state "used") until its family goes: a second
+    # use of it is reuse, however late.
+
+    def start_family(
+        self, grant: Grant, token_hash: str, idle_expires_at: int, jti: str, exp: int
+    ) -> bool:
+        with self.exclusive():
+            row = self._q(
+                "SELECT state FROM auth_codes WHERE code_hash = ?", (grant.family,)
+            ).fetchone()
+            if row is not None and row[0] != "redeemed":
+                return False
+            self._q(
+                "INSERT INTO grants VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                (
+                    grant.family,
+                    json.dumps(dataclasses.asdict(grant), sort_keys=True),
+                    grant.session_id,
+                    grant.user_id,
+                    int(grant.offline),
+                    "[]",  # the access tokens are rows of grant_tokens
+                    grant.expires_at,
+                    max(grant.expires_at, exp),
+                ),
+            )
+            self._q("INSERT INTO grant_tokens VALUES (?, ?, ?)", (grant.family, jti, exp))
+            self._q(
+                "INSERT INTO refresh_tokens VALUES (?, ?, 'active', ?)",
+                (token_hash, grant.family, idle_expires_at),
+            )
+            return True
+
+    def use_refresh(
+        self,
+        token_hash: str,
+        now: int,
+        successor: str,
+        idle_expires_at: int,
+        jti: str,
+        exp: int,
+    ) -> RefreshUse | None:
+        with self.exclusive():
+            row = self._q(
+                "SELECT t.state, t.idle_expires_at, g.record, g.revoked, g.keep_until "
+                "FROM refresh_tokens t JOIN grants g ON g.family = t.family "
+                "WHERE t.token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None:
+                return None
+            state, idle_end, record, revoked, keep_until = row
+            grant = _grant(record)
+            if revoked:
+                return RefreshUse(grant, "revoked")
+            if state != "active":
+                return RefreshUse(grant, "reused", self._revoke_family(grant.family, now))
+            if idle_end <= now or grant.expires_at <= now:
+                return RefreshUse(grant, "expired")
+            self._q("UPDATE refresh_tokens SET state = 'used' WHERE token_hash = ?", (token_hash,))
+            self._q(
+                "INSERT INTO refresh_tokens VALUES (?, ?, 'active', ?)",
+                (successor, grant.family, min(idle_expires_at, grant.expires_at)),
+            )
+            # one row a refresh: its cost does not grow with the family's age
+            self._q("INSERT INTO grant_tokens VALUES (?, ?, ?)", (grant.family, jti, exp))
+            if exp > keep_until:
+                self._q("UPDATE grants SET keep_until = ? WHERE family = ?", (exp, grant.family))
+            return RefreshUse(grant, "ok")
+
+    def refresh_grant(self, token_hash: str, now: int) -> tuple[Grant, int] | None:
+        row = self._q(
+            "SELECT g.record, t.idle_expires_at "
+            "FROM refresh_tokens t JOIN grants g ON g.family = t.family "
+            "WHERE t.token_hash = ? AND t.state = 'active' AND t.idle_expires_at > ? "
+            "AND g.revoked = 0 AND g.expires_at > ?",
+            (token_hash, now, now),
+        ).fetchone()
+        if row is None:
+            return None
+        grant = _grant(row[0])
+        return grant, min(row[1], grant.expires_at)
+
+    def revoke_family(self, family: str, now: int) -> tuple[str, ...]:
+        with self.exclusive():
+            return self._revoke_family(family, now)
+
+    def _revoke_family(self, family: str, now: int) -> tuple[str, ...]:
+        row = self._q("SELECT record FROM grants WHERE family = ?", (family,)).fetchone()
+        if row is None:
+            return ()
+        server = _grant(row[0]).server
+        live = self._q(
+            "SELECT jti, exp FROM grant_tokens WHERE family = ? AND exp > ? ORDER BY exp",
+            (family, now),
+        ).fetchall()
+        for j, e in live:
+            self._revoke(j, server, e)
+        self._q("DELETE FROM grant_tokens WHERE family = ?", (family,))
+        self._q("UPDATE grants SET revoked = 1 WHERE family = ?", (family,))
+        self._q("DELETE FROM refresh_tokens WHERE family = ? AND state = 'active'", (family,))
+        return tuple(j for j, _ in live)
+
+    def end_session_grants(self, sid: str, now: int) -> tuple[str, ...]:
+        with self.exclusive():
+            families = [
+                r[0]
+                for r in self._q(
+                    "SELECT family FROM grants WHERE session_id = ? AND offline = 0 "
+                    "AND revoked = 0",
+                    (sid,),
+                )
+            ]
+            revoked: list[str] = []
+            for family in families:
+                revoked.extend(self._revoke_family(family, now))
+            return tuple(revoked)
+
+    def sessions(self, now: int, user_id: str | None = None) -> list[SessionRecord]:
+        sql = (
+            "SELECT sid, user_id, auth_time, created_at, expires_at, idle_expires_at "
+            "FROM sessions WHERE expires_at > ? AND idle_expires_at > ?"
+        )
+        params: tuple[Any, ...] = (now, now)
+        if user_id is not None:
+            sql += " AND user_id = ?"
+            params = (*params, user_id)
+        rows = self._q(sql + " ORDER BY created_at DESC, sid", params)
+        return [SessionRecord(*row) for row in rows]
+
+    def session_alive(self, sid: str, now: int) -> bool:
+        row = self._q(
+            "SELECT 1 FROM sessions WHERE sid = ? AND expires_at > ? AND idle_expires_at > ?",
+            (sid, now, now),
+        ).fetchone()
+        return row is not None
+
+    def count_sessions(self, now: int) -> int:
+        row = self._q(
+            "SELECT count(*) FROM sessions WHERE expires_at > ? AND idle_expires_at > ?",
+            (now, now),
+        ).fetchone()
+        return int(row[0])
+
+    def consented_scopes(self, user_id: str, client_id: str) -> frozenset[str]:
+        rows = self._q(
+            "SELECT scope FROM consents WHERE user_id = ? AND client_id = ?", (user_id, client_id)
+        )
+        return frozenset(row[0] for row in rows)
+
+    def add_consent(self, user_id: str, client_id: str, scopes: Iterable[str], now: int) -> None:
+        self._many(
+            "INSERT INTO consents VALUES (?, ?, ?, ?) ON CONFLICT (user_id, client_id, scope) "
+            "DO UPDATE SET granted_at = excluded.granted_at",
+            [(user_id, client_id, scope, now) for scope in scopes],
+        )
+
+    def end_session_sid(self, sid: str) -> bool:
+        return self._q("DELETE FROM sessions WHERE sid = ?", (sid,)).rowcount == 1
+
+    # -- users ---------------------------------------------------------------
+
+    def users(self) -> list[UserRecord]:
+        rows = self._q(_SELECT_USERS + " ORDER BY username_key")
+        return self._with_groups(rows.fetchall())
+
+    def user(self, user_id: str) -> UserRecord | None:
+        rows = self._q(_SELECT_USERS + " WHERE id = ?", (user_id,))
+        found = self._with_groups(rows.fetchall())
+        return found[0] if found else None
+
+    def user_by_key(self, username_key: str) -> UserRecord | None:
+        rows = self._q(_SELECT_USERS + " WHERE username_key = ?", (username_key,))
+        found = self._with_groups(rows.fetchall())
+        return found[0] if found else None
+
+    def _with_groups(self, rows: list[tuple[Any, ...]]) -> list[UserRecord]:
+        if not rows:
+            return []
+        groups: dict[str, list[str]] = {}
+        if len(rows) == 1:
+            found = self._q(
+                "SELECT user_id, name FROM user_groups WHERE user_id = ?", (rows[0][0],)
+            )
+        else:
+            found = self._q("SELECT user_id, name FROM user_groups")
+        for user_id, name in found:
+            groups.setdefault(user_id, []).append(name)
+        return [
+            UserRecord(
+                id=row[0],
+                username=row[1],
+                username_key=row[2],
+                password_hash=row[3],
+                profile=MappingProxyType(json.loads(row[4])),
+                groups=tuple(sorted(groups.get(row[0], ()))),
+                disabled=bool(row[5]),
+                source=row[6],
+                created_at=row[7],
+                updated_at=row[8],
+                declared_hash=row[9],
+            )
+            for row in rows
+        ]
+
+    def add_user(self, record: UserRecord) -> None:
+        with self.exclusive():
+            self._check_key_free(record)
+            self._q(
+                "INSERT INTO users (id, username, username_key, password_hash, profile, "
+                "disabled, source, created_at, updated_at, declared_hash) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                _user_row(record),
+            )
+            self._set_groups(record.id, record.groups)
+
+    def update_user(self, record: UserRecord) -> None:
+        with self.exclusive():
+            self._check_key_free(record)
+            if record.disabled:
+                was = self._q("SELECT disabled FROM users WHERE id = ?", (record.id,)).fetchone()
+                if was is not None and not was[0]:
+                    self._end_user(record.id)
+            row = _user_row(record)
+            self._q(
+                "UPDATE users SET username = ?, username_key = ?, password_hash = ?, "
+                "profile = ?, disabled = ?, source = ?, created_at = ?, updated_at = ?, "
+                "declared_hash = ? WHERE id = ?",
+                (*row[1:], row[0]),
+            )
+            self._q("DELETE FROM user_groups WHERE user_id = ?", (record.id,))
+            self._set_groups(record.id, record.groups)
+
+    def _check_key_free(self, record: UserRecord) -> None:
+        row = self._q(
+            "SELECT id FROM users WHERE username_key = ?", (record.username_key,)
+        ).fetchone()
+        if row is not None and row[0] != record.id:
+            raise UsernameTaken(record.username)
+
+    def _set_groups(self, user_id: str, groups: Iterable[str]) -> None:
+        self._many(
+            "INSERT INTO user_groups (user_id, name) VALUES (?, ?)",
+            [(user_id, name) for name in groups],
+        )
+
+    def _end_user(self, user_id: str) -> None:
+        """A user disabled or deleted: their sessions end, and every token family of
+        theirs is revoked with the access tokens it gave (onto the revocation feed)."""
+        now = int(time.time())
+        self._q("DELETE FROM sessions WHERE user_id = ?", (user_id,))
+        families = self._q(
+            "SELECT family FROM grants WHERE user_id = ? AND revoked = 0", (user_id,)
+        ).fetchall()
+        for (family,) in families:
+            self._revoke_family(family, now)
+
+    def remove_user(self, user_id: str) -> bool:
+        with self.exclusive():
+            self._end_user(user_id)
+            self._q("DELETE FROM user_groups WHERE user_id = ?", (user_id,))
+            self._q("DELETE FROM consents WHERE user_id = ?", (user_id,))
+            return self._q("DELETE FROM users WHERE id = ?", (user_id,)).rowcount == 1
+
+    def replace_password_hash(self, user_id: str, old: str, new: str, updated_at: int) -> bool:
+        cur = self._q(
+            "UPDATE users SET password_hash = ?, updated_at = ? WHERE id = ? AND password_hash = ?",
+            (new, updated_at, user_id, old),
+        )
+        return cur.rowcount == 1
+
+
+def _code_json(record: CodeRecord) -> str:
+    return json.dumps(dataclasses.asdict(record), sort_keys=True)
+
+
+def _code_record(text: str) -> CodeRecord:
+    fields = json.loads(text)
+    fields["id_token_claims"] = tuple(fields.get("id_token_claims", ()))
+    return CodeRecord(**{**fields, "scopes": tuple(fields["scopes"])})
+
+
+def _grant(text: str) -> Grant:
+    fields = json.loads(text)
+    return Grant(**{**fields, "scopes": tuple(fields["scopes"])})
+
+
+def _user_row(record: UserRecord) -> tuple[Any, ...]:
+    """The users row of ``record``, in :data:`_SELECT_USERS` order."""
+    return (
+        record.id,
+        record.username,
+        record.username_key,
+        record.password_hash,
+        json.dumps(dict(record.profile), ensure_ascii=False, sort_keys=True),
+        int(record.disabled),
+        record.source,
+        record.created_at,
+        record.updated_at,
+        record.declared_hash,
+    )
