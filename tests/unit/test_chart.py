@@ -318,6 +318,10 @@ def test_with_postgresql_the_authserver_is_an_autoscaled_deployment(
     assert not any(kind in ("StatefulSet", "PersistentVolumeClaim") for kind, _ in objects)
     deployment = objects[("Deployment", "payments-edge-authserver")]
     assert "replicas" not in deployment["spec"]  # the HPA's
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
     assert deployment["spec"]["selector"]["matchLabels"] == {
         "app.kubernetes.io/name": "tokengate",
         "app.kubernetes.io/instance": "payments-edge",
