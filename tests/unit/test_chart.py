@@ -31,6 +31,7 @@ import helm_python as helm
 
 chart, cases = sys.argv[1], json.load(sys.stdin)
 out = {"lint": helm.lint(chart, strict=True), "renders": {}, "errors": {}}
+out["lint-postgresql"] = helm.lint(chart, cases["postgresql"]["values"], strict=True)
 with helm.Chart.load(chart) as loaded:
     for key, case in cases.items():
         try:
@@ -170,10 +171,10 @@ def tokengate_config(helm: dict[str, Any], case: str) -> tuple[str, dict[str, An
     return text, yaml.safe_load(text)
 
 
-def test_helm_lints_the_chart_clean(helm: dict[str, Any]) -> None:
-    lint = helm["lint"]
-    assert lint["errors"] == []
-    assert [m for m in lint["messages"] if m["severity"] >= 2] == []
+@pytest.mark.parametrize("lint", ["lint", "lint-postgresql"])
+def test_helm_lints_the_chart_clean(helm: dict[str, Any], lint: str) -> None:
+    assert helm[lint]["errors"] == []
+    assert [m for m in helm[lint]["messages"] if m["severity"] >= 2] == []
 
 
 @pytest.mark.parametrize("case", list(CASES))
