@@ -1,0 +1,225 @@
+"""Several replicas on one store: races put in order, migrations applied once, the
+revocation feed without gaps, signing keys sealed with the key encryption key.
+
+Each test runs on SQLite (several connections, as worker processes have) and on
+PostgreSQL (several pools, as replicas have)."""
+
+from __future__ import annotations
+
+import base64
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from authserver import migrations
+from authserver.config import ServerConfig
+from authserver.keys import KeyFiles, KeyManager
+from authserver.keyseal import KeyUnsealError, seal, unseal
+from authserver.sqlstore import SqlStore
+from authserver.store import Grant, StoreUnavailable
+from tests.conftest import FakeClock
+
+NOW = 1_800_000_000
+SERVER = ServerConfig("default", "http://x/oauth2/default", "api://x", "ES256", 3600, ())
+KEK = os.urandom(32)
+
+Opener = Callable[[], SqlStore]
+
+
+def at_once(n: int, work: Callable[[int], object]) -> list[object]:
+    """``work(i)`` on n threads released together; their results in order."""
+    barrier = threading.Barrier(n)
+    results: list[object] = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def grant(family: str) -> Grant:
+    return Grant(
+        family=family,
+        server="default",
+        client_id="portal",
+        user_id="u_1",
+        session_id="sid-1",
+        scopes=("openid",),
+        auth_time=NOW,
+        offline=True,
+        expires_at=NOW + 86400,
+    )
+
+
+def test_one_refresh_token_used_at_several_replicas_at_once_wins_once(
+    store_backend: Opener,
+) -> None:
+    replicas = [store_backend() for _ in range(4)]
+    assert replicas[0].start_family(grant("fam"), "rt-0", NOW + 600, "jti-0", NOW + 300)
+    uses = at_once(
+        4,
+        lambda i: replicas[i].use_refresh(
+            "rt-0", NOW, f"rt-{i + 1}", NOW + 600, f"j{i}", NOW + 300
+        ),
+    )
+    statuses = sorted(u.status for u in uses)  # type: ignore[attr-defined]
+    # one wins; the next is reuse, which revokes the family; the rest find it revoked
+    assert statuses == ["ok", "reused", "revoked", "revoked"]
+    # the reuse revoked the family: the winner's successor is dead, its token revoked
+    winner = next(i for i, u in enumerate(uses) if u.status == "ok")  # type: ignore[attr-defined]
+    assert replicas[1].refresh_grant(f"rt-{winner + 1}", NOW) is None
+    assert replicas[2].is_revoked(f"j{winner}") and replicas[3].is_revoked("jti-0")
+
+
+def test_an_assertion_jti_replayed_at_another_replica_is_refused(store_backend: Opener) -> None:
+    replicas = [store_backend() for _ in range(4)]
+    seen = at_once(4, lambda i: replicas[i].remember_assertion("billing", "a-1", NOW + 60))
+    assert sorted(seen) == [False, False, False, True]  # type: ignore[type-var]
+
+
+def test_replicas_opening_a_new_store_at_once_apply_each_migration_once(
+    store_backend: Opener,
+) -> None:
+    opened = at_once(4, lambda _: store_backend())
+    applied = [s.migration.applied for s in opened]  # type: ignore[attr-defined]
+    assert sorted(applied) == [(), (), (), (1, 2)]
+    rows = opened[0]._q("SELECT version FROM schema_migrations ORDER BY version").fetchall()  # type: ignore[attr-defined]
+    assert [r[0] for r in rows] == [1, 2]
+    assert all(s.migration.version == 2 for s in opened)  # type: ignore[attr-defined]
+
+
+def test_a_store_migrated_by_a_newer_release_still_opens(store_backend: Opener) -> None:
+    store = store_backend()
+    store._q("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
+    again = store_backend()
+    assert again.migration is not None and again.migration.ahead
+    assert (again.migration.version, again.migration.known) == (99, 2)
+
+
+def test_the_feed_misses_nothing_revoked_at_several_replicas_at_once(
+    store_backend: Opener,
+) -> None:
+    """A follower that reads while replicas revoke never skips an entry: sequence
+    numbers commit in the order they are handed out."""
+    replicas = [store_backend() for _ in range(3)]
+    reader = store_backend()
+    seen: list[str] = []
+    stop = threading.Event()
+
+    def follow() -> None:
+        cursor = 0
+        while True:
+            done = stop.is_set()
+            entries, cursor = reader.revocations_after("default", cursor, 1000, NOW)
+            seen.extend(jti for jti, _ in entries)
+            if done:
+                return
+
+    follower = threading.Thread(target=follow)
+    follower.start()
+    at_once(
+        3,
+        lambda i: [replicas[i].revoke(f"r{i}-{n}", "default", NOW + 60) for n in range(40)],
+    )
+    stop.set()
+    follower.join()
+    assert sorted(seen) == sorted(f"r{i}-{n}" for i in range(3) for n in range(40))
+    assert len(seen) == len(set(seen))
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def manager(store: SqlStore, data: Path, kek: bytes | None, clock: FakeClock) -> KeyManager:
+    return KeyManager(store, KeyFiles(data), jwks_max_age=60, leeway=30, clock=clock, kek=kek)
+
+
+def test_with_a_key_encryption_key_keys_live_sealed_in_the_store(
+    store_backend: Opener, tmp_path: Path
+) -> None:
+    clock = FakeClock(NOW)
+    a = manager(store_backend(), tmp_path / "a", KEK, clock)
+    record = a.ensure(SERVER)
+    assert record is not None
+    assert not (tmp_path / "a" / "keys").exists()  # no file: the store holds it
+    sealed = a.store.private_key("default", record.kid)
+    assert sealed is not None and sealed.startswith(b"tgk1")
+    der = a.signing_key(record).private_key.private_bytes(
+        serialization.Encoding.DER, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    assert der not in sealed
+    # another replica, another data dir: the same key, unsealed
+    b = manager(store_backend(), tmp_path / "b", KEK, clock)
+    assert b.ensure(SERVER) is None
+    assert b.signing_key(b.store.keys("default")[0]).jwk == a.signing_key(record).jwk
+
+
+@pytest.mark.parametrize("kek", [os.urandom(32), None], ids=["wrong key", "no key"])
+def test_a_key_that_does_not_open_is_an_error_never_a_new_key(
+    store_backend: Opener, tmp_path: Path, kek: bytes | None
+) -> None:
+    clock = FakeClock(NOW)
+    record = manager(store_backend(), tmp_path, KEK, clock).ensure(SERVER)
+    assert record is not None
+    other = manager(store_backend(), tmp_path, kek, clock)
+    assert other.ensure(SERVER) is None  # a fitting key exists: none is made
+    with pytest.raises(KeyUnsealError, match="key_encryption_key"):
+        other.signing_key(record)
+    assert [r.kid for r in other.store.keys("default")] == [record.kid]
+
+
+def test_scheduled_rotation_is_published_once_by_one_replica(
+    store_backend: Opener, tmp_path: Path
+) -> None:
+    clock = FakeClock(NOW)
+    every = 3600
+    replicas = [manager(store_backend(), tmp_path, KEK, clock) for _ in range(3)]
+    first = replicas[0].ensure(SERVER)
+    assert first is not None
+    lead = replicas[0].rotation_lead
+    clock.advance(every - lead - 1)
+    assert at_once(3, lambda i: replicas[i].rotate_if_due(SERVER, every)) == [None] * 3
+    clock.advance(1)  # the next key must be out one JWKS lifetime before it signs
+    made = [r for r in at_once(3, lambda i: replicas[i].rotate_if_due(SERVER, every)) if r]
+    assert len(made) == 1
+    assert made[0].activate_at == first.activate_at + every  # type: ignore[attr-defined]
+    states = {s.record.kid: s.state for s in replicas[2].schedule(SERVER)}
+    assert states == {first.kid: "active", made[0].kid: "next"}  # type: ignore[attr-defined]
+    clock.advance(lead)
+    states = {s.record.kid: s.state for s in replicas[1].schedule(SERVER)}
+    assert states == {first.kid: "retired", made[0].kid: "active"}  # type: ignore[attr-defined]
+
+
+def test_a_sealed_key_is_bound_to_its_record() -> None:
+    sealed = seal(KEK, "default", "kid-1", b"private")
+    assert unseal(KEK, "default", "kid-1", sealed) == b"private"
+    for server, kid in (("other", "kid-1"), ("default", "kid-2")):
+        with pytest.raises(KeyUnsealError):
+            unseal(KEK, server, kid, sealed)
+    with pytest.raises(KeyUnsealError, match="not a sealed key"):
+        unseal(KEK, "default", "kid-1", b"-----BEGIN PRIVATE KEY-----")
+    assert base64.b64encode(KEK)  # a KEK is 32 bytes: AES-256
+
+
+def test_an_unreachable_postgresql_is_a_clear_error() -> None:
+    from authserver.pg_store import PostgresStore
+
+    with pytest.raises(
+        StoreUnavailable, match=r"cannot connect to postgresql://tg@127\.0\.0\.1:1/x"
+    ):
+        PostgresStore("postgresql://tg:hunter2@127.0.0.1:1/x", connect_timeout=1)
+
+
+def test_every_migration_is_known_to_both_backends() -> None:
+    assert [m.version for m in migrations.SQLITE] == [m.version for m in migrations.POSTGRES]
+    assert [m.name for m in migrations.SQLITE] == [m.name for m in migrations.POSTGRES]
