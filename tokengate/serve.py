@@ -87,7 +87,7 @@ def listeners(config: Config, only: str | None) -> list[Listener]:
         out.append(Listener("gateway", config.gateway.listen))
     if config.admin is not None:
         out.append(Listener("admin", config.admin.listen))
-    if config.echo is not None and only is None:
+    if config.echo is not None and only in (None, "gateway"):  # the gateway's demo upstream
         out.append(Listener("echo", config.echo.listen))
     if config.portal is not None and only is None:
         out.append(Listener("portal", config.portal.listen))
