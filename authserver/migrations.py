@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from authserver.sqlstore import SqlStore
+from authserver.store import MigrationResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -21,18 +22,6 @@ class Migration:
     version: int
     name: str
     apply: Callable[[SqlStore], None]
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationResult:
-    applied: tuple[int, ...]  # versions applied now
-    version: int  # the store's version afterwards
-    known: int  # the newest version this release knows
-
-    @property
-    def ahead(self) -> bool:
-        """The store was migrated by a newer release."""
-        return self.version > self.known
 
 
 def statements(*sql: str) -> Callable[[SqlStore], None]:

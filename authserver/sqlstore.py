@@ -16,21 +16,19 @@ import json
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 from authserver.store import (
     CodeRecord,
     CodeRedemption,
     Grant,
     KeyRecord,
+    MigrationResult,
     RefreshUse,
     SessionRecord,
     UsernameTaken,
     UserRecord,
 )
-
-if TYPE_CHECKING:
-    from authserver.migrations import MigrationResult
 
 _SELECT_USERS = (
     "SELECT id, username, username_key, password_hash, profile, disabled, source, "

@@ -129,6 +129,20 @@ class RefreshUse:
     jtis: tuple[str, ...] = ()
 
 
+@dataclass(frozen=True, slots=True)
+class MigrationResult:
+    """What opening a store (or `tokengate db migrate`) did to its schema."""
+
+    applied: tuple[int, ...]  # versions applied now
+    version: int  # the store's version afterwards
+    known: int  # the newest version this release knows
+
+    @property
+    def ahead(self) -> bool:
+        """The store was migrated by a newer release."""
+        return self.version > self.known
+
+
 class UsernameTaken(Exception):
     """Another user has that username (compared as ``username_key``)."""
 

@@ -20,8 +20,9 @@ from authserver.config import ServerConfig
 from authserver.keys import KeyFiles, KeyManager
 from authserver.keyseal import KeyUnsealError, seal, unseal
 from authserver.sqlstore import SqlStore
-from authserver.store import Grant, StoreUnavailable
+from authserver.store import StoreUnavailable
 from tests.conftest import FakeClock
+from tests.unit.test_revocation_log import grant
 
 NOW = 1_800_000_000
 SERVER = ServerConfig("default", "http://x/oauth2/default", "api://x", "ES256", 3600, ())
@@ -47,25 +48,13 @@ def at_once(n: int, work: Callable[[int], object]) -> list[object]:
     return results
 
 
-def grant(family: str) -> Grant:
-    return Grant(
-        family=family,
-        server="default",
-        client_id="portal",
-        user_id="u_1",
-        session_id="sid-1",
-        scopes=("openid",),
-        auth_time=NOW,
-        offline=True,
-        expires_at=NOW + 86400,
-    )
-
-
 def test_one_refresh_token_used_at_several_replicas_at_once_wins_once(
     store_backend: Opener,
 ) -> None:
     replicas = [store_backend() for _ in range(4)]
-    assert replicas[0].start_family(grant("fam"), "rt-0", NOW + 600, "jti-0", NOW + 300)
+    assert replicas[0].start_family(
+        grant("fam", offline=True), "rt-0", NOW + 600, "jti-0", NOW + 300
+    )
     uses = at_once(
         4,
         lambda i: replicas[i].use_refresh(
