@@ -113,8 +113,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--only",
         choices=("gateway", "authserver"),
-        help="serve this side only, with the admin listener (and, for the gateway, the "
-        "echo upstream when configured; default: every section)",
+        help="serve this side only, with the admin listener and, for the gateway, the "
+        "echo upstream when configured (default: every section)",
     )
     run.set_defaults(func=_run)
 
