@@ -23,6 +23,7 @@ from authserver.logout import Logout
 from authserver.metadata import authorization_server_metadata, openid_configuration
 from authserver.passwords import PasswordWorker
 from authserver.signin import SignIn
+from authserver.sqlstore import SqlStore
 from authserver.store import Store, StoreUnavailable, StoreWorker
 from authserver.stores import open_store
 from authserver.throttle import AuthThrottle, MemoryThrottle
@@ -74,7 +75,9 @@ class AuthServices:
         signin_throttle: AuthThrottle | None = None,
         limiter: RateLimiter | None = None,
     ) -> AuthServices:
-        store = store or open_store(config)
+        if store is None:
+            store = open_store(config)
+            log_migration(store)
         manager = KeyManager(
             store,
             KeyFiles(config.data_dir),
@@ -252,6 +255,25 @@ class AuthServices:
         self.passwords.close()
         self.io.close()
         self.store.close()
+
+
+def log_migration(store: SqlStore) -> None:
+    """Say on stderr what opening the store did to its schema."""
+    result = store.migration
+    if result is None:
+        return
+    if result.applied:
+        log_event("store.migrated", store=str(store), applied=list(result.applied))
+    if result.ahead:
+        log_event(
+            "store.ahead",
+            level="warning",
+            store=str(store),
+            version=result.version,
+            known=result.known,
+            detail="a newer tokengate migrated this store; migrations only add, so this "
+            "release still works on it: upgrade it",
+        )
 
 
 class StartTracking:

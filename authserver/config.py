@@ -353,14 +353,23 @@ def parse_authserver(node: Node) -> AuthServerConfig:
 
 def as_store_url(node: Node) -> str:
     """A PostgreSQL connection URL (libpq's syntax); checked here, connected at start."""
+    import psycopg.conninfo  # here: only a config that names PostgreSQL needs it
+
     text = as_str(node)
+    shape = (
+        "must be a postgresql://user:password@host:port/database URL, special characters "
+        "in the password percent-encoded (leave it out for the SQLite store in data_dir)"
+    )
     parts = urlsplit(text)
-    if parts.scheme not in STORE_SCHEMES or not (parts.hostname or "host=" in parts.query):
-        raise ConfigError(
-            node.path,
-            "must be a postgresql://user@host:port/database URL (leave it out for the "
-            "SQLite store in data_dir)",
-        )
+    if parts.scheme not in STORE_SCHEMES:
+        raise ConfigError(node.path, shape)
+    try:  # as libpq reads it; its message may quote the password: never shown
+        info = psycopg.conninfo.conninfo_to_dict(text)
+    except psycopg.Error:
+        raise ConfigError(node.path, f"{shape}; libpq cannot read it") from None
+    host = str(info.get("host") or "")
+    if not host or "@" in host or parts.netloc.count("@") > 1:
+        raise ConfigError(node.path, shape)
     return text
 
 

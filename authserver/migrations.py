@@ -51,7 +51,7 @@ def migrate(
                 continue
             migration.apply(store)
             store._q(
-                "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, now),
             )
             applied.append(migration.version)

@@ -29,6 +29,19 @@ STORE_LOCK = int.from_bytes(b"tokengat", "big", signed=True)
 POOL_SIZE = 8
 CONNECT_TIMEOUT = 10.0  # seconds to wait for the first connection at start
 CHECKOUT_TIMEOUT = 5.0  # seconds a store call waits for a free connection
+# A replica that stalls (or is cut off) holding the store's lock must not hang the
+# others: waiting for the lock, or any statement, ends in StoreUnavailable (a 503).
+LOCK_TIMEOUT = "5s"
+STATEMENT_TIMEOUT = "10s"
+# Dead peers are noticed in seconds, not at the kernel's two-hour default.
+CONNECTION = {
+    "autocommit": True,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15000,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,11 +91,16 @@ class PostgresStore(SqlStore):
         self.threads = pool_size
         self._local = threading.local()  # the connection of this thread's transaction
         self._sql: dict[str, str] = {}
+        try:  # one connection first: its error says why (the pool's only "timed out")
+            psycopg.connect(url, connect_timeout=max(1, round(connect_timeout))).close()
+        except psycopg.Error as exc:
+            raise StoreUnavailable(f"cannot connect to {self.url}: {_reason(exc)}") from None
         self._pool = ConnectionPool(
             url,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": True},
+            kwargs=CONNECTION,
+            configure=_configure,
             timeout=CHECKOUT_TIMEOUT,
             name="tokengate-store",
             open=False,
@@ -91,7 +109,7 @@ class PostgresStore(SqlStore):
             self._pool.open(wait=True, timeout=connect_timeout)
         except (PoolTimeout, psycopg.Error) as exc:
             self._pool.close()
-            raise StoreUnavailable(f"cannot connect to {self.url}: {_reason(exc)}") from exc
+            raise StoreUnavailable(f"cannot connect to {self.url}: {_reason(exc)}") from None
         try:
             self.migration = migrations.migrate(self, migrations.POSTGRES) if migrate else None
         except BaseException:
@@ -140,6 +158,7 @@ class PostgresStore(SqlStore):
             return
         try:
             with self._pool.connection() as conn, conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
                 conn.execute("SELECT pg_advisory_xact_lock(%s)", (STORE_LOCK,))
                 self._local.conn = conn
                 try:
@@ -157,6 +176,11 @@ class PostgresStore(SqlStore):
 
     def close(self) -> None:
         self._pool.close()
+
+
+def _configure(conn: psycopg.Connection[Any]) -> None:
+    """Each pooled connection's own limits (set once, when it is opened)."""
+    conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
 
 
 def _read(cursor: psycopg.Cursor[Any]) -> _Result:

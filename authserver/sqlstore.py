@@ -112,7 +112,7 @@ class SqlStore:
         """Record a revoked jti, and, the first time, its place in the feed (in the
         caller's transaction)."""
         cur = self._q(
-            "INSERT INTO revoked_tokens VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO revoked_tokens (jti, server, exp) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
             (jti, server, exp),
         )
         if cur.rowcount == 1:
@@ -139,7 +139,8 @@ class SqlStore:
 
     def remember_assertion(self, client_id: str, jti: str, exp: int) -> bool:
         cur = self._q(
-            "INSERT INTO used_assertions VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            "INSERT INTO used_assertions (client_id, jti, exp) VALUES (?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
             (client_id, jti, exp),
         )
         return cur.rowcount == 1
@@ -169,7 +170,8 @@ class SqlStore:
         self, cookie_hash: str, server: str, params: str, csrf: str, expires_at: int
     ) -> None:
         self._q(
-            "INSERT INTO interactions VALUES (?, ?, ?, ?, ?) ON CONFLICT (cookie_hash) "
+            "INSERT INTO interactions (cookie_hash, server, params, csrf, expires_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (cookie_hash) "
             "DO UPDATE SET server = excluded.server, params = excluded.params, "
             "csrf = excluded.csrf, expires_at = excluded.expires_at",
             (cookie_hash, server, params, csrf, expires_at),
@@ -190,7 +192,8 @@ class SqlStore:
 
     def add_session(self, session_hash: str, record: SessionRecord) -> None:
         self._q(
-            "INSERT INTO sessions VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO sessions (session_hash, sid, user_id, auth_time, created_at, expires_at, "
+            "idle_expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 session_hash,
                 record.sid,
@@ -203,24 +206,22 @@ class SqlStore:
         )
 
     def touch_session(self, session_hash: str, now: int, idle_timeout: int) -> SessionRecord | None:
-        with self.exclusive():
-            row = self._q(
-                "SELECT sid, user_id, auth_time, created_at, expires_at, idle_expires_at "
-                "FROM sessions WHERE session_hash = ?",
-                (session_hash,),
-            ).fetchone()
-            if row is None:
-                return None
-            record = SessionRecord(*row)
-            if now >= record.expires_at or now >= record.idle_expires_at:
-                self._q("DELETE FROM sessions WHERE session_hash = ?", (session_hash,))
-                return None
-            idle = min(now + idle_timeout, record.expires_at)
-            self._q(
-                "UPDATE sessions SET idle_expires_at = ? WHERE session_hash = ?",
-                (idle, session_hash),
-            )
-            return dataclasses.replace(record, idle_expires_at=idle)
+        # one statement, no store lock: every page view of every replica touches one
+        rows = self._q(
+            "UPDATE sessions SET idle_expires_at = "
+            "CASE WHEN ? < expires_at THEN ? ELSE expires_at END "
+            "WHERE session_hash = ? AND expires_at > ? AND idle_expires_at > ? "
+            "RETURNING sid, user_id, auth_time, created_at, expires_at, idle_expires_at",
+            (now + idle_timeout, now + idle_timeout, session_hash, now, now),
+        ).fetchall()  # all: SQLite finishes the statement (and its write) only then
+        if rows:
+            return SessionRecord(*rows[0])
+        self._q(  # over, if it is there at all: gone now
+            "DELETE FROM sessions WHERE session_hash = ? AND "
+            "(expires_at <= ? OR idle_expires_at <= ?)",
+            (session_hash, now, now),
+        )
+        return None
 
     def end_session(self, session_hash: str) -> bool:
         cur = self._q("DELETE FROM sessions WHERE session_hash = ?", (session_hash,))
@@ -231,7 +232,8 @@ class SqlStore:
 
     def add_code(self, code_hash: str, record: CodeRecord) -> None:
         self._q(
-            "INSERT INTO auth_codes VALUES (?, ?, ?, 'issued', '[]', ?)",
+            "INSERT INTO auth_codes (code_hash, record, expires_at, state, jtis, keep_until) "
+            "VALUES (?, ?, ?, 'issued', '[]', ?)",
             (code_hash, _code_json(record), record.expires_at, record.expires_at),
         )
 
@@ -283,7 +285,8 @@ class SqlStore:
             if row is not None and row[0] != "redeemed":
                 return False
             self._q(
-                "INSERT INTO grants VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
+                "INSERT INTO grants (family, record, session_id, user_id, offline, revoked, jtis, "
+                "expires_at, keep_until) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
                 (
                     grant.family,
                     json.dumps(dataclasses.asdict(grant), sort_keys=True),
@@ -295,9 +298,13 @@ class SqlStore:
                     max(grant.expires_at, exp),
                 ),
             )
-            self._q("INSERT INTO grant_tokens VALUES (?, ?, ?)", (grant.family, jti, exp))
             self._q(
-                "INSERT INTO refresh_tokens VALUES (?, ?, 'active', ?)",
+                "INSERT INTO grant_tokens (family, jti, exp) VALUES (?, ?, ?)",
+                (grant.family, jti, exp),
+            )
+            self._q(
+                "INSERT INTO refresh_tokens (token_hash, family, state, idle_expires_at) "
+                "VALUES (?, ?, 'active', ?)",
                 (token_hash, grant.family, idle_expires_at),
             )
             return True
@@ -330,11 +337,15 @@ class SqlStore:
                 return RefreshUse(grant, "expired")
             self._q("UPDATE refresh_tokens SET state = 'used' WHERE token_hash = ?", (token_hash,))
             self._q(
-                "INSERT INTO refresh_tokens VALUES (?, ?, 'active', ?)",
+                "INSERT INTO refresh_tokens (token_hash, family, state, idle_expires_at) "
+                "VALUES (?, ?, 'active', ?)",
                 (successor, grant.family, min(idle_expires_at, grant.expires_at)),
             )
             # one row a refresh: its cost does not grow with the family's age
-            self._q("INSERT INTO grant_tokens VALUES (?, ?, ?)", (grant.family, jti, exp))
+            self._q(
+                "INSERT INTO grant_tokens (family, jti, exp) VALUES (?, ?, ?)",
+                (grant.family, jti, exp),
+            )
             if exp > keep_until:
                 self._q("UPDATE grants SET keep_until = ? WHERE family = ?", (exp, grant.family))
             return RefreshUse(grant, "ok")
@@ -421,7 +432,8 @@ class SqlStore:
 
     def add_consent(self, user_id: str, client_id: str, scopes: Iterable[str], now: int) -> None:
         self._many(
-            "INSERT INTO consents VALUES (?, ?, ?, ?) ON CONFLICT (user_id, client_id, scope) "
+            "INSERT INTO consents (user_id, client_id, scope, granted_at) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (user_id, client_id, scope) "
             "DO UPDATE SET granted_at = excluded.granted_at",
             [(user_id, client_id, scope, now) for scope in scopes],
         )

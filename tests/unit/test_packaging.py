@@ -98,6 +98,7 @@ def test_no_value_hard_codes_a_release_name() -> None:
     values = yaml.safe_load(values_text)
     assert all("jwks_uri" not in i for i in values["config"]["gateway"]["issuers"])
     configmap = (CHART / "templates" / "configmap.yaml").read_text()
+    configmap += (CHART / "templates" / "_helpers.tpl").read_text()  # "tokengate.config"
     assert 'include "tokengate.name"' in configmap
     assert ".Values.authserver.service.port" in configmap
     assert '"jwks_uri"' in configmap

@@ -212,3 +212,48 @@ def test_an_unreachable_postgresql_is_a_clear_error() -> None:
 def test_every_migration_is_known_to_both_backends() -> None:
     assert [m.version for m in migrations.SQLITE] == [m.version for m in migrations.POSTGRES]
     assert [m.name for m in migrations.SQLITE] == [m.name for m in migrations.POSTGRES]
+
+
+def test_a_replica_stuck_holding_the_lock_costs_others_a_503_not_a_hang(pg_url: str) -> None:
+    """Waiting for the store's lock ends (lock_timeout): a StoreUnavailable the
+    endpoints answer 503 with, never a request that hangs with its replica."""
+    import time
+
+    import psycopg
+
+    from authserver.pg_store import STORE_LOCK, PostgresStore
+
+    store = PostgresStore(pg_url, pool_size=1)
+    with psycopg.connect(pg_url) as holder:  # another replica, stalled mid-transaction
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (STORE_LOCK,))
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="LockNotAvailable"):
+            store.revoke("jti-1", "default", NOW + 60)
+        assert 4.5 < time.monotonic() - started < 8
+        # one statement without the lock still works meanwhile
+        assert store.touch_session("no-such-session", NOW, 60) is None
+    store.revoke("jti-1", "default", NOW + 60)  # the holder gone: back to normal
+    assert store.is_revoked("jti-1")
+    store.close()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://postgres:TOP%zzSECRET@127.0.0.1/test",
+        "postgresql://postgres:p@ssSECRET@127.0.0.1:5432/test",
+    ],
+)
+def test_a_store_url_libpq_would_misread_is_refused_without_echoing_it(url: str) -> None:
+    from tokengate.config import parse_config
+    from tokengate.yamlconf import ConfigErrors
+
+    text = (
+        "authserver:\n  servers: [{name: a, audience: x}]\n"
+        f"  key_encryption_key: {base64.b64encode(KEK).decode()}\n  store: '{url}'\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, {})
+    (problem,) = [str(e) for e in info.value.errors]
+    assert problem.startswith("authserver.store: must be a postgresql://user:password@host")
+    assert "SECRET" not in problem
