@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint format check bench-tokens bench-gateway clean promtool browser
+.PHONY: run test lint format check bench-tokens bench-store bench-gateway clean promtool browser
 
 run: $(VENV)/.runtime
 	$(BIN)/tokengate run
@@ -27,6 +27,12 @@ check: $(VENV)/.runtime
 
 bench-tokens: $(VENV)/.bench
 	$(BIN)/python bench/token_issuance.py
+
+# PostgreSQL drivers on the refresh grant's store transaction; needs a PostgreSQL
+# (PG_URL, a scratch schema is created and dropped there)
+PG_URL ?= postgresql://postgres@127.0.0.1:5432/test
+bench-store: $(VENV)/.bench
+	$(BIN)/python bench/store_drivers.py --url $(PG_URL)
 
 bench-signin: $(VENV)/.bench
 	$(BIN)/python bench/signin.py

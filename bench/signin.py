@@ -36,10 +36,13 @@ seconds divided by what they completed, "loops" the part of it on the processes'
 main threads (the event loops; argon2 and the store run on threads of their own),
 "bench CPU" the same for this process. "cores busy" puts tokengate, this process and
 the whole machine side by side: on a shared machine, what tokengate completes follows
-the share of the cores it gets. ``--phase`` runs some phases only. ``--profile FILE``
-runs the server as one worker under cProfile (its main thread only) for the sign-in
-phase and prints the top functions: a diagnosis aid, not a figure to compare
-(cProfile's clock is wall time, so on a busy machine it charges waits to functions).
+the share of the cores it gets. ``--store URL`` keeps the store in PostgreSQL instead
+of SQLite in the scratch directory: in a schema of its own created for the run and
+dropped after, with a random ``key_encryption_key``. ``--phase`` runs some phases
+only. ``--profile FILE`` runs the server as one worker under cProfile (its main
+thread only) for the sign-in phase and prints the top functions: a diagnosis aid, not
+a figure to compare (cProfile's clock is wall time, so on a busy machine it charges
+waits to functions).
 """
 
 from __future__ import annotations
@@ -65,17 +68,19 @@ from dataclasses import dataclass, field
 from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urljoin, urlsplit
+from urllib.parse import parse_qs, quote, urljoin, urlsplit
 
 import aiohttp
 import httpx
 import jwt
+import psycopg
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from token_issuance import cpu_seconds, family, free_port
 
 from authserver.passwords import hash_password, verify_password
+from authserver.pg_store import redact
 
 PORTAL_SECRET = "portal-secret-0123456789abcdefghijklmnop"  # noqa: S105 - throwaway
 REPORTING_SECRET = "reporting-secret-0123456789abcdefghijkl"  # noqa: S105 - throwaway
@@ -752,6 +757,7 @@ def report(args: argparse.Namespace, results: dict[str, Any], argon2: tuple[floa
         f"tokengate run --workers {workers} --only authserver, RS256, {args.users} users; "
         f"{args.duration:g} s measured after {args.warmup:g} s warm-up per phase"
     )
+    print(f"store: {'PostgreSQL, ' + redact(args.store) if args.store else 'SQLite'}")
     print()
     print(
         f"{'':<44}{'per s':>8}{'p50':>10}{'p99':>10}{'tokengate CPU':>15}{'loops':>8}"
@@ -880,6 +886,14 @@ def print_profile(path: Path) -> None:
     stats.sort_stats("cumulative").print_stats(25)
 
 
+def scratch_schema(url: str, schema: str) -> str:
+    """Creates ``schema`` at the PostgreSQL ``url``; the URL with it as search_path."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {schema}")
+    sep = "&" if "?" in url else "?"
+    return f"{url}{sep}options={quote(f'-csearch_path={schema}', safe='')}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=2)
@@ -892,6 +906,9 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=12, help="seconds measured per phase")
     parser.add_argument("--warmup", type=float, default=3, help="seconds before measuring")
     parser.add_argument("--source", type=Path, help="run tokengate from this checkout")
+    parser.add_argument(
+        "--store", help="PostgreSQL URL: the store there, in a scratch schema (default SQLite)"
+    )
     parser.add_argument(
         "--phase",
         action="append",
@@ -921,13 +938,24 @@ def main() -> None:
         base = f"http://127.0.0.1:{port}"
         print(f"hashing {args.users} passwords ...", file=sys.stderr, flush=True)
         config = make_config(work, port, hash_users(args.users))
+        schema = f"bench_signin_{secrets.token_hex(4)}"
+        if args.store:
+            config["authserver"]["store"] = scratch_schema(args.store, schema)
+            config["authserver"]["key_encryption_key"] = base64.b64encode(
+                secrets.token_bytes(32)
+            ).decode()
         (work / "tokengate.yaml").write_text(yaml.safe_dump(config))
-        server = Server(args, work, work / "tokengate.yaml")
         try:
-            server.wait_ready(f"{base}/oauth2/default/v1/keys", args.workers)
-            results = asyncio.run(benchmark(args, server, base))
+            server = Server(args, work, work / "tokengate.yaml")
+            try:
+                server.wait_ready(f"{base}/oauth2/default/v1/keys", args.workers)
+                results = asyncio.run(benchmark(args, server, base))
+            finally:
+                server.stop()
         finally:
-            server.stop()
+            if args.store:
+                with psycopg.connect(args.store, autocommit=True) as conn:
+                    conn.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
     if args.json:
         print(json.dumps({"argon2_ms": argon2[0], "argon2_per_s_2_threads": argon2[1], **results}))
     else:
