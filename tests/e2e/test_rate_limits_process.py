@@ -311,3 +311,67 @@ def test_the_token_endpoint_limit_holds_across_two_workers(tokengate: Any, tmp_p
     ]
     assert answers[-1].json()["error"] == "temporarily_unavailable"
     assert int(answers[-1].headers["retry-after"]) >= 1
+
+
+def test_the_token_endpoint_limit_holds_across_two_replicas(tmp_path: Path, pg_url: str) -> None:
+    """Two authorization-server replicas on one PostgreSQL store, behind one public URL:
+    a client's token-endpoint limit is one limit, held in the shared Redis."""
+    import base64
+    import secrets
+
+    from tests.conftest import REPORTING_SECRET
+    from tests.e2e.conftest import e2e_config
+
+    redis_url = shared_redis()
+    kek = base64.b64encode(secrets.token_bytes(32)).decode()
+    ports = [free_port(), free_port()]
+    public_url = f"http://127.0.0.1:{ports[0]}"  # the one address (a load balancer's)
+    replicas = []
+    try:
+        for name, port in zip(("a", "b"), ports, strict=True):
+            admin = free_port()
+            (tmp_path / name).mkdir()
+            config = e2e_config(
+                tmp_path / name / "data",
+                port,
+                public_url=public_url,
+                store=pg_url,
+                key_encryption_key=kek,
+                rate_limits={"token": {"per_client": "5/min"}},
+            )
+            config.update(redis=redis_url, admin={"listen": f"127.0.0.1:{admin}"})
+            replica = Tokengate(tmp_path / name, config, "--only", "authserver")
+            replicas.append(replica)
+            replica.start(f"http://127.0.0.1:{admin}/readyz")
+        answers = []
+        for i in range(8):  # alternating: a, b, a, b, ...
+            url = f"http://127.0.0.1:{ports[i % 2]}/oauth2/default/v1/token"
+            answers.append(
+                httpx.post(
+                    url,
+                    data={"grant_type": "client_credentials"},
+                    auth=("reporting", REPORTING_SECRET),
+                    timeout=10,
+                )
+            )
+        assert [r.status_code for r in answers] == [200] * 5 + [429] * 3
+        assert [r.headers["x-rate-limit-remaining"] for r in answers] == [
+            "4",
+            "3",
+            "2",
+            "1",
+            "0",
+            "0",
+            "0",
+            "0",
+        ]
+        assert answers[-1].json()["error"] == "temporarily_unavailable"
+        assert int(answers[-1].headers["retry-after"]) >= 1
+        for replica in replicas:  # every decision was Redis's
+            events = [e["event"] for e in replica.log_events()]
+            assert not [e for e in events if e.startswith("ratelimit.")], events
+    finally:
+        for replica in replicas:
+            if replica.proc is not None and replica.proc.poll() is None:
+                replica.proc.kill()
+                replica.proc.wait()
