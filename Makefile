@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 
-.PHONY: run test lint format check bench-tokens bench-store bench-gateway clean promtool browser
+.PHONY: run test lint format check bench-tokens bench-store bench-gateway bench-revocation clean promtool browser
 
 run: $(VENV)/.runtime
 	$(BIN)/tokengate run
@@ -39,6 +39,9 @@ bench-signin: $(VENV)/.bench
 
 bench-gateway: $(VENV)/.bench
 	$(BIN)/python bench/gateway_overhead.py
+
+bench-revocation: $(VENV)/.bench
+	$(BIN)/python bench/revocation_delay.py
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
