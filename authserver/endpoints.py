@@ -322,6 +322,8 @@ class Endpoints:
             wait = _feed_wait(form.get("wait"))
             deadline = time.monotonic() + wait
             while True:
+                # taken before the read: a revocation that commits during it still wakes us
+                revoked_here = self._revoked_here
                 entries, after = await self._store(
                     self.store.revocations_after, server.name, cursor, FEED_PAGE, int(self.clock())
                 )
@@ -330,7 +332,7 @@ class Endpoints:
                     break
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(min(FEED_POLL, left)):
-                        await self._revoked_here.wait()
+                        await revoked_here.wait()
         except OAuthError as exc:
             self.metrics.revocation_feed.labels(server.name, "error").inc()
             await send_error(send, exc)
