@@ -314,6 +314,7 @@ class KeyManager:
             self.files.write(server.name, kid, private_key)
             self.store.add_key(record)
         else:
+            self._check_kek()
             der = private_key.private_bytes(
                 serialization.Encoding.DER,
                 serialization.PrivateFormat.PKCS8,
@@ -321,6 +322,17 @@ class KeyManager:
             )
             self.store.add_key(record, keyseal.seal(self.kek, server.name, kid, der))
         return record
+
+    def _check_kek(self) -> None:
+        """KeyUnsealError unless the key encryption key opens the newest key already
+        sealed in the store: a key sealed under another one would be published, and
+        then stop every replica from loading the keys (and from starting)."""
+        assert self.kek is not None
+        for record in reversed(self.store.keys()):
+            sealed = self.store.private_key(record.server, record.kid)
+            if sealed is not None:
+                keyseal.unseal(self.kek, record.server, record.kid, sealed)
+                return
 
     def signing_key(self, record: KeyRecord) -> SigningKey:
         """The loaded key for ``record``, read once per process: from the store,

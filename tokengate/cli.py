@@ -479,6 +479,7 @@ def _load_authserver(args: argparse.Namespace) -> tuple[Path, AuthServerConfig] 
 
 def _keys(args: argparse.Namespace) -> int:
     from authserver.keys import KeyFiles, KeyManager, RotationPending
+    from authserver.keyseal import KeyUnsealError
 
     loaded = _load_authserver(args)
     if loaded is None:
@@ -513,6 +514,9 @@ def _keys(args: argparse.Namespace) -> int:
                     print(f"{server.name}: {exc}", file=sys.stderr)
                     status = 1
                     continue
+                except KeyUnsealError as exc:  # nothing was created
+                    print(f"{server.name}: {exc}; nothing was created", file=sys.stderr)
+                    return 3
                 print(
                     f"{server.name}: next key {record.kid} ({record.alg}) is published now "
                     f"and signs from {_time(record.activate_at)} "

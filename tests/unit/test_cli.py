@@ -6,9 +6,11 @@ in tests/e2e/test_cli_process.py and tests/e2e/test_users_cli.py."""
 from __future__ import annotations
 
 import argparse
+import base64
 import importlib.metadata
 import json
 import logging
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -306,6 +308,32 @@ def test_a_refused_rotation_names_its_time_in_rfc3339(
     store.close()
     assert "it starts signing at 2026-12-04T18:05:00Z" in str(pending.value)
     assert not re.search(r"\b\d{9,}\b", str(pending.value))  # no raw epoch
+
+
+def test_keys_rotate_with_another_key_encryption_key_is_refused_and_creates_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, "data")
+    data = yaml.safe_load(config.read_text())
+    sealed_with, other = os.urandom(32), os.urandom(32)
+    data["authserver"]["key_encryption_key"] = base64.b64encode(other).decode()
+    config.write_text(yaml.safe_dump(data))
+    server = ServerConfig("default", "http://i/oauth2/default", "api://default", "RS256", 300, ())
+    store = SqliteStore(tmp_path / "data")
+    first = KeyManager(
+        store, KeyFiles(tmp_path / "data"), jwks_max_age=300, leeway=30, kek=sealed_with
+    ).ensure(server)
+    assert first is not None
+    assert main(["keys", "rotate", "-c", str(config)]) == 3
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err == (
+        f"default: signing key {first.kid} of server 'default' does not open with "
+        "authserver.key_encryption_key: it is not the key the store was written with; "
+        "nothing was created\n"
+    )
+    assert [r.kid for r in store.keys("default")] == [first.kid]
+    store.close()
 
 
 def test_keys_without_an_authserver_section_names_the_file(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import stat
 import subprocess
 import sys
@@ -22,6 +24,7 @@ from authserver.keys import (
     public_members,
     thumbprint,
 )
+from authserver.keyseal import KeyUnsealError
 from authserver.sqlite_store import SqliteStore
 from authserver.store import KeyRecord
 
@@ -105,6 +108,29 @@ def test_rotate_on_a_fresh_data_dir_first_creates_an_active_key(tmp_path: Path) 
     states = {s.record.kid: s.state for s in manager.schedule(SERVER)}
     assert states[nxt.kid] == "next"
     assert sorted(states.values()) == ["active", "next"]
+    store.close()
+
+
+def test_a_new_key_is_sealed_only_with_the_key_the_stores_keys_were_sealed_with(
+    tmp_path: Path,
+) -> None:
+    """A key sealed under another key encryption key would be published, then stop
+    every replica from loading the keys: rotating (or a first key for a new
+    algorithm) with the wrong one is refused, and creates nothing."""
+    store = SqliteStore(tmp_path)
+    kek = os.urandom(32)
+    right = KeyManager(store, KeyFiles(tmp_path), jwks_max_age=60, leeway=30, kek=kek)
+    first = right.ensure(SERVER)
+    assert first is not None
+    wrong = KeyManager(store, KeyFiles(tmp_path), jwks_max_age=60, leeway=30, kek=os.urandom(32))
+    with pytest.raises(KeyUnsealError, match=r"does not open with authserver\.key_encryption_key"):
+        wrong.rotate(SERVER)
+    with pytest.raises(KeyUnsealError):
+        wrong.ensure(dataclasses.replace(SERVER, signing_alg="RS256"))
+    assert [r.kid for r in store.keys("default")] == [first.kid]
+    assert not (tmp_path / "keys").exists()
+    nxt = right.rotate(SERVER)  # the right key still rotates
+    assert [r.kid for r in store.keys("default")] == [first.kid, nxt.kid]
     store.close()
 
 
