@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import os
 import secrets
 import subprocess
@@ -28,6 +29,7 @@ import httpx
 import jwt
 import psycopg
 import pytest
+import yaml
 from authlib.integrations.httpx_client import OAuth2Client
 from authlib.jose import JsonWebKey, JsonWebToken
 from authlib.oidc.core import CodeIDToken
@@ -40,7 +42,14 @@ from tests.e2e.conftest import Tokengate, e2e_config, free_port
 PORTAL_SECRET = "portal-secret-0123456789abcdefghijklmnop"
 CALLBACK = "https://portal.example.com/callback"
 ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-ALICE_HASH = hash_password("alice-password")
+TIMEOUT = 30  # seconds a request may take on a loaded machine (httpx's default is 5)
+get = functools.partial(httpx.get, timeout=TIMEOUT)
+post = functools.partial(httpx.post, timeout=TIMEOUT)
+
+
+@functools.cache
+def alice_hash() -> str:
+    return hash_password("alice-password")
 
 
 def new_kek() -> str:
@@ -81,26 +90,26 @@ class Replica:
         raise RuntimeError(f"tokengate did not become ready: {p.stderr()}")
 
     def token(self, client: tuple[str, str] = ("reporting", REPORTING_SECRET)) -> str:
-        response = httpx.post(
+        response = post(
             f"{self.issuer}/v1/token", data={"grant_type": "client_credentials"}, auth=client
         )
         assert response.status_code == 200, response.text
         return response.json()["access_token"]  # type: ignore[no-any-return]
 
     def introspect(self, token: str) -> dict[str, Any]:
-        response = httpx.post(
+        response = post(
             f"{self.issuer}/v1/introspect", data={"token": token}, auth=("admin", ADMIN_SECRET)
         )
         assert response.status_code == 200, response.text
         return response.json()  # type: ignore[no-any-return]
 
     def kids(self) -> set[str]:
-        response = httpx.get(f"{self.issuer}/v1/keys")
+        response = get(f"{self.issuer}/v1/keys")
         assert response.status_code == 200
         return {k["kid"] for k in response.json()["keys"]}
 
     def jwks(self) -> list[dict[str, str]]:
-        keys = httpx.get(f"{self.issuer}/v1/keys").json()["keys"]
+        keys = get(f"{self.issuer}/v1/keys").json()["keys"]
         return sorted(keys, key=lambda k: k["kid"])
 
 
@@ -129,7 +138,7 @@ def replica_config(
         users=[
             {
                 "username": "alice",
-                "password_hash": ALICE_HASH,
+                "password_hash": alice_hash(),
                 "profile": {"name": "Alice Doe", "email": "alice@example.com"},
             }
         ],
@@ -158,8 +167,8 @@ def replicas(tmp_path: Path, pg_url: str) -> Iterator[Callable[..., Pair]]:
     at the same moment. Every process is killed afterwards."""
     made: list[Replica] = []
 
-    def make(*, start: bool = True, kek: str | None = None) -> Pair:
-        kek = kek or new_kek()
+    def make(*, start: bool = True) -> Pair:
+        kek = new_kek()
         billing_key, billing_jwk = ec_client_key()
         ports = free_port(), free_port()
         public_url = f"http://127.0.0.1:{ports[0]}"
@@ -212,12 +221,13 @@ def test_a_token_revoked_at_one_replica_is_inactive_at_the_other_at_once(
         "scope": "orders:read",
         "token_type": "Bearer",
     }
-    revoked = httpx.post(
+    revoked = post(
         f"{pair.a.issuer}/v1/revoke", data={"token": token}, auth=("reporting", REPORTING_SECRET)
     )
     assert (revoked.status_code, revoked.content) == (200, b"")
     assert pair.b.introspect(token) == {"active": False}
     assert pair.a.introspect(token) == {"active": False}
+    assert (pair.a.process.stop(), pair.b.process.stop()) == (0, 0)
 
 
 def test_a_rotation_from_the_cli_reaches_both_replicas(replicas: Callable[..., Pair]) -> None:
@@ -255,6 +265,7 @@ def test_a_sign_in_started_on_one_replica_finishes_on_the_other(
     with OAuth2Client(
         "portal",
         PORTAL_SECRET,
+        timeout=TIMEOUT,
         scope="openid profile email orders:read",
         redirect_uri=CALLBACK,
         code_challenge_method="S256",
@@ -263,7 +274,7 @@ def test_a_sign_in_started_on_one_replica_finishes_on_the_other(
         url, state = app.create_authorization_url(
             f"{pair.a.issuer}/v1/authorize", code_verifier=verifier, nonce=nonce
         )
-        with httpx.Client(follow_redirects=False) as browser:
+        with httpx.Client(follow_redirects=False, timeout=TIMEOUT) as browser:
             to_page = browser.get(url)  # on A
             assert to_page.status_code == 303
             page = browser.get(urljoin(pair.a.base, to_page.headers["location"]))  # on A
@@ -307,6 +318,7 @@ def signed_in_refresh_token(pair: Pair) -> str:
     with OAuth2Client(
         "portal",
         PORTAL_SECRET,
+        timeout=TIMEOUT,
         scope="openid orders:read",
         redirect_uri=CALLBACK,
         code_challenge_method="S256",
@@ -314,7 +326,7 @@ def signed_in_refresh_token(pair: Pair) -> str:
         url, _ = app.create_authorization_url(
             f"{pair.a.issuer}/v1/authorize", code_verifier=verifier, nonce="n"
         )
-        with httpx.Client(follow_redirects=False) as browser:
+        with httpx.Client(follow_redirects=False, timeout=TIMEOUT) as browser:
             to_page = browser.get(url)
             page = browser.get(urljoin(pair.a.base, to_page.headers["location"]))
             form = Form(page.text)
@@ -333,7 +345,7 @@ def signed_in_refresh_token(pair: Pair) -> str:
 
 
 def refresh(replica: Replica, refresh_token: str) -> httpx.Response:
-    return httpx.post(
+    return post(
         f"{replica.issuer}/v1/token",
         data={"grant_type": "refresh_token", "refresh_token": refresh_token},
         auth=("portal", PORTAL_SECRET),
@@ -349,9 +361,11 @@ def test_one_refresh_token_at_both_replicas_at_once_has_one_winner(
     answers: dict[str, httpx.Response] = {}
 
     def present(name: str, replica: Replica) -> None:
-        with httpx.Client() as client:  # connected before the barrier: only the POST races
+        with httpx.Client(
+            timeout=TIMEOUT
+        ) as client:  # connected before the barrier: only the POST races
             client.get(f"{replica.issuer}/v1/keys")
-            barrier.wait(timeout=10)
+            barrier.wait(timeout=TIMEOUT)
             answers[name] = client.post(
                 f"{replica.issuer}/v1/token",
                 data={"grant_type": "refresh_token", "refresh_token": refresh_token},
@@ -365,7 +379,7 @@ def test_one_refresh_token_at_both_replicas_at_once_has_one_winner(
     for thread in threads:
         thread.start()
     for thread in threads:
-        thread.join(timeout=20)
+        thread.join(timeout=2 * TIMEOUT)
     assert sorted(r.status_code for r in answers.values()) == [200, 400]
     winner = next(r for r in answers.values() if r.status_code == 200)
     loser = next(r for r in answers.values() if r.status_code == 400)
@@ -410,20 +424,20 @@ def test_a_client_assertion_replayed_at_the_other_replica_is_refused(
         "client_assertion_type": ASSERTION_TYPE,
         "client_assertion": signed,
     }
-    first = httpx.post(f"{pair.a.issuer}/v1/token", data=form)
+    first = post(f"{pair.a.issuer}/v1/token", data=form)
     assert first.status_code == 200, first.text
     assert (
         jwt.decode(first.json()["access_token"], options={"verify_signature": False})["client_id"]
         == "billing"
     )
-    replayed = httpx.post(f"{pair.b.issuer}/v1/token", data=form)
+    replayed = post(f"{pair.b.issuer}/v1/token", data=form)
     assert replayed.status_code == 401
     assert replayed.json() == {
         "error": "invalid_client",
         "error_description": "client authentication failed",
     }
     # a fresh jti is fine at B: it is the replay that was refused
-    fresh = httpx.post(
+    fresh = post(
         f"{pair.b.issuer}/v1/token",
         data={**form, "client_assertion": assertion(pair, str(uuid.uuid4()))},
     )
@@ -453,7 +467,7 @@ def test_two_replicas_starting_together_migrate_once_and_share_one_key(
 
 
 def test_a_wrong_key_encryption_key_stops_a_replica_at_start(
-    replicas: Callable[..., Pair], pg_url: str, tmp_path: Path
+    replicas: Callable[..., Pair], pg_url: str
 ) -> None:
     pair = replicas(start=False)
     pair.a.spawn()
@@ -469,12 +483,16 @@ def test_a_wrong_key_encryption_key_stops_a_replica_at_start(
     assert "keys.created" not in started.stderr
     assert "Traceback" not in started.stderr
     assert sql(pg_url, "SELECT server, kid FROM signing_keys ORDER BY kid") == keys_before
+    # nor does `keys rotate` with that config seal a key the replicas could not open
+    rotated = pair.b.process.cli("keys", "rotate")
+    assert rotated.returncode == 3
+    assert "does not open with authserver.key_encryption_key" in rotated.stderr
+    assert rotated.stderr.endswith("; nothing was created\n")
+    assert sql(pg_url, "SELECT server, kid FROM signing_keys ORDER BY kid") == keys_before
     # A is unaffected
     assert jwt.get_unverified_header(pair.a.token())["kid"] == keys_before[0][1]
 
 
 def _kek_of(config: Path) -> str:
-    import yaml
-
     kek: str = yaml.safe_load(config.read_text())["authserver"]["key_encryption_key"]
     return kek
