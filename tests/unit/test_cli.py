@@ -329,8 +329,8 @@ def test_keys_rotate_with_another_key_encryption_key_is_refused_and_creates_noth
     assert out == ""
     assert err == (
         f"default: signing key {first.kid} of server 'default' does not open with "
-        "authserver.key_encryption_key: it is not the key the store was written with; "
-        "nothing was created\n"
+        "authserver.key_encryption_key: either it is not the key the store was written "
+        "with, or the stored key is damaged; nothing was created\n"
     )
     assert [r.kid for r in store.keys("default")] == [first.kid]
     store.close()
