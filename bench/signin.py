@@ -77,7 +77,7 @@ import psycopg
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from token_issuance import cpu_seconds, family, free_port
+from token_issuance import cpu_seconds, family, free_port, percentile
 
 from authserver.passwords import hash_password, verify_password
 from authserver.pg_store import redact
@@ -104,15 +104,6 @@ def b64url(data: bytes) -> str:
 def basic_auth(client_id: str, secret: str) -> dict[str, str]:
     """client_secret_basic (the id and secret need no form-encoding here)."""
     return {"Authorization": "Basic " + base64.b64encode(f"{client_id}:{secret}".encode()).decode()}
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
 
 
 class Form(HTMLParser):

@@ -60,6 +60,9 @@ from authserver.pg_store import POOL_SIZE, STORE_LOCK, PostgresStore
 from authserver.sqlstore import _grant
 from authserver.store import Grant, StoreWorker
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from token_issuance import percentile
+
 DRIVERS = ("psycopg-sync", "psycopg-async", "asyncpg", "asyncpg-noreset")
 ACCESS_TTL = 300  # the access token each refresh issues
 IDLE_TTL = 7 * 86400  # refresh_tokens.idle_ttl's default
@@ -87,15 +90,6 @@ def dollar(sql: str) -> str:
 
 def new_hash() -> str:
     return hashlib.sha256(secrets.token_bytes(32)).hexdigest()
-
-
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * q // 100))
-    return ordered[int(rank) - 1]
 
 
 class Families:
