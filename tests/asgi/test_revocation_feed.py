@@ -117,3 +117,38 @@ async def test_a_drain_answers_held_requests_at_once(authserver: AuthServer) -> 
         answer = await waiting
     assert answer.status_code == 200 and answer.json()["revocations"] == []
     assert time.monotonic() - started < 2
+
+
+async def test_a_revocation_made_during_a_held_request_s_store_read_wakes_it(
+    authserver: AuthServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a store with several threads (PostgreSQL), a revocation can commit, and wake
+    the waiting requests, while a held request's read is still out: that request must
+    wake too, not sleep until its next poll (made 30 s long here)."""
+    from authserver import endpoints as endpoints_module
+
+    monkeypatch.setattr(endpoints_module, "FEED_POLL", 30.0)
+    endpoints = authserver.services.endpoints
+    store = authserver.services.store
+    loop = asyncio.get_running_loop()
+    real_read = store.revocations_after
+    calls: list[float] = []
+
+    def read_then_revoke_meanwhile(*args: object) -> object:
+        answer = real_read(*args)  # type: ignore[arg-type]
+        if not calls:  # the first read found nothing; now another request revokes
+            store.revoke("jti-late", "default", int(authserver.clock.now) + 60)
+            woken = asyncio.run_coroutine_threadsafe(notify(), loop)
+            woken.result(timeout=5)
+        calls.append(time.monotonic())
+        return answer
+
+    async def notify() -> None:
+        endpoints._notify_revoked()
+
+    monkeypatch.setattr(store, "revocations_after", read_then_revoke_meanwhile)
+    async with authserver.client() as http:
+        started = time.monotonic()
+        answer = await http.get(FEED, params={"wait": "20"}, auth=ADMIN)
+    assert [e["jti"] for e in answer.json()["revocations"]] == ["jti-late"]
+    assert len(calls) == 2 and time.monotonic() - started < 5
