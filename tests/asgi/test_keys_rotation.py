@@ -134,3 +134,38 @@ async def test_changing_signing_alg_switches_keys_and_keeps_old_published(
     assert jwt.get_unverified_header(new)["alg"] == "ES256"
     verify(issued, document)
     verify(new, document)
+
+
+async def test_a_scheduled_rotation_publishes_the_next_key_then_signs_with_it(
+    make_authserver: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``rotation.every``: the maintenance pass publishes the next key one rotation
+    lead before the active key has signed for ``every``, and it signs from then on."""
+    clock = FakeClock()
+
+    def every_five_minutes(data: dict[str, Any]) -> None:
+        data["authserver"]["rotation"] = {"every": "5m"}
+
+    server = make_authserver(every_five_minutes, clock=clock)
+    services = server.services
+    lead = services.keyring.manager.rotation_lead
+    async with server.client() as http:
+        first = kid(await token(http))
+        clock.advance(300 - lead - 1)
+        services._maintain(int(clock.now), False)  # not due yet
+        assert [k["kid"] for k in (await jwks(http))["keys"]] == [first]
+        clock.advance(1)
+        services._maintain(int(clock.now), False)
+        second = [k["kid"] for k in (await jwks(http))["keys"] if k["kid"] != first]
+        assert len(second) == 1 and kid(await token(http)) == first  # published, not signing
+        services._maintain(int(clock.now), False)  # a second pass: nothing more
+        assert len((await jwks(http))["keys"]) == 2
+        clock.advance(lead)
+        assert kid(await token(http)) == second[0]
+    lines = capsys.readouterr().err.replace(" ", "").splitlines()
+    rotated = [line for line in lines if '"event":"keys.rotated"' in line]
+    assert sorted(line.split('"server":"')[1].split('"')[0] for line in rotated) == [
+        "default",
+        "partners",
+    ]  # once each server, however many passes
+    assert all('"scheduled":true' in line for line in rotated)
