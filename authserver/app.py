@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable
@@ -298,6 +299,10 @@ class AuthServerApp:
         self.routes = build_routes(services.config.servers, services.endpoints, services.signin)
         self.pages = services.signin.routes()
 
+    def _wake_feed(self) -> None:
+        """Another process revoked something: held feed requests read the store now."""
+        self.services.endpoints.wake_feed()
+
     def drain(self) -> None:
         """The process is shutting down: end held (long-poll) requests now."""
         self.services.endpoints.drain()
@@ -387,6 +392,11 @@ class AuthServerApp:
                 except (OSError, sqlite3.Error, StoreUnavailable, ValueError, RuntimeError) as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
+                self.services.store.follow_revocations(
+                    functools.partial(
+                        asyncio.get_running_loop().call_soon_threadsafe, self._wake_feed
+                    )
+                )
                 task = asyncio.create_task(self.services.maintain())
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":

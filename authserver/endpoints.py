@@ -273,7 +273,7 @@ class Endpoints:
             if claims is not None:  # only a revocation that was stored is reported done
                 event["jti"] = claims.get("jti")
                 await self._revoke(server, token, claims)
-                self._notify_revoked()
+                self.wake_feed()
                 reason = "ok"
         except (OAuthError, StoreUnavailable) as caught:
             # a failing store (a user read, a password check) is a 503 to retry
@@ -348,11 +348,12 @@ class Endpoints:
         """The process is shutting down: held feed requests answer at once, so that
         they do not hold the drain up (their clients poll again elsewhere)."""
         self.draining = True
-        self._notify_revoked()
+        self.wake_feed()
 
-    def _notify_revoked(self) -> None:
-        """Wake this process's waiting feed requests at once (other processes' learn of
-        it at their next store check)."""
+    def wake_feed(self) -> None:
+        """Wake this process's waiting feed requests: a revocation here, or one the
+        store heard of elsewhere (other processes' requests learn of it from their
+        store, or at their next poll)."""
         self._revoked_here.set()
         self._revoked_here = asyncio.Event()
 

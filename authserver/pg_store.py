@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +32,8 @@ CHECKOUT_TIMEOUT = 5.0  # seconds a store call waits for a free connection
 # A replica that stalls (or is cut off) holding the store's lock must not hang the
 # others: waiting for the lock, or any statement, ends in StoreUnavailable (a 503).
 LOCK_TIMEOUT = "5s"
+REVOCATIONS_CHANNEL = "tokengate_revocations"  # NOTIFY: something was revoked (payload: server)
+LISTEN_RETRY_MAX = 10.0  # seconds between attempts to listen again after a lost connection
 STATEMENT_TIMEOUT = "10s"
 # Dead peers are noticed in seconds, not at the kernel's two-hour default.
 CONNECTION = {
@@ -88,6 +90,9 @@ class PostgresStore(SqlStore):
         connect_timeout: float = CONNECT_TIMEOUT,
     ) -> None:
         self.url = redact(url)
+        self._conninfo = url
+        self._listener: threading.Thread | None = None
+        self._closing = threading.Event()
         self.threads = pool_size
         self._local = threading.local()  # the connection of this thread's transaction
         self._sql: dict[str, str] = {}
@@ -168,6 +173,34 @@ class PostgresStore(SqlStore):
         except (PoolTimeout, psycopg.Error) as exc:
             raise StoreUnavailable(f"{self.url}: {_reason(exc)}") from exc
 
+    def _announce_revocation(self, server: str) -> None:
+        self._q("SELECT pg_notify(?, ?)", (REVOCATIONS_CHANNEL, server))
+
+    def follow_revocations(self, heard: Callable[[], None]) -> bool:
+        if self._listener is None:
+            self._listener = threading.Thread(
+                target=self._listen, args=(heard,), name="store-listen", daemon=True
+            )
+            self._listener.start()
+        return True
+
+    def _listen(self, heard: Callable[[], None]) -> None:
+        """LISTEN on a connection of its own until the store closes; after a lost
+        connection, listen again with backoff (held requests poll meanwhile)."""
+        delay = 0.5
+        while not self._closing.is_set():
+            try:
+                with psycopg.connect(self._conninfo, **CONNECTION) as conn:
+                    conn.execute(f"LISTEN {REVOCATIONS_CHANNEL}")
+                    delay = 0.5
+                    heard()  # anything revoked while nobody listened is read now
+                    while not self._closing.is_set():
+                        for _ in conn.notifies(timeout=1.0):
+                            heard()
+            except psycopg.Error:
+                self._closing.wait(delay)
+                delay = min(delay * 2, LISTEN_RETRY_MAX)
+
     def _feed_high_water(self) -> int:
         row = self._q(
             "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM revocation_log_seq_seq"
@@ -175,6 +208,9 @@ class PostgresStore(SqlStore):
         return int(row[0])
 
     def close(self) -> None:
+        self._closing.set()
+        if self._listener is not None:
+            self._listener.join(timeout=5)
         self._pool.close()
 
 

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from types import MappingProxyType
 from typing import Any, ClassVar, Protocol
 
@@ -68,6 +68,16 @@ class SqlStore:
         """The highest revocation_log seq ever handed out (purged rows included)."""
         raise NotImplementedError
 
+    def _announce_revocation(self, server: str) -> None:
+        """Tell every process following this store that ``server`` revoked something
+        (in the revoking transaction: heard once it commits). Nothing by default."""
+
+    def follow_revocations(self, heard: Callable[[], None]) -> bool:
+        """Call ``heard`` (on another thread) whenever any process sharing the store
+        revokes something, so held feed requests answer at once. False when the
+        engine cannot tell: they then notice at their next poll."""
+        return False
+
     def close(self) -> None:
         raise NotImplementedError
 
@@ -120,6 +130,7 @@ class SqlStore:
                 "INSERT INTO revocation_log (jti, server, exp) VALUES (?, ?, ?)",
                 (jti, server, exp),
             )
+            self._announce_revocation(server)
 
     def revocations_after(
         self, server: str, cursor: int, limit: int, now: int

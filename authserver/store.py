@@ -174,6 +174,10 @@ class Store(Protocol):
         its ``exp``; and the cursor to ask from next. A cursor from beyond anything this
         store ever recorded (another store's) starts over from 0."""
 
+    def follow_revocations(self, heard: Callable[[], None]) -> bool:
+        """Call ``heard`` (on another thread) whenever any process sharing the store
+        revokes something; False when the engine cannot tell."""
+
     def remember_assertion(self, client_id: str, jti: str, exp: int) -> bool:
         """Record an assertion ``jti`` until ``exp``; False if it was seen before."""
 

@@ -144,7 +144,7 @@ async def test_a_revocation_made_during_a_held_request_s_store_read_wakes_it(
         return answer
 
     async def notify() -> None:
-        endpoints._notify_revoked()
+        endpoints.wake_feed()
 
     monkeypatch.setattr(store, "revocations_after", read_then_revoke_meanwhile)
     async with authserver.client() as http:

@@ -257,3 +257,36 @@ def test_a_store_url_libpq_would_misread_is_refused_without_echoing_it(url: str)
     (problem,) = [str(e) for e in info.value.errors]
     assert problem.startswith("authserver.store: must be a postgresql://user:password@host")
     assert "SECRET" not in problem
+
+
+def test_a_revocation_at_one_replica_is_heard_at_the_others_at_once(pg_url: str) -> None:
+    """PostgreSQL tells every replica (LISTEN/NOTIFY, sent at commit), so their held
+    feed requests answer at once rather than at their next poll."""
+    import time
+
+    from authserver.pg_store import PostgresStore
+
+    listening, revoking = PostgresStore(pg_url, pool_size=1), PostgresStore(pg_url, pool_size=1)
+    heard = threading.Event()
+    assert listening.follow_revocations(heard.set)
+    assert heard.wait(5)  # once on listening: whatever was revoked before is read
+    heard.clear()
+    with revoking.exclusive():  # heard at commit, not before
+        revoking.revoke("jti-1", "default", NOW + 60)
+        time.sleep(0.3)
+        assert not heard.is_set()
+    started = time.monotonic()
+    assert heard.wait(5) and time.monotonic() - started < 2
+    heard.clear()
+    revoking.revoke("jti-1", "default", NOW + 60)  # already revoked: nothing new to hear
+    assert not heard.wait(0.5)
+    listening.close()  # stops listening
+    revoking.close()
+
+
+def test_sqlite_stores_tell_nothing_and_feed_requests_poll(tmp_path: Path) -> None:
+    from authserver.sqlite_store import SqliteStore
+
+    store = SqliteStore(tmp_path)
+    assert store.follow_revocations(lambda: None) is False
+    store.close()
