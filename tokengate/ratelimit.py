@@ -13,37 +13,33 @@ then the TAT moves to ``max(TAT, now) + T``. :func:`gcra` is that decision, pure
   and run by EVALSHA; keys ``tokengate:rl:{scope}:{key}`` expire when the TAT passes;
 * without Redis, or while Redis is down or slow (over ``timeout`` per decision), in a
   bounded per-process map. Requests are never refused because Redis is down: the
-  limit falls back to per process. A refused connection or an error starts an
-  episode at once, timeouts once they have gone on for :data:`SLOW_EPISODE` with no
-  answer between them. An episode is said once on stderr
+  limit falls back to per process. :class:`~tokengate.redislink.RedisLink` keeps
+  that bookkeeping: an episode is said once on stderr
   (``ratelimit.redis_unavailable``), listed as degraded in ``/readyz``, and a
   background task retries with backoff until ``ratelimit.redis_recovered``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import hashlib
 import math
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from cachetools import TTLCache
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeout
 
-from tokengate.jsonlog import log_event
+from tokengate.redislink import (
+    REDIS_TIMEOUT,
+    RETRY_FIRST,
+    RETRY_MAX,
+    RedisLink,
+    RedisUnavailable,
+)
 from tokengate.yamlconf import ConfigError, Node, as_str, positive_int
 
 MICROS = 1_000_000
-REDIS_TIMEOUT = 0.05  # seconds one decision may wait for Redis before falling back
-SLOW_EPISODE = 0.25  # seconds of nothing but timeouts before Redis counts as down
-RETRY_FIRST = 0.5  # seconds before the first background retry; doubles up to RETRY_MAX
-RETRY_MAX = 10.0
 MAX_LOCAL_KEYS = 100_000  # per-process limiter state; least recently used forgotten first
 KEY_PREFIX = "tokengate:rl:"
 _PERIODS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hour": 3600}
@@ -177,111 +173,50 @@ class RateLimiter:
         on_fallback: Callable[[], None] = lambda: None,
     ) -> None:
         self.redis_url = redis_url
-        self.timeout = timeout
         self.local = LocalLimiter(clock=clock, max_keys=max_keys)
-        self.retry_first = retry_first
-        self.retry_max = retry_max
-        self.clock = clock
         self.on_fallback = on_fallback  # a decision made here although Redis is configured
-        self._client: Any = None
-        self._script: Any = None
-        self.redis_down = False  # an episode of Redis failures is in progress
-        self._slow_since: float | None = None  # first timeout since Redis last answered
-        self._retry: asyncio.Task[None] | None = None
+        self.redis = RedisLink(
+            redis_url,
+            name="ratelimit",
+            degraded="ratelimit: redis unavailable, limits hold per process",
+            down_action="rate limits hold per process until Redis answers again",
+            up_action="rate limits are shared again",
+            timeout=timeout,
+            clock=clock,
+            retry_first=retry_first,
+            retry_max=retry_max,
+        )
 
     @property
     def shared(self) -> bool:
         """Whether decisions are cluster-wide right now."""
-        return self.redis_url is not None and not self.redis_down
+        return self.redis.shared
 
-    def _connect(self) -> None:
-        import redis.asyncio as aioredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        self._client = aioredis.Redis.from_url(
-            self.redis_url,
-            socket_timeout=self.timeout,
-            socket_connect_timeout=self.timeout,
-            retry=Retry(NoBackoff(), 0),  # never retried inline: the fallback answers
-            health_check_interval=0,
-        )
-        self._script = self._client.register_script(GCRA_LUA)
+    @property
+    def redis_down(self) -> bool:
+        """An episode of Redis failures is in progress."""
+        return self.redis.redis_down
 
     async def decide(self, scope: str, key: str, rate: Rate) -> Decision:
         """Admit or refuse one request of ``key`` under ``rate``; never raises for Redis."""
         full_key = redis_key(scope, key)
         if self.redis_url is None:
             return self.local.decide(full_key, rate)
-        if self.redis_down:
-            self.on_fallback()
-            return self.local.decide(full_key, rate)
-        if self._client is None:
-            self._connect()
         try:
-            async with asyncio.timeout(self.timeout):
-                allowed, ahead = await self._script(
-                    keys=[full_key], args=[rate.interval_us, rate.burst]
-                )
-        except (TimeoutError, RedisTimeout) as exc:
-            # A slow answer is decided here; only timeouts that go on for SLOW_EPISODE
-            # with no answer in between make an episode (a loaded event loop stalls too).
-            now = self.clock()
-            if self._slow_since is None:
-                self._slow_since = now
-            elif now - self._slow_since >= SLOW_EPISODE:
-                self._went_down(exc)
+            allowed, ahead = await self.redis.run(
+                GCRA_LUA, [full_key], [rate.interval_us, rate.burst]
+            )
+        except RedisUnavailable:
             self.on_fallback()
             return self.local.decide(full_key, rate)
-        except (OSError, RedisError) as exc:  # refused, reset, an error reply
-            self._went_down(exc)
-            self.on_fallback()
-            return self.local.decide(full_key, rate)
-        self._slow_since = None
         return outcome(bool(allowed), int(ahead), rate.interval_us, rate.burst)
-
-    def _went_down(self, exc: BaseException) -> None:
-        if self.redis_down:
-            return
-        self.redis_down = True
-        self._slow_since = None
-        log_event(
-            "ratelimit.redis_unavailable",
-            error=type(exc).__name__,
-            action="rate limits hold per process until Redis answers again",
-        )
-        self._retry = asyncio.get_running_loop().create_task(self._reconnect())
-
-    async def _reconnect(self) -> None:
-        """Retry Redis with backoff until it answers; then decisions go back to it."""
-        delay = self.retry_first
-        while True:
-            await asyncio.sleep(delay)
-            try:
-                async with asyncio.timeout(max(self.timeout, 0.5)):
-                    await self._client.ping()
-            except (TimeoutError, OSError, RedisError):
-                delay = min(delay * 2, self.retry_max)
-                continue
-            break
-        self.redis_down = False
-        log_event("ratelimit.redis_recovered", action="rate limits are shared again")
 
     def degraded(self) -> list[str]:
         """For ``/readyz``: what is wrong while requests are still served."""
-        if self.redis_down:
-            return ["ratelimit: redis unavailable, limits hold per process"]
-        return []
+        return self.redis.degraded()
 
     async def aclose(self) -> None:
-        if self._retry is not None:
-            self._retry.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._retry
-        if self._client is not None:
-            with contextlib.suppress(Exception):
-                await self._client.aclose()
-            self._client = None
+        await self.redis.aclose()
 
 
 # --------------------------------------------------------------------------- headers
