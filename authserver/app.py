@@ -27,7 +27,7 @@ from authserver.signin import SignIn
 from authserver.sqlstore import SqlStore
 from authserver.store import Store, StoreUnavailable, StoreWorker
 from authserver.stores import open_store
-from authserver.throttle import AuthThrottle, MemoryThrottle
+from authserver.throttle import AuthThrottle, make_throttle
 from authserver.tokens import TokenVerifier
 from authserver.userinfo import UserInfo
 from authserver.users import UserDirectory
@@ -35,6 +35,7 @@ from tokengate.asgi import ClientDisconnected, Message, Receive, Scope, Send, js
 from tokengate.jsonlog import AuditLog, log_event, traceback_frames
 from tokengate.metrics import Metrics
 from tokengate.ratelimit import RateLimiter
+from tokengate.redislink import RedisLink
 
 Handler = Callable[[ServerConfig, Scope, Receive, Send], Awaitable[None]]
 Route = tuple[Handler, ServerConfig, str | None]
@@ -58,6 +59,7 @@ class AuthServices:
     passwords: PasswordWorker
     users: UserDirectory
     signin: SignIn
+    throttle_redis: RedisLink | None = None  # the throttles' state, shared when configured
 
     @classmethod
     def build(
@@ -75,6 +77,7 @@ class AuthServices:
         users: UserDirectory | None = None,
         signin_throttle: AuthThrottle | None = None,
         limiter: RateLimiter | None = None,
+        throttle_redis: RedisLink | None = None,
     ) -> AuthServices:
         if store is None:
             store = open_store(config)
@@ -95,7 +98,9 @@ class AuthServices:
         users = users or UserDirectory(store, io, passwords, clock=clock)
         authenticator = ClientAuthenticator(config, store, ClientKeyFetcher(http), io, clock=clock)
         if throttle is None or throttle.policy != config.client_auth_throttle:
-            throttle = MemoryThrottle(config.client_auth_throttle, clock=clock)
+            throttle = make_throttle(
+                config.client_auth_throttle, throttle_redis, "client", clock=clock
+            )
         signin = SignIn(
             config=config,
             store=store,
@@ -105,7 +110,7 @@ class AuthServices:
             # sign-in failures, per username and per address: the client policy's numbers
             throttle=signin_throttle
             if signin_throttle is not None and signin_throttle.policy == config.client_auth_throttle
-            else MemoryThrottle(config.client_auth_throttle, clock=clock),
+            else make_throttle(config.client_auth_throttle, throttle_redis, "signin", clock=clock),
             audit=audit,
             metrics=metrics,
             proxies=config.trusted_proxies,
@@ -145,6 +150,7 @@ class AuthServices:
             passwords,
             users,
             signin,
+            throttle_redis,
         )
 
     def reconfigure(self, config: AuthServerConfig) -> None:
@@ -175,6 +181,7 @@ class AuthServices:
             users=self.users,
             signin_throttle=self.signin.throttle,
             limiter=self.endpoints.limiter,  # budgets spent so far still count
+            throttle_redis=self.throttle_redis,
         )
         try:
             new.start()
@@ -252,6 +259,8 @@ class AuthServices:
 
     async def aclose(self) -> None:
         await self.endpoints.limiter.aclose()
+        if self.throttle_redis is not None:
+            await self.throttle_redis.aclose()
         await self.http.aclose()
         self.passwords.close()
         self.io.close()
@@ -452,5 +461,10 @@ def create_app(
     audit: AuditLog,
     metrics: Metrics,
     limiter: RateLimiter | None = None,
+    throttle_redis: RedisLink | None = None,
 ) -> AuthServerApp:
-    return AuthServerApp(AuthServices.build(config, audit=audit, metrics=metrics, limiter=limiter))
+    return AuthServerApp(
+        AuthServices.build(
+            config, audit=audit, metrics=metrics, limiter=limiter, throttle_redis=throttle_redis
+        )
+    )

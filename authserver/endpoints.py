@@ -415,10 +415,12 @@ class Endpoints:
             try:
                 credentials = self.authenticator.credentials(header(scope, b"authorization"), form)
             except OAuthError:
-                self._check_throttle(server, None, ip)  # a locked address: 429, whatever it sent
+                await self._check_throttle(
+                    server, None, ip
+                )  # a locked address: 429, whatever it sent
                 raise
             presented = credentials.client_id
-            self._check_throttle(server, presented, ip)  # before the credentials are checked
+            await self._check_throttle(server, presented, ip)  # before the credentials are checked
             try:
                 authn = await self.authenticator.verify(credentials, audiences)
             except StoreUnavailable as exc:  # an assertion's jti could not be recorded
@@ -428,10 +430,10 @@ class Endpoints:
             if self.authenticator.is_client(presented):
                 event["client_id"] = presented
             if exc.error == "invalid_client" and exc.detail != JWKS_UNAVAILABLE:
-                self.throttle.failed(presented, ip)
+                await self.throttle.failed(presented, ip)
                 self.metrics.client_auth_failures.labels(server.name, "failed").inc()
             raise
-        self.throttle.succeeded(authn.client.client_id)
+        await self.throttle.succeeded(authn.client.client_id)
         event["client_id"] = authn.client.client_id
         if server.name not in authn.client.servers:
             raise OAuthError(
@@ -439,8 +441,10 @@ class Endpoints:
             )
         return authn
 
-    def _check_throttle(self, server: ServerConfig, client_id: str | None, ip: str | None) -> None:
-        retry_after = self.throttle.retry_after(client_id, ip)
+    async def _check_throttle(
+        self, server: ServerConfig, client_id: str | None, ip: str | None
+    ) -> None:
+        retry_after = await self.throttle.retry_after(client_id, ip)
         if retry_after is not None:
             self.metrics.client_auth_failures.labels(server.name, "throttled").inc()
             raise throttled(retry_after)

@@ -530,20 +530,20 @@ class SignIn:
             "remote_addr": ip,
         }
         throttle_key = "user:" + username_key(username)  # as users are told apart
-        if self.throttle.retry_after(throttle_key, ip) is not None:
+        if await self.throttle.retry_after(throttle_key, ip) is not None:
             outcome: Any = None
             reason = "locked"
         else:
             outcome = await self.users.authenticate(username, password)
             reason = outcome.reason if not isinstance(outcome, Authenticated) else "ok"
         if not isinstance(outcome, Authenticated):
-            self.throttle.failed(throttle_key, ip)
+            await self.throttle.failed(throttle_key, ip)
             if outcome is not None and outcome.user is not None:
                 event.update(user_id=outcome.user.id, username=outcome.user.username)
             self.audit.emit("user.signin", **event, outcome="failure", reason=reason)
             self.metrics.signins.labels("failure").inc()
             return None, event
-        self.throttle.succeeded(throttle_key)
+        await self.throttle.succeeded(throttle_key)
         event.update(user_id=outcome.user.id, username=outcome.user.username)
         return outcome.user, event
 

@@ -8,24 +8,33 @@ a key, configured or not, so throttling does not tell which ids exist. A success
 clears the client_id's failures (never the IP's: one good client must not launder
 an address that sprays guesses).
 
-:class:`MemoryThrottle` keeps the counts in this process, in two bounded TTL maps;
-a shared implementation (Redis) can replace it behind :class:`AuthThrottle`.
+:class:`MemoryThrottle` keeps the counts in this process, in two bounded TTL maps.
+:class:`RedisThrottle` keeps them in the shared Redis when ``redis:`` is configured,
+so that every replica and worker counts the same failures: one Lua script per
+operation (:data:`CHECK_LUA`, :data:`FAIL_LUA`, :data:`FORGET_LUA`), atomic and on
+the Redis server's clock, keys ``tokengate:th:{scope}:{kind}:{key}`` that expire
+``reset_after`` the last failure. While Redis is down or slow it falls back to a
+:class:`MemoryThrottle` of its own (see :mod:`tokengate.redislink`): a request is
+never refused because Redis is down. :func:`lock_after` is the arithmetic of both.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import ipaddress
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from cachetools import TTLCache
 
 from authserver.config import ClientAuthThrottle
+from tokengate.redislink import RedisLink, RedisUnavailable
 
+MICROS = 1_000_000
 FIRST_LOCK = 1.0  # seconds; doubles with every further failure up to max_lock
 MAX_TRACKED = 50_000  # keys per map; the least recently failed are forgotten first
 
@@ -33,13 +42,27 @@ MAX_TRACKED = 50_000  # keys per map; the least recently failed are forgotten fi
 class AuthThrottle(Protocol):
     policy: ClientAuthThrottle
 
-    def retry_after(self, client_id: str | None, ip: str | None) -> int | None:
+    async def retry_after(self, client_id: str | None, ip: str | None) -> int | None:
         """Whole seconds until neither key is locked; None when neither is."""
         ...
 
-    def failed(self, client_id: str | None, ip: str | None) -> None: ...
+    async def failed(self, client_id: str | None, ip: str | None) -> None: ...
 
-    def succeeded(self, client_id: str) -> None: ...
+    async def succeeded(self, client_id: str) -> None: ...
+
+
+def lock_after(count: int, free: int, max_lock: float) -> float:
+    """Seconds a key is locked for after its ``count``-th failure in a row: none for
+    the ``free`` first, then 1 s, doubling up to ``max_lock``. :data:`FAIL_LUA` is the
+    same arithmetic inside Redis (in microseconds)."""
+    if count <= free:
+        return 0.0
+    return min(FIRST_LOCK * 2 ** min(count - free - 1, 32), max_lock)
+
+
+def wait_s(wait: float) -> int | None:
+    """``Retry-After``: whole seconds, at least 1, of a wait; None when there is none."""
+    return max(1, math.ceil(wait)) if wait > 0 else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,11 +94,8 @@ class _Counter:
         if entry is not None and entry.locked_until > now:
             return  # refused unseen while locked; a lock is never extended by waiting it out
         count = 1 if entry is None else entry.count + 1
-        locked_until = 0.0
-        if count > self.free:
-            exponent = min(count - self.free - 1, 32)
-            locked_until = now + min(FIRST_LOCK * 2**exponent, self.max_lock)
-        self.entries[key] = _Failures(count, locked_until)
+        lock = lock_after(count, self.free, self.max_lock)
+        self.entries[key] = _Failures(count, now + lock if lock else 0.0)
 
     def forget(self, key: bytes | str) -> None:
         self.entries.pop(key, None)
@@ -95,22 +115,164 @@ class MemoryThrottle:
         self._clients = _Counter(policy.failures, policy, clock, max_tracked)
         self._ips = _Counter(policy.ip_failures, policy, clock, max_tracked)
 
-    def retry_after(self, client_id: str | None, ip: str | None) -> int | None:
+    async def retry_after(self, client_id: str | None, ip: str | None) -> int | None:
         wait = 0.0
         if client_id is not None and self.policy.failures:
             wait = self._clients.locked_for(_client_key(client_id))
         if ip is not None and self.policy.ip_failures:
             wait = max(wait, self._ips.locked_for(address_key(ip)))
-        return max(1, math.ceil(wait)) if wait > 0 else None
+        return wait_s(wait)
 
-    def failed(self, client_id: str | None, ip: str | None) -> None:
+    async def failed(self, client_id: str | None, ip: str | None) -> None:
         if client_id is not None and self.policy.failures:
             self._clients.failed(_client_key(client_id))
         if ip is not None and self.policy.ip_failures:
             self._ips.failed(address_key(ip))
 
-    def succeeded(self, client_id: str) -> None:
+    async def succeeded(self, client_id: str) -> None:
         self._clients.forget(_client_key(client_id))
+
+
+# The scripts keep, per key, a hash {c: failures in a row, u: locked until (us on the
+# server's clock, 0 when not locked)}. Integers in microseconds stay exact in Lua's
+# doubles; string.format keeps them from being printed in exponent form.
+
+# KEYS: the request's keys. Returns the longest wait of them, in microseconds (>= 0).
+CHECK_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local wait = 0
+for i = 1, #KEYS do
+  local u = tonumber(redis.call('HGET', KEYS[i], 'u') or 0)
+  if u - now > wait then wait = u - now end
+end
+return string.format('%.0f', wait)
+"""
+
+# KEYS: the keys that failed; ARGV[i]: the free failures of KEYS[i]; then max_lock (us),
+# reset_after (ms). A locked key is left as it is (a lock is never extended by
+# failures while it holds). Returns the number of keys counted.
+FAIL_LUA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local n = #KEYS
+local max_lock = tonumber(ARGV[n + 1])
+local reset_ms = tonumber(ARGV[n + 2])
+local counted = 0
+for i = 1, n do
+  local entry = redis.call('HMGET', KEYS[i], 'c', 'u')
+  local u = tonumber(entry[2] or 0)
+  if u <= now then
+    local count = tonumber(entry[1] or 0) + 1
+    local free = tonumber(ARGV[i])
+    local until_us = 0
+    if count > free then
+      local lock = 1000000 * 2 ^ math.min(count - free - 1, 32)
+      if lock > max_lock then lock = max_lock end
+      until_us = now + lock
+    end
+    redis.call('HSET', KEYS[i], 'c', count, 'u', string.format('%.0f', until_us))
+    redis.call('PEXPIRE', KEYS[i], reset_ms)
+    counted = counted + 1
+  end
+end
+return counted
+"""
+
+# KEYS[1]: a client_id's key, forgotten after a success.
+FORGET_LUA = "return redis.call('DEL', KEYS[1])"
+
+TH_PREFIX = "tokengate:th:"
+
+
+class RedisThrottle:
+    """:class:`AuthThrottle` shared through Redis; ``scope`` tells apart throttles
+    that count different failures (client authentication, sign-in) on one Redis."""
+
+    def __init__(
+        self,
+        policy: ClientAuthThrottle,
+        link: RedisLink,
+        scope: str,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_tracked: int = MAX_TRACKED,
+    ) -> None:
+        self.policy = policy
+        self.link = link
+        self.scope = scope
+        self.local = MemoryThrottle(policy, clock=clock, max_tracked=max_tracked)
+
+    def client_key(self, client_id: str) -> str:
+        return f"{TH_PREFIX}{self.scope}:id:{_client_key(client_id).hex()}"
+
+    def ip_key(self, ip: str) -> str:
+        key = address_key(ip)
+        if len(key) > 64:  # not an address: whatever a trusted proxy passed on
+            key = hashlib.blake2b(key.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+        return f"{TH_PREFIX}{self.scope}:ip:{key}"
+
+    def _keys(self, client_id: str | None, ip: str | None) -> tuple[list[str], list[int]]:
+        """The request's throttled keys and the free failures of each."""
+        keys, free = [], []
+        if client_id is not None and self.policy.failures:
+            keys.append(self.client_key(client_id))
+            free.append(self.policy.failures)
+        if ip is not None and self.policy.ip_failures:
+            keys.append(self.ip_key(ip))
+            free.append(self.policy.ip_failures)
+        return keys, free
+
+    async def retry_after(self, client_id: str | None, ip: str | None) -> int | None:
+        keys, _ = self._keys(client_id, ip)
+        if not keys:
+            return None
+        try:
+            wait_us = await self.link.run(CHECK_LUA, keys, [])
+        except RedisUnavailable:
+            return await self.local.retry_after(client_id, ip)
+        return wait_s(int(wait_us) / MICROS)
+
+    async def failed(self, client_id: str | None, ip: str | None) -> None:
+        keys, free = self._keys(client_id, ip)
+        if not keys:
+            return
+        max_lock_us = round(self.policy.max_lock * MICROS)
+        reset_ms = max(1, math.ceil(self.policy.reset_after * 1000))
+        try:
+            await self.link.run(FAIL_LUA, keys, [*free, max_lock_us, reset_ms])
+        except RedisUnavailable:
+            await self.local.failed(client_id, ip)
+
+    async def succeeded(self, client_id: str) -> None:
+        with contextlib.suppress(RedisUnavailable):
+            await self.link.run(FORGET_LUA, [self.client_key(client_id)], [])
+        await self.local.succeeded(client_id)  # failures counted here while Redis was down
+
+
+def throttle_link(redis_url: str | None, **kwargs: Any) -> RedisLink:
+    """The link the throttles of one process share (``redis_url`` None: none shared)."""
+    return RedisLink(
+        redis_url,
+        name="throttle",
+        degraded="throttle: redis unavailable, failed authentications counted per process",
+        down_action="failed authentications are counted per process until Redis answers again",
+        up_action="failed authentications are counted across processes again",
+        **kwargs,
+    )
+
+
+def make_throttle(
+    policy: ClientAuthThrottle,
+    link: RedisLink | None,
+    scope: str,
+    *,
+    clock: Callable[[], float] = time.time,
+) -> AuthThrottle:
+    """Shared through Redis when it is configured, else per process."""
+    if link is not None and link.configured:
+        return RedisThrottle(policy, link, scope, clock=clock)
+    return MemoryThrottle(policy, clock=clock)
 
 
 def address_key(ip: str) -> str:

@@ -167,12 +167,20 @@ def build_apps(config: Config, names: list[str]) -> tuple[dict[str, ASGIApp], Au
     degraded.append(limiter.degraded)  # Redis down: limits per process, still serving
     if "authserver" in names and config.authserver is not None:
         from authserver.app import create_app as authserver_app
+        from authserver.throttle import throttle_link
 
+        # failed authentications, counted across processes in the same Redis
+        throttle_redis = throttle_link(config.redis)
         authserver = authserver_app(
-            config.authserver, audit=audit, metrics=metrics, limiter=limiter
+            config.authserver,
+            audit=audit,
+            metrics=metrics,
+            limiter=limiter,
+            throttle_redis=throttle_redis,
         )
         apps["authserver"] = authserver
         checks.append(authserver.services.not_ready)
+        degraded.append(throttle_redis.degraded)
     if "gateway" in names and config.gateway is not None:
         from gateway.app import create_app as gateway_app
 

@@ -441,26 +441,26 @@ async def test_an_assertion_for_an_unknown_sub_logs_no_client_id(authserver: Aut
 # --------------------------------------------------------------------------- the map
 
 
-def test_the_throttle_map_is_bounded() -> None:
+async def test_the_throttle_map_is_bounded() -> None:
     clock = FakeClock()
     policy = ClientAuthThrottle(failures=1, ip_failures=1, max_lock=60, reset_after=600)
     throttle = MemoryThrottle(policy, clock=clock, max_tracked=100)
     for i in range(10_000):
-        throttle.failed(f"client-{i}" * 100, f"10.0.{i // 256}.{i % 256}")
+        await throttle.failed(f"client-{i}" * 100, f"10.0.{i // 256}.{i % 256}")
     assert len(throttle._clients.entries) == 100
     assert len(throttle._ips.entries) == 100
     assert all(len(key) == 16 for key in throttle._clients.entries)  # ids are hashed
     # the most recent keys are the ones kept
-    throttle.failed("client-9999" * 100, None)
-    assert throttle.retry_after("client-9999" * 100, None) == 1
-    assert throttle.retry_after("client-0" * 100, None) is None
+    await throttle.failed("client-9999" * 100, None)
+    assert await throttle.retry_after("client-9999" * 100, None) == 1
+    assert await throttle.retry_after("client-0" * 100, None) is None
 
 
-def test_a_lone_surrogate_client_id_is_a_key_like_any_other() -> None:
+async def test_a_lone_surrogate_client_id_is_a_key_like_any_other() -> None:
     throttle = MemoryThrottle(ClientAuthThrottle(failures=1), clock=FakeClock())
     for _ in range(2):
-        throttle.failed("\ud800x", None)
-    assert throttle.retry_after("\ud800x", None) == 1
+        await throttle.failed("\ud800x", None)
+    assert await throttle.retry_after("\ud800x", None) == 1
 
 
 # --------------------------------------------------------------------------- config
