@@ -519,7 +519,8 @@ def authserver() -> Schema:
                         t.reset_after,
                     ),
                 },
-                "Failed client authentications, throttled per client_id and per address.",
+                "Failed client authentications, throttled per client_id and per address; "
+                "shared through `redis:` when it is set, else per process.",
             ),
             "trusted_proxies": trusted_proxies(),
             "sessions": mapping(
@@ -846,8 +847,9 @@ def _schema() -> Schema:
             ),
             "portal": portal(),
             "redis": string(
-                "Redis URL (redis://host:port/db): rate limits shared by every worker and "
-                "replica. Default: none, limits hold per process.",
+                "Redis URL (redis://host:port/db): rate limits and the failed-authentication "
+                "throttle shared by every worker and replica. Default: none, both hold per "
+                "process.",
                 pattern=REDIS_URL_PATTERN,
             ),
             "audit": mapping(
