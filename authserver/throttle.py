@@ -137,7 +137,8 @@ class MemoryThrottle:
 # server's clock, 0 when not locked)}. Integers in microseconds stay exact in Lua's
 # doubles; string.format keeps them from being printed in exponent form.
 
-# KEYS: the request's keys. Returns the longest wait of them, in microseconds (>= 0).
+# KEYS: the request's keys. Returns the longest wait of them, in microseconds (>= 0),
+# whether KEYS[1] holds failures (1 or 0), and how many of KEYS do.
 CHECK_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -146,7 +147,8 @@ for i = 1, #KEYS do
   local u = tonumber(redis.call('HGET', KEYS[i], 'u') or 0)
   if u - now > wait then wait = u - now end
 end
-return string.format('%.0f', wait)
+local first, counted = redis.call('EXISTS', KEYS[1]), redis.call('EXISTS', unpack(KEYS))
+return {string.format('%.0f', wait), first, counted}
 """
 
 # KEYS: the keys that failed; ARGV[i]: the free failures of KEYS[i]; then max_lock (us),
@@ -183,6 +185,7 @@ return counted
 FORGET_LUA = "return redis.call('DEL', KEYS[1])"
 
 TH_PREFIX = "tokengate:th:"
+CLEAR_MEMORY = 1.0  # seconds a process trusts Redis's "no failures" for one request's keys
 
 
 class RedisThrottle:
@@ -202,6 +205,17 @@ class RedisThrottle:
         self.link = link
         self.scope = scope
         self.local = MemoryThrottle(policy, clock=clock, max_tracked=max_tracked)
+        # client keys with failures in Redis, as this process last saw: only those
+        # cost a success a round trip to clear (most successes have none to clear)
+        self._counted: TTLCache[str, bool] = TTLCache(
+            maxsize=max_tracked, ttl=policy.reset_after, timer=clock
+        )
+        # requests whose keys Redis said hold no failures at all, for CLEAR_MEMORY:
+        # a busy, well-behaved client is not asked about every second; any failure
+        # here forgets its entry, so a guesser gets at most one unasked try a second
+        self._clear: TTLCache[tuple[str, ...], bool] = TTLCache(
+            maxsize=max_tracked, ttl=CLEAR_MEMORY, timer=clock
+        )
 
     def client_key(self, client_id: str) -> str:
         return f"{TH_PREFIX}{self.scope}:id:{_client_key(client_id).hex()}"
@@ -227,10 +241,17 @@ class RedisThrottle:
         keys, _ = self._keys(client_id, ip)
         if not keys:
             return None
+        request = tuple(keys)
+        if request in self._clear:
+            return None
         try:
-            wait_us = await self.link.run(CHECK_LUA, keys, [])
+            wait_us, first_counted, counted = await self.link.run(CHECK_LUA, keys, [])
         except RedisUnavailable:
             return await self.local.retry_after(client_id, ip)
+        if first_counted and client_id is not None and self.policy.failures:
+            self._counted[keys[0]] = True
+        if not counted:
+            self._clear[request] = True
         return wait_s(int(wait_us) / MICROS)
 
     async def failed(self, client_id: str | None, ip: str | None) -> None:
@@ -239,14 +260,21 @@ class RedisThrottle:
             return
         max_lock_us = round(self.policy.max_lock * MICROS)
         reset_ms = max(1, math.ceil(self.policy.reset_after * 1000))
+        self._clear.pop(tuple(keys), None)
+        if client_id is not None and self.policy.failures:
+            self._counted[keys[0]] = True
         try:
             await self.link.run(FAIL_LUA, keys, [*free, max_lock_us, reset_ms])
         except RedisUnavailable:
             await self.local.failed(client_id, ip)
 
     async def succeeded(self, client_id: str) -> None:
-        with contextlib.suppress(RedisUnavailable):
-            await self.link.run(FORGET_LUA, [self.client_key(client_id)], [])
+        """Clear the client's failures: in Redis only when its check (or a failure
+        here) saw some, so a client that never fails costs one round trip, not two."""
+        key = self.client_key(client_id)
+        if self._counted.pop(key, False):
+            with contextlib.suppress(RedisUnavailable):
+                await self.link.run(FORGET_LUA, [key], [])
         await self.local.succeeded(client_id)  # failures counted here while Redis was down
 
 

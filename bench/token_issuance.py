@@ -116,6 +116,8 @@ def run_one(alg: str, args: argparse.Namespace, workdir: Path) -> dict[str, obje
         },
         "audit": {"path": str(workdir / f"audit-{alg}.log")},
     }
+    if args.redis:  # the failed-authentication throttle (and any limits) through Redis
+        config["redis"] = args.redis
     config_path = workdir / f"tokengate-{alg}.yaml"
     config_path.write_text(yaml.safe_dump(config))
     workers = ["--workers", str(args.workers)]
@@ -168,6 +170,7 @@ def run_one(alg: str, args: argparse.Namespace, workdir: Path) -> dict[str, obje
             "alg": alg,
             "workers": args.workers,
             "connections": args.connections,
+            "redis": bool(args.redis),
             **result,
             "server_cpu_us_per_token": round(cpu / max(1, int(result["requests"])) * 1e6, 1),
         }
@@ -185,6 +188,9 @@ def main() -> None:
     parser.add_argument("--duration", type=int, default=10, help="seconds measured")
     parser.add_argument("--warmup", type=int, default=3, help="seconds before measuring")
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
+    parser.add_argument(
+        "--redis", metavar="URL", help="serve with redis: URL (shared throttle and limits)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is required: apt-get install wrk")

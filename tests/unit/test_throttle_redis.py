@@ -14,7 +14,9 @@ import pytest
 from authserver.config import ClientAuthThrottle
 from authserver.throttle import (
     CHECK_LUA,
+    CLEAR_MEMORY,
     FAIL_LUA,
+    FORGET_LUA,
     MemoryThrottle,
     RedisThrottle,
     lock_after,
@@ -100,9 +102,9 @@ async def test_a_locked_key_is_left_as_it_is(redis_client: Any) -> None:
     args = [1, 60_000_000, 900_000]
     try:
         assert await fail(keys=[key], args=args) == 1
-        assert int(await check(keys=[key], args=[])) == 0
+        assert [int(v) for v in await check(keys=[key], args=[])] == [0, 1, 1]
         assert await fail(keys=[key], args=args) == 1  # the lock: 1 s
-        wait = int(await check(keys=[key], args=[]))
+        wait = int((await check(keys=[key], args=[]))[0])
         assert 900_000 < wait <= 1_000_000
         assert await fail(keys=[key], args=args) == 0  # while locked: not counted
         assert await redis_client.hget(key, "c") == b"2"
@@ -180,6 +182,63 @@ async def test_a_success_forgets_the_client_id_not_the_address(
     await throttle.succeeded("cli")
     assert await throttle.retry_after("cli", None) is None
     assert await throttle.retry_after(None, IP) == 1
+
+
+async def test_a_success_costs_one_round_trip_unless_there_are_failures_to_clear(
+    shared: tuple[Any, Any, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check tells whether the client has failures; only then does a success
+    clear them, also when another process counted them. A check that found none is
+    trusted for CLEAR_MEMORY."""
+    link, _, scope = shared
+    policy = ClientAuthThrottle(failures=3, ip_failures=0, max_lock=60, reset_after=600)
+    clock = FakeClock()
+    here = RedisThrottle(policy, link, scope, clock=clock)
+    elsewhere = RedisThrottle(policy, link, scope)
+    scripts: list[str] = []
+    real_run = link.run
+
+    async def counting(script: str, keys: list[str], args: list[Any]) -> Any:
+        scripts.append(
+            "check" if script == CHECK_LUA else "forget" if script == FORGET_LUA else "fail"
+        )
+        return await real_run(script, keys, args)
+
+    monkeypatch.setattr(link, "run", counting)
+    for _ in range(3):  # a client that never fails: asked about once a second
+        assert await here.retry_after("cli", IP) is None
+        await here.succeeded("cli")
+    assert scripts == ["check"]
+    clock.advance(CLEAR_MEMORY)
+    assert await here.retry_after("cli", IP) is None
+    assert scripts == ["check"] * 2
+    scripts.clear()
+    await elsewhere.failed("cli", IP)
+    await elsewhere.failed("cli", IP)
+    clock.advance(CLEAR_MEMORY)
+    assert await here.retry_after("cli", IP) is None  # two of three free failures used
+    await here.succeeded("cli")  # seen by the check: cleared, for every process
+    assert scripts == ["fail", "fail", "check", "forget"]
+    await elsewhere.failed("cli", IP)
+    await elsewhere.failed("cli", IP)
+    await elsewhere.failed("cli", IP)
+    clock.advance(CLEAR_MEMORY)
+    assert await here.retry_after("cli", IP) is None  # the old two were cleared: 3 free
+
+
+async def test_a_failure_here_makes_the_next_check_ask_redis(
+    shared: tuple[Any, Any, str],
+) -> None:
+    """A remembered "no failures" never outlives a failure in this process: a guesser
+    gets no run of unasked tries."""
+    link, _, scope = shared
+    policy = ClientAuthThrottle(failures=1, ip_failures=0, max_lock=60, reset_after=600)
+    throttle = RedisThrottle(policy, link, scope, clock=FakeClock())
+    assert await throttle.retry_after("cli", IP) is None  # remembered as clear
+    await throttle.failed("cli", IP)
+    assert await throttle.retry_after("cli", IP) is None  # asked: one free failure used
+    await throttle.failed("cli", IP)
+    assert await throttle.retry_after("cli", IP) == 1  # asked: locked
 
 
 async def test_two_processes_share_one_count(shared: tuple[Any, Any, str]) -> None:
