@@ -1,11 +1,13 @@
 """The shared store: PostgreSQL through psycopg 3 and its connection pool.
 
 Several authorization-server replicas (and their worker processes) share one
-database. Statements run on pooled connections in autocommit; a read-modify-write
-(:meth:`PostgresStore.exclusive`) runs in one transaction holding a transaction-level
-advisory lock, the PostgreSQL counterpart of SQLite's ``BEGIN IMMEDIATE``: two
-replicas racing for one refresh token, code or key rotation are put in order, and
-revocation-feed sequence numbers commit in the order they were handed out.
+database. Statements run on pooled connections in autocommit; a read-modify-write runs
+in one transaction (READ COMMITTED). What races on one row (a refresh token family, a
+code) locks that row, so refreshes of different families run side by side; store-wide
+changes (keys, users, purge, migrations) hold a transaction-level advisory lock, the
+counterpart of SQLite's ``BEGIN IMMEDIATE``; revocations take a second advisory lock,
+the feed's, last and to commit, so feed sequence numbers commit in the order they
+were handed out (see :mod:`authserver.sqlstore` for the lock order).
 """
 
 from __future__ import annotations
@@ -24,8 +26,10 @@ from authserver import migrations
 from authserver.sqlstore import Rows, SqlStore
 from authserver.store import StoreUnavailable
 
-# pg_advisory_xact_lock key of the store-wide lock: "tokengat" as a big-endian int64
+# pg_advisory_xact_lock keys, big-endian int64s: the store-wide lock ("tokengat")
+# and the revocation feed's ("tgfeed00")
 STORE_LOCK = int.from_bytes(b"tokengat", "big", signed=True)
+FEED_LOCK = int.from_bytes(b"tgfeed00", "big", signed=True)
 POOL_SIZE = 8
 CONNECT_TIMEOUT = 10.0  # seconds to wait for the first connection at start
 CHECKOUT_TIMEOUT = 5.0  # seconds a store call waits for a free connection
@@ -94,7 +98,8 @@ class PostgresStore(SqlStore):
         self._listener: threading.Thread | None = None
         self._closing = threading.Event()
         self.threads = pool_size
-        self._local = threading.local()  # the connection of this thread's transaction
+        # the connection of this thread's transaction, and whether it is exclusive
+        self._local = threading.local()
         self._sql: dict[str, str] = {}
         try:  # one connection first: its error says why (the pool's only "timed out")
             psycopg.connect(url, connect_timeout=max(1, round(connect_timeout))).close()
@@ -157,21 +162,35 @@ class PostgresStore(SqlStore):
             raise StoreUnavailable(f"{self.url}: {_reason(exc)}") from exc
 
     @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        if getattr(self._local, "conn", None) is not None:  # nested: the lock holds
+    def transaction(self) -> Iterator[None]:
+        if getattr(self._local, "conn", None) is not None:  # nested: joins the outer one
             yield
             return
         try:
             with self._pool.connection() as conn, conn.transaction():
-                conn.execute(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'")
-                conn.execute("SELECT pg_advisory_xact_lock(%s)", (STORE_LOCK,))
                 self._local.conn = conn
                 try:
                     yield
                 finally:
                     self._local.conn = None
+                    self._local.exclusive = False
         except (PoolTimeout, psycopg.Error) as exc:
             raise StoreUnavailable(f"{self.url}: {_reason(exc)}") from exc
+
+    @contextlib.contextmanager
+    def exclusive(self) -> Iterator[None]:
+        if getattr(self._local, "conn", None) is not None:
+            if not getattr(self._local, "exclusive", False):  # the lock order's first
+                raise RuntimeError("the store-wide lock is taken before any row lock")
+            yield
+            return
+        with self.transaction():
+            self._q("SELECT pg_advisory_xact_lock(?)", (STORE_LOCK,))
+            self._local.exclusive = True
+            yield
+
+    def _lock_feed(self) -> None:
+        self._q("SELECT pg_advisory_xact_lock(?)", (FEED_LOCK,))
 
     def _announce_revocation(self, server: str) -> None:
         self._q("SELECT pg_notify(?, ?)", (REVOCATIONS_CHANNEL, server))
@@ -217,6 +236,7 @@ class PostgresStore(SqlStore):
 def _configure(conn: psycopg.Connection[Any]) -> None:
     """Each pooled connection's own limits (set once, when it is opened)."""
     conn.execute(f"SET statement_timeout = '{STATEMENT_TIMEOUT}'")
+    conn.execute(f"SET lock_timeout = '{LOCK_TIMEOUT}'")
 
 
 def _read(cursor: psycopg.Cursor[Any]) -> _Result:

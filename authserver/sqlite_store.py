@@ -71,6 +71,9 @@ class SqliteStore(SqlStore):
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         self._db.executemany(sql, rows)
 
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return self.exclusive()  # SQLite has one writer at a time anyway
+
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
         if self._db.in_transaction:  # nested: the outer lock already holds

@@ -1,11 +1,26 @@
 """The store's logic in SQL that SQLite and PostgreSQL both speak.
 
 :class:`SqlStore` implements :class:`~authserver.store.Store` once; a backend gives it
-a connection (:meth:`SqlStore._q`, :meth:`SqlStore._many`), a store-wide lock
-(:meth:`SqlStore.exclusive`: every read-modify-write below runs under it, so two
-replicas racing for one refresh token, code or assertion ``jti`` are put in order)
-and the revocation feed's high-water mark. Statements are written with ``?``
-placeholders and ``ON CONFLICT`` clauses, which both engines accept.
+a connection (:meth:`SqlStore._q`, :meth:`SqlStore._many`), transactions, and the
+revocation feed's high-water mark. Statements are written with ``?`` placeholders and
+``ON CONFLICT`` clauses, which both engines accept.
+
+Two kinds of transaction:
+
+- :meth:`SqlStore.transaction` for what races on one row: a refresh token family, an
+  authorization code. Each such read-modify-write first locks the row it is about
+  (a no-op ``UPDATE ... RETURNING``: the grant of a token family, the code), so two
+  replicas presenting one refresh token or one code are put in order while refreshes
+  of other families run side by side. Every change to a family (a refresh, its
+  revocation, a session's or a user's end) locks the family's grant row first.
+- :meth:`SqlStore.exclusive` for the rare store-wide changes (keys, users, purge,
+  migrations): one lock for the whole store.
+
+Revocations take the feed's lock (:meth:`SqlStore._lock_feed`) last, held to commit, so
+feed sequence numbers become visible in the order they were handed out and a
+follower's cursor never passes one still to commit. Lock order, so that no two
+transactions wait on each other: the store-wide lock, then rows (grants, then codes),
+then the feed's lock.
 """
 
 from __future__ import annotations
@@ -61,8 +76,19 @@ class SqlStore:
     def _many(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         raise NotImplementedError
 
-    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """One transaction (a nested one joins the outer); rows are locked by the
+        statements that write them."""
         raise NotImplementedError
+
+    def exclusive(self) -> contextlib.AbstractContextManager[None]:
+        """One transaction holding the store-wide lock (never inside a
+        :meth:`transaction`: the lock comes first)."""
+        raise NotImplementedError
+
+    def _lock_feed(self) -> None:
+        """Take the revocation feed's lock until the transaction ends (an engine whose
+        transactions are all exclusive needs nothing more)."""
 
     def _feed_high_water(self) -> int:
         """The highest revocation_log seq ever handed out (purged rows included)."""
@@ -115,21 +141,29 @@ class SqlStore:
         self._q("DELETE FROM signing_keys WHERE server = ? AND kid = ?", (server, kid))
 
     def revoke(self, jti: str, server: str, exp: int) -> None:
-        with self.exclusive():
-            self._revoke(jti, server, exp)
+        with self.transaction():
+            self._revoke([(jti, server, exp)])
 
-    def _revoke(self, jti: str, server: str, exp: int) -> None:
-        """Record a revoked jti, and, the first time, its place in the feed (in the
-        caller's transaction)."""
-        cur = self._q(
-            "INSERT INTO revoked_tokens (jti, server, exp) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
-            (jti, server, exp),
-        )
-        if cur.rowcount == 1:
-            self._q(
-                "INSERT INTO revocation_log (jti, server, exp) VALUES (?, ?, ?)",
+    def _revoke(self, revoked: Sequence[tuple[str, str, int]]) -> None:
+        """Record revoked ``(jti, server, exp)``s and, the first time each, its place in
+        the feed (in the caller's transaction, under the feed's lock: taken last)."""
+        if not revoked:
+            return
+        self._lock_feed()
+        announce: set[str] = set()
+        for jti, server, exp in revoked:
+            cur = self._q(
+                "INSERT INTO revoked_tokens (jti, server, exp) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
                 (jti, server, exp),
             )
+            if cur.rowcount == 1:
+                self._q(
+                    "INSERT INTO revocation_log (jti, server, exp) VALUES (?, ?, ?)",
+                    (jti, server, exp),
+                )
+                announce.add(server)
+        for server in sorted(announce):
             self._announce_revocation(server)
 
     def revocations_after(
@@ -249,10 +283,8 @@ class SqlStore:
         )
 
     def redeem_code(self, code_hash: str, now: int) -> CodeRedemption | None:
-        with self.exclusive():
-            row = self._q(
-                "SELECT record, state, jtis FROM auth_codes WHERE code_hash = ?", (code_hash,)
-            ).fetchone()
+        with self.transaction():
+            row = self._lock_code(code_hash, "record, state, jtis")
             if row is None:
                 return None
             record = _code_record(row[0])
@@ -267,11 +299,8 @@ class SqlStore:
             return CodeRedemption(record, reused=True, jtis=tuple(json.loads(row[2])))
 
     def code_issued(self, code_hash: str, jti: str, exp: int) -> bool:
-        with self.exclusive():
-            row = self._q(
-                "SELECT state, jtis, keep_until FROM auth_codes WHERE code_hash = ?",
-                (code_hash,),
-            ).fetchone()
+        with self.transaction():
+            row = self._lock_code(code_hash, "state, jtis, keep_until")
             if row is None or row[0] != "redeemed":
                 return False
             jtis = [*json.loads(row[1]), jti]
@@ -281,6 +310,14 @@ class SqlStore:
             )
             return True
 
+    def _lock_code(self, code_hash: str, columns: str) -> Any:
+        """Lock a code's row for the transaction (a no-op update) and read it."""
+        rows = self._q(
+            f"UPDATE auth_codes SET state = state WHERE code_hash = ? RETURNING {columns}",  # noqa: S608
+            (code_hash,),
+        ).fetchall()  # all: SQLite finishes the statement only then
+        return rows[0] if rows else None
+
     # -- refresh tokens ------------------------------------------------------------
     # grant_tokens: the access tokens a family gave (jti, exp), to revoke with it.
     # A retired refresh token stays (state "used") until its family goes: a second
@@ -289,10 +326,8 @@ class SqlStore:
     def start_family(
         self, grant: Grant, token_hash: str, idle_expires_at: int, jti: str, exp: int
     ) -> bool:
-        with self.exclusive():
-            row = self._q(
-                "SELECT state FROM auth_codes WHERE code_hash = ?", (grant.family,)
-            ).fetchone()
+        with self.transaction():
+            row = self._lock_code(grant.family, "state")
             if row is not None and row[0] != "redeemed":
                 return False
             self._q(
@@ -329,21 +364,30 @@ class SqlStore:
         jti: str,
         exp: int,
     ) -> RefreshUse | None:
-        with self.exclusive():
-            row = self._q(
-                "SELECT t.state, t.idle_expires_at, g.record, g.revoked, g.keep_until "
-                "FROM refresh_tokens t JOIN grants g ON g.family = t.family "
-                "WHERE t.token_hash = ?",
+        with self.transaction():
+            locked = self._q(  # the family's grant row: every change to a family locks it
+                "UPDATE grants SET revoked = revoked "
+                "WHERE family = (SELECT family FROM refresh_tokens WHERE token_hash = ?) "
+                "RETURNING record, revoked, keep_until",
                 (token_hash,),
-            ).fetchone()
-            if row is None:
+            ).fetchall()
+            if not locked:
                 return None
-            state, idle_end, record, revoked, keep_until = row
+            record, revoked, keep_until = locked[0]
             grant = _grant(record)
             if revoked:
                 return RefreshUse(grant, "revoked")
+            row = self._q(
+                "SELECT state, idle_expires_at FROM refresh_tokens WHERE token_hash = ?",
+                (token_hash,),
+            ).fetchone()
+            if row is None:  # retired with its family since the statement above began
+                return None
+            state, idle_end = row
             if state != "active":
-                return RefreshUse(grant, "reused", self._revoke_family(grant.family, now))
+                return RefreshUse(
+                    grant, "reused", self._revoke_families("family = ?", (grant.family,), now)
+                )
             if idle_end <= now or grant.expires_at <= now:
                 return RefreshUse(grant, "expired")
             self._q("UPDATE refresh_tokens SET state = 'used' WHERE token_hash = ?", (token_hash,))
@@ -375,39 +419,34 @@ class SqlStore:
         return grant, min(row[1], grant.expires_at)
 
     def revoke_family(self, family: str, now: int) -> tuple[str, ...]:
-        with self.exclusive():
-            return self._revoke_family(family, now)
+        with self.transaction():
+            return self._revoke_families("family = ?", (family,), now)
 
-    def _revoke_family(self, family: str, now: int) -> tuple[str, ...]:
-        row = self._q("SELECT record FROM grants WHERE family = ?", (family,)).fetchone()
-        if row is None:
-            return ()
-        server = _grant(row[0]).server
-        live = self._q(
-            "SELECT jti, exp FROM grant_tokens WHERE family = ? AND exp > ? ORDER BY exp",
-            (family, now),
+    def _revoke_families(self, where: str, params: Sequence[Any], now: int) -> tuple[str, ...]:
+        """Revoke the live token families ``where`` says (a condition on grants, fixed
+        by the caller) with the access tokens they gave. Their grant rows are locked
+        first, all in one statement, then the feed's lock is taken (last, in
+        :meth:`_revoke`)."""
+        families = self._q(
+            f"UPDATE grants SET revoked = 1 WHERE revoked = 0 AND {where} RETURNING family, record",  # noqa: S608
+            params,
         ).fetchall()
-        for j, e in live:
-            self._revoke(j, server, e)
-        self._q("DELETE FROM grant_tokens WHERE family = ?", (family,))
-        self._q("UPDATE grants SET revoked = 1 WHERE family = ?", (family,))
-        self._q("DELETE FROM refresh_tokens WHERE family = ? AND state = 'active'", (family,))
-        return tuple(j for j, _ in live)
+        revoked: list[tuple[str, str, int]] = []
+        for family, record in sorted(families):
+            server = _grant(record).server
+            live = self._q(
+                "SELECT jti, exp FROM grant_tokens WHERE family = ? AND exp > ? ORDER BY exp",
+                (family, now),
+            ).fetchall()
+            revoked.extend((j, server, e) for j, e in live)
+            self._q("DELETE FROM grant_tokens WHERE family = ?", (family,))
+            self._q("DELETE FROM refresh_tokens WHERE family = ? AND state = 'active'", (family,))
+        self._revoke(revoked)
+        return tuple(j for j, _, _ in revoked)
 
     def end_session_grants(self, sid: str, now: int) -> tuple[str, ...]:
-        with self.exclusive():
-            families = [
-                r[0]
-                for r in self._q(
-                    "SELECT family FROM grants WHERE session_id = ? AND offline = 0 "
-                    "AND revoked = 0",
-                    (sid,),
-                )
-            ]
-            revoked: list[str] = []
-            for family in families:
-                revoked.extend(self._revoke_family(family, now))
-            return tuple(revoked)
+        with self.transaction():
+            return self._revoke_families("session_id = ? AND offline = 0", (sid,), now)
 
     def sessions(self, now: int, user_id: str | None = None) -> list[SessionRecord]:
         sql = (
@@ -543,11 +582,7 @@ class SqlStore:
         theirs is revoked with the access tokens it gave (onto the revocation feed)."""
         now = int(time.time())
         self._q("DELETE FROM sessions WHERE user_id = ?", (user_id,))
-        families = self._q(
-            "SELECT family FROM grants WHERE user_id = ? AND revoked = 0", (user_id,)
-        ).fetchall()
-        for (family,) in families:
-            self._revoke_family(family, now)
+        self._revoke_families("user_id = ?", (user_id,), now)
 
     def remove_user(self, user_id: str) -> bool:
         with self.exclusive():

@@ -2,11 +2,11 @@
 
     python bench/store_drivers.py --url postgresql://postgres@127.0.0.1:5432/test
 
-Measures what ``SqlStore.use_refresh`` does on PostgreSQL, in one transaction: ``SELECT
-pg_advisory_xact_lock`` (the store-wide lock), the join of refresh_tokens and grants by
-token hash, UPDATE of the old token to 'used', INSERT of its successor, INSERT into
-grant_tokens and the conditional UPDATE of grants.keep_until; and one plain read, the
-``is_revoked`` SELECT by primary key. Four ways, each driven by asyncio tasks:
+Measures what ``SqlStore.use_refresh`` does on PostgreSQL, in one transaction: the
+family's grant row locked by a no-op ``UPDATE ... RETURNING`` (found through the token
+hash), the token's row read, UPDATE of the old token to 'used', INSERT of its successor,
+INSERT into grant_tokens and the conditional UPDATE of grants.keep_until; and one plain
+read, the ``is_revoked`` SELECT by primary key. Four ways, each driven by asyncio tasks:
 
 - ``psycopg-sync``: what tokengate does: ``PostgresStore`` (psycopg 3 and
   ``psycopg_pool.ConnectionPool``) called through ``StoreWorker`` (``run_in_executor``
@@ -56,7 +56,7 @@ import asyncpg
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from authserver.pg_store import POOL_SIZE, STORE_LOCK, PostgresStore
+from authserver.pg_store import POOL_SIZE, PostgresStore
 from authserver.sqlstore import _grant
 from authserver.store import Grant, StoreWorker
 
@@ -68,13 +68,14 @@ ACCESS_TTL = 300  # the access token each refresh issues
 IDLE_TTL = 7 * 86400  # refresh_tokens.idle_ttl's default
 MAX_TTL = 90 * 86400  # refresh_tokens.max_ttl's default: the family's end
 
-# The statements of SqlStore.use_refresh and is_revoked, in psycopg's placeholders.
-LOCK = "SELECT pg_advisory_xact_lock(%s)"
-SELECT = (
-    "SELECT t.state, t.idle_expires_at, g.record, g.revoked, g.keep_until "
-    "FROM refresh_tokens t JOIN grants g ON g.family = t.family "
-    "WHERE t.token_hash = %s"
+# The statements of SqlStore.use_refresh and is_revoked, in psycopg's placeholders:
+# the family's grant row locked (and read), then the token's row.
+LOCK = (
+    "UPDATE grants SET revoked = revoked "
+    "WHERE family = (SELECT family FROM refresh_tokens WHERE token_hash = %s) "
+    "RETURNING record, revoked, keep_until"
 )
+SELECT = "SELECT state, idle_expires_at FROM refresh_tokens WHERE token_hash = %s"
 RETIRE = "UPDATE refresh_tokens SET state = 'used' WHERE token_hash = %s"
 SUCCESSOR = "INSERT INTO refresh_tokens VALUES (%s, %s, 'active', %s)"
 ISSUED = "INSERT INTO grant_tokens VALUES (%s, %s, %s)"
@@ -127,11 +128,13 @@ class Failed(Exception):
     pass
 
 
-def check_row(row: Any, r: Refresh) -> tuple[Grant, int]:
-    """use_refresh's checks on the joined row: the grant and keep_until, or Failed."""
-    if row is None:
+def check_row(locked: Any, row: Any, r: Refresh) -> tuple[Grant, int]:
+    """use_refresh's checks on the grant and token rows: the grant and keep_until, or
+    Failed."""
+    if locked is None or row is None:
         raise Failed("no such refresh token")
-    state, idle_end, record, revoked, keep_until = row
+    record, revoked, keep_until = locked
+    state, idle_end = row
     grant = _grant(record)
     if revoked or state != "active" or idle_end <= r.now or grant.expires_at <= r.now:
         raise Failed(f"refresh token not live: {state}, revoked={revoked}")
@@ -180,9 +183,9 @@ class PsycopgAsync:
 
     async def refresh(self, r: Refresh) -> str:
         async with self.pool.connection() as conn, conn.transaction():
-            await conn.execute(LOCK, (STORE_LOCK,))
+            locked = await (await conn.execute(LOCK, (r.token,))).fetchone()
             cur = await conn.execute(SELECT, (r.token,))
-            grant, keep_until = check_row(await cur.fetchone(), r)
+            grant, keep_until = check_row(locked, await cur.fetchone(), r)
             await conn.execute(RETIRE, (r.token,))
             idle = min(r.idle, grant.expires_at)
             await conn.execute(SUCCESSOR, (r.successor, grant.family, idle))
@@ -222,9 +225,9 @@ class Asyncpg:
     async def refresh(self, r: Refresh) -> str:
         q = self.sql
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(q[LOCK], STORE_LOCK)
+            locked = await conn.fetchrow(q[LOCK], r.token)
             row = await conn.fetchrow(q[SELECT], r.token)
-            grant, keep_until = check_row(row, r)
+            grant, keep_until = check_row(locked, row, r)
             await conn.execute(q[RETIRE], r.token)
             idle = min(r.idle, grant.expires_at)
             await conn.execute(q[SUCCESSOR], r.successor, grant.family, idle)

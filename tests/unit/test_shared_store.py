@@ -214,18 +214,32 @@ def test_every_migration_is_known_to_both_backends() -> None:
     assert [m.name for m in migrations.SQLITE] == [m.name for m in migrations.POSTGRES]
 
 
-def test_a_replica_stuck_holding_the_lock_costs_others_a_503_not_a_hang(pg_url: str) -> None:
-    """Waiting for the store's lock ends (lock_timeout): a StoreUnavailable the
-    endpoints answer 503 with, never a request that hangs with its replica."""
+def test_a_replica_stuck_holding_a_lock_costs_others_a_503_not_a_hang(pg_url: str) -> None:
+    """Waiting for one of the store's locks ends (lock_timeout): a StoreUnavailable the
+    endpoints answer 503 with, never a request that hangs with its replica. And only
+    what needs that lock waits."""
     import time
 
     import psycopg
 
-    from authserver.pg_store import STORE_LOCK, PostgresStore
+    from authserver.pg_store import FEED_LOCK, STORE_LOCK, PostgresStore
 
-    store = PostgresStore(pg_url, pool_size=1)
+    store = PostgresStore(pg_url, pool_size=2)
+    store.start_family(grant("fam", offline=True), "rt-0", NOW + 600, "jti-0", NOW + 300)
     with psycopg.connect(pg_url) as holder:  # another replica, stalled mid-transaction
         holder.execute("SELECT pg_advisory_xact_lock(%s)", (STORE_LOCK,))
+        # refreshes and revocations do not need the store-wide lock
+        started = time.monotonic()
+        use = store.use_refresh("rt-0", NOW, "rt-1", NOW + 600, "jti-1", NOW + 300)
+        assert use is not None and use.status == "ok"
+        store.revoke("jti-x", "default", NOW + 60)
+        assert time.monotonic() - started < 2
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="LockNotAvailable"):
+            store.purge(NOW)
+        assert 4.5 < time.monotonic() - started < 8
+    with psycopg.connect(pg_url) as holder:
+        holder.execute("SELECT pg_advisory_xact_lock(%s)", (FEED_LOCK,))
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="LockNotAvailable"):
             store.revoke("jti-1", "default", NOW + 60)
@@ -235,6 +249,75 @@ def test_a_replica_stuck_holding_the_lock_costs_others_a_503_not_a_hang(pg_url: 
     store.revoke("jti-1", "default", NOW + 60)  # the holder gone: back to normal
     assert store.is_revoked("jti-1")
     store.close()
+
+
+def test_a_refresh_waits_only_for_its_own_family(pg_url: str) -> None:
+    """Refreshes lock their family's row, not the store: one family held by a stalled
+    replica holds up its own refreshes only, and they go on once it commits."""
+    import concurrent.futures
+    import time
+
+    import psycopg
+
+    from authserver.pg_store import PostgresStore
+
+    store = PostgresStore(pg_url, pool_size=2)
+    for name in ("a", "b"):
+        store.start_family(
+            grant(name, offline=True), f"{name}-0", NOW + 600, f"{name}-j0", NOW + 300
+        )
+    with (
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+        psycopg.connect(pg_url, autocommit=False) as holder,
+    ):
+        holder.execute("UPDATE grants SET revoked = revoked WHERE family = 'a'")
+        held = pool.submit(store.use_refresh, "a-0", NOW, "a-1", NOW + 600, "a-j1", NOW + 300)
+        started = time.monotonic()
+        other = store.use_refresh("b-0", NOW, "b-1", NOW + 600, "b-j1", NOW + 300)
+        assert other is not None and other.status == "ok"
+        assert time.monotonic() - started < 1
+        time.sleep(0.3)
+        assert not held.done()  # its family's row is held
+        holder.rollback()
+        use = held.result(timeout=5)
+        assert use is not None and use.status == "ok"
+    store.close()
+
+
+def refresh_until_refused(store: SqlStore, fam: str, issued: list[str]) -> None:
+    """Refresh a family's chain, carrying each successor, until a refresh is refused;
+    the jti of every access token a refresh was allowed to issue goes in ``issued``."""
+    token = f"{fam}-0"
+    for n in range(1, 200):
+        jti, successor = f"{fam}-j{n}", f"{fam}-{n}"
+        use = store.use_refresh(token, NOW, successor, NOW + 600, jti, NOW + 300)
+        if use is None or use.status != "ok":
+            return
+        issued.append(jti)
+        token = successor
+
+
+def test_a_family_revoked_while_it_refreshes_leaves_no_live_token(store_backend: Opener) -> None:
+    """Refreshes racing their family's revocation at another replica: every access
+    token a refresh was allowed to issue is on the revocation list once the family
+    is revoked, and no successor refresh token outlives it."""
+    refreshing, revoking, checking = store_backend(), store_backend(), store_backend()
+    for round_ in range(5):
+        fam = f"fam{round_}"
+        revoking.start_family(
+            grant(fam, offline=True), f"{fam}-0", NOW + 600, f"{fam}-j0", NOW + 300
+        )
+        issued = [f"{fam}-j0"]
+        chain = threading.Thread(target=refresh_until_refused, args=(refreshing, fam, issued))
+        chain.start()
+        threading.Event().wait(0.003 * round_)  # the revocation lands at another point
+        revoking.revoke_family(fam, NOW)
+        chain.join()
+        assert all(checking.is_revoked(j) for j in issued), issued
+        live = checking._q(
+            "SELECT count(*) FROM refresh_tokens WHERE family = ? AND state = 'active'", (fam,)
+        ).fetchone()[0]
+        assert live == 0
 
 
 @pytest.mark.parametrize(
