@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from authserver import access
 from authserver.clientauth import ClientAuthenticator, ClientKeyFetcher
 from authserver.config import AuthServerConfig, ServerConfig
 from authserver.cors import server_origins, with_cors
@@ -136,6 +137,7 @@ class AuthServices:
         )
         for server in config.servers:
             declare_series(metrics, server.name)
+            access.declare_series(metrics, server)
         return cls(
             config,
             store,

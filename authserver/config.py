@@ -14,6 +14,8 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from authserver.passwords import EnvPassword, password_problem, phc_problem
+from authserver.policies import AccessPolicy, Lifetimes
+from authserver.policyconfig import as_access_policies
 from authserver.redirect_uris import redirect_uri_problem
 from authserver.userrules import claim_problem, group_problem, username_key, username_problem
 from tokengate.jwk import PublicKey, load_public_jwk
@@ -116,6 +118,17 @@ class ServerConfig:
     id_token_ttl: int = 3600
     refresh_tokens: RefreshTokenTimes = DEFAULT_REFRESH_TIMES
     user_claims: tuple[UserClaim, ...] = ()
+    access_policies: tuple[AccessPolicy, ...] = ()  # none: decided by the clients alone
+
+    @property
+    def lifetimes(self) -> Lifetimes:
+        """The server's own token lifetimes (a policy rule may set others)."""
+        return Lifetimes(
+            access_token=self.access_token_ttl,
+            id_token=self.id_token_ttl,
+            refresh_idle=self.refresh_tokens.idle_ttl,
+            refresh_max=self.refresh_tokens.max_ttl,
+        )
 
     @property
     def userinfo_endpoint(self) -> str:
@@ -325,6 +338,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         public_url = f"http://{listen}"
     servers = _parse_servers(f, public_url or "http://invalid")
     clients = _parse_clients(f, servers)
+    _check_policy_clients(f, servers, clients)
     return AuthServerConfig(
         listen=listen,
         public_url=public_url,
@@ -349,6 +363,25 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         key_encryption_key=kek,
         rotation_every=f.get("rotation", lambda n: as_rotation(n, jwks_max_age), None),
     )
+
+
+def _check_policy_clients(
+    f: Fields, servers: tuple[ServerConfig, ...], clients: tuple[ClientConfig, ...]
+) -> None:
+    """Every client a policy names exists and uses the policy's server."""
+    by_id = {c.client_id: c for c in clients}
+    where = f.node_at("servers")
+    for i, server in enumerate(servers):
+        for j, policy in enumerate(server.access_policies):
+            for k, client_id in enumerate(policy.clients or ()):
+                path = f"{where.path}[{i}].access_policies[{j}].clients[{k}]"
+                client = by_id.get(client_id)
+                if client is None:
+                    where.report.add(path, f"no client with client_id {client_id!r}")
+                elif server.name not in client.servers:
+                    where.report.add(
+                        path, f"client {client_id!r} does not use server {server.name!r}"
+                    )
 
 
 def as_store_url(node: Node) -> str:
@@ -409,6 +442,7 @@ def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:
                 "id_token_ttl",
                 "refresh_tokens",
                 "user_claims",
+                "access_policies",
             ),
         )
         name = s.get("name", as_name)
@@ -428,11 +462,17 @@ def _parse_servers(f: Fields, public_url: str) -> tuple[ServerConfig, ...]:
                 refresh_tokens=s.get("refresh_tokens", as_refresh_times, DEFAULT_REFRESH_TIMES)
                 or DEFAULT_REFRESH_TIMES,
                 user_claims=_parse_user_claims(s, scopes),
+                access_policies=s.get("access_policies", _policies_reader(scopes), ()) or (),
             )
         )
     if not out and f.has("servers"):
         f.node_at("servers").error("must list at least one authorization server")
     return tuple(out)
+
+
+def _policies_reader(scopes: tuple[str, ...]) -> Callable[[Node], tuple[AccessPolicy, ...]]:
+    offered = {*scopes, *OIDC_SCOPES}
+    return lambda node: as_access_policies(node, offered, GRANT_TYPES)
 
 
 def _parse_user_claims(s: Fields, scopes: tuple[str, ...]) -> tuple[UserClaim, ...]:

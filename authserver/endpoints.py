@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from authserver import access
 from authserver.clientauth import JWKS_UNAVAILABLE, AuthenticatedClient, ClientAuthenticator
 from authserver.config import ClientConfig, ServerConfig
 from authserver.errors import (
@@ -26,10 +27,12 @@ from authserver.forms import Form, parse_form, read_form
 from authserver.grants import (
     GRANT_TYPE,
     KNOWN_GRANT_TYPES,
+    TokenRequest,
     client_credentials,
     requested_scopes,
 )
 from authserver.keyring import KeyRing
+from authserver.policies import PolicyRequest
 from authserver.store import Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
 from authserver.tokens import TokenVerifier, access_token_claims, new_jti
@@ -148,6 +151,10 @@ class Endpoints:
             requested = requested_scopes(form)
             event["scopes"] = list(requested or ())
             request = client_credentials(server, authn.client, requested, form.all("resource"))
+            if server.access_policies:
+                asked = PolicyRequest(authn.client.client_id, GRANT_TYPE, request.scopes)
+                decided, decision = access.check(server, asked, event, self.metrics)
+                request = TokenRequest(decided, request.client, decision.scopes)
         except (OAuthError, StoreUnavailable) as caught:
             # a failing store (a user read, a password check) is a 503 to retry
             exc = caught if isinstance(caught, OAuthError) else self.store_failed(caught)
@@ -169,7 +176,7 @@ class Endpoints:
             {
                 "access_token": token,
                 "token_type": "Bearer",
-                "expires_in": server.access_token_ttl,
+                "expires_in": request.server.access_token_ttl,
                 "scope": claims["scope"],
             }
         )
@@ -577,6 +584,7 @@ class Endpoints:
 # What the token endpoint can answer; with the outcomes below, every series an alert
 # or dashboard may rate() exists at 0 from the start, not only after its first event.
 TOKEN_ERRORS = (
+    "access_denied",  # an access policy refused the request
     "invalid_request",
     "invalid_client",
     "unauthorized_client",

@@ -28,6 +28,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import jinja2
 
+from authserver import access
 from authserver.authorize import (
     AuthorizeRequest,
     PageError,
@@ -45,6 +46,7 @@ from authserver.forms import Form, read_form
 from authserver.keyring import KeyRing
 from authserver.oidc import SignIn as OidcSignIn
 from authserver.oidc import id_token_claims, user_access_token_claims, verify_id_token_hint
+from authserver.policies import Decision, decide
 from authserver.sessions import (
     cookie_name,
     new_session,
@@ -317,7 +319,15 @@ class SignIn:
     ) -> None:
         """A signed-in user: the code, or first the consent page when the client asks
         for consent the user has not given. ``interaction``: the sign-in cookie of the
-        sign-in in progress (None after SSO: ``params`` make one if consent is needed)."""
+        sign-in in progress (None after SSO: ``params`` make one if consent is needed).
+        The server's access policies first: a request they deny goes back refused."""
+        refused = access.refusal(request, user)
+        if refused is not None:
+            if interaction is not None:
+                await self.io_call(self.store.end_interaction, session_hash(interaction))
+                headers = [*headers, (b"set-cookie", self._signin_cookie("", clear=True))]
+            await self._policy_denied(send, request, user, refused, headers)
+            return
         granted: frozenset[str] = frozenset()
         if request.client.consent == "required":
             granted = await self.io_call(
@@ -356,6 +366,12 @@ class SignIn:
             await self.error_page(send, "expired", EXPIRED, 400)
             return
         session, user = signed_in
+        refused = access.refusal(request, user)
+        if refused is not None:  # the policies changed since the consent page was shown
+            await self.io_call(self.store.end_interaction, session_hash(cookie))
+            clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
+            await self._policy_denied(send, request, user, refused, clear)
+            return
         if scope["method"] == "GET":
             body = self.render(
                 "consent.html",
@@ -557,6 +573,36 @@ class SignIn:
         )
         await self._respond(send, request.target, params, headers)
 
+    async def _policy_denied(
+        self,
+        send: Send,
+        request: AuthorizeRequest,
+        user: User,
+        decision: Decision,
+        headers: Headers,
+    ) -> None:
+        """The server's access policies refuse the request: audited (with the policy and
+        rule) and counted as the token endpoint does, and sent back as access_denied."""
+        event: dict[str, Any] = {
+            "server": request.server.name,
+            "client_id": request.client.client_id,
+            "grant_type": "implicit" if request.implicit else "authorization_code",
+            "scopes": list(request.scopes),
+            "jti": None,
+            "user_id": user.id,
+            "username": user.username,
+        }
+        access.record(request.server, decision, event, self.metrics)
+        self.audit.emit(
+            "token.denied",
+            **event,
+            outcome="denied",
+            reason=access.POLICY_DENIED,
+            detail=decision.reason,
+        )
+        params = request.target.params(error="access_denied", error_description=access.DENIED)
+        await self._respond(send, request.target, params, headers)
+
     async def _live_session(self, scope: Scope, now: int) -> tuple[str, SessionRecord] | None:
         """The browser's live session (its idle end moved on) and the cookie's value."""
         value = read_cookie(_cookies(scope), cookie_name(self.secure))
@@ -618,8 +664,19 @@ class SignIn:
     ) -> None:
         """The implicit flow (OIDC Core 3.2, opt-in): the ID token, and with
         ``id_token token`` an access token, straight in the response (a fragment or a
-        form_post), never in a query."""
-        server, client = request.server, request.client
+        form_post), never in a query. The server's access policies decide the scopes
+        and lifetimes (denials were answered before)."""
+        decided: dict[str, Any] = {}  # the deciding policy and rule, for the audit line
+        server, scopes = request.server, request.scopes
+        if server.access_policies:
+            asked = access.authorize_request(request, user)
+            decision = decide(server.access_policies, asked, server.lifetimes)
+            if not decision.allowed:
+                await self._policy_denied(send, request, user, decision, headers)
+                return
+            access.record(server, decision, decided, self.metrics)
+            server, scopes = access.with_lifetimes(server, decision), decision.scopes
+        client = request.client
         sign_in = OidcSignIn(user=user, auth_time=session.auth_time, session_id=session.sid)
         signer = self.keyring.current(server.name).signer
         params: dict[str, str] = {}
@@ -627,7 +684,7 @@ class SignIn:
         jti = None
         if request.response_type == "id_token token":
             jti = new_jti()
-            claims = user_access_token_claims(server, client, sign_in, request.scopes, now, jti)
+            claims = user_access_token_claims(server, client, sign_in, scopes, now, jti)
             access_token = signer.sign(claims)
             params.update(
                 access_token=access_token,
@@ -639,7 +696,7 @@ class SignIn:
             server,
             client.client_id,
             sign_in,
-            request.scopes,
+            scopes,
             request.nonce,
             now,
             access_token,
@@ -651,10 +708,11 @@ class SignIn:
             server=server.name,
             client_id=client.client_id,
             grant_type="implicit",
-            scopes=list(request.scopes),
+            scopes=list(scopes),
             jti=jti,
             user_id=user.id,
             username=user.username,
+            **decided,
             outcome="issued",
             reason="ok",
         )

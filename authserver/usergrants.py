@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from authserver import access
 from authserver.authorize import client_scopes
 from authserver.codes import code_hash
 from authserver.config import OIDC_SCOPES, ClientConfig, ServerConfig
@@ -26,6 +27,7 @@ from authserver.grants import requested_scopes
 from authserver.keyring import KeyRing
 from authserver.oidc import SignIn, id_token_claims, user_access_token_claims
 from authserver.pkce import verifier_matches
+from authserver.policies import PolicyRequest
 from authserver.store import CodeRecord, Grant, RefreshUse, Store
 from authserver.tokens import new_jti
 from authserver.users import User, UserDirectory
@@ -138,13 +140,17 @@ class UserGrants:
             raise OAuthError("invalid_grant", "the session has ended; sign in again")
         assert user is not None
         event.update(user_id=user.id, username=user.username, scopes=list(record.scopes))
+        server, scopes, refresh = self._decide(
+            server, client, CODE_GRANT, record.scopes, user, event
+        )
+        event["scopes"] = list(scopes)
         sign_in = SignIn(user=user, auth_time=record.auth_time, session_id=record.session_id)
         jti = new_jti()
         issued = self._tokens(
-            server, client, sign_in, record.scopes, record.nonce, now, jti, record.id_token_claims
+            server, client, sign_in, scopes, record.nonce, now, jti, record.id_token_claims
         )
         exp = now + server.access_token_ttl
-        if REFRESH_GRANT in client.grant_types:
+        if refresh:
             token = new_refresh_token()
             grant = Grant(
                 family=key,
@@ -152,9 +158,9 @@ class UserGrants:
                 client_id=client.client_id,
                 user_id=user.id,
                 session_id=record.session_id,
-                scopes=record.scopes,
+                scopes=scopes,
                 auth_time=record.auth_time,
-                offline=OFFLINE_ACCESS in record.scopes,
+                offline=OFFLINE_ACCESS in scopes,
                 expires_at=now + server.refresh_tokens.max_ttl,
             )
             idle = min(now + server.refresh_tokens.idle_ttl, grant.expires_at)
@@ -224,10 +230,12 @@ class UserGrants:
         self.metrics.signins.labels("success").inc()
         now = int(self.clock())
         event["scopes"] = list(scopes)
+        server, scopes, refresh = self._decide(server, client, PASSWORD_GRANT, scopes, user, event)
+        event["scopes"] = list(scopes)
         sign_in = SignIn(user=user, auth_time=now, session_id="")
         jti = new_jti()
         issued = self._tokens(server, client, sign_in, scopes, None, now, jti)
-        if REFRESH_GRANT in client.grant_types:
+        if refresh:
             token = new_refresh_token()
             grant = Grant(
                 family="p" + new_refresh_token(),  # no code: a family of its own
@@ -263,11 +271,13 @@ class UserGrants:
         now = int(self.clock())
         successor = new_refresh_token()
         jti = new_jti()
-        exp = now + server.access_token_ttl
-        idle = now + server.refresh_tokens.idle_ttl
+        decided = server  # with the deciding policy rule's lifetimes
+        granted: tuple[str, ...] | None = None  # the scopes that rule grants
 
         def exchange() -> tuple[RefreshUse | None, User | None]:  # on the store's thread
+            nonlocal decided, granted
             live = self.store.refresh_grant(presented, now)
+            user: User | None = None  # read once: disabling a user revokes their families
             if live is not None:
                 grant = live[0]
                 if grant.client_id != client.client_id or grant.server != server.name:
@@ -287,11 +297,21 @@ class UserGrants:
                 ):
                     self.store.revoke_family(grant.family, now)
                     raise OAuthError("invalid_grant", "the session has ended; sign in again")
+                if server.access_policies and user is not None:  # refused: the token stays
+                    event.update(user_id=user.id, username=user.username)
+                    asked = PolicyRequest(
+                        client.client_id,
+                        REFRESH_GRANT,
+                        _narrowed(grant, requested),
+                        frozenset(user.groups),
+                    )
+                    decided, decision = access.check(server, asked, event, self.metrics)
+                    granted = decision.scopes
+            idle = now + decided.refresh_tokens.idle_ttl
+            exp = now + decided.access_token_ttl
             use = self.store.use_refresh(presented, now, refresh_hash(successor), idle, jti, exp)
-            if use is None or use.status != "ok":
-                return use, None
-            record = self.store.user(use.grant.user_id)
-            return use, User.of(record) if record is not None else None
+            # a token that was not live above cannot be "ok" now: no user, refused below
+            return use, user if use is not None and use.status == "ok" else None
 
         use, user = await self.call(exchange)
         if use is None:
@@ -305,10 +325,10 @@ class UserGrants:
             raise OAuthError("invalid_grant", "the refresh token was issued to another client")
         if use.status != "ok" or user is None:
             raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
-        scopes = _narrowed(grant, requested)
+        scopes = _narrowed(grant, requested) if granted is None else granted
         event.update(username=user.username, scopes=list(scopes))
         sign_in = SignIn(user=user, auth_time=grant.auth_time, session_id=grant.session_id)
-        issued = self._tokens(server, client, sign_in, scopes, None, now, jti)
+        issued = self._tokens(decided, client, sign_in, scopes, None, now, jti)
         issued.body["refresh_token"] = successor
         self._issued(server, event, jti, REFRESH_GRANT)
         return issued.body
@@ -357,6 +377,29 @@ class UserGrants:
             )
             body["id_token"] = signer.sign_id_token(id_claims)
         return Issued(body, jti, scopes)
+
+    def _decide(
+        self,
+        server: ServerConfig,
+        client: ClientConfig,
+        grant_type: str,
+        scopes: tuple[str, ...],
+        user: User,
+        event: dict[str, Any],
+    ) -> tuple[ServerConfig, tuple[str, ...], bool]:
+        """The server's access policies on a user's token request: the server with the
+        deciding rule's lifetimes, the scopes granted, and whether a refresh token goes
+        with them (the client may refresh, and the policies would allow its first use)."""
+        refresh = REFRESH_GRANT in client.grant_types
+        if not server.access_policies:
+            return server, scopes, refresh
+        groups = frozenset(user.groups)
+        asked = PolicyRequest(client.client_id, grant_type, scopes, groups)
+        decided, decision = access.check(server, asked, event, self.metrics)
+        refresh = refresh and access.allows(
+            server, PolicyRequest(client.client_id, REFRESH_GRANT, decision.scopes, groups)
+        )
+        return decided, decision.scopes, refresh
 
     def _issued(self, server: ServerConfig, event: dict[str, Any], jti: str, grant: str) -> None:
         event["jti"] = jti

@@ -40,6 +40,7 @@ from tokengate.version import VERSION
 from tokengate.yamlconf import ConfigErrors
 
 if TYPE_CHECKING:
+    from authserver import explain
     from authserver.config import AuthServerConfig
     from authserver.sqlstore import SqlStore
     from authserver.users import User, UserDirectory
@@ -183,6 +184,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _users_commands(command)
     _sessions_commands(command)
+    _explain_command(command)
 
     secret = command(
         "secret",
@@ -357,6 +359,100 @@ def _sessions_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
         action.add_argument("--user", metavar="U", help=USER_REF_HELP + " (default: every user)")
     revoke.add_argument("sid", metavar="SID", nargs="?", help="the session's id (its sid claim)")
     sessions.set_defaults(func=_sessions)
+
+
+def _explain_command(command: Callable[..., argparse.ArgumentParser]) -> None:
+    explain = command(
+        "explain",
+        "say what an authorization server would decide on a token request, and why",
+        "Say what an authorization server would decide on a token request, step by\n"
+        "step, as the server decides it: the client's own limits (its servers, grant\n"
+        "types, scopes, groups), then each access policy and rule in order (which one\n"
+        "decides, and why each one before it did not match), then what would be issued\n"
+        "(scopes, token lifetimes, a refresh token). Nothing is issued or changed.\n"
+        "The user is read from the store, or from authserver.users when the store does\n"
+        "not exist yet; --group instead of --user explains for any user in those groups.\n"
+        "Exits 0 when the request would be allowed, 1 when it would be denied.",
+    )
+    _config_option(explain)
+    required = {"required": True, "default": argparse.SUPPRESS}
+    explain.add_argument("--server", metavar="S", help="the authorization server", **required)
+    explain.add_argument("--client", metavar="C", help="the client's client_id", **required)
+    explain.add_argument(
+        "--grant",
+        metavar="G",
+        help="the grant type: client_credentials, authorization_code, refresh_token, "
+        "password or implicit",
+        **required,
+    )
+    explain.add_argument(
+        "--scope",
+        metavar="SCOPE",
+        action="append",
+        default=[],
+        help="a scope asked for, space-separated or again for more (default: what the "
+        "server gives when none is asked)",
+    )
+    who = explain.add_mutually_exclusive_group()
+    who.add_argument("--user", metavar="U", help=USER_REF_HELP + " (default: no user)")
+    who.add_argument(
+        "--group",
+        metavar="G",
+        action="append",
+        help="instead of --user: a user in this group; again for more (default: none)",
+    )
+    explain.add_argument(
+        "--json", action="store_true", help="print JSON instead of text (default: text)"
+    )
+    explain.set_defaults(func=_explain)
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from authserver import explain
+
+    loaded = _load_authserver(args)
+    if loaded is None:
+        return 2
+    path, config = loaded
+    server = next((s for s in config.servers if s.name == args.server), None)
+    if server is None:
+        print(f"no authorization server named {args.server!r} in {path}", file=sys.stderr)
+        return 2
+    person: explain.Person | None = None
+    if args.group:
+        person = explain.Person("(any user)", None, tuple(dict.fromkeys(args.group)))
+    elif args.user is not None:
+        try:
+            person = _explain_person(config, path, args.user)
+        except _Refused as exc:
+            print(exc, file=sys.stderr)
+            return exc.status
+    scopes = tuple(dict.fromkeys(w for s in args.scope for w in s.split()))
+    client = next((c for c in config.clients if c.client_id == args.client), None)
+    result = explain.explain(server, client, args.client, args.grant, scopes or None, person)
+    if args.json:
+        print(json.dumps(explain.as_json(result), indent=2))
+    else:
+        sys.stdout.write(explain.render(result))
+    return 0 if result.allowed else 1
+
+
+def _explain_person(config: AuthServerConfig, path: Path, ref: str) -> explain.Person:
+    """The user ``ref`` names: from the store, else (no store yet) from the config."""
+    from authserver.explain import Person
+    from authserver.sqlite_store import SqliteStore
+    from authserver.userrules import username_key
+
+    if config.store is None and not (config.data_dir / SqliteStore.FILENAME).is_file():
+        declared = next((u for u in config.users if u.username_key == username_key(ref)), None)
+        if declared is None:
+            raise _Refused(f"no user {ref!r} in authserver.users (and no store yet)", 1)
+        return Person(declared.username, None, declared.groups, declared.disabled)
+    with _directory(config, path) as (_, directory):
+        user = asyncio.run(directory.resolve(ref))
+    if user is None:
+        raise _Refused(f"no user {ref!r}", 1)
+    return Person(user.username, user.id, user.groups, user.disabled)
 
 
 def _sessions(args: argparse.Namespace) -> int:

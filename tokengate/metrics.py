@@ -114,6 +114,13 @@ class Metrics:
             ["server", "error"],
             registry=r,
         )
+        self.policy_decisions = Counter(
+            "tokengate_authserver_policy_decisions",
+            "Requests decided by an authorization server's access policies, by policy, rule"
+            " (empty: none matched) and decision (allow, deny).",
+            ["server", "policy", "rule", "decision"],
+            registry=r,
+        )
         self.client_auth_failures = Counter(
             "tokengate_authserver_client_auth_failures",
             "Failed or throttled client authentications, by authorization server and result.",

@@ -243,9 +243,75 @@ def _server() -> Schema:
                 "User data put into users' tokens (and userinfo, for id_token claims).",
                 [],
             ),
+            "access_policies": array(
+                _access_policy(),
+                "Who may get which tokens, for how long: the first policy naming the "
+                "client, then its first matching rule, decides; none denies (default: "
+                "the clients' own scopes and the server's lifetimes).",
+            ),
         },
         "One authorization server: its own issuer, audience, keys and scopes.",
         required=("name", "audience"),
+    )
+
+
+def _access_policy() -> Schema:
+    scopes = array(string("A scope the server offers.", pattern=SCOPE_PATTERN), "", minItems=1)
+    rule = mapping(
+        {
+            "name": string("Unique in its policy; named in audit lines and metrics."),
+            "if": mapping(
+                {
+                    "grant_types": {
+                        **array(string("A grant type.", enum=list(GRANT_TYPES)), "", minItems=1),
+                        "description": "The request's grant type is one of these (default: any).",
+                    },
+                    "groups": {
+                        **array(string("A group.", maxLength=MAX_GROUP_LENGTH), "", minItems=1),
+                        "description": "The user is in at least one (default: anyone, or no user).",
+                    },
+                    "scopes": {
+                        **scopes,
+                        "description": "The request asks for at least one (default: any).",
+                    },
+                },
+                "Conditions; all must hold.",
+            ),
+            "then": mapping(
+                {
+                    "access": string("allow or deny.", "allow", enum=["allow", "deny"]),
+                    "scopes": {
+                        **scopes,
+                        "description": "Granted at most these of those asked (default: all asked).",
+                    },
+                    "access_token_ttl": duration("Lifetime of its access tokens.", None),
+                    "id_token_ttl": duration("Lifetime of its ID tokens.", None),
+                    "refresh_tokens": mapping(
+                        {
+                            "idle_ttl": duration("A refresh token unused this long ends.", None),
+                            "max_ttl": duration("The token family ends this long after.", None),
+                        },
+                        "Refresh token lifetimes (default: the server's).",
+                    ),
+                },
+                "The outcome (default: allow, with the server's lifetimes).",
+            ),
+        },
+        "A rule: when its conditions hold, it decides.",
+        required=("name",),
+    )
+    return mapping(
+        {
+            "name": string("Unique in the server; named in audit lines and metrics."),
+            "clients": array(
+                string("A client_id.", pattern=CLIENT_ID_PATTERN),
+                "The clients it applies to (default: every client of the server).",
+                minItems=1,
+            ),
+            "rules": array(rule, "In order; the first that matches decides.", minItems=1),
+        },
+        "An access policy (Okta's policies and rules).",
+        required=("name", "rules"),
     )
 
 

@@ -95,6 +95,7 @@ def test_every_command_has_help_and_states_its_defaults() -> None:
         "tokengate sessions",
         "tokengate sessions list",
         "tokengate sessions revoke",
+        "tokengate explain",
         "tokengate secret",
         "tokengate schema",
     }

@@ -97,6 +97,12 @@ def test_the_test_suites_configs_validate(
             ),
             "",
         ),
+        (
+            lambda c: c["authserver"]["servers"][0].update(
+                access_policies=[{"name": "p", "rules": [{"name": "r", "then": {"access": "ok"}}]}]
+            ),
+            "access",
+        ),
         (lambda c: c.update(version=2), "version"),
         (lambda c: c.pop("authserver"), ""),
     ],
@@ -182,6 +188,30 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "user_claims": [
                         {"name": "groups", "from": "groups", "scope": "profile"},
                         {"name": "dept", "from": "profile.department", "into": ["access_token"]},
+                    ],
+                    "access_policies": [
+                        {
+                            "name": "people",
+                            "clients": ["portal"],
+                            "rules": [
+                                {
+                                    "name": "admins",
+                                    "if": {
+                                        "grant_types": ["authorization_code"],
+                                        "groups": ["admins"],
+                                        "scopes": ["orders:write"],
+                                    },
+                                    "then": {
+                                        "access": "allow",
+                                        "scopes": ["openid", "orders:write"],
+                                        "access_token_ttl": "15m",
+                                        "id_token_ttl": "30m",
+                                        "refresh_tokens": {"idle_ttl": "1d", "max_ttl": "7d"},
+                                    },
+                                },
+                                {"name": "others", "then": {"access": "deny"}},
+                            ],
+                        }
                     ],
                 }
             ],
