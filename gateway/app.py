@@ -253,7 +253,7 @@ class GatewayApp:
                     principal.issuer.issuer, principal.jti
                 ):
                     raise Denied(Reason.TOKEN_REVOKED, "the token has been revoked")
-                authorize(principal, route)
+                authorize(principal, route, self.clock())
             if limit is not None and limit.needs_token:  # per client_id or sub: once known
                 limited = await self._rate_limit(route, limit, principal, source.client)
             assert self.forwarder is not None, "the gateway has not started"

@@ -9,12 +9,15 @@ from gateway.authn import Principal
 from gateway.config import ClaimRule
 from gateway.errors import Denied, Reason
 from gateway.routing import Route
+from tokengate.jwk import is_numeric_date
 
 _MISSING = object()
 
 
-def authorize(principal: Principal, route: Route) -> None:
-    """Raise :class:`Denied` unless ``principal`` satisfies every rule of ``route``."""
+def authorize(principal: Principal, route: Route, now: float) -> None:
+    """Raise :class:`Denied` unless ``principal`` satisfies every rule of ``route``.
+    Step-up (RFC 9470) comes last: a token another sign-in cannot fix (a scope or a
+    claim it lacks) is told so first."""
     require = route.config.require
     if require.issuer is not None and principal.issuer.issuer != require.issuer:
         raise Denied(Reason.ISSUER_UNKNOWN, "this route does not accept the token's issuer")
@@ -36,6 +39,33 @@ def authorize(principal: Principal, route: Route) -> None:
     for rule in require.claims:
         if not claim_satisfies(principal.claims, rule):
             raise Denied(Reason.CLAIMS_MISMATCH, "the token's claims do not satisfy this route")
+    if require.acr or require.max_age is not None:
+        step_up(principal, require.acr, require.max_age, now)
+
+
+def step_up(principal: Principal, acr: tuple[str, ...], max_age: int | None, now: float) -> None:
+    """RFC 9470: 401 ``insufficient_user_authentication`` with the ``acr_values`` and
+    ``max_age`` a new sign-in must meet, unless the token's ``acr`` is one of ``acr``
+    and its ``auth_time`` is at most ``max_age`` seconds ago (the issuer's leeway
+    allowed for clocks). A token without them (a client's own) never meets them."""
+    claims = principal.claims
+    why = None
+    if acr and claims.get("acr") not in acr:
+        why = "a stronger sign-in is required (acr)"
+    elif max_age is not None:
+        auth_time = claims.get("auth_time")
+        if not is_numeric_date(auth_time):
+            why = "a recent sign-in is required (the token has no auth_time)"
+        elif now - auth_time > max_age + principal.issuer.leeway:
+            why = "a more recent sign-in is required (max_age)"
+    if why is None:
+        return
+    challenge = []
+    if acr:
+        challenge.append(("acr_values", " ".join(acr)))
+    if max_age is not None:
+        challenge.append(("max_age", str(max_age)))
+    raise Denied(Reason.INSUFFICIENT_USER_AUTHENTICATION, why, challenge=challenge)
 
 
 def claim_value(claims: Mapping[str, Any], name: str) -> Any:

@@ -77,6 +77,10 @@ class Require:
     scopes: tuple[str, ...]
     any_scopes: tuple[str, ...]
     claims: tuple[ClaimRule, ...]
+    # step-up (RFC 9470): the acr values accepted, in preference order, and how long
+    # ago (seconds) the user may have signed in
+    acr: tuple[str, ...] = ()
+    max_age: int | None = None
 
 
 RateKey = Literal["client_id", "sub", "route", "remote_addr"]
@@ -271,8 +275,11 @@ def _parse_require(r: Fields, issuers: dict[str, IssuerConfig]) -> Require:
     if not r.has("require"):
         return Require(None, None, (), (), ())
     q = r.node_at("require").fields(
-        optional=("issuer", "audience", "scopes", "any_scopes", "claims")
+        optional=("issuer", "audience", "scopes", "any_scopes", "claims", "acr", "max_age")
     )
+    acr = q.get("acr", list_of(as_acr), ())
+    if q.has("acr") and not acr:
+        q.node_at("acr").error("must list at least one acr value (leave it out for any)")
     issuer = q.get("issuer", as_http_url, None)
     if issuer is not None and issuer not in issuers:
         q.node_at("issuer").error(f"no issuer {issuer!r} under gateway.issuers")
@@ -287,7 +294,18 @@ def _parse_require(r: Fields, issuers: dict[str, IssuerConfig]) -> Require:
         scopes=q.get("scopes", list_of(as_str), ()),
         any_scopes=q.get("any_scopes", list_of(as_str), ()),
         claims=tuple(claims),
+        acr=acr or (),
+        max_age=q.get("max_age", as_seconds, None),
     )
+
+
+def as_acr(node: Node) -> str:
+    """An acr value: it goes into a WWW-Authenticate parameter, so no quote, backslash,
+    space or control character."""
+    text = as_str(node)
+    if not text or any(c in text for c in '"\\ ') or not text.isprintable():
+        raise ConfigError(node.path, f"must be an acr value without spaces or quotes, got {text!r}")
+    return text
 
 
 # --------------------------------------------------------------------------- converters

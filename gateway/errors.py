@@ -26,6 +26,7 @@ class Reason(StrEnum):
     KEY_UNKNOWN = "key_unknown"
     INSUFFICIENT_SCOPE = "insufficient_scope"
     CLAIMS_MISMATCH = "claims_mismatch"
+    INSUFFICIENT_USER_AUTHENTICATION = "insufficient_user_authentication"  # RFC 9470
     NO_ROUTE = "no_route"
     BAD_PATH = "bad_path"
     JWKS_UNAVAILABLE = "jwks_unavailable"
@@ -67,12 +68,15 @@ class Denied(Exception):
         *,
         scope: str | None = None,
         headers: Sequence[tuple[bytes, bytes]] = (),
+        challenge: Sequence[tuple[str, str]] = (),
     ) -> None:
         super().__init__(description)
         self.reason = reason
         self.description = description
         self.scope = scope  # insufficient_scope: what the route needs
         self.headers = list(headers)  # rate_limited: Retry-After and the RateLimit fields
+        # more WWW-Authenticate parameters: RFC 9470's acr_values and max_age
+        self.challenge = tuple(challenge)
 
     @property
     def status(self) -> int:
@@ -90,6 +94,7 @@ _STATUS = {
     Reason.KEY_UNKNOWN: 401,
     Reason.INSUFFICIENT_SCOPE: 403,
     Reason.CLAIMS_MISMATCH: 403,
+    Reason.INSUFFICIENT_USER_AUTHENTICATION: 401,
     Reason.NO_ROUTE: 404,
     Reason.BAD_PATH: 400,
     Reason.JWKS_UNAVAILABLE: 503,
@@ -112,6 +117,10 @@ _ERROR = {
 }
 
 
+# Errors a status alone does not say (RFC 9470 section 3)
+_REASON_ERROR = {Reason.INSUFFICIENT_USER_AUTHENTICATION: "insufficient_user_authentication"}
+
+
 def http_date() -> bytes:
     return email.utils.formatdate(time.time(), usegmt=True).encode()
 
@@ -123,12 +132,14 @@ def denial_response(denied: Denied) -> tuple[int, Headers, bytes]:
         error = "unauthorized"  # no error attribute in the challenge (RFC 6750 3.1)
         challenge: str | None = REALM
     else:
-        error = _ERROR[status]
+        error = _REASON_ERROR.get(denied.reason) or _ERROR[status]
         challenge = None
         if status in (401, 403):
             challenge = f'{REALM}, error="{error}", error_description="{denied.description}"'
             if denied.scope:
                 challenge += f', scope="{denied.scope}"'
+            for name, value in denied.challenge:
+                challenge += f', {name}="{value}"'
     headers: Headers = [JSON_TYPE, (b"date", http_date()), (b"cache-control", b"no-store")]
     if challenge is not None:
         headers.append((b"www-authenticate", challenge.encode()))

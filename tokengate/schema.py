@@ -716,6 +716,17 @@ def _route() -> Schema:
                         "description": "Claim rules, all of which must hold.",
                         "additionalProperties": _claim_rule(),
                     },
+                    "acr": array(
+                        string("An acr value.", pattern=r'^[^\s"\\]+$'),
+                        "Step-up (RFC 9470): the token's acr must be one of these, else 401 "
+                        "insufficient_user_authentication with acr_values.",
+                        minItems=1,
+                    ),
+                    "max_age": duration(
+                        "Step-up (RFC 9470): the user signed in at most this long ago "
+                        "(auth_time), else 401 insufficient_user_authentication with max_age.",
+                        None,
+                    ),
                 },
                 "What a token needs for this route.",
             ),
