@@ -96,6 +96,7 @@ class AuthorizeRequest:
     ask_consent: bool = False  # prompt=consent: ask again, even if granted before
     response_type: str = "code"  # or one of IMPLICIT_TYPES
     id_token_claims: tuple[str, ...] = ()  # the claims parameter's id_token member
+    acr_values: tuple[str, ...] = ()  # OIDC Core 3.1.2.1, in order of preference
 
     @property
     def implicit(self) -> bool:
@@ -195,7 +196,11 @@ def parse_authorize(
         ask_consent="consent" in (params.get("prompt") or "").split(),
         response_type=response_type,
         id_token_claims=_requested_claims(params.get("claims"), fail),
+        acr_values=tuple((params.get("acr_values") or "").split()[:MAX_ACR_VALUES]),
     )
+
+
+MAX_ACR_VALUES = 10  # an acr_values parameter's values looked at
 
 
 def _requested_claims(raw: str | None, fail: Fail) -> tuple[str, ...]:

@@ -17,6 +17,7 @@ from authserver.passwords import EnvPassword, password_problem, phc_problem
 from authserver.policies import AccessPolicy, Lifetimes
 from authserver.policyconfig import as_access_policies
 from authserver.redirect_uris import redirect_uri_problem
+from authserver.signon import DEFAULT_SIGN_ON, SignOnPolicy, as_sign_on
 from authserver.userrules import claim_problem, group_problem, username_key, username_problem
 from tokengate.jwk import PublicKey, load_public_jwk
 from tokengate.limits import DEFAULT_LIMITS, Limits, as_limits
@@ -181,6 +182,7 @@ class ClientConfig:
     groups: frozenset[str] | None = None  # only members may sign in (None: everyone)
     allowed_origins: frozenset[str] = frozenset()  # CORS on token/userinfo/revoke/keys
     consent: Consent = "none"  # "required": the user grants the scopes on a page, once
+    sign_on: SignOnPolicy | None = None  # how its users sign in (None: the org's policy)
 
     @property
     def public(self) -> bool:
@@ -258,7 +260,16 @@ class Brand:
     color: str = "#1f6feb"
 
 
-PAGE_TEMPLATES = ("signin.html", "error.html", "consent.html", "signout.html", "signed_out.html")
+PAGE_TEMPLATES = (
+    "signin.html",
+    "error.html",
+    "consent.html",
+    "signout.html",
+    "signed_out.html",
+    "mfa.html",
+    "enroll.html",
+    "recovery_codes.html",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,6 +302,7 @@ class AuthServerConfig:
     # signing keys' private parts at rest in the store, sealed with AES-256-GCM
     key_encryption_key: bytes | None = field(default=None, repr=False)
     rotation_every: int | None = None  # scheduled signing-key rotation, seconds
+    sign_on: SignOnPolicy = DEFAULT_SIGN_ON  # how people sign in, unless a client says
 
 
 STORE_SCHEMES = ("postgresql", "postgres")
@@ -322,6 +334,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
             "store",
             "key_encryption_key",
             "rotation",
+            "sign_on",
         ),
     )
     listen = f.get("listen", as_listen, Listen("127.0.0.1", 9000))
@@ -362,6 +375,7 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         store=store or None,
         key_encryption_key=kek,
         rotation_every=f.get("rotation", lambda n: as_rotation(n, jwks_max_age), None),
+        sign_on=f.get("sign_on", as_sign_on, DEFAULT_SIGN_ON) or DEFAULT_SIGN_ON,
     )
 
 
@@ -561,6 +575,7 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
             "groups",
             "allowed_origins",
             "consent",
+            "sign_on",
         ),
     )
     client_id = c.get("client_id", as_client_id)
@@ -657,6 +672,7 @@ def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:
         groups=frozenset(groups) if groups is not None else None,
         allowed_origins=frozenset(origins),
         consent=consent,  # type: ignore[arg-type]
+        sign_on=c.get("sign_on", as_sign_on, None),
     )
 
 

@@ -31,22 +31,31 @@ def _aead(kek: bytes) -> AESGCM:
     return AESGCM(kek)
 
 
-def seal(kek: bytes, server: str, kid: str, private_der: bytes) -> bytes:
+def seal_bytes(kek: bytes, bound_to: bytes, data: bytes) -> bytes:
+    """``data`` sealed under ``kek``, opening only with the same ``bound_to``."""
     nonce = os.urandom(NONCE_BYTES)
-    return VERSION + nonce + _aead(kek).encrypt(nonce, private_der, _bound_to(server, kid))
+    return VERSION + nonce + _aead(kek).encrypt(nonce, data, bound_to)
+
+
+def open_sealed(kek: bytes, bound_to: bytes, sealed: bytes, what: str, noun: str) -> bytes:
+    """What :func:`seal_bytes` sealed; :class:`KeyUnsealError` naming ``what`` (a
+    ``noun``: key, secret) when it does not open."""
+    if not sealed.startswith(VERSION) or len(sealed) <= len(VERSION) + NONCE_BYTES:
+        raise KeyUnsealError(f"{what}: not a sealed {noun}")
+    nonce = sealed[len(VERSION) : len(VERSION) + NONCE_BYTES]
+    try:
+        return _aead(kek).decrypt(nonce, sealed[len(VERSION) + NONCE_BYTES :], bound_to)
+    except InvalidTag:
+        raise KeyUnsealError(
+            f"{what} does not open with authserver.key_encryption_key: either it is not "
+            f"the key the store was written with, or the stored {noun} is damaged"
+        ) from None
+
+
+def seal(kek: bytes, server: str, kid: str, private_der: bytes) -> bytes:
+    return seal_bytes(kek, _bound_to(server, kid), private_der)
 
 
 def unseal(kek: bytes, server: str, kid: str, sealed: bytes) -> bytes:
-    if not sealed.startswith(VERSION) or len(sealed) <= len(VERSION) + NONCE_BYTES:
-        raise KeyUnsealError(f"signing key {kid} of server {server!r}: not a sealed key")
-    nonce = sealed[len(VERSION) : len(VERSION) + NONCE_BYTES]
-    try:
-        return _aead(kek).decrypt(
-            nonce, sealed[len(VERSION) + NONCE_BYTES :], _bound_to(server, kid)
-        )
-    except InvalidTag:
-        raise KeyUnsealError(
-            f"signing key {kid} of server {server!r} does not open with "
-            "authserver.key_encryption_key: either it is not the key the store was written "
-            "with, or the stored key is damaged"
-        ) from None
+    what = f"signing key {kid} of server {server!r}"
+    return open_sealed(kek, _bound_to(server, kid), sealed, what, "key")

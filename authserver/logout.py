@@ -29,6 +29,7 @@ from authserver.config import ClientConfig, ServerConfig
 from authserver.errors import OAuthError
 from authserver.keyring import KeyRing
 from authserver.oidc import verify_id_token_hint
+from authserver.pageheaders import HTML, origin_of, page_headers
 from authserver.sessions import (
     clear_cookie,
     cookie_name,
@@ -36,7 +37,7 @@ from authserver.sessions import (
     session_hash,
     valid_session_value,
 )
-from authserver.signin import HTML, SignIn, origin_of, page_headers
+from authserver.signin import SignIn
 from authserver.store import SessionRecord, StoreUnavailable
 from tokengate.asgi import Headers, Receive, Scope, Send, send_bytes
 from tokengate.jsonlog import AuditLog, log_event

@@ -15,6 +15,7 @@ from authserver.config import AUTH_METHODS, OIDC_SCOPES, PUBLIC, ClientConfig, S
 from authserver.grants import GRANT_TYPE
 from authserver.oidc import CLAIMS_SUPPORTED
 from authserver.pkce import METHODS
+from authserver.signon import ACR_VALUES
 from tokengate.jwk import ALGORITHMS
 
 CODE_GRANT = "authorization_code"
@@ -95,6 +96,7 @@ def openid_configuration(
         document["userinfo_endpoint"] = server.userinfo_endpoint
         document["claims_parameter_supported"] = True
         document["end_session_endpoint"] = server.end_session_endpoint
+        document["acr_values_supported"] = list(ACR_VALUES)
         document["claims_supported"] = [
             *CLAIMS_SUPPORTED,
             *(c.name for c in server.user_claims if c.name not in CLAIMS_SUPPORTED),

@@ -150,6 +150,19 @@ def _sqlite_base(store: SqlStore) -> None:
     store._q("UPDATE grants SET jtis = '[]' WHERE jtis != '[]'")
 
 
+_SECOND_FACTORS = """
+CREATE TABLE user_totp (
+    user_id TEXT PRIMARY KEY, secret {blob} NOT NULL, created_at {int} NOT NULL,
+    confirmed_at {int}, last_step {int} NOT NULL DEFAULT 0
+);
+CREATE TABLE recovery_codes (
+    user_id TEXT NOT NULL, code_hash TEXT NOT NULL, used_at {int},
+    PRIMARY KEY (user_id, code_hash)
+);
+ALTER TABLE sessions ADD COLUMN amr TEXT NOT NULL DEFAULT '["pwd"]';
+ALTER TABLE interactions ADD COLUMN progress TEXT
+"""
+
 SQLITE = (
     Migration(1, "base schema", _sqlite_base),
     Migration(
@@ -157,12 +170,17 @@ SQLITE = (
         "signing keys' private parts in the store",
         statements("ALTER TABLE signing_keys ADD COLUMN private_key BLOB"),
     ),
+    Migration(
+        3,
+        "second factors: authenticator apps, recovery codes, how a session signed in",
+        statements(_SECOND_FACTORS.format(blob="BLOB", int="INTEGER")),
+    ),
 )
 
 # --------------------------------------------------------------------------- PostgreSQL
 # Times are BIGINT (seconds); seq columns are sequences. Every write that hands out a
-# revocation_log seq runs under the store's lock, so seqs commit in order and a feed
-# cursor never skips a row committed late.
+# revocation_log seq holds the feed's lock to commit, so seqs commit in order and a
+# feed cursor never skips a row committed late.
 
 _POSTGRES_BASE = """
 CREATE TABLE signing_keys (
@@ -233,5 +251,10 @@ POSTGRES = (
         2,
         "signing keys' private parts in the store",
         statements("ALTER TABLE signing_keys ADD COLUMN private_key BYTEA"),
+    ),
+    Migration(
+        3,
+        "second factors: authenticator apps, recovery codes, how a session signed in",
+        statements(_SECOND_FACTORS.format(blob="BYTEA", int="BIGINT")),
     ),
 )

@@ -18,6 +18,7 @@ import jwt
 
 from authserver.config import ClientConfig, ServerConfig, UserClaim
 from authserver.keyring import KeySet
+from authserver.signon import AMR_PASSWORD, acr_of
 from authserver.users import User
 from tokengate.jwk import JWT_DECODE_ERRORS
 
@@ -47,7 +48,7 @@ SCOPE_CLAIMS = {
     "address": ADDRESS_CLAIMS,
     "phone": PHONE_CLAIMS,
 }
-ID_TOKEN_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "amr", "sid")
+ID_TOKEN_CLAIMS = ("iss", "sub", "aud", "exp", "iat", "auth_time", "nonce", "amr", "acr", "sid")
 CLAIMS_SUPPORTED = (
     *ID_TOKEN_CLAIMS,
     "at_hash",
@@ -56,7 +57,6 @@ CLAIMS_SUPPORTED = (
     *ADDRESS_CLAIMS,
     *PHONE_CLAIMS,
 )
-AMR_PASSWORD = ("pwd",)  # RFC 8176: signed in with a password
 # OIDC Core 3.1.3.6: at_hash uses the hash of the ID token's JWS alg; for EdDSA
 # (Ed25519) that is SHA-512, as OpenID Connect's errata and common libraries use.
 _AT_HASH = {"RS256": hashlib.sha256, "PS256": hashlib.sha256, "ES256": hashlib.sha256}
@@ -100,6 +100,7 @@ def user_access_token_claims(
         "scope": " ".join(scopes),
         "auth_time": sign_in.auth_time,
         "amr": list(sign_in.amr),
+        "acr": acr_of(sign_in.amr),
         "preferred_username": sign_in.user.username,
         **user_claim_values(server.user_claims, sign_in.user, scopes, "access_token"),
     }
@@ -124,6 +125,7 @@ def id_token_claims(
         "iat": now,
         "auth_time": sign_in.auth_time,
         "amr": list(sign_in.amr),
+        "acr": acr_of(sign_in.amr),
     }
     if access_token is not None:  # none with the implicit flow's response_type=id_token
         claims["at_hash"] = at_hash(access_token, server.signing_alg)

@@ -37,10 +37,16 @@ def session_hash(cookie_value: str) -> str:
     return hashlib.sha256(cookie_value.encode("ascii")).hexdigest()
 
 
-def new_session(user_id: str, now: int, policy: SessionTimes, sid: str | None = None) -> NewSession:
+def new_session(
+    user_id: str,
+    now: int,
+    policy: SessionTimes,
+    sid: str | None = None,
+    amr: tuple[str, ...] = ("pwd",),
+) -> NewSession:
     """A session for a user who has just signed in: a fresh cookie value every time.
     ``sid``: the one of the session this sign-in replaces, for the same user (what
-    was issued in it lives on)."""
+    was issued in it lives on); ``amr``: how the user signed in (RFC 8176)."""
     value = secrets.token_urlsafe(SESSION_BYTES)
     expires_at = now + policy.max_lifetime
     record = SessionRecord(
@@ -50,6 +56,7 @@ def new_session(user_id: str, now: int, policy: SessionTimes, sid: str | None = 
         created_at=now,
         expires_at=expires_at,
         idle_expires_at=min(now + policy.idle_timeout, expires_at),
+        amr=amr,
     )
     return NewSession(value, session_hash(value), record)
 

@@ -42,10 +42,13 @@ from authserver.codes import CODE_TTL, code_hash, new_code
 from authserver.config import PAGE_TEMPLATES, AuthServerConfig, ClientConfig, ServerConfig
 from authserver.consent import described, needs_consent
 from authserver.errors import OAuthError
+from authserver.factors import Factors
 from authserver.forms import Form, read_form
 from authserver.keyring import KeyRing
+from authserver.mfapages import MfaPages
 from authserver.oidc import SignIn as OidcSignIn
 from authserver.oidc import id_token_claims, user_access_token_claims, verify_id_token_hint
+from authserver.pageheaders import HTML, origin_of, page_headers
 from authserver.policies import Decision, decide
 from authserver.sessions import (
     cookie_name,
@@ -55,6 +58,7 @@ from authserver.sessions import (
     set_cookie,
     valid_session_value,
 )
+from authserver.signon import AMR_PASSWORD, has_mfa, needs_mfa
 from authserver.store import CodeRecord, SessionRecord, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
 from authserver.tokens import new_jti
@@ -73,31 +77,18 @@ EXPIRED = (
     "This sign-in page has expired or was opened elsewhere. "
     "Go back to the application and start again."
 )
-HTML = (b"content-type", b"text/html; charset=utf-8")
-PAGE_HEADERS: Headers = [
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"no-referrer"),
-    (b"cache-control", b"no-store"),
-    (b"pragma", b"no-cache"),
-    (b"x-content-type-options", b"nosniff"),
-]
-_CSP = (
-    "default-src 'none'; style-src 'self'; img-src 'self' https:; form-action 'self'{extra}; "
-    "frame-ancestors 'none'; base-uri 'none'"
-)
 MAX_FIELD = 1024  # characters of a username or password the form accepts
 
 
-def page_headers(form_target: str | None = None) -> Headers:
-    """The security headers of every page; ``form_target``: the origin a form_post
-    response's form may post to."""
-    extra = f" {form_target}" if form_target else ""
-    return [(b"content-security-policy", _CSP.format(extra=extra).encode()), *PAGE_HEADERS]
+@dataclass(frozen=True, slots=True)
+class InProgress:
+    """A sign-in in progress: its checked authorization request, the sign-in cookie's
+    value, its forms' CSRF token, and what it has proved (None: nothing yet)."""
 
-
-def origin_of(uri: str) -> str:
-    parts = urlsplit(uri)
-    return f"{parts.scheme}://{parts.netloc}"
+    request: AuthorizeRequest
+    cookie: str
+    csrf: str
+    progress: dict[str, Any] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +99,9 @@ class Paths:
     consent: str
     stylesheet: str
     brand_stylesheet: str
+    mfa: str  # the second factor's challenge
+    mfa_enroll: str  # enrolling an authenticator app
+    mfa_continue: str  # on from the recovery codes page
 
     @classmethod
     def of(cls, public_url: str) -> Paths:
@@ -117,6 +111,9 @@ class Paths:
             f"{base}/consent",
             f"{base}/static/signin.css",
             f"{base}/static/brand.css",
+            f"{base}/mfa",
+            f"{base}/mfa/enroll",
+            f"{base}/mfa/continue",
         )
 
 
@@ -163,6 +160,17 @@ class SignIn:
         )
         for name in PAGE_TEMPLATES:  # compiled now (at start or in a reload's thread)
             self.templates.get_template(name)
+        factors = Factors(
+            store=store,
+            io=io,
+            throttle=throttle,
+            audit=audit,
+            metrics=metrics,
+            issuer_name=config.sign_in.brand.name,
+            kek=config.key_encryption_key,
+            clock=clock,
+        )
+        self.mfa = MfaPages(self, factors)
         self.stylesheet = resources.files("authserver").joinpath("static/signin.css").read_bytes()
         brand = config.sign_in.brand
         self.brand_css = f":root {{ --accent: {brand.color}; }}\n".encode()
@@ -172,6 +180,7 @@ class SignIn:
         return {
             self.paths.login: self.login,
             self.paths.consent: self.consent,
+            **self.mfa.routes(),
             self.paths.stylesheet: self._static(self.stylesheet),
             self.paths.brand_stylesheet: self._static(self.brand_css),
         }
@@ -196,12 +205,12 @@ class SignIn:
             await self.error_page(send, exc.error, exc.description, 400)
             return
         except RedirectError as exc:
-            await self._respond(send, exc.target, exc.params())
+            await self.respond(send, exc.target, exc.params())
             return
         try:
             await self._authorize(request, params, scope, send)
         except StoreUnavailable:
-            await self._respond(
+            await self.respond(
                 send,
                 request.target,
                 request.target.params(
@@ -222,7 +231,7 @@ class SignIn:
                 params_ = request.target.params(
                     error="invalid_request", error_description="id_token_hint is not valid"
                 )
-                await self._respond(send, request.target, params_)
+                await self.respond(send, request.target, params_)
                 return
             hinted = claims["sub"]
         if found is not None and hinted is not None and found[1].id != hinted:
@@ -232,10 +241,13 @@ class SignIn:
             if not is_assigned(request.client, user):
                 await self._not_assigned(send, request, user, scope, [])
                 return
-            await self._proceed(send, request, params, user, session, now, [], None)
+            if self.needs_mfa(request, user) and not has_mfa(session.amr):
+                await self._step_up(send, request, params, user, now)
+                return
+            await self.proceed(send, request, params, user, session, now, [], None)
             return
         if request.prompt == "none":
-            await self._respond(
+            await self.respond(
                 send,
                 request.target,
                 request.target.params(
@@ -243,29 +255,50 @@ class SignIn:
                 ),
             )
             return
-        cookie_value = await self._start_interaction(request, params, now)
+        cookie_value = await self.start_interaction(request, params, now)
         headers = [
             (b"location", self.paths.login.encode()),
-            (b"set-cookie", self._signin_cookie(cookie_value)),
+            (b"set-cookie", self.signin_cookie_header(cookie_value)),
             *page_headers(),
         ]
         await send_bytes(send, 303, b"", headers)
 
+    async def _step_up(
+        self,
+        send: Send,
+        request: AuthorizeRequest,
+        params: dict[str, str],
+        user: User,
+        now: int,
+    ) -> None:
+        """A session signed in with a password alone, for a request that needs a second
+        factor: the factor's page, no password asked again (prompt=none: refused)."""
+        if request.prompt == "none":
+            error = request.target.params(
+                error="interaction_required",
+                error_description="the user must sign in with a second factor",
+            )
+            await self.respond(send, request.target, error)
+            return
+        cookie_value = await self.start_interaction(request, params, now)
+        headers = [(b"set-cookie", self.signin_cookie_header(cookie_value))]
+        await self.mfa.start(send, request, user, cookie_value, now, None, headers)
+
     # -- {public_url}/signin/login ----------------------------------------------
 
     async def login(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._page(self._login, scope, receive, send)
+        await self.page(self._login, scope, receive, send)
 
     async def _login(self, scope: Scope, receive: Receive, send: Send) -> None:
         now = int(self.clock())
-        found = await self._in_progress(scope, send, now)
+        found = await self.in_progress(scope, send, now)
         if found is None:
             return
-        request, cookie, csrf = found
+        request, cookie, csrf = found.request, found.cookie, found.csrf
         if scope["method"] == "GET":
             await self._form(send, request, csrf, request.login_hint or "", None, 200)
             return
-        form = await self._checked_form(scope, receive, send, csrf)
+        form = await self.checked_form(scope, receive, send, csrf)
         if form is None:
             return
         username = (form.get("username") or "")[:MAX_FIELD]
@@ -284,7 +317,7 @@ class SignIn:
         now: int,
     ) -> None:
         user, event = await self.check_credentials(
-            request.server, request.client, username, password, self._remote_addr(scope)
+            request.server, request.client, username, password, self.remote_addr(scope)
         )
         if user is None:
             await self._form(send, request, csrf, username, BAD_CREDENTIALS, 401)
@@ -292,21 +325,49 @@ class SignIn:
         if not is_assigned(request.client, user):
             # the password was right: say what is wrong, but start no session with it
             await self.io_call(self.store.end_interaction, session_hash(cookie))
-            clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
+            clear = [(b"set-cookie", self.signin_cookie_header("", clear=True))]
             await self._not_assigned(send, request, user, scope, clear)
             return
-        replaced = await self._replace_session(scope, user, now)
-        started = new_session(user.id, now, self.config.sessions, replaced)
+        if self.needs_mfa(request, user):
+            await self.mfa.start(send, request, user, cookie, now, password_at=now)
+            return
+        await self.complete(scope, send, request, user, event, cookie, now, AMR_PASSWORD)
+
+    async def complete(
+        self,
+        scope: Scope,
+        send: Send,
+        request: AuthorizeRequest,
+        user: User,
+        event: dict[str, Any],
+        cookie: str,
+        now: int,
+        amr: tuple[str, ...],
+    ) -> None:
+        """A sign-in proved (a password, and a second factor if one was needed): a new
+        session (replacing the browser's, its sid kept for the same user), then on to
+        the client. ``event``: the sign-in's audit fields."""
+        replaced = await self.replace_session(scope, user, now)
+        started = new_session(user.id, now, self.config.sessions, replaced, amr)
         await self.io_call(self.store.add_session, started.session_hash, started.record)
-        self.audit.emit("user.signin", **event, outcome="success", reason="ok")
+        self.audit.emit("user.signin", **event, amr=list(amr), outcome="success", reason="ok")
         self.audit.emit("session.created", **event, sid=started.record.sid)
         self.metrics.signins.labels("success").inc()
         cookies = [(b"set-cookie", set_cookie(started.cookie_value, secure=self.secure))]
-        await self._proceed(send, request, None, user, started.record, now, cookies, cookie)
+        await self.proceed(send, request, None, user, started.record, now, cookies, cookie)
+
+    def second_factor_required(self, client: ClientConfig, user: User) -> bool:
+        return needs_mfa(client.sign_on or self.config.sign_on, user.groups, ())
+
+    def needs_mfa(self, request: AuthorizeRequest, user: User) -> bool:
+        """Whether the client's sign-on policy (else the org's), the user's groups or the
+        request's acr_values ask for a second factor."""
+        policy = request.client.sign_on or self.config.sign_on
+        return needs_mfa(policy, user.groups, request.acr_values)
 
     # -- {public_url}/signin/consent ---------------------------------------------
 
-    async def _proceed(
+    async def proceed(
         self,
         send: Send,
         request: AuthorizeRequest,
@@ -325,7 +386,7 @@ class SignIn:
         if refused is not None:
             if interaction is not None:
                 await self.io_call(self.store.end_interaction, session_hash(interaction))
-                headers = [*headers, (b"set-cookie", self._signin_cookie("", clear=True))]
+                headers = [*headers, (b"set-cookie", self.signin_cookie_header("", clear=True))]
             await self._policy_denied(send, request, user, refused, headers)
             return
         granted: frozenset[str] = frozenset()
@@ -336,31 +397,31 @@ class SignIn:
         if not needs_consent(request, granted):
             if interaction is not None:
                 await self.io_call(self.store.end_interaction, session_hash(interaction))
-                headers = [*headers, (b"set-cookie", self._signin_cookie("", clear=True))]
+                headers = [*headers, (b"set-cookie", self.signin_cookie_header("", clear=True))]
             await self._issue_code(send, request, user, session, now, headers)
             return
         if request.prompt == "none":
             error = request.target.params(
                 error="consent_required", error_description="the user must grant access"
             )
-            await self._respond(send, request.target, error)
+            await self.respond(send, request.target, error)
             return
         if interaction is None:
             assert params is not None
-            interaction = await self._start_interaction(request, params, now)
-            headers = [*headers, (b"set-cookie", self._signin_cookie(interaction))]
+            interaction = await self.start_interaction(request, params, now)
+            headers = [*headers, (b"set-cookie", self.signin_cookie_header(interaction))]
         location = [(b"location", self.paths.consent.encode())]
         await send_bytes(send, 303, b"", [*location, *headers, *page_headers()])
 
     async def consent(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._page(self._consent, scope, receive, send)
+        await self.page(self._consent, scope, receive, send)
 
     async def _consent(self, scope: Scope, receive: Receive, send: Send) -> None:
         now = int(self.clock())
-        found = await self._in_progress(scope, send, now)
+        found = await self.in_progress(scope, send, now)
         if found is None:
             return
-        request, cookie, csrf = found
+        request, cookie, csrf = found.request, found.cookie, found.csrf
         signed_in = await self._session(scope, now)
         if signed_in is None:  # the session ended meanwhile: sign in again
             await self.error_page(send, "expired", EXPIRED, 400)
@@ -369,7 +430,7 @@ class SignIn:
         refused = access.refusal(request, user)
         if refused is not None:  # the policies changed since the consent page was shown
             await self.io_call(self.store.end_interaction, session_hash(cookie))
-            clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
+            clear = [(b"set-cookie", self.signin_cookie_header("", clear=True))]
             await self._policy_denied(send, request, user, refused, clear)
             return
         if scope["method"] == "GET":
@@ -384,7 +445,7 @@ class SignIn:
             target = origin_of(request.target.redirect_uri)
             await send_bytes(send, 200, body, [HTML, *page_headers(target)])
             return
-        form = await self._checked_form(scope, receive, send, csrf)
+        form = await self.checked_form(scope, receive, send, csrf)
         if form is None:
             return
         event = {
@@ -392,17 +453,17 @@ class SignIn:
             "client_id": request.client.client_id,
             "user_id": user.id,
             "username": user.username,
-            "remote_addr": self._remote_addr(scope),
+            "remote_addr": self.remote_addr(scope),
             "scopes": list(request.scopes),
         }
         await self.io_call(self.store.end_interaction, session_hash(cookie))
-        clear = [(b"set-cookie", self._signin_cookie("", clear=True))]
+        clear = [(b"set-cookie", self.signin_cookie_header("", clear=True))]
         if form.get("consent") != "allow":
             self.audit.emit("consent.denied", **event, outcome="denied", reason="user_denied")
             error = request.target.params(
                 error="access_denied", error_description="the user denied access"
             )
-            await self._respond(send, request.target, error, clear)
+            await self.respond(send, request.target, error, clear)
             return
         await self.io_call(
             self.store.add_consent, user.id, request.client.client_id, request.scopes, now
@@ -412,7 +473,7 @@ class SignIn:
 
     # -- shared steps -------------------------------------------------------------
 
-    async def _page(
+    async def page(
         self,
         serve: Callable[[Scope, Receive, Send], Awaitable[None]],
         scope: Scope,
@@ -430,7 +491,7 @@ class SignIn:
                 send, "temporarily_unavailable", "Sign-in is unavailable; try again soon.", 503
             )
 
-    async def _start_interaction(
+    async def start_interaction(
         self, request: AuthorizeRequest, params: dict[str, str], now: int
     ) -> str:
         """Keep a checked authorization request for the pages that follow (sign-in,
@@ -446,12 +507,10 @@ class SignIn:
         )
         return cookie_value
 
-    async def _in_progress(
-        self, scope: Scope, send: Send, now: int
-    ) -> tuple[AuthorizeRequest, str, str] | None:
+    async def in_progress(self, scope: Scope, send: Send, now: int) -> InProgress | None:
         """The sign-in in progress the browser's sign-in cookie names: its checked
-        authorization request, the cookie's value and the forms' CSRF token. None once
-        an error page has been sent."""
+        authorization request, the cookie's value, the forms' CSRF token and what it
+        has proved so far. None once an error page has been sent."""
         cookie = read_cookie(_cookies(scope), self.signin_cookie)
         found = None
         if valid_session_value(cookie):
@@ -461,7 +520,7 @@ class SignIn:
             await self.error_page(send, "expired", EXPIRED, 400)
             return None
         assert cookie is not None
-        server_name, params_json, csrf = found
+        server_name, params_json, csrf, progress = found
         server = self.servers.get(server_name)
         try:
             if server is None:
@@ -471,11 +530,11 @@ class SignIn:
             await self.error_page(send, exc.error, exc.description, 400)
             return None
         except RedirectError as exc:
-            await self._respond(send, exc.target, exc.params())
+            await self.respond(send, exc.target, exc.params())
             return None
-        return request, cookie, csrf
+        return InProgress(request, cookie, csrf, json.loads(progress) if progress else None)
 
-    async def _checked_form(
+    async def checked_form(
         self, scope: Scope, receive: Receive, send: Send, csrf: str
     ) -> Form | None:
         """A page's POSTed form, if it carries the page's CSRF token (compared in
@@ -496,11 +555,11 @@ class SignIn:
             return None
         return form
 
-    async def _replace_session(self, scope: Scope, user: User, now: int) -> str | None:
+    async def replace_session(self, scope: Scope, user: User, now: int) -> str | None:
         """End the session the browser holds, if any: a sign-in never leaves the old
         cookie value working. Another user's session ends with what was issued in it;
         the same user's sid carries over (its refresh tokens live on). Its sid, or None."""
-        found = await self._live_session(scope, now)
+        found = await self.live_session(scope, now)
         if found is None:
             return None
         value, old = found
@@ -567,11 +626,11 @@ class SignIn:
         self, send: Send, request: AuthorizeRequest, user: User, scope: Scope, headers: Headers
     ) -> None:
         """Okta's app assignment: the user is not in any of the client's groups."""
-        self.not_assigned(request.server, request.client, user, self._remote_addr(scope))
+        self.not_assigned(request.server, request.client, user, self.remote_addr(scope))
         params = request.target.params(
             error="access_denied", error_description="the user is not assigned to this client"
         )
-        await self._respond(send, request.target, params, headers)
+        await self.respond(send, request.target, params, headers)
 
     async def _policy_denied(
         self,
@@ -601,9 +660,9 @@ class SignIn:
             detail=decision.reason,
         )
         params = request.target.params(error="access_denied", error_description=access.DENIED)
-        await self._respond(send, request.target, params, headers)
+        await self.respond(send, request.target, params, headers)
 
-    async def _live_session(self, scope: Scope, now: int) -> tuple[str, SessionRecord] | None:
+    async def live_session(self, scope: Scope, now: int) -> tuple[str, SessionRecord] | None:
         """The browser's live session (its idle end moved on) and the cookie's value."""
         value = read_cookie(_cookies(scope), cookie_name(self.secure))
         if not valid_session_value(value):
@@ -615,7 +674,7 @@ class SignIn:
         return None if record is None else (value, record)
 
     async def _session(self, scope: Scope, now: int) -> tuple[SessionRecord, User] | None:
-        found = await self._live_session(scope, now)
+        found = await self.live_session(scope, now)
         if found is None:
             return None
         record = found[1]
@@ -649,9 +708,10 @@ class SignIn:
             auth_time=session.auth_time,
             expires_at=now + CODE_TTL,
             id_token_claims=request.id_token_claims,
+            amr=session.amr,
         )
         await self.io_call(self.store.add_code, code_hash(code), record)
-        await self._respond(send, request.target, request.target.params(code=code), headers)
+        await self.respond(send, request.target, request.target.params(code=code), headers)
 
     async def _issue_tokens(
         self,
@@ -677,7 +737,9 @@ class SignIn:
             access.record(server, decision, decided, self.metrics)
             server, scopes = access.with_lifetimes(server, decision), decision.scopes
         client = request.client
-        sign_in = OidcSignIn(user=user, auth_time=session.auth_time, session_id=session.sid)
+        sign_in = OidcSignIn(
+            user=user, auth_time=session.auth_time, session_id=session.sid, amr=session.amr
+        )
         signer = self.keyring.current(server.name).signer
         params: dict[str, str] = {}
         access_token = None
@@ -717,9 +779,9 @@ class SignIn:
             reason="ok",
         )
         self.metrics.tokens_issued.labels(server.name, "implicit").inc()
-        await self._respond(send, request.target, request.target.params(**params), headers)
+        await self.respond(send, request.target, request.target.params(**params), headers)
 
-    async def _respond(
+    async def respond(
         self, send: Send, target: Target, params: dict[str, str], headers: Headers = ()
     ) -> None:
         """The response to the client: 303 to its redirect URI, or a form_post page."""
@@ -783,7 +845,7 @@ class SignIn:
 
         return serve
 
-    def _signin_cookie(self, value: str, *, clear: bool = False) -> bytes:
+    def signin_cookie_header(self, value: str, *, clear: bool = False) -> bytes:
         flags = "; Secure" if self.secure else ""
         age = "; Max-Age=0" if clear else f"; Max-Age={SIGNIN_TTL}"
         return f"{self.signin_cookie}={value}; Path=/{age}; HttpOnly; SameSite=Lax{flags}".encode()
@@ -798,7 +860,7 @@ class SignIn:
         except (UnicodeDecodeError, ValueError):
             raise OAuthError("invalid_request", "the query string is not valid UTF-8") from None
 
-    def _remote_addr(self, scope: Scope) -> str | None:
+    def remote_addr(self, scope: Scope) -> str | None:
         return self.proxies.origin_of(scope).client
 
     async def io_call(self, fn: Callable[..., T], *args: Any) -> T:

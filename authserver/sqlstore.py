@@ -41,6 +41,7 @@ from authserver.store import (
     MigrationResult,
     RefreshUse,
     SessionRecord,
+    TotpRecord,
     UsernameTaken,
     UserRecord,
 )
@@ -222,13 +223,18 @@ class SqlStore:
             (cookie_hash, server, params, csrf, expires_at),
         )
 
-    def interaction(self, cookie_hash: str, now: int) -> tuple[str, str, str] | None:
+    def interaction(self, cookie_hash: str, now: int) -> tuple[str, str, str, str | None] | None:
         row = self._q(
-            "SELECT server, params, csrf FROM interactions WHERE cookie_hash = ? "
+            "SELECT server, params, csrf, progress FROM interactions WHERE cookie_hash = ? "
             "AND expires_at > ?",
             (cookie_hash, now),
         ).fetchone()
-        return None if row is None else (row[0], row[1], row[2])
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+    def set_interaction_progress(self, cookie_hash: str, progress: str) -> None:
+        self._q(
+            "UPDATE interactions SET progress = ? WHERE cookie_hash = ?", (progress, cookie_hash)
+        )
 
     def end_interaction(self, cookie_hash: str) -> None:
         self._q("DELETE FROM interactions WHERE cookie_hash = ?", (cookie_hash,))
@@ -238,7 +244,7 @@ class SqlStore:
     def add_session(self, session_hash: str, record: SessionRecord) -> None:
         self._q(
             "INSERT INTO sessions (session_hash, sid, user_id, auth_time, created_at, expires_at, "
-            "idle_expires_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            "idle_expires_at, amr) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 session_hash,
                 record.sid,
@@ -247,6 +253,7 @@ class SqlStore:
                 record.created_at,
                 record.expires_at,
                 record.idle_expires_at,
+                json.dumps(list(record.amr)),
             ),
         )
 
@@ -256,11 +263,11 @@ class SqlStore:
             "UPDATE sessions SET idle_expires_at = "
             "CASE WHEN ? < expires_at THEN ? ELSE expires_at END "
             "WHERE session_hash = ? AND expires_at > ? AND idle_expires_at > ? "
-            "RETURNING sid, user_id, auth_time, created_at, expires_at, idle_expires_at",
+            "RETURNING sid, user_id, auth_time, created_at, expires_at, idle_expires_at, amr",
             (now + idle_timeout, now + idle_timeout, session_hash, now, now),
         ).fetchall()  # all: SQLite finishes the statement (and its write) only then
         if rows:
-            return SessionRecord(*rows[0])
+            return _session(rows[0])
         self._q(  # over, if it is there at all: gone now
             "DELETE FROM sessions WHERE session_hash = ? AND "
             "(expires_at <= ? OR idle_expires_at <= ?)",
@@ -450,7 +457,7 @@ class SqlStore:
 
     def sessions(self, now: int, user_id: str | None = None) -> list[SessionRecord]:
         sql = (
-            "SELECT sid, user_id, auth_time, created_at, expires_at, idle_expires_at "
+            "SELECT sid, user_id, auth_time, created_at, expires_at, idle_expires_at, amr "
             "FROM sessions WHERE expires_at > ? AND idle_expires_at > ?"
         )
         params: tuple[Any, ...] = (now, now)
@@ -458,7 +465,7 @@ class SqlStore:
             sql += " AND user_id = ?"
             params = (*params, user_id)
         rows = self._q(sql + " ORDER BY created_at DESC, sid", params)
-        return [SessionRecord(*row) for row in rows]
+        return [_session(row) for row in rows]
 
     def session_alive(self, sid: str, now: int) -> bool:
         row = self._q(
@@ -587,9 +594,78 @@ class SqlStore:
     def remove_user(self, user_id: str) -> bool:
         with self.exclusive():
             self._end_user(user_id)
+            self._forget_factors(user_id)
             self._q("DELETE FROM user_groups WHERE user_id = ?", (user_id,))
             self._q("DELETE FROM consents WHERE user_id = ?", (user_id,))
             return self._q("DELETE FROM users WHERE id = ?", (user_id,)).rowcount == 1
+
+    # -- second factors --------------------------------------------------------
+
+    def totp(self, user_id: str) -> TotpRecord | None:
+        row = self._q(
+            "SELECT user_id, secret, created_at, confirmed_at, last_step FROM user_totp "
+            "WHERE user_id = ?",
+            (user_id,),
+        ).fetchone()
+        return None if row is None else TotpRecord(row[0], bytes(row[1]), *row[2:])
+
+    def begin_totp(self, user_id: str, secret: bytes, now: int) -> bool:
+        cur = self._q(
+            "INSERT INTO user_totp (user_id, secret, created_at, confirmed_at, last_step) "
+            "VALUES (?, ?, ?, NULL, 0) ON CONFLICT (user_id) DO UPDATE SET "
+            "secret = excluded.secret, created_at = excluded.created_at, last_step = 0 "
+            "WHERE user_totp.confirmed_at IS NULL",
+            (user_id, secret, now),
+        )
+        return cur.rowcount == 1
+
+    def confirm_totp(self, user_id: str, step: int, now: int, recovery: Iterable[str]) -> bool:
+        with self.transaction():
+            cur = self._q(
+                "UPDATE user_totp SET confirmed_at = ?, last_step = ? "
+                "WHERE user_id = ? AND confirmed_at IS NULL",
+                (now, step, user_id),
+            )
+            if cur.rowcount != 1:
+                return False
+            self._q("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
+            self._many(
+                "INSERT INTO recovery_codes (user_id, code_hash, used_at) VALUES (?, ?, NULL)",
+                [(user_id, code_hash) for code_hash in recovery],
+            )
+            return True
+
+    def use_totp_step(self, user_id: str, step: int) -> bool:
+        cur = self._q(  # one statement: of two uses at once (any replicas), one wins
+            "UPDATE user_totp SET last_step = ? "
+            "WHERE user_id = ? AND confirmed_at IS NOT NULL AND last_step < ?",
+            (step, user_id, step),
+        )
+        return cur.rowcount == 1
+
+    def use_recovery_code(self, user_id: str, code_hash: str, now: int) -> bool:
+        cur = self._q(
+            "UPDATE recovery_codes SET used_at = ? "
+            "WHERE user_id = ? AND code_hash = ? AND used_at IS NULL",
+            (now, user_id, code_hash),
+        )
+        return cur.rowcount == 1
+
+    def recovery_codes_left(self, user_id: str) -> int:
+        row = self._q(
+            "SELECT count(*) FROM recovery_codes WHERE user_id = ? AND used_at IS NULL",
+            (user_id,),
+        ).fetchone()
+        return int(row[0])
+
+    def reset_mfa(self, user_id: str) -> bool:
+        with self.transaction():
+            return self._forget_factors(user_id)
+
+    def _forget_factors(self, user_id: str) -> bool:
+        had = self._q("DELETE FROM user_totp WHERE user_id = ?", (user_id,)).rowcount
+        self._q("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
+        return had == 1
 
     def replace_password_hash(self, user_id: str, old: str, new: str, updated_at: int) -> bool:
         cur = self._q(
@@ -599,6 +675,10 @@ class SqlStore:
         return cur.rowcount == 1
 
 
+def _session(row: Sequence[Any]) -> SessionRecord:
+    return SessionRecord(*row[:6], amr=tuple(json.loads(row[6])))
+
+
 def _code_json(record: CodeRecord) -> str:
     return json.dumps(dataclasses.asdict(record), sort_keys=True)
 
@@ -606,11 +686,13 @@ def _code_json(record: CodeRecord) -> str:
 def _code_record(text: str) -> CodeRecord:
     fields = json.loads(text)
     fields["id_token_claims"] = tuple(fields.get("id_token_claims", ()))
+    fields["amr"] = tuple(fields.get("amr", ("pwd",)))  # codes from before second factors
     return CodeRecord(**{**fields, "scopes": tuple(fields["scopes"])})
 
 
 def _grant(text: str) -> Grant:
     fields = json.loads(text)
+    fields["amr"] = tuple(fields.get("amr", ("pwd",)))  # families from before second factors
     return Grant(**{**fields, "scopes": tuple(fields["scopes"])})
 
 

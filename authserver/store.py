@@ -73,6 +73,7 @@ class CodeRecord:
     auth_time: int
     expires_at: int
     id_token_claims: tuple[str, ...] = ()  # asked for by the claims parameter (OIDC 5.5)
+    amr: tuple[str, ...] = ("pwd",)  # how the session signed in (RFC 8176)
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,10 +93,24 @@ class SessionRecord:
 
     sid: str
     user_id: str
-    auth_time: int  # when the user last entered a password
+    auth_time: int  # when the user last signed in (a password, and any second factor)
     created_at: int
     expires_at: int  # the absolute end (max_lifetime)
     idle_expires_at: int  # moved on by each use, never past expires_at
+    amr: tuple[str, ...] = ("pwd",)  # how (RFC 8176): pwd; pwd, otp, mfa after a code
+
+
+@dataclass(frozen=True, slots=True)
+class TotpRecord:
+    """A user's authenticator app (RFC 6238). ``secret`` as stored: sealed with the key
+    encryption key when there is one. Unconfirmed until a first code proves the app
+    has it; ``last_step``: the newest time step accepted (a code is good once)."""
+
+    user_id: str
+    secret: bytes
+    created_at: int
+    confirmed_at: int | None
+    last_step: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +128,7 @@ class Grant:
     auth_time: int
     offline: bool  # offline_access granted: outlives the session
     expires_at: int  # the family's absolute end (refresh_tokens.max_ttl)
+    amr: tuple[str, ...] = ("pwd",)  # how the user signed in (RFC 8176)
 
 
 RefreshStatus = Literal["ok", "reused", "revoked", "expired"]
@@ -200,8 +216,12 @@ class Store(Protocol):
         """A sign-in in progress: the authorization request's parameters (JSON) and the
         CSRF token of its form, keyed by the SHA-256 of the browser's sign-in cookie."""
 
-    def interaction(self, cookie_hash: str, now: int) -> tuple[str, str, str] | None:
-        """(server, params, csrf) of a live sign-in in progress."""
+    def interaction(self, cookie_hash: str, now: int) -> tuple[str, str, str, str | None] | None:
+        """(server, params, csrf, progress) of a live sign-in in progress; progress:
+        what it has proved so far (JSON; None: nothing yet)."""
+
+    def set_interaction_progress(self, cookie_hash: str, progress: str) -> None:
+        """Record what a sign-in in progress has proved (the password, for whom)."""
 
     def end_interaction(self, cookie_hash: str) -> None: ...
 
@@ -266,6 +286,28 @@ class Store(Protocol):
 
     def users(self) -> list[UserRecord]:
         """Every user, by username_key."""
+
+    def totp(self, user_id: str) -> TotpRecord | None: ...
+
+    def begin_totp(self, user_id: str, secret: bytes, now: int) -> bool:
+        """Start enrolling an authenticator app (replacing an unconfirmed one); False
+        when the user has a confirmed one (reset it first)."""
+
+    def confirm_totp(self, user_id: str, step: int, now: int, recovery: Iterable[str]) -> bool:
+        """Confirm the app with the first code's time step, and store the recovery
+        code hashes that replace any before; False if there is nothing to confirm."""
+
+    def use_totp_step(self, user_id: str, step: int) -> bool:
+        """Accept a confirmed app's code of time step ``step``, once: False when a code
+        of that step or a later one was accepted before (a replay)."""
+
+    def use_recovery_code(self, user_id: str, code_hash: str, now: int) -> bool:
+        """Spend a recovery code; False if it is not one of the user's unused ones."""
+
+    def recovery_codes_left(self, user_id: str) -> int: ...
+
+    def reset_mfa(self, user_id: str) -> bool:
+        """Forget the user's app and recovery codes; False if there were none."""
 
     def user(self, user_id: str) -> UserRecord | None: ...
 

@@ -59,6 +59,10 @@ class Credentials(Protocol):
         self, server: ServerConfig, client: ClientConfig, user: User, ip: str | None
     ) -> None: ...
 
+    def second_factor_required(self, client: ClientConfig, user: User) -> bool:
+        """Whether the sign-on policy asks this user for a second factor on this client
+        (which a password grant cannot give)."""
+
 
 def new_refresh_token() -> str:
     return secrets.token_urlsafe(REFRESH_BYTES)
@@ -144,7 +148,9 @@ class UserGrants:
             server, client, CODE_GRANT, record.scopes, user, event
         )
         event["scopes"] = list(scopes)
-        sign_in = SignIn(user=user, auth_time=record.auth_time, session_id=record.session_id)
+        sign_in = SignIn(
+            user=user, auth_time=record.auth_time, session_id=record.session_id, amr=record.amr
+        )
         jti = new_jti()
         issued = self._tokens(
             server, client, sign_in, scopes, record.nonce, now, jti, record.id_token_claims
@@ -162,6 +168,7 @@ class UserGrants:
                 auth_time=record.auth_time,
                 offline=OFFLINE_ACCESS in scopes,
                 expires_at=now + server.refresh_tokens.max_ttl,
+                amr=record.amr,
             )
             idle = min(now + server.refresh_tokens.idle_ttl, grant.expires_at)
             if not await self.call(
@@ -226,6 +233,14 @@ class UserGrants:
         if not is_assigned(client, user):
             self.credentials.not_assigned(server, client, user, ip)
             raise OAuthError("invalid_grant", "the user is not assigned to this client")
+        if self.credentials.second_factor_required(client, user):
+            self.audit.emit("user.signin", **signin, outcome="failure", reason="mfa_required")
+            self.metrics.signins.labels("failure").inc()
+            raise OAuthError(
+                "invalid_grant",
+                "the sign-on policy asks this user for a second factor: use the hosted "
+                "sign-in page (authorization code flow)",
+            )
         self.audit.emit("user.signin", **signin, outcome="success", reason="ok")
         self.metrics.signins.labels("success").inc()
         now = int(self.clock())
@@ -327,7 +342,9 @@ class UserGrants:
             raise OAuthError("invalid_grant", "the refresh token is invalid or expired")
         scopes = _narrowed(grant, requested) if granted is None else granted
         event.update(username=user.username, scopes=list(scopes))
-        sign_in = SignIn(user=user, auth_time=grant.auth_time, session_id=grant.session_id)
+        sign_in = SignIn(
+            user=user, auth_time=grant.auth_time, session_id=grant.session_id, amr=grant.amr
+        )
         issued = self._tokens(decided, client, sign_in, scopes, None, now, jti)
         issued.body["refresh_token"] = successor
         self._issued(server, event, jti, REFRESH_GRANT)

@@ -3,7 +3,8 @@
 Audit files and the stdout/stderr of every tokengate process the tests started are
 under pytest's base temp directory. No access token, client assertion (both JWTs),
 client secret, user password or argon2 password hash may appear in any of them, nor
-any authorization code or session cookie value the sign-in tests saw issued.
+any authorization code, session cookie value, authenticator secret or recovery code the
+sign-in tests saw issued.
 """
 
 from __future__ import annotations

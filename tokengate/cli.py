@@ -270,6 +270,14 @@ USERS_ACTIONS: tuple[tuple[str, str, str], ...] = (
         "those of --remove.",
     ),
     (
+        "mfa",
+        "show or reset a user's second factor (authenticator app, recovery codes)",
+        "show: whether the user has an authenticator app and how many recovery codes are\n"
+        "left. reset: forget the app and the recovery codes (a lost phone); the user\n"
+        "enrolls a new app at their next sign-in that needs a second factor. Works for\n"
+        "users declared in the config too: their factors live in the store.",
+    ),
+    (
         "hash-password",
         "read a password, print its argon2id hash for authserver.users",
         "Read a password (asked twice without echo, or one line of standard input with\n"
@@ -309,6 +317,10 @@ def _users_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
                 help="a group it is in; again for more (default: none)",
             )
         elif name not in ("list", "hash-password"):
+            if name == "mfa":
+                action.add_argument(
+                    "operation", choices=("show", "reset"), help="what to do (show or reset)"
+                )
             action.add_argument("user", metavar="USER", help=USER_REF_HELP)
         if name == "groups":
             for flag, what in (("--add", "add the user to"), ("--remove", "remove it from")):
@@ -730,6 +742,8 @@ def _users_action(
     if action == "show":
         print(json.dumps(user.to_json(), indent=2, ensure_ascii=False))
         return 0
+    if action == "mfa":
+        return _users_mfa(args.operation, user, directory)
     if action == "groups":
         if args.add or args.remove:
             user = run(directory.change_groups(user.id, args.add, args.remove))
@@ -747,6 +761,28 @@ def _users_action(
     elif action == "set-password":
         run(directory.set_password(user.id, _read_password(args)))
         print(f"set the password of {user.username}")
+    return 0
+
+
+def _users_mfa(operation: str, user: User, directory: UserDirectory) -> int:
+    store, run = directory.store, directory.io.run
+    if operation == "reset":
+        if run(store.reset_mfa, user.id):
+            print(
+                f"reset the second factor of {user.username}: it enrolls again at its next sign-in"
+            )
+        else:
+            print(f"{user.username} has no second factor")
+        return 0
+    record = run(store.totp, user.id)
+    if record is None or record.confirmed_at is None:
+        print(f"{user.username}: no authenticator app")
+    else:
+        left = run(store.recovery_codes_left, user.id)
+        print(
+            f"{user.username}: authenticator app since {_time(record.confirmed_at)}, "
+            f"{left} recovery codes left"
+        )
     return 0
 
 

@@ -121,6 +121,16 @@ class Metrics:
             ["server", "policy", "rule", "decision"],
             registry=r,
         )
+        self.factor_results = Counter(
+            "tokengate_authserver_factor_results",
+            "Second-factor attempts on the sign-in pages, by factor (totp, recovery_code)"
+            " and result (success, failure, replayed, locked).",
+            ["factor", "result"],
+            registry=r,
+        )
+        for factor in ("totp", "recovery_code"):
+            for result in ("success", "failure", "replayed", "locked"):
+                self.factor_results.labels(factor, result)
         self.client_auth_failures = Counter(
             "tokengate_authserver_client_auth_failures",
             "Failed or throttled client authentications, by authorization server and result.",

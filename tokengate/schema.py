@@ -35,6 +35,7 @@ from authserver.config import (
     Brand,
 )
 from authserver.passwords import MIN_PASSWORD_LENGTH
+from authserver.signon import PRESETS
 from authserver.userrules import (
     BOOLEAN_CLAIMS,
     MANAGED_CLAIMS,
@@ -255,6 +256,31 @@ def _server() -> Schema:
     )
 
 
+def _sign_on(description: str) -> Schema:
+    return mapping(
+        {
+            "policy": string(
+                "password, or password+mfa (a second factor, always).",
+                "password",
+                enum=list(PRESETS),
+            ),
+            "mfa_if": mapping(
+                {
+                    "groups": array(
+                        string("A group.", maxLength=MAX_GROUP_LENGTH),
+                        "Members must use a second factor.",
+                        minItems=1,
+                    )
+                },
+                "With policy password: when a second factor is needed after all.",
+                required=("groups",),
+            ),
+        },
+        description,
+        required=("policy",),
+    )
+
+
 def _access_policy() -> Schema:
     scopes = array(string("A scope the server offers.", pattern=SCOPE_PATTERN), "", minItems=1)
     rule = mapping(
@@ -423,6 +449,7 @@ def _client() -> Schema:
                 "none",
                 enum=list(CONSENTS),
             ),
+            "sign_on": _sign_on("How its users sign in (default: authserver.sign_on)."),
         },
         "A client of the authorization servers.",
         required=("client_id",),
@@ -544,6 +571,7 @@ def authserver() -> Schema:
                 "32 random bytes, base64 (openssl rand -base64 32): seals the signing keys "
                 "kept in the store. Required with a PostgreSQL store; use ${ENV}.",
             ),
+            "sign_on": _sign_on("How people sign in, unless a client says (default: password)."),
             "rotation": mapping(
                 {"every": duration("Publish a next signing key this often.", None)},
                 "Scheduled signing-key rotation (one replica publishes each next key).",

@@ -567,7 +567,7 @@ async def test_a_failure_inside_the_gateway_is_an_audited_500_without_a_tracebac
 ) -> None:
     message = "-".join(["secret", "detail"])  # would a traceback's message show it?
 
-    def broken(principal: Any, route: Any) -> None:
+    def broken(principal: Any, route: Any, now: float) -> None:
         raise RuntimeError(message)
 
     monkeypatch.setattr("gateway.app.authorize", broken)

@@ -89,6 +89,7 @@ def test_every_command_has_help_and_states_its_defaults() -> None:
                 " delete",
                 " set-password",
                 " groups",
+                " mfa",
                 " hash-password",
             )
         ),
@@ -400,6 +401,35 @@ def test_users_add_asks_for_the_password_twice_without_echo(
     (dana,) = store.users()
     store.close()
     assert verify_password(dana.password_hash, "same-password")
+
+
+def test_users_mfa_shows_and_resets_a_second_factor(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from authserver.store import UserRecord
+
+    config = write_config(tmp_path / "etc", "data")
+    store = SqliteStore(tmp_path / "etc" / "data")
+    store.add_user(UserRecord("u_dana", "dana", "dana", "x", {}, (), False, "cli", 0, 0))
+    base = ["users", "mfa", "-c", str(config)]
+    assert main([*base, "show", "dana"]) == 0
+    assert capsys.readouterr().out == "dana: no authenticator app\n"
+    assert store.begin_totp("u_dana", b"raw1secret", 1_800_000_000)
+    assert store.confirm_totp("u_dana", 60_000_000, 1_800_000_000, ["h1", "h2"])
+    assert store.use_recovery_code("u_dana", "h1", 1_800_000_100)
+    assert main([*base, "show", "dana"]) == 0
+    assert capsys.readouterr().out == (
+        "dana: authenticator app since 2027-01-15T08:00:00Z, 1 recovery codes left\n"
+    )
+    assert main([*base, "reset", "dana"]) == 0
+    assert capsys.readouterr().out == (
+        "reset the second factor of dana: it enrolls again at its next sign-in\n"
+    )
+    assert store.totp("u_dana") is None and store.recovery_codes_left("u_dana") == 0
+    assert main([*base, "reset", "dana"]) == 0
+    assert capsys.readouterr().out == "dana has no second factor\n"
+    assert main([*base, "reset", "nobody"]) == 1
+    store.close()
 
 
 def test_users_refuse_a_missing_store_and_ask_for_no_password(

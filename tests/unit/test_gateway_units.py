@@ -307,7 +307,7 @@ GOOD = {
 
 def test_authorize_allows_a_principal_meeting_every_rule() -> None:
     route = RouteTable(gateway().routes).routes[0]
-    authorize(principal(**GOOD), route)
+    authorize(principal(**GOOD), route, 0.0)
 
 
 @pytest.mark.parametrize(
@@ -327,7 +327,7 @@ def test_authorize_allows_a_principal_meeting_every_rule() -> None:
 def test_authorize_denies(change: dict[str, Any], reason: Reason) -> None:
     route = RouteTable(gateway().routes).routes[0]
     with pytest.raises(Denied) as info:
-        authorize(principal(**{**GOOD, **change}), route)
+        authorize(principal(**{**GOOD, **change}), route, 0.0)
     assert info.value.reason is reason
     if reason is Reason.INSUFFICIENT_SCOPE:
         assert info.value.scope == "orders:read"

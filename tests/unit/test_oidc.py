@@ -82,6 +82,7 @@ def test_the_access_token_speaks_for_the_user_by_id() -> None:
         "scope": "openid orders:read",
         "auth_time": NOW - 30,
         "amr": ["pwd"],
+        "acr": "urn:tokengate:loa:1fa",
         "preferred_username": "alice",
     }
 
@@ -96,6 +97,7 @@ def test_an_id_token_with_openid_only_names_no_one_beyond_sub() -> None:
         "iat": NOW,
         "auth_time": NOW - 30,
         "amr": ["pwd"],
+        "acr": "urn:tokengate:loa:1fa",
         "sid": "sid-abc",
         "at_hash": at_hash("at", "RS256"),
     }

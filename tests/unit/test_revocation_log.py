@@ -84,6 +84,10 @@ def as_before_versions(db: sqlite3.Connection) -> None:
     """Make a new store look like one from before schema versions were recorded."""
     db.execute("DROP TABLE schema_migrations")
     db.execute("ALTER TABLE signing_keys DROP COLUMN private_key")
+    db.execute("DROP TABLE user_totp")
+    db.execute("DROP TABLE recovery_codes")
+    db.execute("ALTER TABLE sessions DROP COLUMN amr")
+    db.execute("ALTER TABLE interactions DROP COLUMN progress")
 
 
 def test_an_older_store_brings_its_revocations_into_the_log(tmp_path: Path) -> None:

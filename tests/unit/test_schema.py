@@ -216,6 +216,7 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                 }
             ],
             "sessions": {"idle_timeout": "2h", "max_lifetime": "1d"},
+            "sign_on": {"policy": "password", "mfa_if": {"groups": ["admins"]}},
             "sign_in": {
                 "brand": {
                     "name": "Acme",
@@ -250,6 +251,7 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                     "post_logout_redirect_uris": ["https://portal.example.com/"],
                     "groups": ["engineering"],
                     "consent": "required",
+                    "sign_on": {"policy": "password", "mfa_if": {"groups": ["payroll"]}},
                     "require_pkce": False,
                     "scopes": ["openid", "profile", "email", "offline_access", "orders:read"],
                 },

@@ -1,0 +1,76 @@
+"""Sign-on policies (Okta's presets): how people must sign in to an app. Pure.
+
+    authserver:
+      sign_on: {policy: password, mfa_if: {groups: [admins]}}   # the org's default
+      clients:
+        - client_id: payroll
+          sign_on: {policy: password+mfa}                       # this app's own
+
+``password``: a password, and a second factor for members of ``mfa_if.groups``;
+``password+mfa``: a password and a second factor, always. An authorization request's
+``acr_values`` may ask for more than the policy (step-up), never for less. Users who
+must use a second factor and have none enroll one on the spot.
+
+What happened is said in tokens as RFC 8176 ``amr`` values (``pwd``; ``pwd``, ``otp``,
+``mfa`` after an authenticator code) and an ``acr``: :data:`ACR_PASSWORD` or
+:data:`ACR_MFA`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Literal
+
+from authserver.policyconfig import as_group
+from tokengate.yamlconf import Node, list_of, one_of
+
+Preset = Literal["password", "password+mfa"]
+PRESETS: tuple[Preset, ...] = ("password", "password+mfa")
+
+ACR_PASSWORD = "urn:tokengate:loa:1fa"  # noqa: S105 - one factor: a password
+ACR_MFA = "urn:tokengate:loa:2fa"  # two: a password and an authenticator code
+ACR_VALUES = (ACR_PASSWORD, ACR_MFA)  # weakest first
+AMR_PASSWORD = ("pwd",)
+AMR_MFA = ("pwd", "otp", "mfa")
+
+
+@dataclass(frozen=True, slots=True)
+class SignOnPolicy:
+    preset: Preset = "password"
+    mfa_groups: frozenset[str] = frozenset()  # with "password": MFA for these members
+
+
+DEFAULT_SIGN_ON = SignOnPolicy()
+
+
+def needs_mfa(policy: SignOnPolicy, groups: Iterable[str], acr_values: Iterable[str]) -> bool:
+    """Whether this sign-in needs a second factor: by the policy, the user's groups, or
+    an ``acr_values`` whose every value we know asks for more than a password (values
+    we do not know are ignored, as OIDC Core 5.5.1.1 lets a server do)."""
+    if policy.preset == "password+mfa" or policy.mfa_groups.intersection(groups):
+        return True
+    known = [value for value in acr_values if value in ACR_VALUES]
+    return bool(known) and ACR_PASSWORD not in known
+
+
+def has_mfa(amr: Iterable[str]) -> bool:
+    return "otp" in amr
+
+
+def acr_of(amr: Iterable[str]) -> str:
+    return ACR_MFA if has_mfa(amr) else ACR_PASSWORD
+
+
+def as_sign_on(node: Node) -> SignOnPolicy:
+    f = node.fields(required=("policy",), optional=("mfa_if",))
+    preset = f.get("policy", one_of(*PRESETS), "password") or "password"
+    groups: tuple[str, ...] = ()
+    if f.has("mfa_if"):
+        if preset != "password":
+            f.node_at("mfa_if").error(f"policy {preset} asks every user for a second factor")
+        m = f.node_at("mfa_if").fields(required=("groups",))
+        groups = m.get("groups", list_of(as_group), ()) or ()
+        if m.has("groups") and not groups:
+            m.node_at("groups").error("must name at least one group")
+    return SignOnPolicy(preset=preset, mfa_groups=frozenset(groups))  # type: ignore[arg-type]
