@@ -373,3 +373,27 @@ def test_sqlite_stores_tell_nothing_and_feed_requests_poll(tmp_path: Path) -> No
     store = SqliteStore(tmp_path)
     assert store.follow_revocations(lambda: None) is False
     store.close()
+
+
+def test_an_authenticator_code_at_several_replicas_at_once_is_accepted_once(
+    store_backend: Opener,
+) -> None:
+    from authserver.store import UserRecord
+
+    replicas = [store_backend() for _ in range(4)]
+    replicas[0].add_user(UserRecord("u1", "ann", "ann", "x", {}, (), False, "cli", NOW, NOW))
+    assert replicas[0].begin_totp("u1", b"sealed-secret", NOW)
+    assert not replicas[1].use_totp_step("u1", 100)  # not confirmed yet: no code counts
+    assert replicas[1].confirm_totp("u1", 100, NOW, ["h1", "h2", "h3"])
+    assert not replicas[2].confirm_totp("u1", 101, NOW, ["h4"])  # confirmed once only
+    assert not replicas[3].begin_totp("u1", b"other", NOW)  # a confirmed app stays
+    uses = at_once(4, lambda i: replicas[i].use_totp_step("u1", 101))
+    assert sorted(uses) == [False, False, False, True]  # type: ignore[type-var]
+    assert not replicas[0].use_totp_step("u1", 100)  # an older step: never again
+    spent = at_once(4, lambda i: replicas[i].use_recovery_code("u1", "h2", NOW))
+    assert sorted(spent) == [False, False, False, True]  # type: ignore[type-var]
+    assert replicas[2].recovery_codes_left("u1") == 2
+    record = replicas[3].totp("u1")
+    assert record is not None and (record.secret, record.last_step) == (b"sealed-secret", 101)
+    assert replicas[0].remove_user("u1")
+    assert replicas[1].totp("u1") is None and replicas[1].recovery_codes_left("u1") == 0
