@@ -865,6 +865,12 @@ def portal() -> Schema:
                 "What 'Call the orders API' requests with the user's access token, "
                 "through the gateway.",
             ),
+            "sensitive_api_url": ref(
+                "http_url",
+                "A second API, which may answer 401 insufficient_user_authentication "
+                "(RFC 9470): the portal then signs the user in again with its acr_values "
+                "and max_age, and calls it again. Default: none.",
+            ),
             "public_url": ref(
                 "http_url",
                 "Where browsers reach the portal; the redirect URI is {public_url}/callback, "

@@ -15,7 +15,7 @@ import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 import jwt
@@ -33,6 +33,13 @@ pytestmark = pytest.mark.anyio
 ISSUER = "http://auth.test/oauth2/default"
 PORTAL = "http://127.0.0.1:7100"
 API = "http://gateway.test/orders/42"
+REFUNDS = "http://gateway.test/orders/42/refunds"
+MFA = "urn:tokengate:loa:2fa"
+STEP_UP = (
+    'Bearer realm="tokengate", error="insufficient_user_authentication", '
+    'error_description="a stronger sign-in is required (acr)", '
+    f'acr_values="{MFA}", max_age="600"'
+)
 SECRET = "portal-secret-0123456789abcdefghijklmnop"
 CONFIG = PortalConfig(
     listen=Listen("127.0.0.1", 7100),
@@ -41,6 +48,7 @@ CONFIG = PortalConfig(
     client_secret=SECRET,
     api_url=API,
     public_url=PORTAL,
+    sensitive_api_url=REFUNDS,
 )
 
 
@@ -65,6 +73,8 @@ class FakeIssuer:
     access_tokens: set[str] = field(default_factory=set)  # what the API accepts
     calls: list[str] = field(default_factory=list)
     revoked: list[str] = field(default_factory=list)
+    strong: set[str] = field(default_factory=set)  # access tokens of a second factor
+    honour_acr: bool = True  # whether a sign-in asked for acr_values gives that acr
 
     def jwk(self) -> dict[str, Any]:
         jwk = json.loads(jwt.get_algorithm_by_name("RS256").to_jwk(self.key.public_key()))
@@ -77,10 +87,14 @@ class FakeIssuer:
         self.codes[code] = params
         return code, params
 
-    def tokens(self, sub: str, nonce: str | None, *, refresh: bool = True) -> dict[str, Any]:
+    def tokens(
+        self, sub: str, nonce: str | None, *, refresh: bool = True, acr: str | None = None
+    ) -> dict[str, Any]:
         now = int(self.clock())
         access = secrets.token_urlsafe(24)
         self.access_tokens.add(access)
+        if acr == MFA:
+            self.strong.add(access)
         id_claims = {
             "iss": ISSUER,
             "sub": sub,
@@ -90,6 +104,7 @@ class FakeIssuer:
             "name": "Alice <Doe>",
             "email": "alice@example.com",
             "at_hash": at_hash(access, "RS256"),
+            "acr": acr or "urn:tokengate:loa:1fa",
         }
         if nonce is not None:
             id_claims["nonce"] = self.nonce_override or nonce
@@ -114,6 +129,11 @@ class FakeIssuer:
             bearer = request.headers.get("authorization", "").removeprefix("Bearer ")
             if bearer not in self.access_tokens:
                 return httpx.Response(401, json={"error": "invalid_token"})
+            if path.endswith("/refunds"):
+                if bearer not in self.strong:
+                    challenge = {"www-authenticate": STEP_UP}
+                    return httpx.Response(401, json={"error": "step up"}, headers=challenge)
+                return httpx.Response(200, json={"order": 42, "refunds": []})
             return httpx.Response(200, json={"order": 42, "note": "<b>bold</b>"})
         if path == "/oauth2/default/.well-known/openid-configuration":
             return httpx.Response(
@@ -147,7 +167,9 @@ class FakeIssuer:
             challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier).digest()).rstrip(b"=")
             if params is None or params["code_challenge"] != challenge.decode():
                 return httpx.Response(400, json={"error": "invalid_grant"})
-            return httpx.Response(200, json=self.tokens("user-1", params["nonce"]))
+            asked = params.get("acr_values", "").split()
+            acr = MFA if MFA in asked and self.honour_acr else None
+            return httpx.Response(200, json=self.tokens("user-1", params["nonce"], acr=acr))
         sub = self.refresh_tokens.pop(form["refresh_token"], None)  # rotation: used once
         if sub is None:
             return httpx.Response(400, json={"error": "invalid_grant"})
@@ -259,7 +281,9 @@ async def test_without_a_refresh_token_an_expired_session_signs_in_again(
 ) -> None:
     browser, fake, clock = portal
     original = fake.tokens
-    monkeypatch.setattr(fake, "tokens", lambda sub, nonce: original(sub, nonce, refresh=False))
+    monkeypatch.setattr(
+        fake, "tokens", lambda sub, nonce, acr=None: original(sub, nonce, refresh=False, acr=acr)
+    )
     await sign_in(browser, fake)
     page = (await browser.get("/")).text
     assert "without a refresh token, you will sign in again then." in page
@@ -433,3 +457,57 @@ async def test_the_stylesheet(portal: Portal) -> None:
     css = await browser.get("/static/portal.css")
     assert css.status_code == 200 and css.headers["content-type"] == "text/css; charset=utf-8"
     assert "system-ui" in css.text
+
+
+async def test_an_api_asking_for_a_second_factor_signs_in_again_then_is_called(
+    portal: Portal,
+) -> None:
+    browser, fake, _ = portal
+    await sign_in(browser, fake)
+    page = (await browser.get("/")).text
+    assert "Call the refunds API (needs a second factor)" in page
+    calls = len(fake.calls)
+    asked = await browser.post("/api", data={"csrf_token": csrf(page), "api": "sensitive"})
+    assert asked.status_code == 303
+    assert asked.headers["location"] == f"/login?then=sensitive&acr_values={quote(MFA)}&max_age=600"
+    assert fake.calls[calls:] == ["GET gateway.test/orders/42/refunds"]  # no refresh tried
+    login = await browser.get(asked.headers["location"])
+    code, params = fake.code_for(login.headers["location"])
+    assert (params["acr_values"], params["max_age"]) == (MFA, "600")
+    back = await browser.get(
+        "/callback", params={"code": code, "state": params["state"], "iss": ISSUER}
+    )
+    assert back.status_code == 303 and back.headers["location"] == "/?call=sensitive"
+    done = await browser.get(back.headers["location"])
+    assert done.status_code == 200
+    assert answer(done.text) == {"order": 42, "refunds": []}
+    assert f"GET <code>{REFUNDS}</code>" in done.text
+
+
+async def test_a_step_up_that_does_not_reach_the_acr_is_refused(portal: Portal) -> None:
+    browser, fake, _ = portal
+    fake.honour_acr = False  # an issuer that ignores acr_values
+    login = await browser.get(f"/login?then=sensitive&acr_values={quote(MFA)}")
+    code, params = fake.code_for(login.headers["location"])
+    back = await browser.get(
+        "/callback", params={"code": code, "state": params["state"], "iss": ISSUER}
+    )
+    assert back.status_code == 403
+    assert "Sign-in not strong enough" in back.text
+    cookies = back.headers.get_list("set-cookie")
+    assert not any(c.startswith("portal_session=") for c in cookies)  # no session from it
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        'acr_values=a"b&max_age=5x',
+        "acr_values=&max_age=",
+        "max_age=99999999999",
+    ],
+)
+async def test_a_malformed_step_up_asks_for_nothing_extra(portal: Portal, query: str) -> None:
+    browser, _, _ = portal
+    login = await browser.get(f"/login?{query}")
+    params = parse_qs(urlsplit(login.headers["location"]).query)
+    assert "acr_values" not in params and "max_age" not in params

@@ -6,6 +6,7 @@ redirects a form's answer starts included, and the cookies' attributes."""
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,8 @@ from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.wait import WebDriverWait
 
-from tests.browser.conftest import PHONE, WAIT, set_viewport, signin
+from tests.browser.conftest import DESKTOP, PHONE, WAIT, set_viewport, signin
+from tests.browser.test_mfa_pages import app_code
 from tests.e2e.conftest import Tokengate
 from tests.e2e.test_portal_process import demo_config
 
@@ -76,6 +78,23 @@ def steps(
     screenshot("portal-phone")
     width = browser.execute_script("return document.documentElement.scrollWidth")
     assert width <= PHONE[0]  # nothing wider than a phone
+    set_viewport(browser, *DESKTOP)
+
+    # the refunds API wants a second factor (RFC 9470 step-up): the portal signs alice
+    # in again with the acr_values the gateway named; she has no app yet, so she
+    # enrolls one, and the portal makes the call again
+    click(browser, "form[action='/api']:has(input[value=sensitive]) button")
+    assert browser.current_url == f"http://127.0.0.1:{auth_port}/signin/mfa/enroll"
+    secret = browser.find_element(By.ID, "secret").text
+    browser.find_element(By.ID, "code").send_keys(app_code(secret, time.time()))
+    click(browser, "button[type=submit]")
+    assert len(browser.find_elements(By.CSS_SELECTOR, ".codes code")) == 10
+    click(browser, "button[type=submit]")  # the recovery codes saved: continue
+    WebDriverWait(browser, WAIT).until(lambda b: b.current_url.startswith(f"{portal}/"))
+    assert browser.find_element(By.CLASS_NAME, "status").text == "200"
+    echo = json.loads(browser.find_element(By.CSS_SELECTOR, "pre.answer").text)
+    assert echo["path"] == "/orders/42/refunds"
+    screenshot("portal-step-up")
 
     click(browser, "form[action='/logout'] button")  # "Sign out": the issuer, and back
     WebDriverWait(browser, WAIT).until(lambda b: b.current_url.startswith(f"{portal}/?state="))

@@ -17,6 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tokengate.config import parse_config
+from tokengate.portal.api import StepUp, step_up_of
 from tokengate.portal.cookies import (
     MAX_COOKIE,
     CookieTooLarge,
@@ -405,3 +406,38 @@ def test_the_portal_uses_nothing_of_the_authorization_server_or_the_gateway() ->
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize(
+    ("challenge", "expected"),
+    [
+        (
+            'Bearer realm="tokengate", error="insufficient_user_authentication", '
+            'error_description="a \\"stronger\\" sign-in, please", '
+            'acr_values="urn:a urn:b", max_age="600"',
+            StepUp(("urn:a", "urn:b"), 600),
+        ),
+        ("Bearer error=insufficient_user_authentication, max_age=0", StepUp((), 0)),
+        ('bearer error="insufficient_user_authentication", acr_values="x"', StepUp(("x",), None)),
+        # the first of a repeated parameter counts
+        (
+            'Bearer error="insufficient_user_authentication", acr_values="a", acr_values="b"',
+            StepUp(("a",), None),
+        ),
+        # odd values are left out; with nothing left, no step-up
+        ('Bearer error="insufficient_user_authentication", acr_values="a\\"b", max_age="-1"', None),
+        ('Bearer error="insufficient_user_authentication", max_age="1e9"', None),
+        ('Bearer error="insufficient_user_authentication", max_age="9999999999"', None),
+        ('Bearer error="insufficient_user_authentication"', None),
+        ('Bearer error="invalid_token", acr_values="a"', None),
+        ('Basic realm="x", error="insufficient_user_authentication", acr_values="a"', None),
+        ("", None),
+        (None, None),
+        ('Bearer error="insufficient_user_authentication", acr_values="' + "a" * 5000 + '"', None),
+        ('Bearer ,,,=,"",error', None),
+    ],
+)
+def test_a_step_up_challenge_is_read_and_nothing_odd_passes(
+    challenge: str | None, expected: StepUp | None
+) -> None:
+    assert step_up_of(challenge) == expected

@@ -341,6 +341,7 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
             "client_id": "portal",
             "client_secret": "p" * 40,
             "api_url": "https://api.example.com/orders/42",
+            "sensitive_api_url": "https://api.example.com/orders/42/refunds",
             "public_url": "https://portal.example.com",
             "scopes": ["openid", "profile", "orders:read"],
         },

@@ -5,7 +5,9 @@ with their access token. Raw ASGI, served by ``tokengate run`` beside the echo.
     /login     GET: a new authorization request (state, nonce, PKCE S256) -> 303 to it
     /callback  GET: the issuer's answer -> code redeemed -> ID token checked -> session
     /api       POST: the API, called with the access token; refreshed when it has
-               expired, or once when the API answers 401
+               expired, or once when the API answers 401; a 401 asking for a stronger
+               sign-in (RFC 9470) -> 303 to /login with its acr_values and max_age,
+               and the call made again once signed in
     /logout    POST: the session cookie cleared -> 303 to the issuer's logout endpoint
 
 It talks to the issuer over HTTP only (:mod:`tokengate.portal.issuer`), keeps no user's
@@ -38,7 +40,7 @@ from tokengate.asgi import (
     send_bytes,
 )
 from tokengate.jsonlog import log_event, traceback_frames
-from tokengate.portal.api import ApiAnswer
+from tokengate.portal.api import ApiAnswer, StepUp, step_up
 from tokengate.portal.config import PortalConfig
 from tokengate.portal.cookies import (
     CookieTooLarge,
@@ -51,10 +53,11 @@ from tokengate.portal.cookies import (
 from tokengate.portal.idtoken import IdTokenError
 from tokengate.portal.issuer import Issuer, IssuerUnavailable, TokenRefused
 from tokengate.portal.pages import HTML, Pages, Paths
-from tokengate.portal.renewal import Renewal, SignInAgain, token_note
+from tokengate.portal.renewal import Renewal, SignInAgain, WeakSignIn, token_note
 from tokengate.portal.state import BadState, PendingLogin, Session, pkce_challenge
 
 LOGIN_TTL = 600  # seconds a sign-in may take, from "Sign in" to the callback
+SENSITIVE = "sensitive"  # the sensitive API: a call to make again after a step-up
 MAX_FORM = 4096  # bytes of a form post (the forms hold one CSRF token)
 HTTP_TIMEOUT = 10.0  # seconds for any call to the issuer or the API
 
@@ -212,6 +215,10 @@ class PortalApp:
     async def home(self, request: Request, receive: Receive) -> Response:
         headers: Headers = []
         notice = None
+        if request.query.get("call") == [SENSITIVE] and self.config.sensitive_api_url:
+            session = self._session(request, headers)
+            if session is not None:  # back from a step-up: the call it was for
+                return await self._call(request, session, headers, self.config.sensitive_api_url)
         if request.query.get("state"):  # back from the issuer's logout
             pending = self.sealer.open(
                 self.logout_cookie, request.cookies.get(self.logout_cookie), request.now
@@ -226,7 +233,9 @@ class PortalApp:
 
     async def login(self, request: Request, receive: Receive) -> Response:
         metadata = await self.issuer.metadata()
-        pending = PendingLogin.new()
+        asked = asked_step_up(request.query)
+        then = SENSITIVE if request.query.get("then") == [SENSITIVE] else ""
+        pending = PendingLogin.new(asked.acr_values if asked else (), then)
         params = {
             "response_type": "code",
             "client_id": self.config.client_id,
@@ -237,6 +246,10 @@ class PortalApp:
             "code_challenge": pkce_challenge(pending.verifier),
             "code_challenge_method": "S256",
         }
+        if asked is not None and asked.acr_values:
+            params["acr_values"] = " ".join(asked.acr_values)
+        if asked is not None and asked.max_age is not None:
+            params["max_age"] = str(asked.max_age)
         endpoint = metadata.authorization_endpoint
         location = endpoint + ("&" if "?" in endpoint else "?") + urlencode(params)
         cookie = self.sealer.seal(self.login_cookie, pending.dump(), request.now + LOGIN_TTL)
@@ -310,9 +323,23 @@ class PortalApp:
                 offer_sign_in=True,
                 headers=done,
             )
-        session = await self.renewal.start(tokens, pending.nonce, request.now)
+        try:
+            session = await self.renewal.start(
+                tokens, pending.nonce, request.now, pending.acr_values
+            )
+        except WeakSignIn as exc:
+            return self._error(
+                403,
+                "Sign-in not strong enough",
+                "The authorization server signed you in, but not in the way this action "
+                "needs (a second factor).",
+                str(exc),
+                offer_sign_in=True,
+                headers=done,
+            )
         cookie = self.sealer.seal(self.session_cookie, session.dump(), session.ends_at)
-        return self._redirect(self.paths.home, [*done, self._cookie(self.session_cookie, cookie)])
+        home = self.paths.home + (f"?call={SENSITIVE}" if pending.then == SENSITIVE else "")
+        return self._redirect(home, [*done, self._cookie(self.session_cookie, cookie)])
 
     async def call_api(self, request: Request, receive: Receive) -> Response:
         headers: Headers = []
@@ -322,16 +349,32 @@ class PortalApp:
             return self._signed_out(headers, "You are not signed in.")
         if not self._csrf_ok(session, form):
             return self._stale_form()
+        url = self.config.api_url
+        if form.get("api") == SENSITIVE and self.config.sensitive_api_url:
+            url = self.config.sensitive_api_url
+        return await self._call(request, session, headers, url)
+
+    async def _call(
+        self, request: Request, session: Session, headers: Headers, url: str
+    ) -> Response:
         started = session
         try:
-            answer, session = await self.renewal.call_api(session, request.now)
+            answer, session = await self.renewal.call_api(session, request.now, url)
         except SignInAgain as exc:
             return self._signed_out(headers, str(exc), clear=True)
         if session is not started:  # refreshed: the new tokens replace the old
             sealed = self.sealer.seal(self.session_cookie, session.dump(), session.ends_at)
             headers.append(self._cookie(self.session_cookie, sealed))
+        if answer.step_up is not None and url == self.config.sensitive_api_url:
+            # RFC 9470: sign in again as the API asks, then make this call again
+            query = {"then": SENSITIVE}
+            if answer.step_up.acr_values:
+                query["acr_values"] = " ".join(answer.step_up.acr_values)
+            if answer.step_up.max_age is not None:
+                query["max_age"] = str(answer.step_up.max_age)
+            return self._redirect(f"{self.paths.login}?{urlencode(query)}", headers)
         status = 200 if answer.status is not None else 502
-        return self._home(request, session, headers, answer=answer, status=status)
+        return self._home(request, session, headers, answer=answer, status=status, url=url)
 
     async def logout(self, request: Request, receive: Receive) -> Response:
         headers: Headers = []
@@ -412,8 +455,15 @@ class PortalApp:
         notice: str | None = None,
         answer: ApiAnswer | None = None,
         status: int = 200,
+        url: str | None = None,
     ) -> Response:
-        context: dict[str, Any] = {"notice": notice, "profile": None, "answer": answer}
+        context: dict[str, Any] = {
+            "notice": notice,
+            "profile": None,
+            "answer": answer,
+            "called": url or self.config.api_url,
+            "sensitive_api_url": self.config.sensitive_api_url,
+        }
         if session is not None:
             context.update(
                 profile=session.profile,
@@ -454,3 +504,8 @@ class PortalApp:
     @staticmethod
     def _redirect(location: str, headers: Headers) -> Response:
         return Response(303, b"", [(b"location", location.encode("latin-1")), *headers])
+
+
+def asked_step_up(query: dict[str, list[str]]) -> StepUp | None:
+    """The step-up /login is asked for (by the sensitive API's 401, passed on)."""
+    return step_up(query.get("acr_values", [""])[0], query.get("max_age", [""])[0])

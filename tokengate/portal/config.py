@@ -34,6 +34,8 @@ class PortalConfig:
     api_url: str  # what "Call the orders API" requests, through the gateway
     public_url: str  # where browsers reach the portal; default http://{listen}
     scopes: tuple[str, ...] = DEFAULT_SCOPES
+    # a second API that may ask for a stronger sign-in (RFC 9470 step-up); None: none
+    sensitive_api_url: str | None = None
 
     @property
     def redirect_uri(self) -> str:
@@ -75,7 +77,7 @@ def _client_id(node: Node) -> str:
 def parse_portal(node: Node) -> PortalConfig:
     f = node.fields(
         required=("listen", "issuer", "client_id", "client_secret", "api_url"),
-        optional=("public_url", "scopes"),
+        optional=("public_url", "scopes", "sensitive_api_url"),
     )
     listen = f.get("listen", as_listen)
     default_public = f"http://{listen}" if listen is not None else ""
@@ -87,4 +89,5 @@ def parse_portal(node: Node) -> PortalConfig:
         api_url=f.get("api_url", as_http_url),
         public_url=f.get("public_url", as_http_url, default_public),
         scopes=f.get("scopes", _scopes, DEFAULT_SCOPES),
+        sensitive_api_url=f.get("sensitive_api_url", as_http_url, None),
     )

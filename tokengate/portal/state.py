@@ -44,17 +44,39 @@ class PendingLogin:
     state: str
     nonce: str
     verifier: str
+    acr_values: tuple[str, ...] = ()  # a step-up: the sign-in must reach one of these
+    then: str = ""  # what to do once signed in ("sensitive": call that API again)
 
     @classmethod
-    def new(cls) -> PendingLogin:
-        return cls(secrets.token_urlsafe(32), secrets.token_urlsafe(32), new_verifier())
+    def new(cls, acr_values: tuple[str, ...] = (), then: str = "") -> PendingLogin:
+        return cls(
+            secrets.token_urlsafe(32),
+            secrets.token_urlsafe(32),
+            new_verifier(),
+            acr_values,
+            then,
+        )
 
     def dump(self) -> dict[str, Any]:
-        return {"s": self.state, "n": self.nonce, "v": self.verifier}
+        return {
+            "s": self.state,
+            "n": self.nonce,
+            "v": self.verifier,
+            "a": list(self.acr_values),
+            "t": self.then,
+        }
 
     @classmethod
     def load(cls, document: Mapping[str, Any]) -> PendingLogin:
-        return cls(_text(document, "s"), _text(document, "n"), _text(document, "v"))
+        acr = document.get("a", [])
+        then = document.get("t", "")
+        if not isinstance(acr, list) or not all(isinstance(a, str) for a in acr):
+            raise BadState("acr_values")
+        if not isinstance(then, str):
+            raise BadState("then")
+        return cls(
+            _text(document, "s"), _text(document, "n"), _text(document, "v"), tuple(acr), then
+        )
 
 
 @dataclass(frozen=True, slots=True)
