@@ -9,7 +9,7 @@ line naming what is missing, unless ``TOKENGATE_REQUIRE_BROWSER`` or ``CI`` is s
 - ``browser``: a fresh headless Chromium per test (its own profile, so no cookies),
   with a desktop viewport of :data:`DESKTOP`; quit at the end.
 - ``signin(browser, username, password)``: fills the hosted sign-in form and submits
-  it, waiting for the next page.
+  it, waiting for the next page (``replaced(browser, element)`` waits likewise).
 - ``set_viewport(browser, width, height, mobile=...)``: resizes the page's viewport
   exactly (a phone: ``set_viewport(browser, *PHONE, mobile=True)``).
 - ``screenshot(name)``: saves the viewport as a PNG. Into ``docs/images/`` when
@@ -106,7 +106,12 @@ def signin(browser: WebDriver, username: str, password: str) -> None:
     field.send_keys(username)
     form.find_element(By.NAME, "password").send_keys(password)
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    WebDriverWait(browser, WAIT).until(lambda _: _gone(form))
+    replaced(browser, form)
+
+
+def replaced(browser: WebDriver, element: WebElement) -> None:
+    """Wait until the page that held ``element`` has been replaced by the next one."""
+    WebDriverWait(browser, WAIT).until(lambda _: _gone(element))
 
 
 def _gone(element: WebElement) -> bool:

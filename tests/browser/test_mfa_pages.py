@@ -14,17 +14,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
 import pytest
 import yaml
-from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
-from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.asgi.test_signin_flow import ISSUED_SECRETS_FILE
-from tests.browser.conftest import DESKTOP, PHONE, WAIT, set_viewport, signin
+from tests.browser.conftest import DESKTOP, PHONE, WAIT, replaced, set_viewport, signin
 from tests.browser.test_signin_pages import (
     PASSWORD,
     SECRETS,
@@ -33,8 +29,9 @@ from tests.browser.test_signin_pages import (
     accessibility_node,
     on_sign_in_page,
     png_size,
+    serve,
 )
-from tests.e2e.conftest import ROOT, Tokengate, e2e_config, free_port
+from tests.e2e.conftest import ROOT, e2e_config, free_port
 
 MFA = "urn:tokengate:loa:2fa"
 
@@ -74,20 +71,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, chromium: tuple[str, str]) -
             }
         )
     config["echo"] = {"listen": f"127.0.0.1:{echo_port}"}
-    config["audit"] = {"path": str(workdir / "audit.log")}
-    process = Tokengate(workdir, config)
-    try:
-        process.start(f"{issuer}/v1/keys")
-        metadata = httpx.get(f"{issuer}/.well-known/openid-configuration").json()
-        issued = tmp_path_factory.getbasetemp() / ISSUED_SECRETS_FILE
-        found = Stack(issuer, callbacks, metadata, issued)
-        found.remember(*SECRETS.values())
-        yield found
-        assert process.stop() == 0
-    finally:
-        if process.proc is not None and process.proc.poll() is None:
-            process.proc.kill()
-            process.proc.wait()
+    yield from serve(tmp_path_factory, workdir, config, issuer, callbacks)
 
 
 def submit_code(browser: WebDriver, code: str) -> None:
@@ -96,15 +80,7 @@ def submit_code(browser: WebDriver, code: str) -> None:
     form = browser.find_element(By.CSS_SELECTOR, "form[method=post]")
     form.find_element(By.ID, "code").send_keys(code)
     form.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    WebDriverWait(browser, WAIT).until(lambda _: _stale(form))
-
-
-def _stale(element: WebElement) -> bool:
-    try:
-        element.is_enabled()
-    except WebDriverException:  # replaced by the next page
-        return True
-    return False
+    replaced(browser, form)
 
 
 def path_of(browser: WebDriver) -> str:

@@ -79,11 +79,24 @@ def stack(tmp_path_factory: pytest.TempPathFactory, chromium: tuple[str, str]) -
         for client_id, callback in callbacks.items()
     ]
     config["echo"] = {"listen": f"127.0.0.1:{echo_port}"}
+    yield from serve(tmp_path_factory, workdir, config, issuer, callbacks)
+
+
+def serve(
+    tmp_path_factory: pytest.TempPathFactory,
+    workdir: Path,
+    config: dict[str, Any],
+    issuer: str,
+    callbacks: dict[str, str],
+) -> Iterator[Stack]:
+    """``config`` served by a real ``tokengate run`` (with its echo) while the caller
+    holds the Stack; stopped cleanly after, killed if it will not stop."""
     config["audit"] = {"path": str(workdir / "audit.log")}
     process = Tokengate(workdir, config)
     try:
         process.start(f"{issuer}/v1/keys")
-        assert httpx.get(f"http://127.0.0.1:{echo_port}/").status_code == 200
+        echo = config["echo"]["listen"]
+        assert httpx.get(f"http://{echo}/").status_code == 200
         metadata = httpx.get(f"{issuer}/.well-known/openid-configuration").json()
         issued = tmp_path_factory.getbasetemp() / ISSUED_SECRETS_FILE
         stack = Stack(issuer, callbacks, metadata, issued)
