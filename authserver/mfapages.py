@@ -18,32 +18,80 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
 
 import segno
 from markupsafe import Markup
 
 from authserver.authorize import AuthorizeRequest
 from authserver.factors import Factors
+from authserver.forms import Form
+from authserver.interactions import InProgress, Paths
 from authserver.pageheaders import HTML, origin_of, page_headers
 from authserver.sessions import session_hash
 from authserver.signon import AMR_MFA
+from authserver.store import SessionRecord, Store
 from authserver.totp import secret_text
 from authserver.usergrants import is_assigned
-from authserver.users import User
+from authserver.users import User, UserDirectory
 from tokengate.asgi import Headers, Receive, Scope, Send, send_bytes
 
-if TYPE_CHECKING:
-    from authserver.signin import InProgress, SignIn
 
+class SignInPages(Protocol):
+    """What the second factor's pages use of the sign-in pages
+    (:class:`authserver.signin.SignIn`)."""
+
+    paths: Paths
+    store: Store
+    users: UserDirectory
+    clock: Callable[[], float]
+
+    async def page(
+        self,
+        serve: Callable[[Scope, Receive, Send], Awaitable[None]],
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+    ) -> None: ...
+
+    async def in_progress(self, scope: Scope, send: Send, now: int) -> InProgress | None: ...
+
+    async def checked_form(
+        self, scope: Scope, receive: Receive, send: Send, csrf: str
+    ) -> Form | None: ...
+
+    async def live_session(self, scope: Scope, now: int) -> tuple[str, SessionRecord] | None: ...
+
+    async def complete(
+        self,
+        scope: Scope,
+        send: Send,
+        request: AuthorizeRequest,
+        user: User,
+        event: dict[str, Any],
+        cookie: str,
+        now: int,
+        amr: tuple[str, ...],
+    ) -> None: ...
+
+    async def io_call(self, fn: Callable[..., T], *args: Any) -> T: ...
+
+    async def error_page(self, send: Send, error: str, message: str, status: int) -> None: ...
+
+    def render(self, name: str, **context: Any) -> bytes: ...
+
+    def remote_addr(self, scope: Scope) -> str | None: ...
+
+
+T = TypeVar("T")
 WRONG_CODE = "That code is not right. Enter the current code from your app."
 LOCKED = "Too many wrong codes. Try again in {wait} seconds."
 MAX_CODE = 64  # characters of a code the form accepts
 
 
 class MfaPages:
-    def __init__(self, signin: SignIn, factors: Factors) -> None:
+    def __init__(self, signin: SignInPages, factors: Factors) -> None:
         self.signin = signin
         self.factors = factors
         self.paths = signin.paths

@@ -21,10 +21,9 @@ import json
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from importlib import resources
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import jinja2
 
@@ -44,6 +43,7 @@ from authserver.consent import described, needs_consent
 from authserver.errors import OAuthError
 from authserver.factors import Factors
 from authserver.forms import Form, read_form
+from authserver.interactions import InProgress, Paths
 from authserver.keyring import KeyRing
 from authserver.mfapages import MfaPages
 from authserver.oidc import SignIn as OidcSignIn
@@ -78,43 +78,6 @@ EXPIRED = (
     "Go back to the application and start again."
 )
 MAX_FIELD = 1024  # characters of a username or password the form accepts
-
-
-@dataclass(frozen=True, slots=True)
-class InProgress:
-    """A sign-in in progress: its checked authorization request, the sign-in cookie's
-    value, its forms' CSRF token, and what it has proved (None: nothing yet)."""
-
-    request: AuthorizeRequest
-    cookie: str
-    csrf: str
-    progress: dict[str, Any] | None
-
-
-@dataclass(frozen=True, slots=True)
-class Paths:
-    """Where the sign-in pages live, under the public URL's path."""
-
-    login: str
-    consent: str
-    stylesheet: str
-    brand_stylesheet: str
-    mfa: str  # the second factor's challenge
-    mfa_enroll: str  # enrolling an authenticator app
-    mfa_continue: str  # on from the recovery codes page
-
-    @classmethod
-    def of(cls, public_url: str) -> Paths:
-        base = urlsplit(public_url).path.rstrip("/") + "/signin"
-        return cls(
-            f"{base}/login",
-            f"{base}/consent",
-            f"{base}/static/signin.css",
-            f"{base}/static/brand.css",
-            f"{base}/mfa",
-            f"{base}/mfa/enroll",
-            f"{base}/mfa/continue",
-        )
 
 
 class SignIn:
