@@ -163,6 +163,13 @@ ALTER TABLE sessions ADD COLUMN amr TEXT NOT NULL DEFAULT '["pwd"]';
 ALTER TABLE interactions ADD COLUMN progress TEXT
 """
 
+_DEVICES = """
+CREATE TABLE known_devices (
+    device_hash TEXT NOT NULL, user_id TEXT NOT NULL, created_at {int} NOT NULL,
+    last_seen {int} NOT NULL, PRIMARY KEY (device_hash, user_id)
+)
+"""
+
 SQLITE = (
     Migration(1, "base schema", _sqlite_base),
     Migration(
@@ -175,6 +182,7 @@ SQLITE = (
         "second factors: authenticator apps, recovery codes, how a session signed in",
         statements(_SECOND_FACTORS.format(blob="BLOB", int="INTEGER")),
     ),
+    Migration(4, "remembered devices", statements(_DEVICES.format(int="INTEGER"))),
 )
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -257,4 +265,5 @@ POSTGRES = (
         "second factors: authenticator apps, recovery codes, how a session signed in",
         statements(_SECOND_FACTORS.format(blob="BYTEA", int="BIGINT")),
     ),
+    Migration(4, "remembered devices", statements(_DEVICES.format(int="BIGINT"))),
 )

@@ -22,6 +22,10 @@ from authserver.store import SessionRecord
 SESSION_BYTES = 32  # 256 bits of randomness in the cookie
 COOKIE = "tg_session"
 SECURE_COOKIE = "__Host-tg_session"
+# a browser that gave a second factor: remembered for sign-on's mfa_if.new_device
+DEVICE_COOKIE = "tg_device"
+SECURE_DEVICE_COOKIE = "__Host-tg_device"
+DEVICE_MAX_AGE = 180 * 86400  # seconds; the store forgets an unused device as long after
 _VALUE = re.compile(r"[A-Za-z0-9_-]{43}")
 
 
@@ -69,6 +73,20 @@ def set_cookie(value: str, *, secure: bool) -> bytes:
     """A ``Set-Cookie`` value that gives the browser the session."""
     flags = "; Secure" if secure else ""
     return f"{cookie_name(secure)}={value}; Path=/; HttpOnly; SameSite=Lax{flags}".encode()
+
+
+def device_cookie_name(secure: bool) -> str:
+    return SECURE_DEVICE_COOKIE if secure else DEVICE_COOKIE
+
+
+def set_device_cookie(value: str, *, secure: bool) -> bytes:
+    """A ``Set-Cookie`` value that lets the browser be recognised as a known device
+    (256 random bits; the store keeps their SHA-256 per user)."""
+    flags = "; Secure" if secure else ""
+    name = device_cookie_name(secure)
+    return (
+        f"{name}={value}; Path=/; Max-Age={DEVICE_MAX_AGE}; HttpOnly; SameSite=Lax{flags}".encode()
+    )
 
 
 def clear_cookie(*, secure: bool) -> bytes:

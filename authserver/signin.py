@@ -51,11 +51,15 @@ from authserver.oidc import id_token_claims, user_access_token_claims, verify_id
 from authserver.pageheaders import HTML, origin_of, page_headers
 from authserver.policies import Decision, decide
 from authserver.sessions import (
+    DEVICE_MAX_AGE,
+    SESSION_BYTES,
     cookie_name,
+    device_cookie_name,
     new_session,
     read_cookie,
     session_hash,
     set_cookie,
+    set_device_cookie,
     valid_session_value,
 )
 from authserver.signon import AMR_PASSWORD, has_mfa, needs_mfa
@@ -204,7 +208,7 @@ class SignIn:
             if not is_assigned(request.client, user):
                 await self._not_assigned(send, request, user, scope, [])
                 return
-            if self.needs_mfa(request, user) and not has_mfa(session.amr):
+            if not has_mfa(session.amr) and await self.needs_mfa(scope, request, user, now):
                 await self._step_up(send, request, params, user, now)
                 return
             await self.proceed(send, request, params, user, session, now, [], None)
@@ -291,7 +295,7 @@ class SignIn:
             clear = [(b"set-cookie", self.signin_cookie_header("", clear=True))]
             await self._not_assigned(send, request, user, scope, clear)
             return
-        if self.needs_mfa(request, user):
+        if await self.needs_mfa(scope, request, user, now):
             await self.mfa.start(send, request, user, cookie, now, password_at=now)
             return
         await self.complete(scope, send, request, user, event, cookie, now, AMR_PASSWORD)
@@ -317,16 +321,34 @@ class SignIn:
         self.audit.emit("session.created", **event, sid=started.record.sid)
         self.metrics.signins.labels("success").inc()
         cookies = [(b"set-cookie", set_cookie(started.cookie_value, secure=self.secure))]
+        if has_mfa(amr):  # this browser is now a known device of the user
+            device = self._device(scope) or secrets.token_urlsafe(SESSION_BYTES)
+            await self.io_call(self.store.remember_device, session_hash(device), user.id, now)
+            cookies.append((b"set-cookie", set_device_cookie(device, secure=self.secure)))
         await self.proceed(send, request, None, user, started.record, now, cookies, cookie)
 
     def second_factor_required(self, client: ClientConfig, user: User) -> bool:
-        return needs_mfa(client.sign_on or self.config.sign_on, user.groups, ())
+        """For the password grant: no browser, so never a known device."""
+        return needs_mfa(client.sign_on or self.config.sign_on, user.groups, (), False)
 
-    def needs_mfa(self, request: AuthorizeRequest, user: User) -> bool:
-        """Whether the client's sign-on policy (else the org's), the user's groups or the
-        request's acr_values ask for a second factor."""
+    async def needs_mfa(
+        self, scope: Scope, request: AuthorizeRequest, user: User, now: int
+    ) -> bool:
+        """Whether the client's sign-on policy (else the org's), the user's groups, a
+        browser new to the user, or the request's acr_values ask for a second factor."""
         policy = request.client.sign_on or self.config.sign_on
-        return needs_mfa(policy, user.groups, request.acr_values)
+        known = True
+        if policy.mfa_new_device:
+            device = self._device(scope)
+            known = device is not None and await self.io_call(
+                self.store.device_known, session_hash(device), user.id, now - DEVICE_MAX_AGE
+            )
+        return needs_mfa(policy, user.groups, request.acr_values, known)
+
+    def _device(self, scope: Scope) -> str | None:
+        """The browser's remembered-device cookie, if it holds a well-formed one."""
+        value = read_cookie(_cookies(scope), device_cookie_name(self.secure))
+        return value if valid_session_value(value) else None
 
     # -- {public_url}/signin/consent ---------------------------------------------
 

@@ -6,10 +6,12 @@
         - client_id: payroll
           sign_on: {policy: password+mfa}                       # this app's own
 
-``password``: a password, and a second factor for members of ``mfa_if.groups``;
-``password+mfa``: a password and a second factor, always. An authorization request's
-``acr_values`` may ask for more than the policy (step-up), never for less. Users who
-must use a second factor and have none enroll one on the spot.
+``password``: a password, and a second factor for members of ``mfa_if.groups`` or,
+with ``mfa_if.new_device``, on a browser that has not given one before (no
+remembered-device cookie); ``password+mfa``: a password and a second factor, always.
+An authorization request's ``acr_values`` may ask for more than the policy (step-up),
+never for less. Users who must use a second factor and have none enroll one on the
+spot.
 
 What happened is said in tokens as RFC 8176 ``amr`` values (``pwd``; ``pwd``, ``otp``,
 ``mfa`` after an authenticator code) and an ``acr``: :data:`ACR_PASSWORD` or
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from authserver.policyconfig import as_group
-from tokengate.yamlconf import Node, list_of, one_of
+from tokengate.yamlconf import Node, as_bool, list_of, one_of
 
 Preset = Literal["password", "password+mfa"]
 PRESETS: tuple[Preset, ...] = ("password", "password+mfa")
@@ -39,16 +41,25 @@ AMR_MFA = ("pwd", "otp", "mfa")
 class SignOnPolicy:
     preset: Preset = "password"
     mfa_groups: frozenset[str] = frozenset()  # with "password": MFA for these members
+    mfa_new_device: bool = False  # with "password": MFA on a browser not remembered
 
 
 DEFAULT_SIGN_ON = SignOnPolicy()
 
 
-def needs_mfa(policy: SignOnPolicy, groups: Iterable[str], acr_values: Iterable[str]) -> bool:
-    """Whether this sign-in needs a second factor: by the policy, the user's groups, or
-    an ``acr_values`` whose every value we know asks for more than a password (values
-    we do not know are ignored, as OIDC Core 5.5.1.1 lets a server do)."""
+def needs_mfa(
+    policy: SignOnPolicy,
+    groups: Iterable[str],
+    acr_values: Iterable[str],
+    known_device: bool = True,
+) -> bool:
+    """Whether this sign-in needs a second factor: by the policy, the user's groups,
+    the browser being new to the user, or an ``acr_values`` whose every value we know
+    asks for more than a password (values we do not know are ignored, as OIDC Core
+    5.5.1.1 lets a server do)."""
     if policy.preset == "password+mfa" or policy.mfa_groups.intersection(groups):
+        return True
+    if policy.mfa_new_device and not known_device:
         return True
     known = [value for value in acr_values if value in ACR_VALUES]
     return bool(known) and ACR_PASSWORD not in known
@@ -66,11 +77,15 @@ def as_sign_on(node: Node) -> SignOnPolicy:
     f = node.fields(required=("policy",), optional=("mfa_if",))
     preset = f.get("policy", one_of(*PRESETS), "password") or "password"
     groups: tuple[str, ...] = ()
+    new_device = False
     if f.has("mfa_if"):
         if preset != "password":
             f.node_at("mfa_if").error(f"policy {preset} asks every user for a second factor")
-        m = f.node_at("mfa_if").fields(required=("groups",))
+        m = f.node_at("mfa_if").fields(optional=("groups", "new_device"))
         groups = m.get("groups", list_of(as_group), ()) or ()
+        new_device = bool(m.get("new_device", as_bool, False))
         if m.has("groups") and not groups:
             m.node_at("groups").error("must name at least one group")
-    return SignOnPolicy(preset=preset, mfa_groups=frozenset(groups))  # type: ignore[arg-type]
+        if not groups and not new_device:
+            f.node_at("mfa_if").error("must say when: groups, new_device: true, or both")
+    return SignOnPolicy(preset=preset, mfa_groups=frozenset(groups), mfa_new_device=new_device)  # type: ignore[arg-type]

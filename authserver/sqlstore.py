@@ -46,6 +46,7 @@ from authserver.store import (
     UserRecord,
 )
 
+DEVICE_TTL = 180 * 86400  # a remembered device is forgotten this long after its last use
 _SELECT_USERS = (
     "SELECT id, username, username_key, password_hash, profile, disabled, source, "
     "created_at, updated_at, declared_hash FROM users"
@@ -208,7 +209,10 @@ class SqlStore:
             ).rowcount
             g = self._q("DELETE FROM grants WHERE keep_until < ?", (now,)).rowcount
             h = self._q("DELETE FROM grant_tokens WHERE exp < ?", (now,)).rowcount
-        return a + b + c + d + e + f + g + h
+            i = self._q(
+                "DELETE FROM known_devices WHERE last_seen <= ?", (now - DEVICE_TTL,)
+            ).rowcount
+        return a + b + c + d + e + f + g + h + i
 
     # -- sign-ins in progress -----------------------------------------------------
 
@@ -665,7 +669,23 @@ class SqlStore:
     def _forget_factors(self, user_id: str) -> bool:
         had = self._q("DELETE FROM user_totp WHERE user_id = ?", (user_id,)).rowcount
         self._q("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
+        self._q("DELETE FROM known_devices WHERE user_id = ?", (user_id,))
         return had == 1
+
+    def remember_device(self, device_hash: str, user_id: str, now: int) -> None:
+        self._q(
+            "INSERT INTO known_devices (device_hash, user_id, created_at, last_seen) "
+            "VALUES (?, ?, ?, ?) ON CONFLICT (device_hash, user_id) "
+            "DO UPDATE SET last_seen = excluded.last_seen",
+            (device_hash, user_id, now, now),
+        )
+
+    def device_known(self, device_hash: str, user_id: str, since: int) -> bool:
+        row = self._q(
+            "SELECT 1 FROM known_devices WHERE device_hash = ? AND user_id = ? AND last_seen > ?",
+            (device_hash, user_id, since),
+        ).fetchone()
+        return row is not None
 
     def replace_password_hash(self, user_id: str, old: str, new: str, updated_at: int) -> bool:
         cur = self._q(

@@ -307,7 +307,14 @@ class Store(Protocol):
     def recovery_codes_left(self, user_id: str) -> int: ...
 
     def reset_mfa(self, user_id: str) -> bool:
-        """Forget the user's app and recovery codes; False if there were none."""
+        """Forget the user's app, recovery codes and remembered devices; False if there
+        was no app."""
+
+    def remember_device(self, device_hash: str, user_id: str, now: int) -> None:
+        """A browser that gave this user's second factor (its cookie's SHA-256)."""
+
+    def device_known(self, device_hash: str, user_id: str, since: int) -> bool:
+        """Whether the browser gave this user's second factor, last after ``since``."""
 
     def user(self, user_id: str) -> UserRecord | None: ...
 

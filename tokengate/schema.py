@@ -270,10 +270,16 @@ def _sign_on(description: str) -> Schema:
                         string("A group.", maxLength=MAX_GROUP_LENGTH),
                         "Members must use a second factor.",
                         minItems=1,
-                    )
+                    ),
+                    "new_device": boolean(
+                        "A browser that has not given this user's second factor before "
+                        "must give it.",
+                        False,
+                    ),
                 },
-                "With policy password: when a second factor is needed after all.",
-                required=("groups",),
+                "With policy password: when a second factor is needed after all (at "
+                "least one of these).",
+                minProperties=1,
             ),
         },
         description,

@@ -329,3 +329,55 @@ async def test_with_a_key_encryption_key_the_secret_is_stored_sealed(
     record = server.services.store.totp(alice.id)
     raw = base64.b32decode(secret.replace(" ", "") + "=" * (-len(secret.replace(" ", "")) % 8))
     assert record.secret.startswith(b"tgk1") and raw not in record.secret
+
+
+async def test_a_new_device_needs_the_second_factor_a_remembered_one_does_not(
+    make_authserver: Any,
+) -> None:
+    def new_devices(data: dict[str, Any]) -> None:
+        sign_in_config(data)
+        data["authserver"]["sign_on"] = {"policy": "password", "mfa_if": {"new_device": True}}
+
+    server = make_authserver(new_devices)
+    async with server.client() as laptop:
+        first = await password_step(laptop, scope="openid")
+        assert first.headers["location"] == "/signin/mfa/enroll"
+        secret, _, done = await enroll(laptop, server)
+        device = laptop.cookies.get("tg_device")
+        assert device is not None and len(device) == 43
+        [set_device] = [
+            c for c in done.headers.get_list("set-cookie") if c.startswith("tg_device=")
+        ]
+        assert "HttpOnly" in set_device and "SameSite=Lax" in set_device
+        assert "Max-Age=15552000" in set_device
+        remember(device)
+        laptop.cookies.delete("tg_session")  # signed out; the device is remembered
+        again = await password_step(laptop, scope="openid")
+        tokens = (await exchange(laptop, callback_params(again)["code"])).json()
+        assert claims_of(tokens["id_token"])["acr"] == ONE_FACTOR  # a password was enough
+    async with server.client() as phone:  # another browser: the second factor again
+        server.clock.advance(60)
+        answer = await password_step(phone, scope="openid")
+        assert answer.headers["location"] == "/signin/mfa"
+        assert (await code_step(phone, rfc6238(secret, server.clock()))).status_code == 303
+    alice = server.services.store.user_by_key("alice")
+    assert server.services.store.reset_mfa(alice.id)  # forgets the devices too
+    async with server.client() as laptop:
+        laptop.cookies.set("tg_device", device, domain="auth.test")
+        answer = await password_step(laptop, scope="openid")
+        assert answer.headers["location"] == "/signin/mfa/enroll"
+
+
+def test_mfa_if_must_say_when() -> None:
+    from tokengate.config import parse_config
+    from tokengate.yamlconf import ConfigErrors
+
+    text = (
+        "authserver:\n  servers: [{name: a, audience: x}]\n"
+        "  sign_on: {policy: password, mfa_if: {}}\n"
+    )
+    with pytest.raises(ConfigErrors) as info:
+        parse_config(text, {})
+    assert [str(e) for e in info.value.errors] == [
+        "authserver.sign_on.mfa_if: must say when: groups, new_device: true, or both"
+    ]

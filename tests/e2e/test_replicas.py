@@ -457,7 +457,7 @@ def test_two_replicas_starting_together_migrate_once_and_share_one_key(
     assert len(created) == 1
     migrated = pair.a.process.cli("db", "migrate")
     assert migrated.returncode == 0, migrated.stderr
-    assert migrated.stdout.endswith(": at schema version 3, nothing to apply\n")
+    assert migrated.stdout.endswith(": at schema version 4, nothing to apply\n")
     kids = pair.a.kids()
     assert len(kids) == 1
     assert pair.b.kids() == kids

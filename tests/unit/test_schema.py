@@ -216,7 +216,7 @@ def full_config(tmp_path: Path) -> dict[str, Any]:
                 }
             ],
             "sessions": {"idle_timeout": "2h", "max_lifetime": "1d"},
-            "sign_on": {"policy": "password", "mfa_if": {"groups": ["admins"]}},
+            "sign_on": {"policy": "password", "mfa_if": {"groups": ["admins"], "new_device": True}},
             "sign_in": {
                 "brand": {
                     "name": "Acme",
