@@ -5,7 +5,10 @@ Enrolling: :meth:`Factors.begin` gives a new secret (kept unconfirmed), and
 recovery codes, shown once and stored hashed. Signing in: :meth:`Factors.verify`
 takes an app's code (good once: its time step must be newer than the last one
 accepted) or an unused recovery code, throttled per user and per address as
-passwords are. Every attempt is audited (never the code) and counted.
+passwords are, and within a budget of :data:`ATTEMPTS` a user per
+:data:`ATTEMPT_WINDOW` seconds counted in the store before each code is checked (so
+guesses sent all at once, to any replicas, are all counted). Every attempt is audited
+(never the code) and counted.
 
 A secret is stored sealed with ``authserver.key_encryption_key`` when there is one
 (AES-256-GCM, bound to the user), so a copy of the store opens no one's app.
@@ -28,6 +31,8 @@ from tokengate.metrics import Metrics
 PLAIN = b"raw1"  # a secret stored as is (no key encryption key configured)
 Factor = Literal["totp", "recovery_code"]
 FACTOR_RESULTS = ("success", "failure", "replayed", "locked")
+ATTEMPTS = 10  # codes a user may try ...
+ATTEMPT_WINDOW = 900  # ... in this many seconds (3 codes of 10^6 match each: ~1 in 30,000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +101,7 @@ class Factors:
         """Confirm the app being enrolled with its first code: the recovery codes to
         show (once), or None for a wrong code (throttled as a failure)."""
         key = _key(user_id)
-        if await self.throttle.retry_after(key, ip) is not None:
+        if await self._locked(user_id, ip) is not None:
             self._record(fields, "totp", "locked", "enroll")
             return None
         record = await self.io.call(self.store.totp, user_id)
@@ -113,7 +118,7 @@ class Factors:
         if not await self.io.call(self.store.confirm_totp, user_id, step, int(now), hashes):
             self._record(fields, "totp", "failure", "enroll")
             return None
-        await self.throttle.succeeded(key)
+        await self._succeeded(user_id)
         self.metrics.factor_results.labels("totp", "success").inc()
         self.audit.emit("mfa.enrolled", **fields, factor="totp", outcome="success", reason="ok")
         return codes
@@ -123,7 +128,7 @@ class Factors:
     ) -> Verified:
         """A code from the user's app, or one of their recovery codes."""
         key = _key(user_id)
-        wait = await self.throttle.retry_after(key, ip)
+        wait = await self._locked(user_id, ip)
         if wait is not None:
             self._record(fields, "totp", "locked", "signin")
             return Verified(False, None, "locked", retry_after=wait)
@@ -143,7 +148,7 @@ class Factors:
             await self.throttle.failed(key, ip)  # a replay: a code seen before
             self._record(fields, "totp", "replayed", "signin")
             return Verified(False, "totp", "replayed")
-        await self.throttle.succeeded(key)
+        await self._succeeded(user_id)
         self._record(fields, "totp", "success", "signin")
         return Verified(True, "totp", "ok")
 
@@ -158,10 +163,26 @@ class Factors:
             await self.throttle.failed(_key(user_id), ip)
             self._record(fields, "recovery_code", "failure", "signin")
             return Verified(False, "recovery_code", "bad_code")
-        await self.throttle.succeeded(_key(user_id))
+        await self._succeeded(user_id)
         left = await self.io.call(self.store.recovery_codes_left, user_id)
         self._record(fields, "recovery_code", "success", "signin", remaining=left)
         return Verified(True, "recovery_code", "ok", recovery_left=left)
+
+    async def _locked(self, user_id: str, ip: str | None) -> int | None:
+        """Seconds to wait before another code may be tried, else None, with this
+        attempt counted: the throttle (per user and address, as passwords), then the
+        user's attempt budget in the store."""
+        wait = await self.throttle.retry_after(_key(user_id), ip)
+        if wait is not None:
+            return wait
+        now = int(self.clock())
+        return await self.io.call(
+            self.store.take_factor_attempt, user_id, now, ATTEMPT_WINDOW, ATTEMPTS
+        )
+
+    async def _succeeded(self, user_id: str) -> None:
+        await self.throttle.succeeded(_key(user_id))
+        await self.io.call(self.store.clear_factor_attempts, user_id)
 
     def _record(
         self,

@@ -114,6 +114,12 @@ class Logout:
                 return
             await self._end(server, scope, session, cookie, client, now)
         headers: Headers = [(b"set-cookie", clear_cookie(secure=pages.secure))]
+        # a sign-in still in progress in this browser ends too: nothing it proved lives on
+        signin = read_cookie(_cookies(scope), pages.signin_cookie)
+        if valid_session_value(signin):
+            assert signin is not None
+            await pages.io_call(pages.store.end_interaction, session_hash(signin))
+            headers.append((b"set-cookie", pages.signin_cookie_header("", clear=True)))
         if redirect is not None:
             target = redirect
             if "state" in params:

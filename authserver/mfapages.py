@@ -180,6 +180,10 @@ class MfaPages:
         if found is None:
             return
         step, user = found
+        if (step.progress or {}).get("password_at") is None:
+            # a factor is bound to the account only in a sign-in that gave the password
+            await self.signin.error_page(send, "expired", _EXPIRED, 400)
+            return
         enrollment = await self.factors.begin(user.id, user.username)
         if enrollment is None:  # enrolled already: a code, not a new app
             await self._redirect(send, step.request, self.paths.mfa)

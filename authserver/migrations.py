@@ -153,7 +153,8 @@ def _sqlite_base(store: SqlStore) -> None:
 _SECOND_FACTORS = """
 CREATE TABLE user_totp (
     user_id TEXT PRIMARY KEY, secret {blob} NOT NULL, created_at {int} NOT NULL,
-    confirmed_at {int}, last_step {int} NOT NULL DEFAULT 0
+    confirmed_at {int}, last_step {int} NOT NULL DEFAULT 0,
+    attempts {int} NOT NULL DEFAULT 0, window_start {int} NOT NULL DEFAULT 0
 );
 CREATE TABLE recovery_codes (
     user_id TEXT NOT NULL, code_hash TEXT NOT NULL, used_at {int},

@@ -239,7 +239,8 @@ class SignIn:
         now: int,
     ) -> None:
         """A session signed in with a password alone, for a request that needs a second
-        factor: the factor's page, no password asked again (prompt=none: refused)."""
+        factor: the factor's page, no password asked again (prompt=none: refused); a
+        user with no factor yet signs in again with the password, then enrolls."""
         if request.prompt == "none":
             error = request.target.params(
                 error="interaction_required",
@@ -249,6 +250,12 @@ class SignIn:
             return
         cookie_value = await self.start_interaction(request, params, now)
         headers = [(b"set-cookie", self.signin_cookie_header(cookie_value))]
+        if not await self.mfa.factors.enrolled(user.id):
+            # enrolling binds a factor to the account: only after the password itself,
+            # never on the strength of a session alone
+            location = [(b"location", self.paths.login.encode())]
+            await send_bytes(send, 303, b"", [*location, *headers, *page_headers()])
+            return
         await self.mfa.start(send, request, user, cookie_value, now, None, headers)
 
     # -- {public_url}/signin/login ----------------------------------------------
@@ -395,6 +402,13 @@ class SignIn:
             assert params is not None
             interaction = await self.start_interaction(request, params, now)
             headers = [*headers, (b"set-cookie", self.signin_cookie_header(interaction))]
+        # All the sign-in proved is spent now: the consent page takes only this
+        # session's answer (whatever the sign-in in progress had proved before: a
+        # password, a second factor) is gone, so nothing of it can be replayed.
+        progress = {"consent_for": session.sid, "user_id": user.id}
+        await self.io_call(
+            self.store.set_interaction_progress, session_hash(interaction), json.dumps(progress)
+        )
         location = [(b"location", self.paths.consent.encode())]
         await send_bytes(send, 303, b"", [*location, *headers, *page_headers()])
 
@@ -408,7 +422,12 @@ class SignIn:
             return
         request, cookie, csrf = found.request, found.cookie, found.csrf
         signed_in = await self._session(scope, now)
-        if signed_in is None:  # the session ended meanwhile: sign in again
+        progress = found.progress or {}
+        if (
+            signed_in is None  # the session ended meanwhile: sign in again
+            or progress.get("consent_for") != signed_in[0].sid
+            or progress.get("user_id") != signed_in[1].id
+        ):  # the consent page is reached only from a finished sign-in of this session
             await self.error_page(send, "expired", EXPIRED, 400)
             return
         session, user = signed_in

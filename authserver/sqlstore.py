@@ -655,6 +655,23 @@ class SqlStore:
         )
         return cur.rowcount == 1
 
+    def take_factor_attempt(self, user_id: str, now: int, window: int, limit: int) -> int | None:
+        since = now - window  # a window that started before this is over: a new one
+        rows = self._q(
+            "UPDATE user_totp SET "
+            "attempts = CASE WHEN window_start <= ? THEN 1 ELSE attempts + 1 END, "
+            "window_start = CASE WHEN window_start <= ? THEN ? ELSE window_start END "
+            "WHERE user_id = ? AND (window_start <= ? OR attempts < ?) RETURNING attempts",
+            (since, since, now, user_id, since, limit),
+        ).fetchall()  # all: SQLite finishes the statement only then
+        if rows:
+            return None
+        row = self._q("SELECT window_start FROM user_totp WHERE user_id = ?", (user_id,)).fetchone()
+        return None if row is None else max(1, int(row[0]) + window - now)
+
+    def clear_factor_attempts(self, user_id: str) -> None:
+        self._q("UPDATE user_totp SET attempts = 0 WHERE user_id = ?", (user_id,))
+
     def recovery_codes_left(self, user_id: str) -> int:
         row = self._q(
             "SELECT count(*) FROM recovery_codes WHERE user_id = ? AND used_at IS NULL",

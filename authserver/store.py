@@ -304,6 +304,15 @@ class Store(Protocol):
     def use_recovery_code(self, user_id: str, code_hash: str, now: int) -> bool:
         """Spend a recovery code; False if it is not one of the user's unused ones."""
 
+    def take_factor_attempt(self, user_id: str, now: int, window: int, limit: int) -> int | None:
+        """Count one attempt at the user's second factor, before it is checked, in one
+        statement (so attempts made at once, at any replicas, are all counted): None
+        when allowed (at most ``limit`` in ``window`` seconds), else the seconds until
+        the window ends."""
+
+    def clear_factor_attempts(self, user_id: str) -> None:
+        """A right code: the attempts counted so far are forgotten."""
+
     def recovery_codes_left(self, user_id: str) -> int: ...
 
     def reset_mfa(self, user_id: str) -> bool:

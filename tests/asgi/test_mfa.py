@@ -381,3 +381,93 @@ def test_mfa_if_must_say_when() -> None:
     assert [str(e) for e in info.value.errors] == [
         "authserver.sign_on.mfa_if: must say when: groups, new_device: true, or both"
     ]
+
+
+async def test_the_consent_page_is_no_way_around_the_second_factor(server: AuthServer) -> None:
+    """A password-only session, a request that needs a second factor: the consent page
+    (reachable by URL) gives nothing before the code."""
+    await enrolled(server)
+    async with server.client() as http:
+        spa = await http.get(
+            AUTHORIZE,
+            params=authorize_params(client_id="spa", redirect_uri=SPA_CALLBACK, scope="openid"),
+        )
+        page = await http.get(spa.headers["location"])
+        await submit(http, Form(page.text))  # signed in with the password alone
+        portal = await http.get(AUTHORIZE, params=authorize_params())
+        assert portal.headers["location"] == "/signin/mfa"
+        consent = await http.get("/signin/consent")
+        assert consent.status_code == 400
+        code_page = Form((await http.get("/signin/mfa")).text)
+        posted = await http.post(
+            "/signin/consent",
+            data={"csrf_token": code_page.fields["csrf_token"], "consent": "allow"},
+        )
+        assert posted.status_code == 400
+        assert "code=" not in posted.headers.get("location", "")
+
+
+async def test_what_a_sign_in_proved_is_spent_once_it_reaches_the_consent_page(
+    make_authserver: Any,
+) -> None:
+    def consenting(data: dict[str, Any]) -> None:
+        config(data)
+        data["authserver"]["clients"][-3]["consent"] = "required"  # the portal
+
+    server = make_authserver(consenting)
+    async with server.client() as http:
+        await password_step(http)
+        page = await http.get("/signin/mfa/enroll")
+        secret = re.search(r'<code id="secret">([^<]+)</code>', page.text).group(1)  # type: ignore[union-attr]
+        remember(secret.replace(" ", ""))
+        shown = await http.post(
+            "/signin/mfa/enroll",
+            data={**Form(page.text).fields, "code": rfc6238(secret, server.clock())},
+        )
+        form = Form(shown.text).fields
+        for code in re.findall(r"<li><code>([a-z0-9-]{19})</code></li>", shown.text):
+            remember(code)
+        onward = await http.post("/signin/mfa/continue", data=form)
+        assert onward.headers["location"] == "/signin/consent"
+        http.cookies.delete("tg_session")  # the user leaves, or signs out
+        again = await http.post("/signin/mfa/continue", data=form)
+        assert again.status_code == 400  # nothing left to continue with
+        assert "tg_session" not in again.headers.get("set-cookie", "")
+
+
+async def test_codes_sent_all_at_once_are_all_counted(server: AuthServer) -> None:
+    import anyio
+
+    secret, _ = await enrolled(server)
+    server.clock.advance(60)
+    statuses: list[int] = []
+    async with server.client() as http:
+        await password_step(http)
+        form = Form((await http.get("/signin/mfa")).text).fields
+
+        async def guess(i: int) -> None:
+            answer = await http.post("/signin/mfa", data={**form, "code": f"{i:06d}"})
+            statuses.append(answer.status_code)
+
+        async with anyio.create_task_group() as group:
+            for i in range(40):
+                group.start_soon(guess, i)
+        assert statuses.count(401) <= 10, statuses  # never more than the budget checked
+        assert statuses.count(429) >= 30
+        right = await http.post(
+            "/signin/mfa", data={**form, "code": rfc6238(secret, server.clock())}
+        )
+        assert right.status_code == 429  # locked for the rest of the window, right code or not
+
+
+async def test_a_session_alone_never_enrolls_a_factor(server: AuthServer) -> None:
+    async with server.client() as http:
+        spa = await http.get(
+            AUTHORIZE,
+            params=authorize_params(client_id="spa", redirect_uri=SPA_CALLBACK, scope="openid"),
+        )
+        page = await http.get(spa.headers["location"])
+        await submit(http, Form(page.text))  # alice: a password, no app yet
+        portal = await http.get(AUTHORIZE, params=authorize_params())
+        assert portal.headers["location"] == "/signin/login"  # the password again first
+        assert (await http.get("/signin/mfa/enroll")).status_code == 400

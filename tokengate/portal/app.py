@@ -6,8 +6,9 @@ with their access token. Raw ASGI, served by ``tokengate run`` beside the echo.
     /callback  GET: the issuer's answer -> code redeemed -> ID token checked -> session
     /api       POST: the API, called with the access token; refreshed when it has
                expired, or once when the API answers 401; a 401 asking for a stronger
-               sign-in (RFC 9470) -> 303 to /login with its acr_values and max_age,
-               and the call made again once signed in
+               sign-in (RFC 9470) -> 303 to /login, which asks for its acr_values and
+               max_age, and the call is made again once signed in (both remembered in
+               sealed cookies: only the portal's own POST starts a step-up)
     /logout    POST: the session cookie cleared -> 303 to the issuer's logout endpoint
 
 It talks to the issuer over HTTP only (:mod:`tokengate.portal.issuer`), keeps no user's
@@ -40,7 +41,7 @@ from tokengate.asgi import (
     send_bytes,
 )
 from tokengate.jsonlog import log_event, traceback_frames
-from tokengate.portal.api import ApiAnswer, StepUp, step_up
+from tokengate.portal.api import ApiAnswer, step_up
 from tokengate.portal.config import PortalConfig
 from tokengate.portal.cookies import (
     CookieTooLarge,
@@ -58,6 +59,7 @@ from tokengate.portal.state import BadState, PendingLogin, Session, pkce_challen
 
 LOGIN_TTL = 600  # seconds a sign-in may take, from "Sign in" to the callback
 SENSITIVE = "sensitive"  # the sensitive API: a call to make again after a step-up
+THEN_TTL = 60  # seconds a step-up's cookies last: from one page to the next
 MAX_FORM = 4096  # bytes of a form post (the forms hold one CSRF token)
 HTTP_TIMEOUT = 10.0  # seconds for any call to the issuer or the API
 
@@ -117,6 +119,10 @@ class PortalApp:
         self.paths = Paths.of(config.public_url)
         self.pages = Pages(self.paths, config.issuer, config.api_url)
         self.login_cookie = cookie_name("portal_login", self.secure)
+        # a step-up the sensitive API asked for (POST /api -> /login), and, after it,
+        # the call to make again (/callback -> /): each read once, by the next page
+        self.step_up_cookie = cookie_name("portal_step_up", self.secure)
+        self.then_cookie = cookie_name("portal_then", self.secure)
         self.session_cookie = cookie_name("portal_session", self.secure)
         self.logout_cookie = cookie_name("portal_logout", self.secure)
         self.routes: dict[str, tuple[str, Handler]] = {
@@ -215,10 +221,15 @@ class PortalApp:
     async def home(self, request: Request, receive: Receive) -> Response:
         headers: Headers = []
         notice = None
-        if request.query.get("call") == [SENSITIVE] and self.config.sensitive_api_url:
+        then = self.sealer.open(
+            self.then_cookie, request.cookies.get(self.then_cookie), request.now
+        )
+        if then is not None:
+            headers.append(self._clear(self.then_cookie))
             session = self._session(request, headers)
-            if session is not None:  # back from a step-up: the call it was for
-                return await self._call(request, session, headers, self.config.sensitive_api_url)
+            url = self.config.sensitive_api_url
+            if session is not None and url and then.get("t") == SENSITIVE:
+                return await self._call(request, session, headers, url)  # after a step-up
         if request.query.get("state"):  # back from the issuer's logout
             pending = self.sealer.open(
                 self.logout_cookie, request.cookies.get(self.logout_cookie), request.now
@@ -233,8 +244,15 @@ class PortalApp:
 
     async def login(self, request: Request, receive: Receive) -> Response:
         metadata = await self.issuer.metadata()
-        asked = asked_step_up(request.query)
-        then = SENSITIVE if request.query.get("then") == [SENSITIVE] else ""
+        done: Headers = []
+        sealed = self.sealer.open(
+            self.step_up_cookie, request.cookies.get(self.step_up_cookie), request.now
+        )
+        asked, then = None, ""
+        if sealed is not None:  # the sensitive API asked for this sign-in
+            done.append(self._clear(self.step_up_cookie))
+            asked = step_up(str(sealed.get("a", "")), str(sealed.get("m", "")))
+            then = SENSITIVE
         pending = PendingLogin.new(asked.acr_values if asked else (), then)
         params = {
             "response_type": "code",
@@ -253,7 +271,7 @@ class PortalApp:
         endpoint = metadata.authorization_endpoint
         location = endpoint + ("&" if "?" in endpoint else "?") + urlencode(params)
         cookie = self.sealer.seal(self.login_cookie, pending.dump(), request.now + LOGIN_TTL)
-        return self._redirect(location, [self._cookie(self.login_cookie, cookie, LOGIN_TTL)])
+        return self._redirect(location, [*done, self._cookie(self.login_cookie, cookie, LOGIN_TTL)])
 
     async def callback(self, request: Request, receive: Receive) -> Response:
         done = [self._clear(self.login_cookie)]
@@ -338,8 +356,11 @@ class PortalApp:
                 headers=done,
             )
         cookie = self.sealer.seal(self.session_cookie, session.dump(), session.ends_at)
-        home = self.paths.home + (f"?call={SENSITIVE}" if pending.then == SENSITIVE else "")
-        return self._redirect(home, [*done, self._cookie(self.session_cookie, cookie)])
+        done.append(self._cookie(self.session_cookie, cookie))
+        if pending.then == SENSITIVE:  # the call this sign-in was for, on the next page
+            then = self.sealer.seal(self.then_cookie, {"t": SENSITIVE}, request.now + THEN_TTL)
+            done.append(self._cookie(self.then_cookie, then, THEN_TTL))
+        return self._redirect(self.paths.home, done)
 
     async def call_api(self, request: Request, receive: Receive) -> Response:
         headers: Headers = []
@@ -367,12 +388,13 @@ class PortalApp:
             headers.append(self._cookie(self.session_cookie, sealed))
         if answer.step_up is not None and url == self.config.sensitive_api_url:
             # RFC 9470: sign in again as the API asks, then make this call again
-            query = {"then": SENSITIVE}
-            if answer.step_up.acr_values:
-                query["acr_values"] = " ".join(answer.step_up.acr_values)
-            if answer.step_up.max_age is not None:
-                query["max_age"] = str(answer.step_up.max_age)
-            return self._redirect(f"{self.paths.login}?{urlencode(query)}", headers)
+            asked = {
+                "a": " ".join(answer.step_up.acr_values),
+                "m": "" if answer.step_up.max_age is None else str(answer.step_up.max_age),
+            }
+            sealed = self.sealer.seal(self.step_up_cookie, asked, request.now + THEN_TTL)
+            headers.append(self._cookie(self.step_up_cookie, sealed, THEN_TTL))
+            return self._redirect(self.paths.login, headers)
         status = 200 if answer.status is not None else 502
         return self._home(request, session, headers, answer=answer, status=status, url=url)
 
@@ -504,8 +526,3 @@ class PortalApp:
     @staticmethod
     def _redirect(location: str, headers: Headers) -> Response:
         return Response(303, b"", [(b"location", location.encode("latin-1")), *headers])
-
-
-def asked_step_up(query: dict[str, list[str]]) -> StepUp | None:
-    """The step-up /login is asked for (by the sensitive API's 401, passed on)."""
-    return step_up(query.get("acr_values", [""])[0], query.get("max_age", [""])[0])
