@@ -15,6 +15,11 @@ reference point.
 A second phase sends 10,000 requests whose tokens carry random unknown ``kid``s and
 counts the JWKS fetches they cause (nginx serves the JWKS copy and logs each fetch).
 
+``--redis URL`` adds a route with a rate limit per ``client_id`` kept in that Redis
+(``1000000/s``: nothing is refused, every request runs the limit's script) and
+measures it against the same route without a limit, alternating, through the same
+gateway processes: what a Redis-backed route limit costs.
+
 ``--source DIR`` runs tokengate from another checkout (a ``git worktree`` of an older
 commit), to compare two versions in alternating runs. tokengate runs in a scratch
 directory either way: ``python -m`` puts the working directory first on ``sys.path``,
@@ -133,6 +138,7 @@ def main() -> None:
     parser.add_argument("--kid-requests", type=int, default=10000)
     parser.add_argument("--rounds", type=int, default=3, help="alternating gateway/bare runs")
     parser.add_argument("--source", type=Path, help="run tokengate from this checkout")
+    parser.add_argument("--redis", help="also measure a route rate-limited in this Redis")
     args = parser.parse_args()
     for tool in ("wrk", "nginx"):
         if shutil.which(tool) is None:
@@ -167,11 +173,20 @@ def main() -> None:
                         "match": {"path": "/api/**"},
                         "upstream": f"http://127.0.0.1:{up_port}",
                         "require": {"scopes": ["read"]},
-                    }
+                    },
+                    {
+                        "name": "limited",
+                        "match": {"path": "/limited/**"},
+                        "upstream": f"http://127.0.0.1:{up_port}",
+                        "require": {"scopes": ["read"]},
+                        "rate_limit": {"per": "client_id", "limit": "1000000/s"},
+                    },
                 ],
             },
             "audit": {"path": str(work / "audit.log")},
         }
+        if args.redis:
+            config["redis"] = args.redis
         (work / "tokengate.yaml").write_text(yaml.safe_dump(config))
         # The JWKS copy nginx serves must exist before the gateway starts: the
         # authorization server alone first (its first start creates the keys).
@@ -228,6 +243,14 @@ def main() -> None:
                 bare, bare_cpu = bare_proxy.measure()
                 rounds.append((through, cpu_us, bare, bare_cpu))
             bare_proxy.stop()
+            limited_rounds: list[tuple[dict[str, float], float, dict[str, float], float]] = []
+            if args.redis:
+                limited_url = f"http://127.0.0.1:{gw_port}/limited/x"
+                wrk(limited_url, args, *auth, duration=args.warmup)
+                for _ in range(args.rounds):  # alternate with the same route unlimited
+                    plain, plain_cpu = _measure(gateway_url, args, auth, pids)
+                    limited, limited_cpu = _measure(limited_url, args, auth, pids)
+                    limited_rounds.append((plain, plain_cpu, limited, limited_cpu))
 
             # random unknown kids: a flood of them must not become a flood of JWKS fetches
             fetches_before = _count_lines(work / "jwks-fetches.log")
@@ -280,10 +303,31 @@ def main() -> None:
             f"  round {i}: gateway {through['rps']:.0f} req/s {cpu_us:.0f} us, "
             f"bare {bare['rps']:.0f} req/s {bare_cpu:.0f} us"
         )
+    if limited_rounds:
+        p = statistics.median(r[0]["rps"] for r in limited_rounds)
+        q = statistics.median(r[2]["rps"] for r in limited_rounds)
+        print(
+            f"redis rate limit: limited route {q:.0f} req/s against {p:.0f} unlimited "
+            f"(ratio {q / p:.3f}; non-2xx {sum(r[2]['non_2xx'] for r in limited_rounds)})"
+        )
+        for i, (plain, plain_cpu, limited, limited_cpu) in enumerate(limited_rounds, 1):
+            print(
+                f"  round {i}: unlimited {plain['rps']:.0f} req/s {plain_cpu:.0f} us, "
+                f"limited {limited['rps']:.0f} req/s {limited_cpu:.0f} us"
+            )
     print(
         f"random kids: {int(kid['requests'])} requests with unknown kids -> "
         f"{kid_fetches} JWKS fetches (non-2xx {kid['non_2xx']}, expected all 401)"
     )
+
+
+def _measure(
+    url: str, args: argparse.Namespace, auth: list[str], pids: list[int]
+) -> tuple[dict[str, float], float]:
+    """wrk against ``url``: its figures, and tokengate's CPU per request (us)."""
+    before = cpu_seconds(pids)
+    result = parse_wrk(wrk(url, args, *auth))
+    return result, (cpu_seconds(pids) - before) / max(1, int(result["requests"])) * 1e6
 
 
 class _start_bare_proxy:

@@ -82,8 +82,10 @@ def steps(
 
     # the refunds API wants a second factor (RFC 9470 step-up): the portal signs alice
     # in again with the acr_values the gateway named; she has no app yet, so she
-    # enrolls one, and the portal makes the call again
+    # gives her password again and enrolls one, and the portal makes the call again
     click(browser, "form[action='/api']:has(input[value=sensitive]) button")
+    assert browser.current_url == f"http://127.0.0.1:{auth_port}/signin/login"
+    signin(browser, "alice", "alice-demo-password")
     assert browser.current_url == f"http://127.0.0.1:{auth_port}/signin/mfa/enroll"
     secret = browser.find_element(By.ID, "secret").text
     browser.find_element(By.ID, "code").send_keys(app_code(secret, time.time()))
