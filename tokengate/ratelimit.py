@@ -10,7 +10,12 @@ then the TAT moves to ``max(TAT, now) + T``. :func:`gcra` is that decision, pure
 
 * with ``redis:``, one Lua script per decision (:data:`GCRA_LUA`, the same
   arithmetic, on the Redis server's clock so every replica agrees), registered once
-  and run by EVALSHA; keys ``tokengate:rl:{scope}:{key}`` expire when the TAT passes;
+  and run by EVALSHA; keys ``tokengate:rl:{scope}:{key}`` expire when the TAT passes.
+  For a large burst a process takes a few cells at once (a lease: at most 1/20 of the
+  burst, at most :data:`LEASE_MAX`) and spends them without asking again, for a
+  moment (:data:`LEASE_TTL`): every admitted request still comes out of the one
+  shared budget, so the cluster never admits more than the limit; what a lease leaves
+  unspent is admitted to no one (at most a few cells a process);
 * without Redis, or while Redis is down or slow (over ``timeout`` per decision), in a
   bounded per-process map. Requests are never refused because Redis is down: the
   limit falls back to per process. :class:`~tokengate.redislink.RedisLink` keeps
@@ -21,6 +26,7 @@ then the TAT moves to ``max(TAT, now) + T``. :func:`gcra` is that decision, pure
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 import re
@@ -41,6 +47,9 @@ from tokengate.yamlconf import ConfigError, Node, as_str, positive_int
 
 MICROS = 1_000_000
 MAX_LOCAL_KEYS = 100_000  # per-process limiter state; least recently used forgotten first
+LEASE_SHARE = 20  # a lease takes at most 1/20 of a key's burst ...
+LEASE_MAX = 64  # ... and at most this many cells
+LEASE_TTL = 0.5  # seconds a lease's cells may be spent
 KEY_PREFIX = "tokengate:rl:"
 _PERIODS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hour": 3600}
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(s|sec|min|m|h|hour)\s*")
@@ -110,25 +119,58 @@ def outcome(allowed: bool, ahead_us: int, interval_us: int, burst: int) -> Decis
     return Decision(allowed, burst, remaining, max(0, retry) / MICROS, max(0, ahead_us) / MICROS)
 
 
-# KEYS[1] the key; ARGV[1] interval (us), ARGV[2] burst. Returns {allowed, ahead_us}:
-# how far the TAT is ahead of the server's now after the decision. Integers in
-# microseconds stay exact in Lua's doubles (below 2^53); string.format keeps them
-# from being printed in exponent form.
+# KEYS[1] the key; ARGV[1] interval (us), ARGV[2] burst, ARGV[3] cells wanted (default
+# 1). Returns {cells admitted, ahead_us}: as many of those wanted as the bucket holds
+# (0: refused), and how far the TAT is ahead of the server's now after the decision.
+# With one cell wanted this is gcra() exactly. Integers in microseconds stay exact in
+# Lua's doubles (below 2^53); string.format keeps them from exponent form.
 GCRA_LUA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local want = tonumber(ARGV[3] or '1')
 local tat = tonumber(redis.call('GET', KEYS[1]) or now)
 if tat < now then tat = now end
-local new_tat = tat + interval
-if new_tat - now > burst * interval then
+local room = math.floor((burst * interval - (tat - now)) / interval)
+local cells = math.min(want, room)
+if cells < 1 then
   return {0, tat - now}
 end
+local new_tat = tat + cells * interval
 local ttl_ms = math.ceil((new_tat - now) / 1000) + 1
 redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl_ms)
-return {1, new_tat - now}
+return {cells, new_tat - now}
 """
+
+
+def lease_size(rate: Rate) -> int:
+    """Cells a process takes from Redis at once for a key under ``rate``."""
+    return max(1, min(LEASE_MAX, rate.burst // LEASE_SHARE))
+
+
+@dataclass(slots=True)
+class Lease:
+    """Cells taken from the shared budget, not spent yet; and the decision Redis gave
+    when they were taken (its remaining and reset, as of then)."""
+
+    left: int
+    until: float  # this process's clock
+    taken_at: float
+    decision: Decision
+
+    def spend(self, now: float) -> Decision | None:
+        if self.left < 1 or now >= self.until:
+            return None
+        self.left -= 1
+        base = self.decision
+        return Decision(
+            True,
+            base.limit,
+            base.remaining + self.left,
+            0.0,
+            max(0.0, base.reset_after - (now - self.taken_at)),
+        )
 
 
 def redis_key(scope: str, key: str) -> str:
@@ -173,7 +215,10 @@ class RateLimiter:
         on_fallback: Callable[[], None] = lambda: None,
     ) -> None:
         self.redis_url = redis_url
+        self.clock = clock
         self.local = LocalLimiter(clock=clock, max_keys=max_keys)
+        self.leases: TTLCache[str, Lease] = TTLCache(maxsize=max_keys, ttl=LEASE_TTL, timer=clock)
+        self.flights: dict[str, asyncio.Future[Decision | None]] = {}  # leases on their way
         self.on_fallback = on_fallback  # a decision made here although Redis is configured
         self.redis = RedisLink(
             redis_url,
@@ -202,14 +247,49 @@ class RateLimiter:
         full_key = redis_key(scope, key)
         if self.redis_url is None:
             return self.local.decide(full_key, rate)
+        want = lease_size(rate)
+        if want == 1:  # a small burst: every decision in Redis, as many at once as come
+            return await self._in_redis(full_key, rate, 1)
+        while True:  # one lease at a time per key: requests meanwhile wait for it
+            lease = self.leases.get(full_key)
+            if lease is not None:  # cells this process took before: no round trip
+                decision = lease.spend(self.clock())
+                if decision is not None:
+                    return decision
+            flight = self.flights.get(full_key)
+            if flight is None:
+                break
+            refused = await asyncio.shield(flight)
+            if refused is not None:  # the bucket was empty a moment ago: so it is now
+                return refused
+        flight = asyncio.get_running_loop().create_future()
+        self.flights[full_key] = flight
         try:
-            allowed, ahead = await self.redis.run(
-                GCRA_LUA, [full_key], [rate.interval_us, rate.burst]
+            decision = await self._in_redis(full_key, rate, want)
+            flight.set_result(None if decision.allowed else decision)
+            return decision
+        finally:
+            del self.flights[full_key]
+            if not flight.done():
+                flight.set_result(None)
+
+    async def _in_redis(self, full_key: str, rate: Rate, want: int) -> Decision:
+        """Up to ``want`` cells from the shared budget: the first decides this request,
+        the others are leased to this process. Redis down: decided here."""
+        try:
+            cells, ahead = await self.redis.run(
+                GCRA_LUA, [full_key], [rate.interval_us, rate.burst, want]
             )
         except RedisUnavailable:
             self.on_fallback()
             return self.local.decide(full_key, rate)
-        return outcome(bool(allowed), int(ahead), rate.interval_us, rate.burst)
+        decision = outcome(bool(cells), int(ahead), rate.interval_us, rate.burst)
+        extra = int(cells) - 1
+        if extra < 1:
+            return decision
+        now = self.clock()
+        self.leases[full_key] = Lease(extra, now + LEASE_TTL, now, decision)
+        return Decision(True, decision.limit, decision.remaining + extra, 0.0, decision.reset_after)
 
     def degraded(self) -> list[str]:
         """For ``/readyz``: what is wrong while requests are still served."""

@@ -248,3 +248,62 @@ def test_a_reload_that_changes_redis_says_it_needs_a_restart() -> None:
     after = parse_config(CONFIG.replace("6379/10", "6380/10"))
     restart = asyncio.run(applier(before, {})(after))
     assert restart == ["redis: changing the Redis URL needs a restart"]
+
+
+@pytest.mark.anyio
+async def test_the_script_takes_as_many_cells_as_the_bucket_holds(redis_client) -> None:  # type: ignore[no-untyped-def]
+    script = redis_client.register_script(GCRA_LUA)
+    rate = Rate(limit=10, period=60, burst=10)  # nothing drains during the test
+    key = ["tokengate:rl:t:lease"]
+    taken = [await script(keys=key, args=[rate.interval_us, 10, 4]) for _ in range(4)]
+    assert [cells for cells, _ in taken] == [4, 4, 2, 0]  # the last: refused, none taken
+    assert outcome(False, int(taken[3][1]), rate.interval_us, 10).retry_after > 0
+
+
+@pytest.mark.anyio
+async def test_a_large_burst_is_leased_a_few_cells_at_a_time_and_never_exceeded(
+    redis_client,  # type: ignore[no-untyped-def]
+) -> None:
+    from tokengate.ratelimit import LEASE_MAX, lease_size
+
+    assert lease_size(Rate(20, 1, 20)) == 1  # small bursts: every decision in Redis
+    assert lease_size(Rate(100, 60, 100)) == 5
+    assert lease_size(Rate(1_000_000, 1, 1_000_000)) == LEASE_MAX
+    limiters = [RateLimiter(REDIS_URL, timeout=2.0) for _ in range(4)]  # 4 "processes"
+    calls = 0
+    for limiter in limiters:
+        run = limiter.redis.run
+
+        async def counted(*args: object, run=run) -> object:  # type: ignore[no-untyped-def]
+            nonlocal calls
+            calls += 1
+            return await run(*args)
+
+        limiter.redis.run = counted  # type: ignore[method-assign]
+    rate = Rate(limit=100, period=60, burst=100)  # leases of 5; nothing drains meanwhile
+    try:
+        decisions = await asyncio.gather(
+            *(limiters[i % 4].decide("route:r", "k", rate) for i in range(400))
+        )
+    finally:
+        for limiter in limiters:
+            await limiter.aclose()
+    assert sum(d.allowed for d in decisions) == 100  # the whole budget, and not one more
+    assert calls <= 100 // 5 + 4 * 2  # about one round trip a lease, not one a request
+    assert all(0 <= d.remaining < 100 for d in decisions if d.allowed)
+
+
+@pytest.mark.anyio
+async def test_a_lease_is_spent_only_for_a_moment(redis_client) -> None:  # type: ignore[no-untyped-def]
+    now = [100.0]
+    limiter = RateLimiter(REDIS_URL, timeout=2.0, clock=lambda: now[0])
+    rate = Rate(limit=1000, period=1, burst=1000)  # leases of 16
+    try:
+        assert (await limiter.decide("route:r", "k", rate)).allowed
+        [(key, lease)] = list(limiter.leases.items())
+        assert lease.left == 15 and lease.until == pytest.approx(100.5)
+        now[0] += 0.5  # past the lease: its cells are spent by no one
+        assert (await limiter.decide("route:r", "k", rate)).allowed
+        assert limiter.leases[key].left == 15  # a new lease
+    finally:
+        await limiter.aclose()
