@@ -297,13 +297,14 @@ async def test_a_large_burst_is_leased_a_few_cells_at_a_time_and_never_exceeded(
 async def test_a_lease_is_spent_only_for_a_moment(redis_client) -> None:  # type: ignore[no-untyped-def]
     now = [100.0]
     limiter = RateLimiter(REDIS_URL, timeout=2.0, clock=lambda: now[0])
-    rate = Rate(limit=1000, period=1, burst=1000)  # leases of 16
+    rate = Rate(limit=1000, period=1, burst=1000)  # leases of 1000 / 20 = 50 cells
     try:
         assert (await limiter.decide("route:r", "k", rate)).allowed
         [(key, lease)] = list(limiter.leases.items())
-        assert lease.left == 15 and lease.until == pytest.approx(100.5)
+        assert lease.left == 49 and lease.until == pytest.approx(100.5)
+        assert (await limiter.decide("route:r", "k", rate)).remaining == 950 + 48
         now[0] += 0.5  # past the lease: its cells are spent by no one
         assert (await limiter.decide("route:r", "k", rate)).allowed
-        assert limiter.leases[key].left == 15  # a new lease
+        assert limiter.leases[key].left == 49  # a new lease
     finally:
         await limiter.aclose()
