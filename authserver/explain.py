@@ -3,7 +3,8 @@ request, and why, step by step. Pure: the config and the user in, an
 :class:`Explanation` out (as text or JSON).
 
 It takes the same steps as the server, with the same functions: the client's own
-limits (its servers, grant types, scopes, group assignment), then the server's access
+limits (its servers, grant types, scopes, group assignment), how the user must sign
+in (the sign-on policy: :func:`authserver.signon.needs_mfa`), then the server's access
 policies (:func:`authserver.policies.decide`), then what would be issued.
 """
 
@@ -13,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from authserver.authorize import client_scopes
-from authserver.config import OIDC_SCOPES, ClientConfig, ServerConfig
+from authserver.config import BROWSER_GRANTS, OIDC_SCOPES, ClientConfig, ServerConfig
 from authserver.grants import GRANT_TYPE, allowed_scopes
 from authserver.policies import NO_POLICIES, Decision, PolicyRequest, decide
+from authserver.signon import DEFAULT_SIGN_ON, SignOnPolicy, needs_mfa
 from authserver.usergrants import REFRESH_GRANT
 
 USER_GRANTS = ("authorization_code", "implicit", "password", "refresh_token")
@@ -60,6 +62,7 @@ class Explanation:
     checks: tuple[Check, ...]
     decision: Decision | None  # None: refused by a client check before the policies
     issued: Issued | None  # None: refused
+    sign_on: str | None = None  # how the user must sign in (user grants through a page)
 
     @property
     def allowed(self) -> bool:
@@ -73,14 +76,17 @@ def explain(
     grant_type: str,
     scopes: tuple[str, ...] | None,
     user: Person | None,
+    sign_on: SignOnPolicy = DEFAULT_SIGN_ON,
 ) -> Explanation:
-    """What ``server`` would do with this request (see the module docstring)."""
+    """What ``server`` would do with this request (see the module docstring);
+    ``sign_on``: the org's sign-on policy (a client may have its own)."""
     checks: list[Check] = []
     asked = scopes or ()
+    how: str | None = None
 
     def done(decision: Decision | None = None) -> Explanation:
         return Explanation(
-            server, client_id, grant_type, asked, user, tuple(checks), decision, None
+            server, client_id, grant_type, asked, user, tuple(checks), decision, None, how
         )
 
     if client is None:
@@ -119,6 +125,22 @@ def explain(
             checks.append(Check(False, f"the {grant_type} grant is for a user: give --user"))
         else:
             checks.extend(_user_checks(client, user))
+            policy = client.sign_on or sign_on
+            whose = f"{client_id}'s own" if client.sign_on else "the org's"
+            if grant_type == "password":  # no page, no second factor: refused if needed
+                mfa = needs_mfa(policy, user.groups, (), known_device=False)
+                checks.append(
+                    Check(
+                        not mfa,
+                        f"the sign-on policy ({whose}) asks {user.username} for a second "
+                        "factor, which the password grant cannot give"
+                        if mfa
+                        else f"the sign-on policy ({whose}) asks {user.username} for a "
+                        "password only",
+                    )
+                )
+            elif grant_type in BROWSER_GRANTS:
+                how = _sign_on(policy, whose, user)
     elif user is not None:
         checks.append(Check(False, f"the {grant_type} grant has no user: leave --user out"))
     if not all(c.ok for c in checks):
@@ -151,7 +173,9 @@ def explain(
         refresh_max_ttl=times.refresh_max,
         sources=_sources(server, decision),
     )
-    return Explanation(server, client_id, grant_type, asked, user, tuple(checks), decision, issued)
+    return Explanation(
+        server, client_id, grant_type, asked, user, tuple(checks), decision, issued, how
+    )
 
 
 def _sources(server: ServerConfig, decision: Decision) -> tuple[str, str, str]:
@@ -175,6 +199,21 @@ def _sources(server: ServerConfig, decision: Decision) -> tuple[str, str, str]:
         by if out.id_token_ttl is not None else "server",
         by if refresh else "server",
     )
+
+
+def _sign_on(policy: SignOnPolicy, whose: str, user: Person) -> str:
+    """How the user signs in through the hosted pages, by the sign-on policy."""
+    head = f"{policy.preset} ({whose} policy): "
+    if needs_mfa(policy, user.groups, ()):
+        reason = (
+            "always"
+            if policy.preset == "password+mfa"
+            else "in one of " + ", ".join(sorted(policy.mfa_groups.intersection(user.groups)))
+        )
+        return head + f"a password and a second factor ({reason})"
+    if policy.mfa_new_device:
+        return head + "a password; a second factor too on a browser not remembered"
+    return head + "a password (acr_values may ask for a second factor)"
 
 
 def _user_checks(client: ClientConfig, user: Person) -> list[Check]:
@@ -209,6 +248,8 @@ def render(e: Explanation) -> str:
     lines += [f"grant     {e.grant_type}", f"scopes    {_words(e.scopes) or '(none)'}", ""]
     lines.append("client checks")
     lines += [f"  {'ok  ' if c.ok else 'FAIL'}  {c.what}" for c in e.checks]
+    if e.sign_on is not None:
+        lines += ["", f"sign-on   {e.sign_on}"]
     if e.decision is not None:
         lines += ["", "access policies"]
         if e.decision.reason == NO_POLICIES:
@@ -278,6 +319,7 @@ def as_json(e: Explanation) -> dict[str, Any]:
         if e.user is None
         else {"username": e.user.username, "id": e.user.id, "groups": list(e.user.groups)},
         "checks": [{"ok": c.ok, "what": c.what} for c in e.checks],
+        "sign_on": e.sign_on,
         "decision": "allow" if e.allowed else "deny",
         "reason": d.reason if d is not None else "client_checks",
         "policy": d.policy if d is not None else None,

@@ -441,7 +441,9 @@ def _explain(args: argparse.Namespace) -> int:
             return exc.status
     scopes = tuple(dict.fromkeys(w for s in args.scope for w in s.split()))
     client = next((c for c in config.clients if c.client_id == args.client), None)
-    result = explain.explain(server, client, args.client, args.grant, scopes or None, person)
+    result = explain.explain(
+        server, client, args.client, args.grant, scopes or None, person, config.sign_on
+    )
     if args.json:
         print(json.dumps(explain.as_json(result), indent=2))
     else:

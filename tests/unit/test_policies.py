@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from authserver.explain import Person, as_json, explain, render
+from authserver.explain import Check, Person, as_json, explain, render
 from authserver.policies import (
     NO_POLICIES,
     NO_POLICY,
@@ -348,6 +348,8 @@ def test_explain_says_which_rule_decides_and_why_the_others_did_not() -> None:
           ok    bob is not disabled
           ok    portal is open to every user (no groups)
 
+        sign-on   password (the org's policy): a password (acr_values may ask for a second factor)
+
         access policies
           skip  policy machines: applies to clients reporting, not portal
           use   policy people: applies to every client
@@ -408,6 +410,7 @@ def test_explain_for_a_machine_client_and_the_default_scopes() -> None:
             {"ok": True, "what": "no scope asked: the default, orders:read orders:write"},
             {"ok": True, "what": "every scope asked is allowed for reporting"},
         ],
+        "sign_on": None,
         "decision": "allow",
         "reason": "ok",
         "policy": "machines",
@@ -632,3 +635,42 @@ def test_a_policy_client_must_use_the_server() -> None:
         "authserver.servers[0].access_policies[0].clients[1]: client 'other' does not use "
         "server 'default'"
     ]
+
+
+def test_explain_says_how_the_user_signs_in() -> None:
+    from dataclasses import replace
+
+    from authserver.signon import SignOnPolicy
+
+    config = parse_config(CONFIG, {})
+    assert config.authserver is not None
+    server = config.authserver.servers[0]
+    portal = next(c for c in config.authserver.clients if c.client_id == "portal")
+    org = SignOnPolicy("password", frozenset({"admins"}), mfa_new_device=True)
+    asked = ("openid", READ)
+    admin = explain(server, portal, "portal", "authorization_code", asked, ALICE, org)
+    assert admin.sign_on == (
+        "password (the org's policy): a password and a second factor (in one of admins)"
+    )
+    other = explain(server, portal, "portal", "authorization_code", asked, BOB, org)
+    assert other.sign_on == (
+        "password (the org's policy): a password; a second factor too on a browser not remembered"
+    )
+    strict = replace(portal, sign_on=SignOnPolicy("password+mfa"))
+    always = explain(server, strict, "portal", "authorization_code", asked, BOB)
+    assert always.sign_on == (
+        "password+mfa (portal's own policy): a password and a second factor (always)"
+    )
+    # the password grant cannot give a second factor: refused before any policy
+    refused = explain(server, strict, "portal", "password", asked, BOB)
+    assert not refused.allowed and refused.decision is None
+    assert refused.checks[-1] == Check(
+        False,
+        "the sign-on policy (portal's own) asks bob for a second factor, which the "
+        "password grant cannot give",
+    )
+    fine = explain(server, portal, "portal", "password", ("openid",), BOB)
+    assert fine.checks[-1] == Check(
+        True, "the sign-on policy (the org's) asks bob for a password only"
+    )
+    assert fine.sign_on is None  # no page: nothing more to say
