@@ -30,7 +30,6 @@ from tokengate.metrics import Metrics
 
 PLAIN = b"raw1"  # a secret stored as is (no key encryption key configured)
 Factor = Literal["totp", "recovery_code"]
-FACTOR_RESULTS = ("success", "failure", "replayed", "locked")
 ATTEMPTS = 10  # codes a user may try ...
 ATTEMPT_WINDOW = 900  # ... in this many seconds (3 codes of 10^6 match each: ~1 in 30,000)
 
@@ -50,7 +49,6 @@ class Verified:
     factor: Factor | None
     reason: str
     retry_after: int | None = None
-    recovery_left: int | None = None  # after a recovery code
 
 
 class Factors:
@@ -166,7 +164,7 @@ class Factors:
         await self._succeeded(user_id)
         left = await self.io.call(self.store.recovery_codes_left, user_id)
         self._record(fields, "recovery_code", "success", "signin", remaining=left)
-        return Verified(True, "recovery_code", "ok", recovery_left=left)
+        return Verified(True, "recovery_code", "ok")
 
     async def _locked(self, user_id: str, ip: str | None) -> int | None:
         """Seconds to wait before another code may be tried, else None, with this
