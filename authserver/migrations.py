@@ -153,8 +153,7 @@ def _sqlite_base(store: SqlStore) -> None:
 _SECOND_FACTORS = """
 CREATE TABLE user_totp (
     user_id TEXT PRIMARY KEY, secret {blob} NOT NULL, created_at {int} NOT NULL,
-    confirmed_at {int}, last_step {int} NOT NULL DEFAULT 0,
-    attempts {int} NOT NULL DEFAULT 0, window_start {int} NOT NULL DEFAULT 0
+    confirmed_at {int}, last_step {int} NOT NULL DEFAULT 0
 );
 CREATE TABLE recovery_codes (
     user_id TEXT NOT NULL, code_hash TEXT NOT NULL, used_at {int},
@@ -162,6 +161,11 @@ CREATE TABLE recovery_codes (
 );
 ALTER TABLE sessions ADD COLUMN amr TEXT NOT NULL DEFAULT '["pwd"]';
 ALTER TABLE interactions ADD COLUMN progress TEXT
+"""
+
+_ATTEMPTS = """
+ALTER TABLE user_totp ADD COLUMN attempts {int} NOT NULL DEFAULT 0;
+ALTER TABLE user_totp ADD COLUMN window_start {int} NOT NULL DEFAULT 0
 """
 
 _DEVICES = """
@@ -184,6 +188,7 @@ SQLITE = (
         statements(_SECOND_FACTORS.format(blob="BLOB", int="INTEGER")),
     ),
     Migration(4, "remembered devices", statements(_DEVICES.format(int="INTEGER"))),
+    Migration(5, "second-factor attempts", statements(_ATTEMPTS.format(int="INTEGER"))),
 )
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -267,4 +272,5 @@ POSTGRES = (
         statements(_SECOND_FACTORS.format(blob="BYTEA", int="BIGINT")),
     ),
     Migration(4, "remembered devices", statements(_DEVICES.format(int="BIGINT"))),
+    Migration(5, "second-factor attempts", statements(_ATTEMPTS.format(int="BIGINT"))),
 )

@@ -11,11 +11,13 @@ then the TAT moves to ``max(TAT, now) + T``. :func:`gcra` is that decision, pure
 * with ``redis:``, one Lua script per decision (:data:`GCRA_LUA`, the same
   arithmetic, on the Redis server's clock so every replica agrees), registered once
   and run by EVALSHA; keys ``tokengate:rl:{scope}:{key}`` expire when the TAT passes.
-  For a large burst a process takes a few cells at once (a lease: at most 1/20 of the
-  burst, at most :data:`LEASE_MAX`) and spends them without asking again, for a
-  moment (:data:`LEASE_TTL`): every admitted request still comes out of the one
-  shared budget, so the cluster never admits more than the limit; what a lease leaves
-  unspent is admitted to no one (at most a few cells a process);
+  For a large burst a process takes a few cells at once (a lease: 1/20 of the burst,
+  at most :data:`LEASE_MAX`, or as many as requests are waiting for it) and spends
+  them without asking again, for no longer than the cells stand for (their count
+  times the interval, between :data:`LEASE_MIN_TTL` and :data:`LEASE_TTL`): every
+  admitted request comes out of the one shared budget, so over any window the fleet
+  admits at most what GCRA allows plus one lease, or ``rate * LEASE_MIN_TTL`` when
+  that is more; what a lease leaves unspent is admitted to no one;
 * without Redis, or while Redis is down or slow (over ``timeout`` per decision), in a
   bounded per-process map. Requests are never refused because Redis is down: the
   limit falls back to per process. :class:`~tokengate.redislink.RedisLink` keeps
@@ -49,7 +51,8 @@ MICROS = 1_000_000
 MAX_LOCAL_KEYS = 100_000  # per-process limiter state; least recently used forgotten first
 LEASE_SHARE = 20  # a lease takes at most 1/20 of a key's burst ...
 LEASE_MAX = 64  # ... and at most this many cells
-LEASE_TTL = 0.5  # seconds a lease's cells may be spent
+LEASE_TTL = 0.5  # seconds a lease's cells may be spent, at most ...
+LEASE_MIN_TTL = 0.05  # ... and at least (when their count times the interval is less)
 KEY_PREFIX = "tokengate:rl:"
 _PERIODS = {"s": 1, "sec": 1, "min": 60, "m": 60, "h": 3600, "hour": 3600}
 _RATE = re.compile(r"\s*(\d+)\s*/\s*(s|sec|min|m|h|hour)\s*")
@@ -144,6 +147,9 @@ return {cells, new_tat - now}
 """
 
 
+_LOCAL = object()  # a lease request's answer to its waiters: Redis failed, decide here
+
+
 def lease_size(rate: Rate) -> int:
     """Cells a process takes from Redis at once for a key under ``rate``."""
     return max(1, min(LEASE_MAX, rate.burst // LEASE_SHARE))
@@ -218,7 +224,8 @@ class RateLimiter:
         self.clock = clock
         self.local = LocalLimiter(clock=clock, max_keys=max_keys)
         self.leases: TTLCache[str, Lease] = TTLCache(maxsize=max_keys, ttl=LEASE_TTL, timer=clock)
-        self.flights: dict[str, asyncio.Future[Decision | None]] = {}  # leases on their way
+        self.flights: dict[str, asyncio.Future[Decision | object | None]] = {}  # on their way
+        self.demand: dict[str, int] = {}  # requests deciding each leased key right now
         self.on_fallback = on_fallback  # a decision made here although Redis is configured
         self.redis = RedisLink(
             redis_url,
@@ -249,8 +256,21 @@ class RateLimiter:
             return self.local.decide(full_key, rate)
         want = lease_size(rate)
         if want == 1:  # a small burst: every decision in Redis, as many at once as come
-            return await self._in_redis(full_key, rate, 1)
-        while True:  # one lease at a time per key: requests meanwhile wait for it
+            return (await self._in_redis(full_key, rate, 1))[0]
+        self.demand[full_key] = self.demand.get(full_key, 0) + 1
+        try:
+            return await self._leased(full_key, rate, want)
+        finally:
+            left = self.demand[full_key] - 1
+            if left:
+                self.demand[full_key] = left
+            else:
+                del self.demand[full_key]
+
+    async def _leased(self, full_key: str, rate: Rate, want: int) -> Decision:
+        """One lease request per key at a time; requests meanwhile wait for it, and it
+        asks for enough cells for them too."""
+        while True:
             lease = self.leases.get(full_key)
             if lease is not None:  # cells this process took before: no round trip
                 decision = lease.spend(self.clock())
@@ -259,37 +279,47 @@ class RateLimiter:
             flight = self.flights.get(full_key)
             if flight is None:
                 break
-            refused = await asyncio.shield(flight)
-            if refused is not None:  # the bucket was empty a moment ago: so it is now
-                return refused
-        flight = asyncio.get_running_loop().create_future()
+            answer = await asyncio.shield(flight)
+            if answer is _LOCAL:  # Redis failed the leader a moment ago: decide here
+                self.on_fallback()
+                return self.local.decide(full_key, rate)
+            if answer is not None:  # the bucket was empty a moment ago: so it is now
+                return answer
+        flight: asyncio.Future[Decision | object | None] = (
+            asyncio.get_running_loop().create_future()
+        )
         self.flights[full_key] = flight
         try:
-            decision = await self._in_redis(full_key, rate, want)
-            flight.set_result(None if decision.allowed else decision)
+            cells = min(rate.burst, max(want, self.demand[full_key]))
+            decision, local = await self._in_redis(full_key, rate, cells)
+            flight.set_result(_LOCAL if local else None if decision.allowed else decision)
             return decision
         finally:
             del self.flights[full_key]
             if not flight.done():
                 flight.set_result(None)
 
-    async def _in_redis(self, full_key: str, rate: Rate, want: int) -> Decision:
+    async def _in_redis(self, full_key: str, rate: Rate, want: int) -> tuple[Decision, bool]:
         """Up to ``want`` cells from the shared budget: the first decides this request,
-        the others are leased to this process. Redis down: decided here."""
+        the others are leased to this process; and whether Redis failed (then it was
+        decided here)."""
         try:
             cells, ahead = await self.redis.run(
                 GCRA_LUA, [full_key], [rate.interval_us, rate.burst, want]
             )
         except RedisUnavailable:
             self.on_fallback()
-            return self.local.decide(full_key, rate)
+            return self.local.decide(full_key, rate), True
         decision = outcome(bool(cells), int(ahead), rate.interval_us, rate.burst)
         extra = int(cells) - 1
         if extra < 1:
-            return decision
+            return decision, False
         now = self.clock()
-        self.leases[full_key] = Lease(extra, now + LEASE_TTL, now, decision)
-        return Decision(True, decision.limit, decision.remaining + extra, 0.0, decision.reset_after)
+        # spent within the time the cells stand for: the fleet stays within GCRA's bound
+        ttl = min(LEASE_TTL, max(LEASE_MIN_TTL, int(cells) * rate.interval_us / MICROS))
+        self.leases[full_key] = Lease(extra, now + ttl, now, decision)
+        total = decision.remaining + extra
+        return Decision(True, decision.limit, total, 0.0, decision.reset_after), False
 
     def degraded(self) -> list[str]:
         """For ``/readyz``: what is wrong while requests are still served."""

@@ -301,10 +301,60 @@ async def test_a_lease_is_spent_only_for_a_moment(redis_client) -> None:  # type
     try:
         assert (await limiter.decide("route:r", "k", rate)).allowed
         [(key, lease)] = list(limiter.leases.items())
-        assert lease.left == 49 and lease.until == pytest.approx(100.5)
+        # spent within the time 50 cells stand for at 1000/s: 50 ms
+        assert lease.left == 49 and lease.until == pytest.approx(100.05)
         assert (await limiter.decide("route:r", "k", rate)).remaining == 950 + 48
-        now[0] += 0.5  # past the lease: its cells are spent by no one
+        now[0] += 0.05  # past the lease: its cells are spent by no one
         assert (await limiter.decide("route:r", "k", rate)).allowed
         assert limiter.leases[key].left == 49  # a new lease
     finally:
         await limiter.aclose()
+
+
+@pytest.mark.anyio
+async def test_leases_taken_before_a_refill_do_not_add_to_it(redis_client) -> None:  # type: ignore[no-untyped-def]
+    """Eight processes each hold a lease, the bucket refills, and a flood comes: the
+    fleet admits at most what GCRA allows since the leases were taken, plus a lease."""
+    import time
+
+    from tokengate.ratelimit import lease_size
+
+    rate = Rate(limit=1000, period=1, burst=1000)
+    limiters = [RateLimiter(REDIS_URL, timeout=2.0) for _ in range(8)]
+    try:
+        started = time.monotonic()
+        for limiter in limiters:
+            assert (await limiter.decide("route:r", "k", rate)).allowed
+        await asyncio.sleep(0.3)  # the bucket refills; the leases are past their time
+        decisions = await asyncio.gather(
+            *(limiters[i % 8].decide("route:r", "k", rate) for i in range(4000))
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        for limiter in limiters:
+            await limiter.aclose()
+    admitted = 8 + sum(d.allowed for d in decisions)
+    assert admitted <= rate.burst + 1000 * elapsed + lease_size(rate), (admitted, elapsed)
+    assert admitted >= rate.burst * 0.5  # and the budget is used, not lost to leases
+
+
+@pytest.mark.anyio
+async def test_requests_waiting_for_a_lease_are_counted_into_it(redis_client) -> None:  # type: ignore[no-untyped-def]
+    limiter = RateLimiter(REDIS_URL, timeout=2.0)
+    calls = 0
+    run = limiter.redis.run
+
+    async def counted(*args: object) -> object:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.02)  # a distant Redis
+        return await run(*args)
+
+    limiter.redis.run = counted  # type: ignore[method-assign]
+    rate = Rate(limit=100_000, period=1, burst=40)  # leases of 2: smaller than the crowd
+    try:
+        decisions = await asyncio.gather(*(limiter.decide("route:r", "k", rate) for _ in range(30)))
+    finally:
+        await limiter.aclose()
+    assert all(d.allowed for d in decisions)
+    assert calls <= 3  # one lease for the whole crowd, not one round trip per 2 requests

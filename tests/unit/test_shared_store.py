@@ -81,10 +81,10 @@ def test_replicas_opening_a_new_store_at_once_apply_each_migration_once(
 ) -> None:
     opened = at_once(4, lambda _: store_backend())
     applied = [s.migration.applied for s in opened]  # type: ignore[attr-defined]
-    assert sorted(applied) == [(), (), (), (1, 2, 3, 4)]
+    assert sorted(applied) == [(), (), (), (1, 2, 3, 4, 5)]
     rows = opened[0]._q("SELECT version FROM schema_migrations ORDER BY version").fetchall()  # type: ignore[attr-defined]
-    assert [r[0] for r in rows] == [1, 2, 3, 4]
-    assert all(s.migration.version == 4 for s in opened)  # type: ignore[attr-defined]
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(s.migration.version == 5 for s in opened)  # type: ignore[attr-defined]
 
 
 def test_a_store_migrated_by_a_newer_release_still_opens(store_backend: Opener) -> None:
@@ -92,7 +92,7 @@ def test_a_store_migrated_by_a_newer_release_still_opens(store_backend: Opener) 
     store._q("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
     again = store_backend()
     assert again.migration is not None and again.migration.ahead
-    assert (again.migration.version, again.migration.known) == (99, 4)
+    assert (again.migration.version, again.migration.known) == (99, 5)
 
 
 def test_the_feed_misses_nothing_revoked_at_several_replicas_at_once(
@@ -397,3 +397,23 @@ def test_an_authenticator_code_at_several_replicas_at_once_is_accepted_once(
     assert record is not None and (record.secret, record.last_step) == (b"sealed-secret", 101)
     assert replicas[0].remove_user("u1")
     assert replicas[1].totp("u1") is None and replicas[1].recovery_codes_left("u1") == 0
+
+
+def test_a_store_of_the_previous_schema_gains_the_attempt_columns(store_backend: Opener) -> None:
+    """A store at schema 4 (authenticator apps, no attempt budget yet) is migrated, and
+    its users' code checks work at once."""
+    from authserver.store import UserRecord
+
+    old = store_backend()
+    old.add_user(UserRecord("u1", "ann", "ann", "x", {}, (), False, "cli", NOW, NOW))
+    assert old.begin_totp("u1", b"secret", NOW)
+    old._q("ALTER TABLE user_totp DROP COLUMN attempts")
+    old._q("ALTER TABLE user_totp DROP COLUMN window_start")
+    old._q("DELETE FROM schema_migrations WHERE version = 5")
+    upgraded = store_backend()
+    assert upgraded.migration is not None and upgraded.migration.applied == (5,)
+    assert upgraded.take_factor_attempt("u1", NOW, 900, 2) is None
+    assert upgraded.take_factor_attempt("u1", NOW, 900, 2) is None
+    assert upgraded.take_factor_attempt("u1", NOW + 1, 900, 2) == 899  # the budget is spent
+    upgraded.clear_factor_attempts("u1")
+    assert upgraded.take_factor_attempt("u1", NOW + 2, 900, 2) is None
