@@ -113,6 +113,12 @@ def client_scopes(server: ServerConfig, client: ClientConfig) -> frozenset[str]:
     return offered if client.scopes is None else offered & frozenset(client.scopes)
 
 
+def default_user_scopes(server: ServerConfig, offered: frozenset[str]) -> tuple[str, ...]:
+    """A user grant that asks for no scope (the password grant): every one offered, in
+    the order OIDC's then the server's own."""
+    return tuple(s for s in (*OIDC_SCOPES, *server.scopes) if s in offered)
+
+
 def parse_authorize(
     server: ServerConfig,
     clients: Mapping[str, ClientConfig],

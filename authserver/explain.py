@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from authserver.authorize import client_scopes
-from authserver.config import BROWSER_GRANTS, OIDC_SCOPES, ClientConfig, ServerConfig
+from authserver.authorize import client_scopes, default_user_scopes
+from authserver.config import BROWSER_GRANTS, ClientConfig, ServerConfig
 from authserver.grants import GRANT_TYPE, allowed_scopes
 from authserver.policies import NO_POLICIES, Decision, PolicyRequest, decide
 from authserver.signon import DEFAULT_SIGN_ON, SignOnPolicy, needs_mfa
@@ -105,7 +105,7 @@ def explain(
         default = allowed_scopes(server, client)
     else:
         offered = client_scopes(server, client)
-        default = tuple(s for s in (*OIDC_SCOPES, *server.scopes) if s in offered)
+        default = default_user_scopes(server, offered)
     asked = scopes if scopes else default
     if not scopes:
         checks.append(Check(True, f"no scope asked: the default, {_words(default) or 'none'}"))
@@ -150,6 +150,7 @@ def explain(
         server.access_policies,
         PolicyRequest(client_id, grant_type, asked, groups),
         server.lifetimes,
+        trace=True,
     )
     if not decision.allowed:
         return done(decision)

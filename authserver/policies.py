@@ -107,24 +107,35 @@ class Decision:
 
 
 def decide(
-    policies: tuple[AccessPolicy, ...], request: PolicyRequest, defaults: Lifetimes
+    policies: tuple[AccessPolicy, ...],
+    request: PolicyRequest,
+    defaults: Lifetimes,
+    *,
+    trace: bool = False,
 ) -> Decision:
-    """The decision on ``request`` (see the module docstring)."""
+    """The decision on ``request`` (see the module docstring). ``trace``: also say, step
+    by step, why each policy and rule did or did not apply (``tokengate explain``); the
+    token endpoints decide without it, and format no text."""
     if not policies:
         return Decision(True, NO_POLICIES, None, None, request.scopes, (), defaults, ())
     steps: list[Step] = []
     for policy in policies:
         if policy.clients is not None and request.client_id not in policy.clients:
-            why = f"applies to clients {_names(policy.clients)}, not {request.client_id}"
-            steps.append(Step("policy", policy.name, False, why))
+            if trace:
+                why = f"applies to clients {_names(policy.clients)}, not {request.client_id}"
+                steps.append(Step("policy", policy.name, False, why))
             continue
-        steps.append(Step("policy", policy.name, True, _policy_applies(policy)))
+        if trace:
+            steps.append(Step("policy", policy.name, True, _policy_applies(policy)))
         for rule in policy.rules:
-            why_not = _mismatch(rule.conditions, request)
-            if why_not is not None:
-                steps.append(Step("rule", rule.name, False, why_not))
+            failed = _failed(rule.conditions, request)
+            if failed is not None:
+                if trace:
+                    why = _why_not(failed, rule.conditions, request)
+                    steps.append(Step("rule", rule.name, False, why))
                 continue
-            steps.append(Step("rule", rule.name, True, _match(rule.conditions, request)))
+            if trace:
+                steps.append(Step("rule", rule.name, True, _match(rule.conditions, request)))
             return _apply(policy, rule, request, defaults, tuple(steps))
         return Decision(
             False, NO_RULE, policy.name, None, (), request.scopes, defaults, tuple(steps)
@@ -138,18 +149,36 @@ def _policy_applies(policy: AccessPolicy) -> str:
     return "the client is one of its clients"
 
 
-def _mismatch(conditions: RuleConditions, request: PolicyRequest) -> str | None:
-    """Why a rule's conditions do not hold for ``request``; None when they all do."""
+Failed = Literal["grant_types", "no_user", "groups", "scopes"]
+
+
+def _failed(conditions: RuleConditions, request: PolicyRequest) -> Failed | None:
+    """Which of a rule's conditions does not hold for ``request``; None: they all do."""
     if conditions.grant_types is not None and request.grant_type not in conditions.grant_types:
-        return f"grant type {request.grant_type} is not one of {_names(conditions.grant_types)}"
+        return "grant_types"
     if conditions.groups is not None:
         if request.groups is None:
-            return f"needs a user in {_names(conditions.groups)}; this request has no user"
+            return "no_user"
         if not request.groups & conditions.groups:
-            return f"the user is in none of the groups {_names(conditions.groups)}"
+            return "groups"
     if conditions.scopes is not None and not conditions.scopes.intersection(request.scopes):
-        return f"the request asks for none of the scopes {_names(conditions.scopes)}"
+        return "scopes"
     return None
+
+
+def _why_not(failed: Failed, conditions: RuleConditions, request: PolicyRequest) -> str:
+    """:func:`_failed`'s answer in words."""
+    if failed == "grant_types":
+        assert conditions.grant_types is not None
+        return f"grant type {request.grant_type} is not one of {_names(conditions.grant_types)}"
+    if failed == "no_user":
+        assert conditions.groups is not None
+        return f"needs a user in {_names(conditions.groups)}; this request has no user"
+    if failed == "groups":
+        assert conditions.groups is not None
+        return f"the user is in none of the groups {_names(conditions.groups)}"
+    assert conditions.scopes is not None
+    return f"the request asks for none of the scopes {_names(conditions.scopes)}"
 
 
 def _match(conditions: RuleConditions, request: PolicyRequest) -> str:

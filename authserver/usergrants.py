@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from authserver import access
-from authserver.authorize import client_scopes
+from authserver.authorize import client_scopes, default_user_scopes
 from authserver.codes import code_hash
-from authserver.config import OIDC_SCOPES, ClientConfig, ServerConfig
+from authserver.config import ClientConfig, ServerConfig
 from authserver.errors import OAuthError, invalid_request
 from authserver.forms import Form
 from authserver.grants import requested_scopes
@@ -222,7 +222,7 @@ class UserGrants:
         offered = client_scopes(server, client)
         if requested and any(s not in offered for s in requested):
             raise OAuthError("invalid_scope", "a scope is not allowed for this client")
-        scopes = requested or tuple(s for s in (*OIDC_SCOPES, *server.scopes) if s in offered)
+        scopes = requested or default_user_scopes(server, offered)
         ip = event["remote_addr"]
         user, signin = await self.credentials.check_credentials(
             server, client, username, password, ip

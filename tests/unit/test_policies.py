@@ -269,7 +269,8 @@ def test_every_condition_and_outcome(row: tuple[Any, ...]) -> None:
 
 def test_no_policy_for_the_client_denies() -> None:
     only = (AccessPolicy("p", ("someone",), (Rule("r", RuleConditions(), RuleOutcome()),)),)
-    decision = decide(only, PolicyRequest("portal", "client_credentials", (READ,)), SERVER_TIMES)
+    asked = PolicyRequest("portal", "client_credentials", (READ,))
+    decision = decide(only, asked, SERVER_TIMES, trace=True)
     assert (decision.allowed, decision.reason, decision.policy) == (False, NO_POLICY, None)
     assert decision.steps[0].why == "applies to clients someone, not portal"
 
@@ -297,6 +298,7 @@ def test_each_step_says_why() -> None:
         policies(),
         PolicyRequest("portal", "authorization_code", ("openid", WRITE), frozenset({"support"})),
         SERVER_TIMES,
+        trace=True,
     )
     assert [(s.kind, s.name, s.matched, s.why) for s in decision.steps] == [
         ("policy", "machines", False, "applies to clients reporting, not portal"),
@@ -305,8 +307,11 @@ def test_each_step_says_why() -> None:
         ("rule", "no-write", True, "the request asks for orders:write"),
     ]
     no_user = decide(
-        policies(), PolicyRequest("other", "client_credentials", (READ,)), SERVER_TIMES
+        policies(), PolicyRequest("other", "client_credentials", (READ,)), SERVER_TIMES, trace=True
     )
+    # the token endpoints decide the same without the words
+    plain = decide(policies(), PolicyRequest("other", "client_credentials", (READ,)), SERVER_TIMES)
+    assert plain.steps == () and (plain.reason, plain.policy) == (no_user.reason, no_user.policy)
     assert [s.why for s in no_user.steps[2:]] == [
         "needs a user in admins; this request has no user",
         "the request asks for none of the scopes orders:write",
@@ -674,3 +679,20 @@ def test_explain_says_how_the_user_signs_in() -> None:
         True, "the sign-on policy (the org's) asks bob for a password only"
     )
     assert fine.sign_on is None  # no page: nothing more to say
+
+
+@pytest.mark.parametrize("row", TABLE, ids=[f"{r[0]}-{r[1]}-{r[5]}-{r[7]}" for r in TABLE])
+def test_explain_reports_the_decision_the_server_makes(row: tuple[Any, ...]) -> None:
+    """Every row of the table, through explain: where the client may make the request
+    at all, explain names the same policy, rule, outcome and scopes as the server."""
+    client, grant, scopes, groups, allowed, reason, policy, rule, granted, *_ = row
+    person = None if groups is None else Person("u", "u_1", tuple(sorted(groups)))
+    result = explained(client, grant, scopes, person)
+    if result.decision is None:  # refused by the client's own limits first
+        assert not result.allowed and not all(c.ok for c in result.checks)
+        return
+    d = result.decision
+    assert (d.allowed, d.reason, d.policy, d.rule) == (allowed, reason, policy, rule)
+    assert result.allowed is allowed
+    if allowed:
+        assert result.issued is not None and result.issued.scopes == granted
