@@ -471,3 +471,24 @@ async def test_a_session_alone_never_enrolls_a_factor(server: AuthServer) -> Non
         portal = await http.get(AUTHORIZE, params=authorize_params())
         assert portal.headers["location"] == "/signin/login"  # the password again first
         assert (await http.get("/signin/mfa/enroll")).status_code == 400
+
+
+async def test_signing_out_ends_a_sign_in_in_progress(server: AuthServer) -> None:
+    """The password given, the code not yet: signing out in that browser leaves nothing
+    of the sign-in to finish."""
+    await enrolled(server)
+    async with server.client() as http:
+        assert (await password_step(http)).headers["location"] == "/signin/mfa"
+        code_page = await http.get("/signin/mfa")
+        assert code_page.status_code == 200
+        signin = http.cookies["tg_signin"]
+        signed_out = await http.get("http://auth.test/oauth2/default/v1/logout")
+        cleared = [
+            c for c in signed_out.headers.get_list("set-cookie") if c.startswith("tg_signin=")
+        ]
+        assert cleared and "Max-Age=0" in cleared[0]
+        http.cookies.set("tg_signin", signin, domain="auth.test")  # kept anyway: no use
+        forged = await http.post(
+            "/signin/mfa", data={**Form(code_page.text).fields, "code": "000000"}
+        )
+        assert forged.status_code == 400  # nothing in progress any more
