@@ -175,6 +175,15 @@ CREATE TABLE known_devices (
 )
 """
 
+_PASSKEYS = """
+CREATE TABLE passkeys (
+    credential_id TEXT PRIMARY KEY, user_id TEXT NOT NULL, public_key {blob} NOT NULL,
+    sign_count {int} NOT NULL, backup_eligible INTEGER NOT NULL, transports TEXT NOT NULL,
+    aaguid TEXT NOT NULL, created_at {int} NOT NULL, last_used_at {int}
+);
+CREATE INDEX passkeys_user ON passkeys (user_id)
+"""
+
 SQLITE = (
     Migration(1, "base schema", _sqlite_base),
     Migration(
@@ -189,6 +198,7 @@ SQLITE = (
     ),
     Migration(4, "remembered devices", statements(_DEVICES.format(int="INTEGER"))),
     Migration(5, "second-factor attempts", statements(_ATTEMPTS.format(int="INTEGER"))),
+    Migration(6, "passkeys", statements(_PASSKEYS.format(blob="BLOB", int="INTEGER"))),
 )
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -273,4 +283,5 @@ POSTGRES = (
     ),
     Migration(4, "remembered devices", statements(_DEVICES.format(int="BIGINT"))),
     Migration(5, "second-factor attempts", statements(_ATTEMPTS.format(int="BIGINT"))),
+    Migration(6, "passkeys", statements(_PASSKEYS.format(blob="BYTEA", int="BIGINT"))),
 )

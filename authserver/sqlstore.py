@@ -39,6 +39,7 @@ from authserver.store import (
     Grant,
     KeyRecord,
     MigrationResult,
+    PasskeyRecord,
     RefreshUse,
     SessionRecord,
     TotpRecord,
@@ -234,6 +235,13 @@ class SqlStore:
             (cookie_hash, now),
         ).fetchone()
         return None if row is None else (row[0], row[1], row[2], row[3])
+
+    def swap_interaction_progress(self, cookie_hash: str, old: str, new: str) -> bool:
+        cur = self._q(
+            "UPDATE interactions SET progress = ? WHERE cookie_hash = ? AND progress = ?",
+            (new, cookie_hash, old),
+        )
+        return cur.rowcount == 1
 
     def set_interaction_progress(self, cookie_hash: str, progress: str) -> None:
         self._q(
@@ -632,12 +640,15 @@ class SqlStore:
             )
             if cur.rowcount != 1:
                 return False
-            self._q("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
-            self._many(
-                "INSERT INTO recovery_codes (user_id, code_hash, used_at) VALUES (?, ?, NULL)",
-                [(user_id, code_hash) for code_hash in recovery],
-            )
+            self._replace_recovery_codes(user_id, recovery)
             return True
+
+    def _replace_recovery_codes(self, user_id: str, recovery: Iterable[str]) -> None:
+        self._q("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
+        self._many(
+            "INSERT INTO recovery_codes (user_id, code_hash, used_at) VALUES (?, ?, NULL)",
+            [(user_id, code_hash) for code_hash in recovery],
+        )
 
     def use_totp_step(self, user_id: str, step: int) -> bool:
         cur = self._q(  # one statement: of two uses at once (any replicas), one wins
@@ -679,15 +690,67 @@ class SqlStore:
         ).fetchone()
         return int(row[0])
 
+    def add_recovery_codes(self, user_id: str, recovery: Iterable[str]) -> bool:
+        with self.transaction():
+            # the user's row locked first (a no-op update): of two first enrollments at
+            # once, at any replicas, the second sees the first's codes
+            self._q("UPDATE users SET updated_at = updated_at WHERE id = ?", (user_id,))
+            if self.recovery_codes_left(user_id):
+                return False
+            self._replace_recovery_codes(user_id, recovery)
+            return True
+
+    _PASSKEY = (
+        "SELECT credential_id, user_id, public_key, sign_count, backup_eligible, "
+        "transports, aaguid, created_at, last_used_at FROM passkeys"
+    )
+
+    def passkeys(self, user_id: str) -> list[PasskeyRecord]:
+        rows = self._q(
+            f"{self._PASSKEY} WHERE user_id = ? ORDER BY created_at, credential_id", (user_id,)
+        ).fetchall()
+        return [_passkey(row) for row in rows]
+
+    def passkey(self, credential_id: str) -> PasskeyRecord | None:
+        row = self._q(f"{self._PASSKEY} WHERE credential_id = ?", (credential_id,)).fetchone()
+        return None if row is None else _passkey(row)
+
+    def add_passkey(self, record: PasskeyRecord) -> bool:
+        cur = self._q(
+            "INSERT INTO passkeys (credential_id, user_id, public_key, sign_count, "
+            "backup_eligible, transports, aaguid, created_at, last_used_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL) ON CONFLICT DO NOTHING",
+            (
+                record.credential_id,
+                record.user_id,
+                record.public_key,
+                record.sign_count,
+                int(record.backup_eligible),
+                json.dumps(list(record.transports)),
+                record.aaguid,
+                record.created_at,
+            ),
+        )
+        return cur.rowcount == 1
+
+    def use_passkey(self, credential_id: str, sign_count: int, now: int) -> bool:
+        cur = self._q(  # one statement: of two uses at once (any replicas), one wins
+            "UPDATE passkeys SET sign_count = ?, last_used_at = ? WHERE credential_id = ? "
+            "AND (sign_count < ? OR (sign_count = 0 AND ? = 0))",
+            (sign_count, now, credential_id, sign_count, sign_count),
+        )
+        return cur.rowcount == 1
+
     def reset_mfa(self, user_id: str) -> bool:
         with self.transaction():
             return self._forget_factors(user_id)
 
     def _forget_factors(self, user_id: str) -> bool:
         had = self._q("DELETE FROM user_totp WHERE user_id = ?", (user_id,)).rowcount
+        had += self._q("DELETE FROM passkeys WHERE user_id = ?", (user_id,)).rowcount
         self._q("DELETE FROM recovery_codes WHERE user_id = ?", (user_id,))
         self._q("DELETE FROM known_devices WHERE user_id = ?", (user_id,))
-        return had == 1
+        return had > 0
 
     def remember_device(self, device_hash: str, user_id: str, now: int) -> None:
         self._q(
@@ -746,4 +809,18 @@ def _user_row(record: UserRecord) -> tuple[Any, ...]:
         record.created_at,
         record.updated_at,
         record.declared_hash,
+    )
+
+
+def _passkey(row: Sequence[Any]) -> PasskeyRecord:
+    return PasskeyRecord(
+        credential_id=row[0],
+        user_id=row[1],
+        public_key=bytes(row[2]),
+        sign_count=int(row[3]),
+        backup_eligible=bool(row[4]),
+        transports=tuple(json.loads(row[5])),
+        aaguid=row[6],
+        created_at=int(row[7]),
+        last_used_at=None if row[8] is None else int(row[8]),
     )

@@ -114,6 +114,24 @@ class TotpRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class PasskeyRecord:
+    """A user's passkey (a WebAuthn public key credential). ``credential_id``: the
+    authenticator's id for it, base64url; ``public_key``: COSE-encoded, not secret;
+    ``sign_count``: the authenticator's signature counter last seen (0: it keeps none);
+    ``backup_eligible``: a synced passkey (its private key may leave the device)."""
+
+    credential_id: str
+    user_id: str
+    public_key: bytes
+    sign_count: int
+    backup_eligible: bool
+    transports: tuple[str, ...]
+    aaguid: str  # the authenticator's model, as the authenticator says (not attested)
+    created_at: int
+    last_used_at: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Grant:
     """What one sign-in granted one client: the family of every refresh token (and the
     access tokens they gave) descended from one authorization code. ``family`` is the
@@ -220,6 +238,11 @@ class Store(Protocol):
         """(server, params, csrf, progress) of a live sign-in in progress; progress:
         what it has proved so far (JSON; None: nothing yet)."""
 
+    def swap_interaction_progress(self, cookie_hash: str, old: str, new: str) -> bool:
+        """Replace the progress of a sign-in in progress, if it is still ``old``, in one
+        statement: of two requests that read the same progress, one wins (a passkey
+        challenge is spent once)."""
+
     def set_interaction_progress(self, cookie_hash: str, progress: str) -> None:
         """Record what a sign-in in progress has proved (the password, for whom)."""
 
@@ -315,9 +338,27 @@ class Store(Protocol):
 
     def recovery_codes_left(self, user_id: str) -> int: ...
 
+    def add_recovery_codes(self, user_id: str, recovery: Iterable[str]) -> bool:
+        """Store recovery code hashes for a user who has no unused ones; False (and
+        nothing stored) when they have some."""
+
+    def passkeys(self, user_id: str) -> list[PasskeyRecord]:
+        """The user's passkeys, oldest first."""
+
+    def passkey(self, credential_id: str) -> PasskeyRecord | None: ...
+
+    def add_passkey(self, record: PasskeyRecord) -> bool:
+        """Register a passkey; False when its credential id is registered already."""
+
+    def use_passkey(self, credential_id: str, sign_count: int, now: int) -> bool:
+        """Accept a signature of the passkey with counter ``sign_count``, in one
+        statement: False when a signature with that counter or a later one was accepted
+        before (a replay, or a cloned authenticator). A counter of 0 (the authenticator
+        keeps none) is accepted while the stored one is 0."""
+
     def reset_mfa(self, user_id: str) -> bool:
-        """Forget the user's app, recovery codes and remembered devices; False if there
-        was no app."""
+        """Forget the user's app, passkeys, recovery codes and remembered devices;
+        False if there was no app and no passkey."""
 
     def remember_device(self, device_hash: str, user_id: str, now: int) -> None:
         """A browser that gave this user's second factor (its cookie's SHA-256)."""

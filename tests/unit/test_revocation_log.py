@@ -89,6 +89,7 @@ def as_before_versions(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE sessions DROP COLUMN amr")
     db.execute("ALTER TABLE interactions DROP COLUMN progress")
     db.execute("DROP TABLE known_devices")
+    db.execute("DROP TABLE passkeys")
 
 
 def test_an_older_store_brings_its_revocations_into_the_log(tmp_path: Path) -> None:

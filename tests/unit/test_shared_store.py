@@ -81,10 +81,10 @@ def test_replicas_opening_a_new_store_at_once_apply_each_migration_once(
 ) -> None:
     opened = at_once(4, lambda _: store_backend())
     applied = [s.migration.applied for s in opened]  # type: ignore[attr-defined]
-    assert sorted(applied) == [(), (), (), (1, 2, 3, 4, 5)]
+    assert sorted(applied) == [(), (), (), (1, 2, 3, 4, 5, 6)]
     rows = opened[0]._q("SELECT version FROM schema_migrations ORDER BY version").fetchall()  # type: ignore[attr-defined]
-    assert [r[0] for r in rows] == [1, 2, 3, 4, 5]
-    assert all(s.migration.version == 5 for s in opened)  # type: ignore[attr-defined]
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert all(s.migration.version == 6 for s in opened)  # type: ignore[attr-defined]
 
 
 def test_a_store_migrated_by_a_newer_release_still_opens(store_backend: Opener) -> None:
@@ -92,7 +92,7 @@ def test_a_store_migrated_by_a_newer_release_still_opens(store_backend: Opener) 
     store._q("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
     again = store_backend()
     assert again.migration is not None and again.migration.ahead
-    assert (again.migration.version, again.migration.known) == (99, 5)
+    assert (again.migration.version, again.migration.known) == (99, 6)
 
 
 def test_the_feed_misses_nothing_revoked_at_several_replicas_at_once(
@@ -417,3 +417,75 @@ def test_a_store_of_the_previous_schema_gains_the_attempt_columns(store_backend:
     assert upgraded.take_factor_attempt("u1", NOW + 1, 900, 2) == 899  # the budget is spent
     upgraded.clear_factor_attempts("u1")
     assert upgraded.take_factor_attempt("u1", NOW + 2, 900, 2) is None
+
+
+def test_a_passkey_signature_at_several_replicas_at_once_is_accepted_once(
+    store_backend: Opener,
+) -> None:
+    """The signature counter moves on once per signature, whichever replica sees it;
+    a counter that does not move on is refused (a replay, or a cloned authenticator);
+    an authenticator that keeps no counter (0) is accepted while the store's is 0."""
+    from authserver.store import PasskeyRecord, UserRecord
+
+    replicas = [store_backend() for _ in range(4)]
+    replicas[0].add_user(UserRecord("u1", "ann", "ann", "x", {}, (), False, "cli", NOW, NOW))
+    key = PasskeyRecord("cred-1", "u1", b"cose", 0, False, ("internal",), "aaguid", NOW)
+    assert replicas[0].add_passkey(key)
+    assert not replicas[1].add_passkey(PasskeyRecord("cred-1", "u2", b"x", 0, True, (), "a", NOW))
+    uncounted = PasskeyRecord("cred-2", "u1", b"cose2", 0, True, (), "aaguid", NOW + 1)
+    assert replicas[2].add_passkey(uncounted)
+    assert [p.credential_id for p in replicas[3].passkeys("u1")] == ["cred-1", "cred-2"]
+    uses = at_once(4, lambda i: replicas[i].use_passkey("cred-1", 7, NOW + 5))
+    assert sorted(uses) == [False, False, False, True]  # type: ignore[type-var]
+    assert not replicas[0].use_passkey("cred-1", 7, NOW + 6)  # the same count again
+    assert not replicas[0].use_passkey("cred-1", 0, NOW + 6)  # it counted, and now not
+    assert replicas[1].use_passkey("cred-1", 8, NOW + 7)
+    assert replicas[1].use_passkey("cred-2", 0, NOW + 7) and replicas[2].use_passkey(
+        "cred-2", 0, NOW + 8
+    )
+    stored = replicas[3].passkey("cred-1")
+    assert stored == PasskeyRecord(
+        "cred-1", "u1", b"cose", 8, False, ("internal",), "aaguid", NOW, NOW + 7
+    )
+    assert replicas[0].add_recovery_codes("u1", ["h1", "h2"])
+    assert not replicas[1].add_recovery_codes("u1", ["h3"])  # some unused: kept
+    assert replicas[0].reset_mfa("u1")
+    assert replicas[1].passkeys("u1") == [] and replicas[2].passkey("cred-2") is None
+    assert replicas[1].recovery_codes_left("u1") == 0
+    assert not replicas[0].reset_mfa("u1")  # nothing left to forget
+
+
+def test_a_sign_in_in_progress_is_moved_on_by_one_of_two_requests(store_backend: Opener) -> None:
+    """A passkey challenge is spent once: of requests that read the same progress, one
+    replaces it."""
+    replicas = [store_backend() for _ in range(4)]
+    replicas[0].add_interaction("h", "default", "{}", "csrf", NOW + 600)
+    replicas[0].set_interaction_progress("h", '{"passkey_challenge": "c"}')
+    swaps = at_once(
+        4,
+        lambda i: replicas[i].swap_interaction_progress(
+            "h", '{"passkey_challenge": "c"}', f'{{"n": {i}}}'
+        ),
+    )
+    assert sorted(swaps) == [False, False, False, True]  # type: ignore[type-var]
+    found = replicas[1].interaction("h", NOW)
+    assert found is not None and found[3] in {f'{{"n": {i}}}' for i in range(4)}
+
+
+def test_first_recovery_codes_are_stored_once_whichever_replica_is_first(
+    store_backend: Opener,
+) -> None:
+    """Two first enrollments at once, at any replicas: one set of codes is stored, the
+    other is refused (it would have been shown, and never worked)."""
+    from authserver.store import UserRecord
+
+    replicas = [store_backend() for _ in range(4)]
+    for round_ in range(5):
+        user = f"u{round_}"
+        replicas[0].add_user(UserRecord(user, user, user, "x", {}, (), False, "cli", NOW, NOW))
+        stored = at_once(
+            4,
+            lambda i: replicas[i].add_recovery_codes(user, [f"{user}-{i}-{n}" for n in range(10)]),
+        )
+        assert sorted(stored) == [False, False, False, True]  # type: ignore[type-var]
+        assert replicas[1].recovery_codes_left(user) == 10
