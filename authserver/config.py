@@ -17,6 +17,7 @@ from authserver.passwords import EnvPassword, password_problem, phc_problem
 from authserver.policies import AccessPolicy, Lifetimes
 from authserver.policyconfig import as_access_policies
 from authserver.redirect_uris import redirect_uri_problem
+from authserver.relyingparty import relying_party
 from authserver.signon import DEFAULT_SIGN_ON, SignOnPolicy, as_sign_on
 from authserver.userrules import claim_problem, group_problem, username_key, username_problem
 from tokengate.jwk import PublicKey, load_public_jwk
@@ -269,6 +270,7 @@ PAGE_TEMPLATES = (
     "mfa.html",
     "enroll.html",
     "recovery_codes.html",
+    "passkey.html",
 )
 
 
@@ -352,6 +354,8 @@ def parse_authserver(node: Node) -> AuthServerConfig:
     servers = _parse_servers(f, public_url or "http://invalid")
     clients = _parse_clients(f, servers)
     _check_policy_clients(f, servers, clients)
+    sign_on = f.get("sign_on", as_sign_on, DEFAULT_SIGN_ON) or DEFAULT_SIGN_ON
+    _check_passwordless(f, public_url, sign_on, clients)
     return AuthServerConfig(
         listen=listen,
         public_url=public_url,
@@ -375,8 +379,27 @@ def parse_authserver(node: Node) -> AuthServerConfig:
         store=store or None,
         key_encryption_key=kek,
         rotation_every=f.get("rotation", lambda n: as_rotation(n, jwks_max_age), None),
-        sign_on=f.get("sign_on", as_sign_on, DEFAULT_SIGN_ON) or DEFAULT_SIGN_ON,
+        sign_on=sign_on,
     )
+
+
+def _check_passwordless(
+    f: Fields, public_url: str | None, sign_on: SignOnPolicy, clients: tuple[ClientConfig, ...]
+) -> None:
+    """A ``passwordless`` policy needs passkeys, which browsers allow only at a public
+    URL on https:// or localhost (never an IP address)."""
+    if public_url is None or relying_party(public_url, "") is not None:
+        return
+    why = (
+        f"passwordless signs in with passkeys, and browsers allow passkeys only at a "
+        f"public_url on https:// or localhost, not {public_url}"
+    )
+    if sign_on.preset == "passwordless":
+        f.node.report.add(f"{f.node_at('sign_on').path}.policy", why)
+    where = f.node_at("clients")
+    for i, client in enumerate(clients):
+        if client.sign_on is not None and client.sign_on.preset == "passwordless":
+            where.report.add(f"{where.path}[{i}].sign_on.policy", why)
 
 
 def _check_policy_clients(

@@ -4,7 +4,7 @@ request, and why, step by step. Pure: the config and the user in, an
 
 It takes the same steps as the server, with the same functions: the client's own
 limits (its servers, grant types, scopes, group assignment), how the user must sign
-in (the sign-on policy: :func:`authserver.signon.needs_mfa`), then the server's access
+in (the sign-on policy: :func:`authserver.signon.required`), then the server's access
 policies (:func:`authserver.policies.decide`), then what would be issued.
 """
 
@@ -17,7 +17,7 @@ from authserver.authorize import client_scopes, default_user_scopes
 from authserver.config import BROWSER_GRANTS, ClientConfig, ServerConfig
 from authserver.grants import GRANT_TYPE, allowed_scopes
 from authserver.policies import NO_POLICIES, Decision, PolicyRequest, decide
-from authserver.signon import DEFAULT_SIGN_ON, SignOnPolicy, needs_mfa
+from authserver.signon import DEFAULT_SIGN_ON, SignOnPolicy, required
 from authserver.usergrants import REFRESH_GRANT
 
 USER_GRANTS = ("authorization_code", "implicit", "password", "refresh_token")
@@ -127,14 +127,15 @@ def explain(
             checks.extend(_user_checks(client, user))
             policy = client.sign_on or sign_on
             whose = f"{client_id}'s own" if client.sign_on else "the org's"
-            if grant_type == "password":  # no page, no second factor: refused if needed
-                mfa = needs_mfa(policy, user.groups, (), known_device=False)
+            if grant_type == "password":  # no page, no other factor: refused if needed
+                need = required(policy, user.groups, (), known_device=False)
+                what = {"mfa": "a second factor", "passkey": "a passkey"}.get(need)
                 checks.append(
                     Check(
-                        not mfa,
-                        f"the sign-on policy ({whose}) asks {user.username} for a second "
-                        "factor, which the password grant cannot give"
-                        if mfa
+                        what is None,
+                        f"the sign-on policy ({whose}) asks {user.username} for {what}, "
+                        "which the password grant cannot give"
+                        if what
                         else f"the sign-on policy ({whose}) asks {user.username} for a "
                         "password only",
                     )
@@ -205,7 +206,13 @@ def _sources(server: ServerConfig, decision: Decision) -> tuple[str, str, str]:
 def _sign_on(policy: SignOnPolicy, whose: str, user: Person) -> str:
     """How the user signs in through the hosted pages, by the sign-on policy."""
     head = f"{policy.preset} ({whose} policy): "
-    if needs_mfa(policy, user.groups, ()):
+    need = required(policy, user.groups, ())
+    if need == "passkey":
+        return head + (
+            "a passkey that verifies its user (PIN or biometric), no password; without "
+            "one yet, the password and any second factor the user has, then a new passkey"
+        )
+    if need == "mfa":
         reason = (
             "always"
             if policy.preset == "password+mfa"

@@ -17,12 +17,14 @@ from authserver.authorize import AuthorizeRequest
 @dataclass(frozen=True, slots=True)
 class InProgress:
     """A sign-in in progress: its checked authorization request, the sign-in cookie's
-    value, its forms' CSRF token, and what it has proved (None: nothing yet)."""
+    value, its forms' CSRF token, and what it has proved (None: nothing yet), also as
+    stored (to replace it only if no other request has meanwhile)."""
 
     request: AuthorizeRequest
     cookie: str
     csrf: str
     progress: dict[str, Any] | None
+    stored: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +38,9 @@ class Paths:
     mfa: str  # the second factor's challenge
     mfa_enroll: str  # enrolling an authenticator app
     mfa_continue: str  # on from the recovery codes page
+    passkey_enroll: str  # creating a passkey
+    passkey_verify: str  # a passkey's signature: a second factor, or a sign-in alone
+    passkey_script: str  # the pages' one script: the browser's WebAuthn calls
 
     @classmethod
     def of(cls, public_url: str) -> Paths:
@@ -48,4 +53,7 @@ class Paths:
             f"{base}/mfa",
             f"{base}/mfa/enroll",
             f"{base}/mfa/continue",
+            f"{base}/passkey/enroll",
+            f"{base}/passkey/verify",
+            f"{base}/static/passkey.js",
         )

@@ -49,7 +49,10 @@ from authserver.mfapages import MfaPages
 from authserver.oidc import SignIn as OidcSignIn
 from authserver.oidc import id_token_claims, user_access_token_claims, verify_id_token_hint
 from authserver.pageheaders import HTML, origin_of, page_headers
+from authserver.passkeypages import BAD_PASSKEY, PasskeyPages
+from authserver.passkeys import Passkeys
 from authserver.policies import Decision, decide
+from authserver.relyingparty import relying_party
 from authserver.sessions import (
     DEVICE_MAX_AGE,
     SESSION_BYTES,
@@ -62,7 +65,7 @@ from authserver.sessions import (
     set_device_cookie,
     valid_session_value,
 )
-from authserver.signon import AMR_PASSWORD, has_mfa, needs_mfa
+from authserver.signon import AMR_PASSWORD, Requirement, has_mfa, required, satisfies
 from authserver.store import CodeRecord, SessionRecord, Store, StoreUnavailable, StoreWorker
 from authserver.throttle import AuthThrottle
 from authserver.tokens import new_jti
@@ -137,8 +140,18 @@ class SignIn:
             kek=config.key_encryption_key,
             clock=clock,
         )
-        self.mfa = MfaPages(self, factors)
-        self.stylesheet = resources.files("authserver").joinpath("static/signin.css").read_bytes()
+        rp = relying_party(config.public_url, config.sign_in.brand.name)
+        passkeys = None
+        if rp is not None:
+            passkeys = Passkeys(
+                store=store, io=io, rp=rp, audit=audit, metrics=metrics, clock=clock
+            )
+        self.passkeys = passkeys  # None: browsers allow no passkeys at the public URL
+        self.mfa = MfaPages(self, factors, passkeys)
+        self.passkey_pages = None if passkeys is None else PasskeyPages(self, self.mfa, passkeys)
+        static = resources.files("authserver").joinpath("static")
+        self.stylesheet = static.joinpath("signin.css").read_bytes()
+        self.script = static.joinpath("passkey.js").read_bytes()
         brand = config.sign_in.brand
         self.brand_css = f":root {{ --accent: {brand.color}; }}\n".encode()
 
@@ -148,8 +161,10 @@ class SignIn:
             self.paths.login: self.login,
             self.paths.consent: self.consent,
             **self.mfa.routes(),
+            **(self.passkey_pages.routes() if self.passkey_pages is not None else {}),
             self.paths.stylesheet: self._static(self.stylesheet),
             self.paths.brand_stylesheet: self._static(self.brand_css),
+            self.paths.passkey_script: self._static(self.script, b"text/javascript"),
         }
 
     # -- {issuer}/v1/authorize ------------------------------------------------
@@ -208,8 +223,9 @@ class SignIn:
             if not is_assigned(request.client, user):
                 await self._not_assigned(send, request, user, scope, [])
                 return
-            if not has_mfa(session.amr) and await self.needs_mfa(scope, request, user, now):
-                await self._step_up(send, request, params, user, now)
+            need = await self.requirement(scope, request, user, now)
+            if not satisfies(session.amr, need):
+                await self._step_up(send, request, params, user, now, need)
                 return
             await self.proceed(send, request, params, user, session, now, [], None)
             return
@@ -237,10 +253,12 @@ class SignIn:
         params: dict[str, str],
         user: User,
         now: int,
+        need: Requirement,
     ) -> None:
-        """A session signed in with a password alone, for a request that needs a second
-        factor: the factor's page, no password asked again (prompt=none: refused); a
-        user with no factor yet signs in again with the password, then enrolls."""
+        """A session signed in with less than a request needs (a second factor, or a
+        passkey): the factor's page, no password asked again (prompt=none: refused);
+        a user with no such factor yet signs in again with the password (and any
+        factor they have), then enrolls one."""
         if request.prompt == "none":
             error = request.target.params(
                 error="interaction_required",
@@ -250,13 +268,14 @@ class SignIn:
             return
         cookie_value = await self.start_interaction(request, params, now)
         headers = [(b"set-cookie", self.signin_cookie_header(cookie_value))]
-        if not await self.mfa.factors.enrolled(user.id):
+        app, passkeys = await self.mfa.factors_of(user.id)
+        if not (passkeys if need == "passkey" else app or passkeys):
             # enrolling binds a factor to the account: only after the password itself,
             # never on the strength of a session alone
             location = [(b"location", self.paths.login.encode())]
             await send_bytes(send, 303, b"", [*location, *headers, *page_headers()])
             return
-        await self.mfa.start(send, request, user, cookie_value, now, None, headers)
+        await self.mfa.start(send, request, user, cookie_value, now, None, need, headers)
 
     # -- {public_url}/signin/login ----------------------------------------------
 
@@ -268,33 +287,31 @@ class SignIn:
         found = await self.in_progress(scope, send, now)
         if found is None:
             return
-        request, cookie, csrf = found.request, found.cookie, found.csrf
         if scope["method"] == "GET":
-            await self._form(send, request, csrf, request.login_hint or "", None, 200)
+            await self.login_form(send, found, found.request.login_hint or "", None, 200)
             return
-        form = await self.checked_form(scope, receive, send, csrf)
+        form = await self.checked_form(scope, receive, send, found.csrf)
         if form is None:
             return
         username = (form.get("username") or "")[:MAX_FIELD]
         password = (form.get("password") or "")[:MAX_FIELD]
-        await self._check_password(scope, send, request, cookie, csrf, username, password, now)
+        await self._check_password(scope, send, found, username, password, now)
 
     async def _check_password(
         self,
         scope: Scope,
         send: Send,
-        request: AuthorizeRequest,
-        cookie: str,
-        csrf: str,
+        step: InProgress,
         username: str,
         password: str,
         now: int,
     ) -> None:
+        request, cookie = step.request, step.cookie
         user, event = await self.check_credentials(
             request.server, request.client, username, password, self.remote_addr(scope)
         )
         if user is None:
-            await self._form(send, request, csrf, username, BAD_CREDENTIALS, 401)
+            await self.login_form(send, step, username, BAD_CREDENTIALS, 401)
             return
         if not is_assigned(request.client, user):
             # the password was right: say what is wrong, but start no session with it
@@ -302,10 +319,44 @@ class SignIn:
             clear = [(b"set-cookie", self.signin_cookie_header("", clear=True))]
             await self._not_assigned(send, request, user, scope, clear)
             return
-        if await self.needs_mfa(scope, request, user, now):
-            await self.mfa.start(send, request, user, cookie, now, password_at=now)
+        need = await self.requirement(scope, request, user, now)
+        if need != "password":
+            await self.mfa.start(send, request, user, cookie, now, now, need)
             return
         await self.complete(scope, send, request, user, event, cookie, now, AMR_PASSWORD)
+
+    def passwordless(self, step: InProgress) -> bool:
+        """Whether the app's sign-on policy (else the org's) signs in with a passkey
+        instead of a password, and the public URL allows passkeys."""
+        policy = step.request.client.sign_on or self.config.sign_on
+        return policy.preset == "passwordless" and self.passkeys is not None
+
+    async def signed_in_with_passkey(
+        self, scope: Scope, send: Send, step: InProgress, user_id: str, amr: tuple[str, ...]
+    ) -> None:
+        """A passkey signed in (no password): its user, if still allowed in this app."""
+        request = step.request
+        user = await self.users.get(user_id)
+        event: dict[str, Any] = {
+            "server": request.server.name,
+            "client_id": request.client.client_id,
+            "user_id": user_id,
+            "username": None if user is None else user.username,
+            "remote_addr": self.remote_addr(scope),
+        }
+        if user is None or user.disabled:
+            reason = "unknown_user" if user is None else "disabled"
+            self.audit.emit("user.signin", **event, outcome="failure", reason=reason)
+            self.metrics.signins.labels("failure").inc()
+            await self.login_form(send, step, "", BAD_PASSKEY, 401)
+            return
+        if not is_assigned(request.client, user):
+            await self.io_call(self.store.end_interaction, session_hash(step.cookie))
+            clear = [(b"set-cookie", self.signin_cookie_header("", clear=True))]
+            await self._not_assigned(send, request, user, scope, clear)
+            return
+        now = int(self.clock())
+        await self.complete(scope, send, request, user, event, step.cookie, now, amr)
 
     async def complete(
         self,
@@ -336,13 +387,15 @@ class SignIn:
 
     def second_factor_required(self, client: ClientConfig, user: User) -> bool:
         """For the password grant: no browser, so never a known device."""
-        return needs_mfa(client.sign_on or self.config.sign_on, user.groups, (), False)
+        policy = client.sign_on or self.config.sign_on
+        return required(policy, user.groups, (), False) != "password"
 
-    async def needs_mfa(
+    async def requirement(
         self, scope: Scope, request: AuthorizeRequest, user: User, now: int
-    ) -> bool:
-        """Whether the client's sign-on policy (else the org's), the user's groups, a
-        browser new to the user, or the request's acr_values ask for a second factor."""
+    ) -> Requirement:
+        """What this sign-in must prove, by the client's sign-on policy (else the
+        org's), the user's groups, a browser new to the user, and the request's
+        acr_values: a password, a second factor too, or a passkey."""
         policy = request.client.sign_on or self.config.sign_on
         known = True
         if policy.mfa_new_device:
@@ -350,7 +403,7 @@ class SignIn:
             known = device is not None and await self.io_call(
                 self.store.device_known, session_hash(device), user.id, now - DEVICE_MAX_AGE
             )
-        return needs_mfa(policy, user.groups, request.acr_values, known)
+        return required(policy, user.groups, request.acr_values, known)
 
     def _device(self, scope: Scope) -> str | None:
         """The browser's remembered-device cookie, if it holds a well-formed one."""
@@ -536,7 +589,9 @@ class SignIn:
         except RedirectError as exc:
             await self.respond(send, exc.target, exc.params())
             return None
-        return InProgress(request, cookie, csrf, json.loads(progress) if progress else None)
+        return InProgress(
+            request, cookie, csrf, json.loads(progress) if progress else None, progress
+        )
 
     async def checked_form(
         self, scope: Scope, receive: Receive, send: Send, csrf: str
@@ -797,26 +852,33 @@ class SignIn:
         location = redirect_location(target, params).encode()
         await send_bytes(send, 303, b"", [(b"location", location), *headers, *page_headers()])
 
-    async def _form(
-        self,
-        send: Send,
-        request: AuthorizeRequest,
-        csrf: str,
-        username: str,
-        error: str | None,
-        status: int,
+    async def login_form(
+        self, send: Send, step: InProgress, username: str, error: str | None, status: int
     ) -> None:
+        """The sign-in page. For an app that signs in with a passkey, with a fresh
+        challenge, and the sign-in starts over: whatever it had proved is dropped."""
+        passkey = None
+        if self.passwordless(step) and self.passkeys is not None:
+            options = self.passkeys.authentication_options(None, verify_user=True)
+            progress = json.dumps({"passkey_challenge": options.challenge})
+            await self.io_call(
+                self.store.set_interaction_progress, session_hash(step.cookie), progress
+            )
+            passkey = {"action": self.paths.passkey_verify, "options": options.options}
+        request = step.request
         body = self.render(
             "signin.html",
             action=self.paths.login,
-            csrf_token=csrf,
+            csrf_token=step.csrf,
             client_id=request.client.client_id,
             username=username,
             error=error,
+            passkey=passkey,
+            script=self.paths.passkey_script,
         )
         # The form's answer redirects to the client, and browsers hold a form's
         # redirects to form-action too: the page allows the client's origin.
-        headers = page_headers(origin_of(request.target.redirect_uri))
+        headers = page_headers(origin_of(request.target.redirect_uri), script=passkey is not None)
         await send_bytes(send, status, body, [HTML, *headers])
 
     async def error_page(self, send: Send, error: str, message: str, status: int) -> None:
@@ -835,13 +897,15 @@ class SignIn:
             .encode()
         )
 
-    def _static(self, body: bytes) -> Callable[[Scope, Receive, Send], Any]:
+    def _static(
+        self, body: bytes, content_type: bytes = b"text/css"
+    ) -> Callable[[Scope, Receive, Send], Any]:
         async def serve(scope: Scope, receive: Receive, send: Send) -> None:
             if scope["method"] not in ("GET", "HEAD"):
                 await self.error_page(send, "invalid_request", "Use GET.", 405)
                 return
             headers = [
-                (b"content-type", b"text/css; charset=utf-8"),
+                (b"content-type", content_type + b"; charset=utf-8"),
                 (b"cache-control", b"public, max-age=3600"),
                 (b"x-content-type-options", b"nosniff"),
             ]

@@ -271,11 +271,12 @@ USERS_ACTIONS: tuple[tuple[str, str, str], ...] = (
     ),
     (
         "mfa",
-        "show or reset a user's second factor (authenticator app, recovery codes)",
-        "show: whether the user has an authenticator app and how many recovery codes are\n"
-        "left. reset: forget the app and the recovery codes (a lost phone); the user\n"
-        "enrolls a new app at their next sign-in that needs a second factor. Works for\n"
-        "users declared in the config too: their factors live in the store.",
+        "show or reset a user's second factors (authenticator app, passkeys, recovery codes)",
+        "show: whether the user has an authenticator app, their passkeys and how many\n"
+        "recovery codes are left. reset: forget the app, the passkeys and the recovery\n"
+        "codes (a lost phone); the user enrolls again at their next sign-in that needs a\n"
+        "factor. Works for users declared in the config too: their factors live in the\n"
+        "store.",
     ),
     (
         "hash-password",
@@ -777,14 +778,24 @@ def _users_mfa(operation: str, user: User, directory: UserDirectory) -> int:
             print(f"{user.username} has no second factor")
         return 0
     record = run(store.totp, user.id)
+    passkeys = run(store.passkeys, user.id)
+    left = run(store.recovery_codes_left, user.id)
     if record is None or record.confirmed_at is None:
         print(f"{user.username}: no authenticator app")
     else:
-        left = run(store.recovery_codes_left, user.id)
         print(
             f"{user.username}: authenticator app since {_time(record.confirmed_at)}, "
             f"{left} recovery codes left"
         )
+    for passkey in passkeys:
+        kind = "synced" if passkey.backup_eligible else "bound to its device"
+        used = "never" if passkey.last_used_at is None else _time(passkey.last_used_at)
+        print(
+            f"{user.username}: passkey {passkey.credential_id[:16]} ({kind}) since "
+            f"{_time(passkey.created_at)}, last used {used}"
+        )
+    if passkeys and (record is None or record.confirmed_at is None):
+        print(f"{user.username}: {left} recovery codes left")
     return 0
 
 

@@ -260,7 +260,8 @@ def _sign_on(description: str) -> Schema:
     return mapping(
         {
             "policy": string(
-                "password, or password+mfa (a second factor, always).",
+                "password, password+mfa (a second factor, always), or passwordless (a "
+                "passkey instead of the password; public_url on https:// or localhost).",
                 "password",
                 enum=list(PRESETS),
             ),

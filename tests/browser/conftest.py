@@ -100,7 +100,7 @@ def set_viewport(browser: WebDriver, width: int, height: int, *, mobile: bool = 
 def signin(browser: WebDriver, username: str, password: str) -> None:
     """Fill the hosted sign-in page's form (the browser is on it) and submit it; returns
     once the next page has replaced it."""
-    form = browser.find_element(By.CSS_SELECTOR, "form[method=post]")
+    form = browser.find_element(By.XPATH, "//form[@method='post'][.//input[@name='password']]")
     field = form.find_element(By.NAME, "username")
     field.clear()
     field.send_keys(username)

@@ -421,11 +421,23 @@ def test_users_mfa_shows_and_resets_a_second_factor(
     assert capsys.readouterr().out == (
         "dana: authenticator app since 2027-01-15T08:00:00Z, 1 recovery codes left\n"
     )
+    from authserver.store import PasskeyRecord
+
+    key = PasskeyRecord("AbCdEfGhIjKlMnOpQrStUv", "u_dana", b"k", 0, True, (), "a", 1_800_000_000)
+    assert store.add_passkey(key)
+    assert store.use_passkey(key.credential_id, 0, 1_800_000_060)
+    assert main([*base, "show", "dana"]) == 0
+    assert capsys.readouterr().out == (
+        "dana: authenticator app since 2027-01-15T08:00:00Z, 1 recovery codes left\n"
+        "dana: passkey AbCdEfGhIjKlMnOp (synced) since 2027-01-15T08:00:00Z, "
+        "last used 2027-01-15T08:01:00Z\n"
+    )
     assert main([*base, "reset", "dana"]) == 0
     assert capsys.readouterr().out == (
         "reset the second factor of dana: it enrolls again at its next sign-in\n"
     )
     assert store.totp("u_dana") is None and store.recovery_codes_left("u_dana") == 0
+    assert store.passkeys("u_dana") == []
     assert main([*base, "reset", "dana"]) == 0
     assert capsys.readouterr().out == "dana has no second factor\n"
     assert main([*base, "reset", "nobody"]) == 1

@@ -679,6 +679,19 @@ def test_explain_says_how_the_user_signs_in() -> None:
         True, "the sign-on policy (the org's) asks bob for a password only"
     )
     assert fine.sign_on is None  # no page: nothing more to say
+    passwordless = replace(portal, sign_on=SignOnPolicy("passwordless"))
+    keyed = explain(server, passwordless, "portal", "authorization_code", asked, BOB)
+    assert keyed.sign_on == (
+        "passwordless (portal's own policy): a passkey that verifies its user (PIN or "
+        "biometric), no password; without one yet, the password and any second factor "
+        "the user has, then a new passkey"
+    )
+    no_grant = explain(server, passwordless, "portal", "password", asked, BOB)
+    assert no_grant.checks[-1] == Check(
+        False,
+        "the sign-on policy (portal's own) asks bob for a passkey, which the password "
+        "grant cannot give",
+    )
 
 
 @pytest.mark.parametrize("row", TABLE, ids=[f"{r[0]}-{r[1]}-{r[5]}-{r[7]}" for r in TABLE])

@@ -106,3 +106,43 @@ def test_when_a_second_factor_is_needed(
 def test_acr_follows_amr() -> None:
     assert acr_of(["pwd"]) == ACR_PASSWORD
     assert acr_of(["pwd", "otp", "mfa"]) == ACR_MFA
+
+
+@pytest.mark.parametrize(
+    "public_url, rp",
+    [
+        ("https://auth.example.com", ("auth.example.com", "https://auth.example.com")),
+        ("https://auth.example.com:443/base", ("auth.example.com", "https://auth.example.com")),
+        ("https://Auth.Example.com:8443", ("auth.example.com", "https://auth.example.com:8443")),
+        ("http://localhost:9000", ("localhost", "http://localhost:9000")),
+        ("http://id.localhost", ("id.localhost", "http://id.localhost")),
+        ("http://127.0.0.1:9000", None),  # an IP address is never an RP id
+        ("https://127.0.0.1", None),
+        ("https://[::1]:9000", None),
+        ("http://auth.example.com", None),  # not a secure context
+    ],
+)
+def test_the_relying_party_is_the_public_url_where_browsers_allow_passkeys(
+    public_url: str, rp: tuple[str, str] | None
+) -> None:
+    from authserver.relyingparty import relying_party
+
+    found = relying_party(public_url, "Acme")
+    assert (None if found is None else (found.id, found.origin)) == rp
+
+
+def test_what_each_sign_on_policy_requires_and_what_meets_it() -> None:
+    from authserver.signon import required, satisfies
+
+    assert required(SignOnPolicy("passwordless"), (), ()) == "passkey"
+    assert required(SignOnPolicy("password+mfa"), (), ()) == "mfa"
+    assert required(SignOnPolicy("password"), (), (ACR_MFA,)) == "mfa"
+    assert required(SignOnPolicy("password"), (), ()) == "password"
+    for amr, meets in [
+        (("pwd",), {"password"}),
+        (("pwd", "otp", "mfa"), {"password", "mfa"}),
+        (("pwd", "hwk", "mfa"), {"password", "mfa", "passkey"}),
+        (("swk", "mfa"), {"password", "mfa", "passkey"}),
+    ]:
+        assert {r for r in ("password", "mfa", "passkey") if satisfies(amr, r)} == meets  # type: ignore[arg-type]
+        assert acr_of(amr) == (ACR_MFA if "mfa" in meets else ACR_PASSWORD)
