@@ -485,7 +485,9 @@ def test_first_recovery_codes_are_stored_once_whichever_replica_is_first(
         replicas[0].add_user(UserRecord(user, user, user, "x", {}, (), False, "cli", NOW, NOW))
         stored = at_once(
             4,
-            lambda i: replicas[i].add_recovery_codes(user, [f"{user}-{i}-{n}" for n in range(10)]),
+            lambda i, user=user: replicas[i].add_recovery_codes(  # type: ignore[misc]
+                user, [f"{user}-{i}-{n}" for n in range(10)]
+            ),
         )
         assert sorted(stored) == [False, False, False, True]  # type: ignore[type-var]
         assert replicas[1].recovery_codes_left(user) == 10
