@@ -24,7 +24,13 @@ aiohttp) on the same cores as the workers.
    with ``scope=orders:read`` (narrowed: one signature, the access token) and once
    with the granted scopes (openid: an ID token too, two signatures), on separate
    token families.
-3. Client credentials: ``--probe-rate`` token requests a second from a separate
+3. Code exchanges through a session (SSO): ``--refresh-concurrency`` virtual users each
+   sign in once with the password, then loop over the flow with their session: GET
+   authorize (a live session: a code at once) -> POST the token endpoint (the code, its
+   PKCE verifier) -> access, ID and refresh tokens. No password is verified: the phase
+   measures the code flow's store work (a code stored, redeemed, a token family
+   started) and its two signatures. Latency is authorize to token response.
+4. Client credentials: ``--probe-rate`` token requests a second from a separate
    process (open loop: latency counts from each request's scheduled time), with the
    server otherwise idle, then during a sign-in flood as in 1, ``--rounds`` times
    alternating, ending idle. Target ratio: the median of the flood rounds' p99s over
@@ -523,6 +529,38 @@ async def refresh_families(
     return list(await asyncio.gather(*(one(vu) for vu in range(args.refresh_concurrency))))
 
 
+async def exchange_loop(
+    flow: Flow, args: argparse.Namespace, server: Server, first_user: int
+) -> tuple[Tally, float]:
+    browsers = [Flow.browser() for _ in range(args.refresh_concurrency)]
+    try:
+        for vu, browser in enumerate(browsers):  # one password sign-in each: a session
+            await flow.sign_in(browser, (first_user + vu) % args.users, {})
+
+        def worker(
+            browser: aiohttp.ClientSession,
+        ) -> Callable[[float, float, Tally], Awaitable[None]]:
+            async def run(start: float, stop: float, tally: Tally) -> None:
+                loop = asyncio.get_running_loop()
+                while loop.time() < stop:
+                    steps: dict[str, float] = {}
+                    began = time.perf_counter()
+                    try:
+                        await flow.sign_in(browser, None, steps)
+                    except (TimeoutError, Unexpected, aiohttp.ClientError) as exc:
+                        if start <= loop.time() <= stop:
+                            tally.error(exc)
+                        await asyncio.sleep(0.05)
+                        continue
+                    record(tally, start, stop, began, steps)
+
+            return run
+
+        return await measure([worker(b) for b in browsers], server, args.warmup, args.duration)
+    finally:
+        await asyncio.gather(*(b.close() for b in browsers))
+
+
 async def refresh_loop(
     flow: Flow,
     server: Server,
@@ -653,6 +691,11 @@ async def benchmark(args: argparse.Namespace, server: Server, base: str) -> dict
         if "refresh" in args.phases:
             print("refresh ...", file=sys.stderr, flush=True)
             await refresh_phase(flow, args, server, results)
+        if "exchange" in args.phases:
+            print("code exchanges ...", file=sys.stderr, flush=True)
+            first = 1 + 2 * args.refresh_concurrency
+            tally, _ = await exchange_loop(flow, args, server, first)
+            results["exchange"] = tally.summary()
         if "cc" in args.phases:
             print("client credentials ...", file=sys.stderr, flush=True)
             await cc_phase(flow, args, server, results)
@@ -775,6 +818,9 @@ def report(args: argparse.Namespace, results: dict[str, Any], argon2: tuple[floa
         name = f"refresh, scope=orders:read ({args.refresh_concurrency} v. users)"
         row(name, r, f">= {TARGETS['refresh']:,.0f}/s {verdict(ok)}")
         row("refresh, granted scopes (+ ID token)", results["refresh_openid"])
+    if "exchange" in results:
+        name = f"code exchanges via SSO ({args.refresh_concurrency} v. users)"
+        row(name, results["exchange"])
     if "cc" in results:
         c = results["cc"]
         for i, f in enumerate(c["floods"], 1):
@@ -807,6 +853,13 @@ def report(args: argparse.Namespace, results: dict[str, Any], argon2: tuple[floa
             + f"; tokengate processes {s['cores_busy']['each_tokengate_process']} cores, "
             f"their other threads (argon2, store) {s['other_threads_ms_each']} ms a sign-in; "
             f"{cores} cores / tokengate CPU = {cores / s['server_cpu_ms_each'] * 1000:.0f}/s"
+        )
+    if "exchange" in results:
+        x = results["exchange"]
+        print(
+            f"exchange: {x['completed']} codes, {errors(x)}; steps p50: "
+            + ", ".join(f"{k} {v:.1f} ms" for k, v in x["steps_p50_ms"].items())
+            + f"; tokengate processes {x['cores_busy']['each_tokengate_process']} cores"
         )
     for name in ("refresh_narrowed", "refresh_openid"):
         if name in results:
@@ -904,7 +957,7 @@ def main() -> None:
         "--phase",
         action="append",
         dest="phases",
-        choices=["signin", "refresh", "cc"],
+        choices=["signin", "refresh", "exchange", "cc"],
         help="run only this phase (repeatable; default: all; --profile: signin)",
     )
     parser.add_argument("--profile", type=Path, help="one worker under cProfile; sign-ins only")
@@ -917,9 +970,9 @@ def main() -> None:
         return
     if args.profile is not None:
         args.phases = ["signin"]
-    args.phases = args.phases or ["signin", "refresh", "cc"]
-    if "refresh" in args.phases and args.users < args.refresh_concurrency * 2 + 1:
-        parser.error("--users must be more than twice --refresh-concurrency")
+    args.phases = args.phases or ["signin", "refresh", "exchange", "cc"]
+    if {"refresh", "exchange"} & set(args.phases) and args.users < args.refresh_concurrency * 3 + 1:
+        parser.error("--users must be more than three times --refresh-concurrency")
     args.load_before = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
     argon2 = argon2_cost()
