@@ -52,6 +52,11 @@ _SELECT_USERS = (
     "SELECT id, username, username_key, password_hash, profile, disabled, source, "
     "created_at, updated_at, declared_hash FROM users"
 )
+_SELECT_USER = (  # one user, a row per group
+    "SELECT u.id, u.username, u.username_key, u.password_hash, u.profile, u.disabled, "
+    "u.source, u.created_at, u.updated_at, u.declared_hash, g.name "
+    "FROM users u LEFT JOIN user_groups g ON g.user_id = u.id"
+)
 
 
 class Rows(Protocol):
@@ -322,12 +327,16 @@ class SqlStore:
             row = self._lock_code(code_hash, "state, jtis, keep_until")
             if row is None or row[0] != "redeemed":
                 return False
-            jtis = [*json.loads(row[1]), jti]
-            self._q(
-                "UPDATE auth_codes SET jtis = ?, keep_until = ? WHERE code_hash = ?",
-                (json.dumps(jtis), max(row[2], exp), code_hash),
-            )
+            self._record_code_token(code_hash, row, jti, exp)
             return True
+
+    def _record_code_token(self, code_hash: str, row: Sequence[Any], jti: str, exp: int) -> None:
+        """Add an access token to what a redeemed code gave (its locked row: state,
+        jtis, keep_until), to revoke if the code is used again."""
+        self._q(
+            "UPDATE auth_codes SET jtis = ?, keep_until = ? WHERE code_hash = ?",
+            (json.dumps([*json.loads(row[1]), jti]), max(row[2], exp), code_hash),
+        )
 
     def _lock_code(self, code_hash: str, columns: str) -> Any:
         """Lock a code's row for the transaction (a no-op update) and read it."""
@@ -346,9 +355,11 @@ class SqlStore:
         self, grant: Grant, token_hash: str, idle_expires_at: int, jti: str, exp: int
     ) -> bool:
         with self.transaction():
-            row = self._lock_code(grant.family, "state")
+            row = self._lock_code(grant.family, "state, jtis, keep_until")
             if row is not None and row[0] != "redeemed":
                 return False
+            if row is not None:  # a code's family: the code records its access token too
+                self._record_code_token(grant.family, row, jti, exp)
             self._q(
                 "INSERT INTO grants (family, record, session_id, user_id, offline, revoked, jtis, "
                 "expires_at, keep_until) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
@@ -517,27 +528,30 @@ class SqlStore:
         return self._with_groups(rows.fetchall())
 
     def user(self, user_id: str) -> UserRecord | None:
-        rows = self._q(_SELECT_USERS + " WHERE id = ?", (user_id,))
-        found = self._with_groups(rows.fetchall())
-        return found[0] if found else None
+        return self._one_user(_SELECT_USER + " WHERE u.id = ?", user_id)
 
     def user_by_key(self, username_key: str) -> UserRecord | None:
-        rows = self._q(_SELECT_USERS + " WHERE username_key = ?", (username_key,))
-        found = self._with_groups(rows.fetchall())
-        return found[0] if found else None
+        return self._one_user(_SELECT_USER + " WHERE u.username_key = ?", username_key)
+
+    def _one_user(self, sql: str, key: str) -> UserRecord | None:
+        """One user with their groups, in one statement (a row per group, or one row
+        with no group): every sign-in, code exchange and refresh reads its user."""
+        rows = self._q(sql, (key,)).fetchall()
+        if not rows:
+            return None
+        groups = {rows[0][0]: [row[-1] for row in rows if row[-1] is not None]}
+        return self._records([rows[0][:-1]], groups)[0]
 
     def _with_groups(self, rows: list[tuple[Any, ...]]) -> list[UserRecord]:
         if not rows:
             return []
         groups: dict[str, list[str]] = {}
-        if len(rows) == 1:
-            found = self._q(
-                "SELECT user_id, name FROM user_groups WHERE user_id = ?", (rows[0][0],)
-            )
-        else:
-            found = self._q("SELECT user_id, name FROM user_groups")
-        for user_id, name in found:
+        for user_id, name in self._q("SELECT user_id, name FROM user_groups"):
             groups.setdefault(user_id, []).append(name)
+        return self._records(rows, groups)
+
+    @staticmethod
+    def _records(rows: Sequence[Sequence[Any]], groups: dict[str, list[str]]) -> list[UserRecord]:
         return [
             UserRecord(
                 id=row[0],

@@ -263,7 +263,9 @@ class Store(Protocol):
         self, grant: Grant, token_hash: str, idle_expires_at: int, jti: str, exp: int
     ) -> bool:
         """Record a new family with its first refresh token and the access token ``jti``
-        issued with it; False if the family's code was reused meanwhile."""
+        issued with it, and (a code's family) add ``jti`` to what the code gave, as
+        :meth:`code_issued` does, in the same transaction; False if the family's code
+        was reused meanwhile."""
 
     def use_refresh(
         self,

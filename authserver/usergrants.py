@@ -175,8 +175,8 @@ class UserGrants:
                 self.store.start_family, grant, refresh_hash(token), idle, jti, exp
             ):
                 raise OAuthError("invalid_grant", "the code was used already")
-            issued.body["refresh_token"] = token
-        if not await self.call(self.store.code_issued, key, jti, exp):
+            issued.body["refresh_token"] = token  # the code recorded jti with its family
+        elif not await self.call(self.store.code_issued, key, jti, exp):
             raise OAuthError("invalid_grant", "the code was used already")  # reused meanwhile
         self._issued(server, event, jti, CODE_GRANT)
         return issued.body

@@ -357,6 +357,17 @@ async def test_code_reuse_revokes_the_refresh_tokens_it_gave(server: AuthServer)
             "error"
         ] == "invalid_grant"
         assert await introspect(http, second.json()["access_token"]) == {"active": False}
+        assert await introspect(http, first["access_token"]) == {"active": False}
+    # the code's own access token is recorded with the code, in the family's transaction
+    revoked = {
+        line["jti"]
+        for line in server.audit_lines()
+        if line["event"] == "token.revoked" and line["reason"] == "code_reused"
+    }
+    assert revoked == {
+        claims_of(first["access_token"])["jti"],
+        claims_of(second.json()["access_token"])["jti"],
+    }
 
 
 # --------------------------------------------------------------------------- userinfo
