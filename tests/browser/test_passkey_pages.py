@@ -163,3 +163,24 @@ def test_a_passkey_created_after_the_password_then_signs_in_alone_and_as_a_secon
     assert browser.find_elements(By.ID, "code") == []  # a passkey, not a code
     press(browser, "Use your passkey")
     assert back_at(browser, wiki)["amr"] == ["pwd", "hwk", "mfa"]
+
+
+def test_a_refused_passkey_request_says_so_and_the_page_stays_usable(
+    stack: Stack,
+    browser: WebDriver,
+    screenshot: Callable[[str], Path],
+) -> None:
+    """The browser has no passkey for the site (the request ends refused): the page's
+    script shows why in its alert, the button works again, and the password form is
+    still there."""
+    authenticator(browser)  # a new one: it holds no passkey
+    wiki = App(stack, "wiki")
+    browser.get(wiki.authorization_url())
+    button = browser.find_element(By.CSS_SELECTOR, "button.passkey-start")
+    button.click()
+    alert = browser.find_element(By.CSS_SELECTOR, "form[data-passkey] .passkey-error")
+    WebDriverWait(browser, WAIT).until(lambda _: alert.is_displayed())
+    assert alert.text == "The passkey request was cancelled or timed out. Try again."
+    assert alert.get_attribute("role") == "alert" and button.is_enabled()
+    assert path_of(browser) == "/signin/login" and browser.find_element(By.ID, "password")
+    assert png_size(screenshot("passkey-cancelled")) == DESKTOP
