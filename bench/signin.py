@@ -484,32 +484,48 @@ def record(
 async def signin_flood(
     flow: Flow, args: argparse.Namespace, server: Server, warmup: float, seconds: float
 ) -> tuple[Tally, float]:
+    """Sign-ins with the password every time (each browser's cookies cleared first)."""
     browsers = [Flow.browser() for _ in range(args.signin_concurrency)]
     try:
-
-        def worker(
-            browser: aiohttp.ClientSession,
-        ) -> Callable[[float, float, Tally], Awaitable[None]]:
-            async def run(start: float, stop: float, tally: Tally) -> None:
-                loop = asyncio.get_running_loop()
-                while loop.time() < stop:
-                    browser.cookie_jar.clear()  # no session: the password every time
-                    steps: dict[str, float] = {}
-                    began = time.perf_counter()
-                    try:
-                        await flow.sign_in(browser, flow.pick_user(args.users), steps)
-                    except (TimeoutError, Unexpected, aiohttp.ClientError) as exc:
-                        if start <= loop.time() <= stop:
-                            tally.error(exc)
-                        await asyncio.sleep(0.05)
-                        continue
-                    record(tally, start, stop, began, steps)
-
-            return run
-
-        return await measure([worker(b) for b in browsers], server, warmup, seconds)
+        return await flows(
+            flow, server, browsers, lambda: flow.pick_user(args.users), warmup, seconds
+        )
     finally:
         await asyncio.gather(*(b.close() for b in browsers))
+
+
+async def flows(
+    flow: Flow,
+    server: Server,
+    browsers: list[aiohttp.ClientSession],
+    user: Callable[[], int | None],
+    warmup: float,
+    seconds: float,
+) -> tuple[Tally, float]:
+    """Each browser loops over the code flow: with the password of ``user()`` (its
+    cookies cleared first: no session), or (None) through its session."""
+
+    def worker(browser: aiohttp.ClientSession) -> Callable[[float, float, Tally], Awaitable[None]]:
+        async def run(start: float, stop: float, tally: Tally) -> None:
+            loop = asyncio.get_running_loop()
+            while loop.time() < stop:
+                who = user()
+                if who is not None:
+                    browser.cookie_jar.clear()  # no session: the password every time
+                steps: dict[str, float] = {}
+                began = time.perf_counter()
+                try:
+                    await flow.sign_in(browser, who, steps)
+                except (TimeoutError, Unexpected, aiohttp.ClientError) as exc:
+                    if start <= loop.time() <= stop:
+                        tally.error(exc)
+                    await asyncio.sleep(0.05)
+                    continue
+                record(tally, start, stop, began, steps)
+
+        return run
+
+    return await measure([worker(b) for b in browsers], server, warmup, seconds)
 
 
 async def refresh_families(
@@ -532,31 +548,12 @@ async def refresh_families(
 async def exchange_loop(
     flow: Flow, args: argparse.Namespace, server: Server, first_user: int
 ) -> tuple[Tally, float]:
+    """Code exchanges through a session: each browser signs in once, then SSO."""
     browsers = [Flow.browser() for _ in range(args.refresh_concurrency)]
     try:
-        for vu, browser in enumerate(browsers):  # one password sign-in each: a session
+        for vu, browser in enumerate(browsers):
             await flow.sign_in(browser, (first_user + vu) % args.users, {})
-
-        def worker(
-            browser: aiohttp.ClientSession,
-        ) -> Callable[[float, float, Tally], Awaitable[None]]:
-            async def run(start: float, stop: float, tally: Tally) -> None:
-                loop = asyncio.get_running_loop()
-                while loop.time() < stop:
-                    steps: dict[str, float] = {}
-                    began = time.perf_counter()
-                    try:
-                        await flow.sign_in(browser, None, steps)
-                    except (TimeoutError, Unexpected, aiohttp.ClientError) as exc:
-                        if start <= loop.time() <= stop:
-                            tally.error(exc)
-                        await asyncio.sleep(0.05)
-                        continue
-                    record(tally, start, stop, began, steps)
-
-            return run
-
-        return await measure([worker(b) for b in browsers], server, args.warmup, args.duration)
+        return await flows(flow, server, browsers, lambda: None, args.warmup, args.duration)
     finally:
         await asyncio.gather(*(b.close() for b in browsers))
 
