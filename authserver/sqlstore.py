@@ -755,6 +755,16 @@ class SqlStore:
         )
         return cur.rowcount == 1
 
+    def remove_passkey(self, user_id: str, credential_id: str) -> bool:
+        with self.transaction():
+            gone = self._q(
+                "DELETE FROM passkeys WHERE user_id = ? AND credential_id = ?",
+                (user_id, credential_id),
+            ).rowcount
+            if gone:
+                self._q("DELETE FROM known_devices WHERE user_id = ?", (user_id,))
+            return gone == 1
+
     def reset_mfa(self, user_id: str) -> bool:
         with self.transaction():
             return self._forget_factors(user_id)

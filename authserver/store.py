@@ -358,6 +358,10 @@ class Store(Protocol):
         before (a replay, or a cloned authenticator). A counter of 0 (the authenticator
         keeps none) is accepted while the stored one is 0."""
 
+    def remove_passkey(self, user_id: str, credential_id: str) -> bool:
+        """Forget one of the user's passkeys (a lost device), and the user's remembered
+        devices (which browser was on it is not known); False if it is not theirs."""
+
     def reset_mfa(self, user_id: str) -> bool:
         """Forget the user's app, passkeys, recovery codes and remembered devices;
         False if there was no app and no passkey."""

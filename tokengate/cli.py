@@ -322,6 +322,12 @@ def _users_commands(command: Callable[..., argparse.ArgumentParser]) -> None:
                 action.add_argument(
                     "operation", choices=("show", "reset"), help="what to do (show or reset)"
                 )
+                action.add_argument(
+                    "--passkey",
+                    metavar="ID",
+                    help="reset: forget only this passkey (its id, or at least the first 8 "
+                    "characters show prints) and keep the other factors (default: forget all)",
+                )
             action.add_argument("user", metavar="USER", help=USER_REF_HELP)
         if name == "groups":
             for flag, what in (("--add", "add the user to"), ("--remove", "remove it from")):
@@ -746,7 +752,7 @@ def _users_action(
         print(json.dumps(user.to_json(), indent=2, ensure_ascii=False))
         return 0
     if action == "mfa":
-        return _users_mfa(args.operation, user, directory)
+        return _users_mfa(args.operation, user, directory, args.passkey)
     if action == "groups":
         if args.add or args.remove:
             user = run(directory.change_groups(user.id, args.add, args.remove))
@@ -767,8 +773,28 @@ def _users_action(
     return 0
 
 
-def _users_mfa(operation: str, user: User, directory: UserDirectory) -> int:
+def _users_mfa(
+    operation: str, user: User, directory: UserDirectory, passkey: str | None = None
+) -> int:
+    from authserver.users import InvalidUser, UserError
+
     store, run = directory.store, directory.io.run
+    if passkey is not None:
+        if operation != "reset":
+            raise InvalidUser("--passkey goes with reset")
+        matches = [p for p in run(store.passkeys, user.id) if p.credential_id.startswith(passkey)]
+        if len(passkey) < 8 or len(matches) != 1:
+            found = "no passkey" if not matches else f"{len(matches)} passkeys"
+            raise UserError(
+                f"{found} of {user.username} with an id starting {passkey!r}: give at least "
+                "the 8 first characters `users mfa show` prints"
+            )
+        run(store.remove_passkey, user.id, matches[0].credential_id)
+        print(
+            f"removed passkey {matches[0].credential_id[:16]} of {user.username}; "
+            "its remembered browsers are forgotten too"
+        )
+        return 0
     if operation == "reset":
         if run(store.reset_mfa, user.id):
             print(

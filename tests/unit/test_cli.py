@@ -432,6 +432,22 @@ def test_users_mfa_shows_and_resets_a_second_factor(
         "dana: passkey AbCdEfGhIjKlMnOp (synced) since 2027-01-15T08:00:00Z, "
         "last used 2027-01-15T08:01:00Z\n"
     )
+    other = PasskeyRecord("ZyXwVuTsRqPoNmLkJi", "u_dana", b"k2", 0, False, (), "a", 1_800_000_001)
+    assert store.add_passkey(other)
+    store.remember_device("device-hash", "u_dana", 1_800_000_002)
+    assert main([*base, "show", "dana", "--passkey", "AbCdEfGh"]) == 2
+    assert "--passkey goes with reset" in capsys.readouterr().err
+    assert main([*base, "reset", "dana", "--passkey", "AbCd"]) == 1  # too short to tell
+    assert "give at least the 8 first characters" in capsys.readouterr().err
+    assert main([*base, "reset", "dana", "--passkey", "AbCdEfGh"]) == 0
+    assert capsys.readouterr().out == (
+        "removed passkey AbCdEfGhIjKlMnOp of dana; its remembered browsers are forgotten too\n"
+    )
+    assert [p.credential_id for p in store.passkeys("u_dana")] == ["ZyXwVuTsRqPoNmLkJi"]
+    assert not store.device_known("device-hash", "u_dana", 0)
+    assert store.totp("u_dana") is not None  # the app stays
+    assert main([*base, "reset", "dana", "--passkey", "AbCdEfGh"]) == 1  # gone already
+    capsys.readouterr()
     assert main([*base, "reset", "dana"]) == 0
     assert capsys.readouterr().out == (
         "reset the second factor of dana: it enrolls again at its next sign-in\n"

@@ -447,10 +447,16 @@ def test_a_passkey_signature_at_several_replicas_at_once_is_accepted_once(
     assert stored == PasskeyRecord(
         "cred-1", "u1", b"cose", 8, False, ("internal",), "aaguid", NOW, NOW + 7
     )
+    replicas[0].remember_device("d1", "u1", NOW)
+    assert not replicas[1].remove_passkey("u2", "cred-2")  # not u2's
+    assert replicas[1].device_known("d1", "u1", 0)
+    assert replicas[1].remove_passkey("u1", "cred-2")  # a lost device: its browsers too
+    assert not replicas[2].device_known("d1", "u1", 0)
+    assert [p.credential_id for p in replicas[2].passkeys("u1")] == ["cred-1"]
     assert replicas[0].add_recovery_codes("u1", ["h1", "h2"])
     assert not replicas[1].add_recovery_codes("u1", ["h3"])  # some unused: kept
     assert replicas[0].reset_mfa("u1")
-    assert replicas[1].passkeys("u1") == [] and replicas[2].passkey("cred-2") is None
+    assert replicas[1].passkeys("u1") == [] and replicas[2].passkey("cred-1") is None
     assert replicas[1].recovery_codes_left("u1") == 0
     assert not replicas[0].reset_mfa("u1")  # nothing left to forget
 
