@@ -162,7 +162,7 @@ class MfaPages:
             await self.redirect(send, step.request, self.enroll_path(step, passkeys))
             return
         if scope["method"] == "GET":
-            await self.code_page(send, step, user, None, 200)
+            await self.code_page(send, step, user, (app, passkeys), None, 200)
             return
         form = await self.signin.checked_form(scope, receive, send, step.csrf)
         if form is None:
@@ -177,9 +177,9 @@ class MfaPages:
         if not verified.ok:
             if verified.reason == "locked":
                 error = LOCKED.format(wait=verified.retry_after)
-                await self.code_page(send, step, user, error, 429)
+                await self.code_page(send, step, user, (app, passkeys), error, 429)
             else:
-                await self.code_page(send, step, user, WRONG_CODE, 401)
+                await self.code_page(send, step, user, (app, passkeys), WRONG_CODE, 401)
             return
         if need_of(step) == "passkey" and not passkeys:
             # the factor the user has is proved: now the passkey the app needs
@@ -193,13 +193,15 @@ class MfaPages:
         send: Send,
         step: InProgress,
         user: User,
+        factors: tuple[bool, list[PasskeyRecord]],
         error: str | None,
         status: int,
         passkey_error: str | None = None,
     ) -> None:
         """The second factor's page: the user's passkey (a fresh challenge kept with
-        the sign-in), a code form, or both, as the sign-in needs and the user has."""
-        app, passkeys = await self.factors_of(user.id)
+        the sign-in), a code form, or both, as the sign-in needs and the user has
+        (``factors``: :meth:`factors_of`, read once by the caller)."""
+        app, passkeys = factors
         passkey = None
         progress = step.progress or {}
         if passkeys and self.passkeys is not None:

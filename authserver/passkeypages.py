@@ -177,7 +177,10 @@ class PasskeyPages:
             step="signin",
         )
         if not verified.ok or verified.amr is None:
-            await self.mfa.code_page(send, step, user, None, 401, passkey_error=NOT_ACCEPTED)
+            factors = await self.mfa.factors_of(user.id)
+            await self.mfa.code_page(
+                send, step, user, factors, None, 401, passkey_error=NOT_ACCEPTED
+            )
             return
         await self.mfa.finish(scope, send, step, user, (*proved_factors(step), verified.amr))
 
