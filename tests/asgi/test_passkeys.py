@@ -480,6 +480,17 @@ async def test_a_misbehaving_answer_is_refused_and_audited(
         )
     verified = [line for line in server.audit_lines() if line["event"] == "mfa.verified"]
     assert (verified[-1]["outcome"], verified[-1]["reason"]) == ("failure", reason)
+    registry = server.services.metrics.registry
+    counted = {
+        result: registry.get_sample_value(
+            "tokengate_authserver_factor_results_total", {"factor": "passkey", "result": result}
+        )
+        for result in ("success", "failure", "replayed")
+    }
+    # created (success), one good signature (success), then this answer
+    expected = {"success": 2.0, "failure": None, "replayed": None}
+    expected["replayed" if reason == "replayed" else "failure"] = 1.0
+    assert counted == expected
 
 
 @pytest.mark.parametrize(
