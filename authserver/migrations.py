@@ -34,6 +34,16 @@ def statements(*sql: str) -> Callable[[SqlStore], None]:
     return apply
 
 
+def whole(*sql: str) -> Callable[[SqlStore], None]:
+    """Statements run one each, as written (a function's body has semicolons)."""
+
+    def apply(store: SqlStore) -> None:
+        for statement in sql:
+            store._q(statement)
+
+    return apply
+
+
 def migrate(
     store: SqlStore, migrations: Sequence[Migration], now: int | None = None
 ) -> MigrationResult:
@@ -184,6 +194,8 @@ CREATE TABLE passkeys (
 CREATE INDEX passkeys_user ON passkeys (user_id)
 """
 
+_FUNCTIONS = "a refresh and a new token family in one statement each"
+
 SQLITE = (
     Migration(1, "base schema", _sqlite_base),
     Migration(
@@ -199,6 +211,7 @@ SQLITE = (
     Migration(4, "remembered devices", statements(_DEVICES.format(int="INTEGER"))),
     Migration(5, "second-factor attempts", statements(_ATTEMPTS.format(int="INTEGER"))),
     Migration(6, "passkeys", statements(_PASSKEYS.format(blob="BLOB", int="INTEGER"))),
+    Migration(7, _FUNCTIONS, lambda store: None),  # SQLite runs the store's code in-process
 )
 
 # --------------------------------------------------------------------------- PostgreSQL
@@ -269,6 +282,83 @@ CREATE TABLE user_groups (
 )
 """
 
+# PostgreSQL: the two writes every refresh and every code exchange make run server-side,
+# one statement each instead of five to seven (each costs the driver more CPU than the
+# server spends on it). They do what SqlStore.use_refresh and SqlStore.start_family
+# do, in the same order and under the same row locks; the store's shared tests hold
+# both backends to the same answers. READ COMMITTED: each statement in a function sees
+# what committed before it began, so the token's row is read after its family's lock.
+_USE_REFRESH = """
+CREATE OR REPLACE FUNCTION tokengate_use_refresh(
+    p_token TEXT, p_now BIGINT, p_successor TEXT, p_idle BIGINT, p_jti TEXT, p_exp BIGINT,
+    OUT status TEXT, OUT record TEXT
+) LANGUAGE plpgsql AS $$
+DECLARE
+    g grants%ROWTYPE;
+    t refresh_tokens%ROWTYPE;
+BEGIN
+    UPDATE grants SET revoked = revoked
+        WHERE family = (SELECT family FROM refresh_tokens WHERE token_hash = p_token)
+        RETURNING * INTO g;
+    IF NOT FOUND THEN
+        RETURN;  -- no such token: status NULL
+    END IF;
+    IF g.revoked <> 0 THEN
+        status := 'revoked';
+    ELSE
+        SELECT * INTO t FROM refresh_tokens WHERE token_hash = p_token;
+        IF NOT FOUND THEN
+            RETURN;  -- retired with its family since the statement above began
+        ELSIF t.state <> 'active' THEN
+            status := 'reused';  -- changing nothing: the caller revokes the family
+        ELSIF t.idle_expires_at <= p_now OR g.expires_at <= p_now THEN
+            status := 'expired';
+        ELSE
+            UPDATE refresh_tokens SET state = 'used' WHERE token_hash = p_token;
+            INSERT INTO refresh_tokens (token_hash, family, state, idle_expires_at)
+                VALUES (p_successor, g.family, 'active', LEAST(p_idle, g.expires_at));
+            INSERT INTO grant_tokens (family, jti, exp) VALUES (g.family, p_jti, p_exp);
+            IF p_exp > g.keep_until THEN
+                UPDATE grants SET keep_until = p_exp WHERE family = g.family;
+            END IF;
+            status := 'ok';
+        END IF;
+    END IF;
+    record := g.record;
+END
+$$
+"""
+
+_START_FAMILY = """
+CREATE OR REPLACE FUNCTION tokengate_start_family(
+    p_family TEXT, p_record TEXT, p_session TEXT, p_user TEXT, p_offline INTEGER,
+    p_expires BIGINT, p_token TEXT, p_idle BIGINT, p_jti TEXT, p_exp BIGINT
+) RETURNS BOOLEAN LANGUAGE plpgsql AS $$
+DECLARE
+    c auth_codes%ROWTYPE;
+BEGIN
+    UPDATE auth_codes SET state = state WHERE code_hash = p_family RETURNING * INTO c;
+    IF FOUND THEN  -- a code's family: the code records its access token too
+        IF c.state <> 'redeemed' THEN
+            RETURN FALSE;
+        END IF;
+        UPDATE auth_codes
+            SET jtis = (c.jtis::jsonb || to_jsonb(p_jti))::text,
+                keep_until = GREATEST(c.keep_until, p_exp)
+            WHERE code_hash = p_family;
+    END IF;
+    INSERT INTO grants (family, record, session_id, user_id, offline, revoked, jtis,
+                        expires_at, keep_until)
+        VALUES (p_family, p_record, p_session, p_user, p_offline, 0, '[]',
+                p_expires, GREATEST(p_expires, p_exp));
+    INSERT INTO grant_tokens (family, jti, exp) VALUES (p_family, p_jti, p_exp);
+    INSERT INTO refresh_tokens (token_hash, family, state, idle_expires_at)
+        VALUES (p_token, p_family, 'active', p_idle);
+    RETURN TRUE;
+END
+$$
+"""
+
 POSTGRES = (
     Migration(1, "base schema", statements(_POSTGRES_BASE)),
     Migration(
@@ -284,4 +374,5 @@ POSTGRES = (
     Migration(4, "remembered devices", statements(_DEVICES.format(int="BIGINT"))),
     Migration(5, "second-factor attempts", statements(_ATTEMPTS.format(int="BIGINT"))),
     Migration(6, "passkeys", statements(_PASSKEYS.format(blob="BYTEA", int="BIGINT"))),
+    Migration(7, _FUNCTIONS, whole(_USE_REFRESH, _START_FAMILY)),
 )

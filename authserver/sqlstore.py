@@ -16,6 +16,11 @@ Two kinds of transaction:
 - :meth:`SqlStore.exclusive` for the rare store-wide changes (keys, users, purge,
   migrations): one lock for the whole store.
 
+A backend may run a method as one statement on the server instead (PostgreSQL:
+``use_refresh`` and ``start_family``, the writes of every refresh and code exchange,
+are functions made by migration 7); it takes the same locks in the same order and
+gives the same answers, which the store's shared tests check on both.
+
 Revocations take the feed's lock (:meth:`SqlStore._lock_feed`) last, held to commit, so
 feed sequence numbers become visible in the order they were handed out and a
 follower's cursor never passes one still to commit. Lock order, so that no two
@@ -307,20 +312,23 @@ class SqlStore:
         )
 
     def redeem_code(self, code_hash: str, now: int) -> CodeRedemption | None:
-        with self.transaction():
-            row = self._lock_code(code_hash, "record, state, jtis")
-            if row is None:
-                return None
-            record = _code_record(row[0])
-            if row[1] == "issued":
-                if record.expires_at <= now:
-                    return None
-                self._q(
-                    "UPDATE auth_codes SET state = 'redeemed' WHERE code_hash = ?", (code_hash,)
-                )
-                return CodeRedemption(record, reused=False)
-            self._q("UPDATE auth_codes SET state = 'reused' WHERE code_hash = ?", (code_hash,))
-            return CodeRedemption(record, reused=True, jtis=tuple(json.loads(row[2])))
+        # one statement on the code's row, which it locks: "issued" becomes "redeemed"
+        # (or stays, expired), anything else "reused"; the new state says which it was
+        rows = self._q(
+            "UPDATE auth_codes SET state = CASE "
+            "WHEN state = 'issued' AND expires_at > ? THEN 'redeemed' "
+            "WHEN state = 'issued' THEN 'issued' ELSE 'reused' END "
+            "WHERE code_hash = ? RETURNING record, state, jtis",
+            (now, code_hash),
+        ).fetchall()  # all: SQLite finishes the statement only then
+        if not rows:
+            return None
+        record, state, jtis = rows[0]
+        if state == "issued":  # expired unused
+            return None
+        if state == "redeemed":
+            return CodeRedemption(_code_record(record), reused=False)
+        return CodeRedemption(_code_record(record), reused=True, jtis=tuple(json.loads(jtis)))
 
     def code_issued(self, code_hash: str, jti: str, exp: int) -> bool:
         with self.transaction():
@@ -365,7 +373,7 @@ class SqlStore:
                 "expires_at, keep_until) VALUES (?, ?, ?, ?, ?, 0, ?, ?, ?)",
                 (
                     grant.family,
-                    json.dumps(dataclasses.asdict(grant), sort_keys=True),
+                    grant_json(grant),
                     grant.session_id,
                     grant.user_id,
                     int(grant.offline),
@@ -404,7 +412,7 @@ class SqlStore:
             if not locked:
                 return None
             record, revoked, keep_until = locked[0]
-            grant = _grant(record)
+            grant = grant_from_json(record)
             if revoked:
                 return RefreshUse(grant, "revoked")
             row = self._q(
@@ -445,7 +453,7 @@ class SqlStore:
         ).fetchone()
         if row is None:
             return None
-        grant = _grant(row[0])
+        grant = grant_from_json(row[0])
         return grant, min(row[1], grant.expires_at)
 
     def revoke_family(self, family: str, now: int) -> tuple[str, ...]:
@@ -463,7 +471,7 @@ class SqlStore:
         ).fetchall()
         revoked: list[tuple[str, str, int]] = []
         for family, record in sorted(families):
-            server = _grant(record).server
+            server = grant_from_json(record).server
             live = self._q(
                 "SELECT jti, exp FROM grant_tokens WHERE family = ? AND exp > ? ORDER BY exp",
                 (family, now),
@@ -814,7 +822,12 @@ def _code_record(text: str) -> CodeRecord:
     return CodeRecord(**{**fields, "scopes": tuple(fields["scopes"])})
 
 
-def _grant(text: str) -> Grant:
+def grant_json(grant: Grant) -> str:
+    """A grant as the store keeps it (grants.record)."""
+    return json.dumps(dataclasses.asdict(grant), sort_keys=True)
+
+
+def grant_from_json(text: str) -> Grant:
     fields = json.loads(text)
     fields["amr"] = tuple(fields.get("amr", ("pwd",)))  # families from before second factors
     return Grant(**{**fields, "scopes": tuple(fields["scopes"])})

@@ -2,7 +2,7 @@
 
     python bench/store_drivers.py --url postgresql://postgres@127.0.0.1:5432/test
 
-Measures what ``SqlStore.use_refresh`` does on PostgreSQL, in one transaction: the
+Measures what ``SqlStore.use_refresh`` does, in one transaction: the
 family's grant row locked by a no-op ``UPDATE ... RETURNING`` (found through the token
 hash), the token's row read, UPDATE of the old token to 'used', INSERT of its successor,
 INSERT into grant_tokens and the conditional UPDATE of grants.keep_until; and one plain
@@ -10,7 +10,11 @@ read, the ``is_revoked`` SELECT by primary key. Four ways, each driven by asynci
 
 - ``psycopg-sync``: what tokengate does: ``PostgresStore`` (psycopg 3 and
   ``psycopg_pool.ConnectionPool``) called through ``StoreWorker`` (``run_in_executor``
-  on ``--threads`` threads);
+  on ``--threads`` threads). Its ``use_refresh`` is one statement, the server-side
+  function ``tokengate_use_refresh`` (migration 7), which does all of the above;
+- ``psycopg-statements``: the same pool and threads running the statements themselves
+  in a transaction (``SqlStore.use_refresh``, as on SQLite; what tokengate did on
+  PostgreSQL before migration 7);
 - ``psycopg-async``: ``psycopg.AsyncConnection`` from ``psycopg_pool.AsyncConnectionPool``,
   the same SQL;
 - ``asyncpg``: ``asyncpg.create_pool``, the same SQL with ``$1`` placeholders; its pool
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -57,13 +62,13 @@ import psycopg
 from psycopg_pool import AsyncConnectionPool
 
 from authserver.pg_store import POOL_SIZE, PostgresStore
-from authserver.sqlstore import _grant
+from authserver.sqlstore import SqlStore, grant_from_json
 from authserver.store import Grant, StoreWorker
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from token_issuance import percentile
 
-DRIVERS = ("psycopg-sync", "psycopg-async", "asyncpg", "asyncpg-noreset")
+DRIVERS = ("psycopg-sync", "psycopg-statements", "psycopg-async", "asyncpg", "asyncpg-noreset")
 ACCESS_TTL = 300  # the access token each refresh issues
 IDLE_TTL = 7 * 86400  # refresh_tokens.idle_ttl's default
 MAX_TTL = 90 * 86400  # refresh_tokens.max_ttl's default: the family's end
@@ -135,7 +140,7 @@ def check_row(locked: Any, row: Any, r: Refresh) -> tuple[Grant, int]:
         raise Failed("no such refresh token")
     record, revoked, keep_until = locked
     state, idle_end = row
-    grant = _grant(record)
+    grant = grant_from_json(record)
     if revoked or state != "active" or idle_end <= r.now or grant.expires_at <= r.now:
         raise Failed(f"refresh token not live: {state}, revoked={revoked}")
     return grant, keep_until
@@ -145,18 +150,24 @@ def check_row(locked: Any, row: Any, r: Refresh) -> tuple[Grant, int]:
 
 
 class SyncStore:
-    """tokengate's own path: PostgresStore on StoreWorker's threads."""
+    """tokengate's own path: PostgresStore on StoreWorker's threads (``statements``:
+    the portable statements instead of the server-side function)."""
 
-    name = "psycopg-sync"
-
-    def __init__(self, url: str, pool: int, threads: int) -> None:
+    def __init__(self, url: str, pool: int, threads: int, *, statements: bool = False) -> None:
         self.store = PostgresStore(url, pool_size=pool, migrate=False)
         self.worker = StoreWorker(threads)
+        self.use_refresh = (
+            functools.partial(SqlStore.use_refresh, self.store)
+            if statements
+            else self.store.use_refresh
+        )
+
+    async def open(self) -> None:
+        pass
 
     async def refresh(self, r: Refresh) -> str:
-        s = self.store
         use = await self.worker.call(
-            s.use_refresh, r.token, r.now, r.successor, r.idle, r.jti, r.exp
+            self.use_refresh, r.token, r.now, r.successor, r.idle, r.jti, r.exp
         )
         if use is None or use.status != "ok":
             raise Failed(f"use_refresh: {use}")
@@ -373,6 +384,7 @@ async def measure(
 async def benchmark(args: argparse.Namespace, url: str, families: Families) -> list[Cell]:
     drivers: dict[str, Any] = {
         "psycopg-sync": SyncStore(url, args.pool, args.threads),
+        "psycopg-statements": SyncStore(url, args.pool, args.threads, statements=True),
         "psycopg-async": PsycopgAsync(url, args.pool),
         "asyncpg": Asyncpg(args.url, args.schema, args.pool),
         "asyncpg-noreset": Asyncpg(args.url, args.schema, args.pool, reset=False),

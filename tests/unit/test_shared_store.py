@@ -81,10 +81,10 @@ def test_replicas_opening_a_new_store_at_once_apply_each_migration_once(
 ) -> None:
     opened = at_once(4, lambda _: store_backend())
     applied = [s.migration.applied for s in opened]  # type: ignore[attr-defined]
-    assert sorted(applied) == [(), (), (), (1, 2, 3, 4, 5, 6)]
+    assert sorted(applied) == [(), (), (), (1, 2, 3, 4, 5, 6, 7)]
     rows = opened[0]._q("SELECT version FROM schema_migrations ORDER BY version").fetchall()  # type: ignore[attr-defined]
-    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6]
-    assert all(s.migration.version == 6 for s in opened)  # type: ignore[attr-defined]
+    assert [r[0] for r in rows] == [1, 2, 3, 4, 5, 6, 7]
+    assert all(s.migration.version == 7 for s in opened)  # type: ignore[attr-defined]
 
 
 def test_a_store_migrated_by_a_newer_release_still_opens(store_backend: Opener) -> None:
@@ -92,7 +92,7 @@ def test_a_store_migrated_by_a_newer_release_still_opens(store_backend: Opener) 
     store._q("INSERT INTO schema_migrations VALUES (99, 'from the future', 0)")
     again = store_backend()
     assert again.migration is not None and again.migration.ahead
-    assert (again.migration.version, again.migration.known) == (99, 6)
+    assert (again.migration.version, again.migration.known) == (99, 7)
 
 
 def test_the_feed_misses_nothing_revoked_at_several_replicas_at_once(
