@@ -7,6 +7,7 @@ request -> canonical path -> route -> bearer token -> authorize -> forward
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import time
 from collections.abc import Callable
@@ -115,6 +116,7 @@ class GatewayApp:
         self.client_factory = client_factory
         self.forwarder: Forwarder | None = None
         self.started = False
+        self._draining = asyncio.Event()
         self.request_ids = RequestIds()
         self.internal_errors = EventLimiter()
 
@@ -163,12 +165,26 @@ class GatewayApp:
         self.forwarder = Forwarder(self.client_factory())
         self.jwks.start()
         self.revocations.start()
-        missing, _ = await asyncio.gather(
+        loading = asyncio.gather(
             self.jwks.wait_loaded(STARTUP_WAIT), self.revocations.wait_loaded(FEED_STARTUP_WAIT)
         )
+        draining = asyncio.ensure_future(self._draining.wait())
+        await asyncio.wait((loading, draining), return_when=asyncio.FIRST_COMPLETED)
+        draining.cancel()
+        if not loading.done():  # told to drain while waiting: stop now, never start
+            loading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loading
+            return
+        missing, _ = loading.result()
         for issuer in missing:
             log_event("gateway.issuer_not_ready", issuer=issuer)
         self.started = True
+
+    def drain(self) -> None:
+        """The process is shutting down: a start still waiting for keys waits no more
+        (a worker told to stop while its issuers cannot answer goes at once)."""
+        self._draining.set()
 
     def not_ready(self) -> list[str]:
         """What keeps this gateway from serving: named for /readyz."""

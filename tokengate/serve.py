@@ -328,9 +328,10 @@ async def serve_all(
 
     def drain() -> None:
         """Stop accepting now, then let uvicorn finish the in-flight requests."""
-        held = getattr(apps.get("authserver"), "drain", None)
-        if held is not None:  # revocation-feed long polls answer at once
-            held()
+        for app in apps.values():  # the authserver's held feed requests answer at once;
+            told = getattr(app, "drain", None)  # a gateway still starting stops waiting
+            if told is not None:
+                told()
         for server, _ in servers:
             server.should_exit = True
             # uvicorn closes its listeners when its main loop next looks (every 0.1 s);

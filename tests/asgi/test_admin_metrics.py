@@ -284,3 +284,34 @@ async def test_not_ready_names_what_is_missing(
     }
     _, parsed = await scrape(admin)
     assert value(parsed, "tokengate_jwks_fetches_total", issuer=ISSUER, result="error") >= 1
+
+
+async def test_a_drain_while_the_gateway_waits_for_keys_ends_its_start_at_once(
+    upstream: Any, tmp_path: Path
+) -> None:
+    """A worker told to stop while its issuers do not answer (its own authorization
+    server closing, say) must not sit out the 10 s start-up wait: it stops waiting,
+    never reports ready, and shuts down."""
+    import asyncio
+    import time
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    config = config_from({"gateway": gateway_section(upstream[1])})
+    assert config.gateway is not None
+    app = GatewayApp(
+        config.gateway,
+        audit=AuditLog(LineSink(str(tmp_path / "audit.log"))),
+        http=httpx.AsyncClient(transport=httpx.MockTransport(refuse)),
+    )
+    starting = asyncio.create_task(app.startup())
+    await asyncio.sleep(0.3)
+    assert not starting.done()  # waiting for keys (up to STARTUP_WAIT, 10 s)
+    began = time.monotonic()
+    app.drain()
+    await asyncio.wait_for(starting, timeout=2)
+    assert time.monotonic() - began < 0.5
+    assert app.not_ready() == ["gateway: starting"]
+    await app.shutdown()
+    app.audit.sink.close()
