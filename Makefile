@@ -9,10 +9,15 @@ PIP    := $(BIN)/python -m pip --disable-pip-version-check -q
 run: $(VENV)/.runtime
 	$(BIN)/tokengate run
 
+# The suite runs on 2 processes (pytest-xdist; each test file on one of them, so a file's
+# tests never race each other), then the log scan, which reads what all of them wrote.
+TEST_TMP := .tmp/pytest
 test: $(VENV)/.test $(VENV)/.tools promtool
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	rm -rf $(TEST_TMP) && mkdir -p $(TEST_TMP)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --basetemp=$(TEST_TMP)/suite -m "not last"
+	TOKENGATE_TEST_LOGS=$(TEST_TMP)/suite $(BIN)/python -m pytest -m last --basetemp=$(TEST_TMP)/scan
 
 lint: $(VENV)/.test
 	$(BIN)/ruff format --check .
@@ -94,4 +99,4 @@ $(VENV)/.bench: $(VENV)/.test
 	touch $@
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .ruff_cache
+	rm -rf $(VENV) data .pytest_cache .ruff_cache .tmp

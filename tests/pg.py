@@ -57,6 +57,27 @@ def fresh_schema() -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def fresh_database() -> Iterator[str]:
+    """A URL of a new, empty database, dropped after the test: for a test that holds
+    the store's advisory locks, which are per database, so that it stalls no other
+    test running at the same time."""
+    import psycopg
+    import psycopg.conninfo
+
+    base = server_url()
+    name = f"tg_test_{secrets.token_hex(6)}"
+    try:
+        with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"CREATE DATABASE {name}")
+    except psycopg.OperationalError as exc:
+        _unavailable(f"cannot connect to {base}: {str(exc).strip().splitlines()[0]}")
+    try:
+        yield psycopg.conninfo.make_conninfo(base, dbname=name)
+    finally:
+        with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
 def dump_store(store: object) -> str:
     """Every row of every table of a store, as text: to show what it never holds."""
     db = getattr(store, "_db", None)

@@ -1,15 +1,18 @@
 """Runs last: every log line the suite's traffic produced, searched for credentials.
 
 Audit files and the stdout/stderr of every tokengate process the tests started are
-under pytest's base temp directory. No access token, client assertion (both JWTs),
-client secret, user password or argon2 password hash may appear in any of them, nor
-any authorization code, session cookie value, authenticator secret or recovery code the
-sign-in tests saw issued.
+under pytest's base temp directory, or under ``TOKENGATE_TEST_LOGS`` when the suite ran
+before in processes of its own (``make test``: pytest-xdist, then this file). No access
+token, client assertion (both JWTs), client secret, user password or argon2 password
+hash may appear in any of them, nor any authorization code, session cookie value,
+authenticator secret or recovery code the sign-in tests saw issued.
 """
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -39,10 +42,13 @@ SECRETS = (
 
 @pytest.mark.last
 def test_no_token_secret_or_assertion_in_any_log(tmp_path_factory: pytest.TempPathFactory) -> None:
-    base = tmp_path_factory.getbasetemp()
+    ran = os.environ.get("TOKENGATE_TEST_LOGS")
+    base = Path(ran).resolve() if ran else tmp_path_factory.getbasetemp()
     logs = [p for p in base.rglob("*.log*") if p.is_file()]  # audit files, process output
-    issued_file = base / ISSUED_SECRETS_FILE  # codes and session ids (test_signin_flow.py)
-    issued = tuple(issued_file.read_text().split()) if issued_file.exists() else ()
+    # codes and session ids (test_signin_flow.py), one file in each process's directory
+    issued = tuple(
+        secret for path in base.rglob(ISSUED_SECRETS_FILE) for secret in path.read_text().split()
+    )
     lines = 0
     leaks: list[str] = []
     for path in logs:

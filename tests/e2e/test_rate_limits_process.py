@@ -22,20 +22,21 @@ RATE, BURST = 20, 20  # the route's limit: 20/s, 20 at once
 HAMMER = 2.0  # seconds of traffic
 
 
-def shared_redis() -> str:
-    """The shared Redis's test database, emptied; a skip where there is none."""
+def shared_redis(url: str = SHARED_REDIS) -> str:
+    """A test database of the shared Redis (each test file its own), emptied; a skip
+    where there is none."""
     import redis
 
-    client = redis.Redis.from_url(SHARED_REDIS, socket_connect_timeout=1)
+    client = redis.Redis.from_url(url, socket_connect_timeout=1)
     try:
         client.flushdb()  # only this test database, never the others
     except redis.RedisError as exc:
         if os.environ.get("CI"):
             raise
-        pytest.skip(f"no Redis at {SHARED_REDIS} ({type(exc).__name__})")
+        pytest.skip(f"no Redis at {url} ({type(exc).__name__})")
     finally:
         client.close()
-    return SHARED_REDIS
+    return url
 
 
 def stack_config(echo: int, gateway: int, admin: int, redis_url: str | None) -> dict[str, Any]:

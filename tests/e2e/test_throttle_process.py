@@ -4,6 +4,7 @@ passwords alike), and Redis killed mid-run falls back per process and recovers."
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,9 @@ from authserver.passwords import hash_password
 from tests.conftest import REPORTING_SECRET
 from tests.e2e.conftest import e2e_config, free_port
 from tests.e2e.test_rate_limits_process import OwnRedis, own_redis, shared_redis
+
+# a Redis database of this file's own (the rate-limit tests empty theirs)
+THROTTLE_REDIS = os.environ.get("TOKENGATE_TEST_REDIS_THROTTLE_E2E", "redis://127.0.0.1:6379/14")
 
 __all__ = ["own_redis"]  # the fixture, for the test below
 
@@ -61,7 +65,7 @@ def password(port: int, secret: str) -> httpx.Response:
 
 def test_failures_over_two_workers_lock_once_through_redis(tokengate: Any, tmp_path: Path) -> None:
     port, admin = free_port(), free_port()
-    redis_url = shared_redis()
+    redis_url = shared_redis(THROTTLE_REDIS)
     process = tokengate(throttle_config(tmp_path, port, admin, redis_url), "--workers", "2")
     process.start(f"http://127.0.0.1:{admin}/readyz")
 
@@ -143,7 +147,7 @@ def test_sign_in_page_failures_over_two_workers_lock_once(tokengate: Any, tmp_pa
     from tests.asgi.test_signin_flow import Form
 
     port, admin = free_port(), free_port()
-    config = throttle_config(tmp_path, port, admin, shared_redis())
+    config = throttle_config(tmp_path, port, admin, shared_redis(THROTTLE_REDIS))
     config["authserver"]["clients"].append(
         {
             "client_id": "portal",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import base64
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -214,7 +214,16 @@ def test_every_migration_is_known_to_both_backends() -> None:
     assert [m.name for m in migrations.SQLITE] == [m.name for m in migrations.POSTGRES]
 
 
-def test_a_replica_stuck_holding_a_lock_costs_others_a_503_not_a_hang(pg_url: str) -> None:
+@pytest.fixture
+def pg_database_url() -> Iterator[str]:
+    from tests.pg import fresh_database
+
+    yield from fresh_database()
+
+
+def test_a_replica_stuck_holding_a_lock_costs_others_a_503_not_a_hang(
+    pg_database_url: str,
+) -> None:
     """Waiting for one of the store's locks ends (lock_timeout): a StoreUnavailable the
     endpoints answer 503 with, never a request that hangs with its replica. And only
     what needs that lock waits."""
@@ -223,6 +232,8 @@ def test_a_replica_stuck_holding_a_lock_costs_others_a_503_not_a_hang(pg_url: st
     import psycopg
 
     from authserver.pg_store import FEED_LOCK, STORE_LOCK, PostgresStore
+
+    pg_url = pg_database_url
 
     store = PostgresStore(pg_url, pool_size=2)
     store.start_family(grant("fam", offline=True), "rt-0", NOW + 600, "jti-0", NOW + 300)
