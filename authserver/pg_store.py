@@ -155,13 +155,15 @@ class PostgresStore(SqlStore):
         return text
 
     def _q(self, sql: str, params: Sequence[Any] = ()) -> Rows:
-        text = self._text(sql)
+        # without parameters the statement goes as written ("?" and "%" included: a
+        # migration's function body)
+        text, args = (self._text(sql), params) if params else (sql, None)
         try:
             conn = getattr(self._local, "conn", None)
             if conn is not None:
-                return _read(conn.store_cursor().execute(text, params))
+                return _read(conn.store_cursor().execute(text, args))
             with self._pool.connection() as conn:
-                return _read(conn.store_cursor().execute(text, params))
+                return _read(conn.store_cursor().execute(text, args))
         except (PoolTimeout, psycopg.Error) as exc:
             raise StoreUnavailable(f"{self.url}: {_reason(exc)}") from exc
 
@@ -209,13 +211,17 @@ class PostgresStore(SqlStore):
             yield
 
     # The two writes of every refresh and every code exchange, as server-side functions
-    # (migration 7): SqlStore's statements for them, one statement each here.
+    # (migration 7): SqlStore's statements for them, one statement each here. Every
+    # argument is cast to the function's own type: with a bare int4 argument PostgreSQL
+    # would pick the closest match across the whole search_path, so a function of the
+    # same name taking integers, in any schema on it, would answer instead.
 
     def start_family(
         self, grant: Grant, token_hash: str, idle_expires_at: int, jti: str, exp: int
     ) -> bool:
         row = self._q(
-            "SELECT tokengate_start_family(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "SELECT tokengate_start_family(?::text, ?::text, ?::text, ?::text, ?::integer, "
+            "?::bigint, ?::text, ?::bigint, ?::text, ?::bigint)",
             (
                 grant.family,
                 grant_json(grant),
@@ -241,7 +247,8 @@ class PostgresStore(SqlStore):
         exp: int,
     ) -> RefreshUse | None:
         status, record = self._q(  # autocommit: the function is one transaction
-            "SELECT status, record FROM tokengate_use_refresh(?, ?, ?, ?, ?, ?)",
+            "SELECT status, record FROM tokengate_use_refresh("
+            "?::text, ?::bigint, ?::text, ?::bigint, ?::text, ?::bigint)",
             (token_hash, now, successor, idle_expires_at, jti, exp),
         ).fetchone()
         if status == "reused":  # which changed nothing: the shared code, in one

@@ -11,7 +11,8 @@ import pytest
 
 from authserver.codes import CODE_TTL
 from authserver.sqlstore import SqlStore
-from authserver.store import CodeRecord, Grant
+from authserver.store import Grant
+from tests.unit.test_codes import record as code
 
 NOW = 1_800_000_000
 DAY = 86400
@@ -36,22 +37,6 @@ def grant(family: str, **changes: object) -> Grant:
         offline=False,
         expires_at=NOW + DAY,
         amr=("pwd", "otp", "mfa"),
-    )
-    return dataclasses.replace(base, **changes)
-
-
-def code(**changes: object) -> CodeRecord:
-    base = CodeRecord(
-        server="default",
-        client_id="portal",
-        redirect_uri="https://portal.example.com/callback",
-        code_challenge="E9Melhoa2OwvFrEMTJguCHaoeK1t8URWbuGJSstw-cM",
-        nonce="n-1",
-        scopes=("openid",),
-        user_id="u_1",
-        session_id="sid-1",
-        auth_time=NOW,
-        expires_at=NOW + CODE_TTL,
     )
     return dataclasses.replace(base, **changes)
 
@@ -164,3 +149,47 @@ def test_a_reused_code_starts_no_family(store: SqlStore) -> None:
     assert not store.start_family(grant("c1"), "rt-0", NOW + 3600, "jti-0", NOW + 300)
     assert store.refresh_grant("rt-0", NOW) is None
     assert not store.code_issued("c1", "jti-1", NOW + 300)
+
+
+def test_a_same_named_function_elsewhere_on_the_search_path_never_answers(pg_url: str) -> None:
+    """The store calls its functions with every argument cast to the function's own
+    type: a function of the same name taking integers, in a schema searched after the
+    store's, would otherwise be the closer match for psycopg's int4 arguments and run
+    in its place."""
+    from urllib.parse import quote
+
+    import psycopg
+
+    from authserver.pg_store import PostgresStore
+    from tests.pg import server_url
+
+    schema = pg_url.split("search_path%3D")[1]
+    other = f"{schema}_other"
+    with psycopg.connect(server_url(), autocommit=True) as conn:
+        conn.execute(f"CREATE SCHEMA {other}")
+        answers_ok = "BEGIN status := 'ok'; SELECT g.record INTO record FROM grants g LIMIT 1; END"
+        conn.execute(
+            f"CREATE FUNCTION {other}.tokengate_use_refresh(a TEXT, b INTEGER, c TEXT, "
+            "d INTEGER, e TEXT, f INTEGER, OUT status TEXT, OUT record TEXT) "
+            f"LANGUAGE plpgsql AS $$ {answers_ok} $$"
+        )
+        conn.execute(
+            f"CREATE FUNCTION {other}.tokengate_start_family(a TEXT, b TEXT, c TEXT, "
+            "d TEXT, e INTEGER, f INTEGER, g TEXT, h INTEGER, i TEXT, j INTEGER) "
+            "RETURNS BOOLEAN LANGUAGE sql AS $$ SELECT false $$"
+        )
+    try:
+        url = pg_url.replace(
+            quote(f"-csearch_path={schema}", safe=""),
+            quote(f"-csearch_path={schema},{other}", safe=""),
+        )
+        store = PostgresStore(url, pool_size=1)
+        try:
+            now = 1_000_000  # small enough for int4
+            assert store.start_family(grant("f1"), "rt-0", now + 600, "j0", now + 300)
+            assert store.use_refresh("no-such-token", now, "s", now + 600, "j", now + 300) is None
+        finally:
+            store.close()
+    finally:
+        with psycopg.connect(server_url(), autocommit=True) as conn:
+            conn.execute(f"DROP SCHEMA {other} CASCADE")
