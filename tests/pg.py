@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
 import pytest
@@ -38,44 +38,46 @@ def _unavailable(reason: str) -> None:
 
 def fresh_schema() -> Iterator[str]:
     """A URL of a new, empty schema, dropped after the test."""
-    try:
-        import psycopg
-    except ImportError:  # pragma: no cover - installed with the package
-        _unavailable("psycopg is not installed")
-        raise
-    base = server_url()
     schema = f"tg_test_{secrets.token_hex(6)}"
-    try:
-        with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError as exc:
-        _unavailable(f"cannot connect to {base}: {str(exc).strip().splitlines()[0]}")
-    try:
-        yield with_schema(base, schema)
-    finally:
-        with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    yield from _made_and_dropped(
+        f"CREATE SCHEMA {schema}", f"DROP SCHEMA {schema} CASCADE", with_schema, schema
+    )
 
 
 def fresh_database() -> Iterator[str]:
     """A URL of a new, empty database, dropped after the test: for a test that holds
     the store's advisory locks, which are per database, so that it stalls no other
     test running at the same time."""
-    import psycopg
     import psycopg.conninfo
 
-    base = server_url()
     name = f"tg_test_{secrets.token_hex(6)}"
+    yield from _made_and_dropped(
+        f"CREATE DATABASE {name}",
+        f"DROP DATABASE {name} WITH (FORCE)",
+        lambda base, db: psycopg.conninfo.make_conninfo(base, dbname=db),
+        name,
+    )
+
+
+def _made_and_dropped(
+    create: str, drop: str, url_of: Callable[[str, str], str], name: str
+) -> Iterator[str]:
+    try:
+        import psycopg
+    except ImportError:  # pragma: no cover - installed with the package
+        _unavailable("psycopg is not installed")
+        raise
+    base = server_url()
     try:
         with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
+            conn.execute(create)
     except psycopg.OperationalError as exc:
         _unavailable(f"cannot connect to {base}: {str(exc).strip().splitlines()[0]}")
     try:
-        yield psycopg.conninfo.make_conninfo(base, dbname=name)
+        yield url_of(base, name)
     finally:
         with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+            conn.execute(drop)
 
 
 def dump_store(store: object) -> str:

@@ -249,21 +249,27 @@ async def test_health_and_readiness(make_gateway: Any, tmp_path: Path) -> None:
     assert missing.status_code == 404
 
 
+def gateway_without_issuers(upstream_url: str, tmp_path: Path) -> GatewayApp:
+    """A gateway whose issuers refuse every connection: it never gets keys."""
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    config = config_from({"gateway": gateway_section(upstream_url)})
+    assert config.gateway is not None
+    return GatewayApp(
+        config.gateway,
+        audit=AuditLog(LineSink(str(tmp_path / "audit.log"))),
+        http=httpx.AsyncClient(transport=httpx.MockTransport(refuse)),
+    )
+
+
 async def test_not_ready_names_what_is_missing(
     upstream: tuple[RecordingUpstream, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr("gateway.app.STARTUP_WAIT", 0.2)
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    config = config_from({"gateway": gateway_section(upstream[1])})
-    assert config.gateway is not None
-    app = GatewayApp(
-        config.gateway,
-        audit=AuditLog(LineSink(str(tmp_path / "audit.log"))),
-        http=httpx.AsyncClient(transport=httpx.MockTransport(refuse)),
-    )
+    app = gateway_without_issuers(upstream[1], tmp_path)
     admin = AdminApp(app.metrics, [app.not_ready])
     transport = httpx.ASGITransport(app=admin)
     async with httpx.AsyncClient(transport=transport, base_url="http://a") as client:
@@ -295,16 +301,7 @@ async def test_a_drain_while_the_gateway_waits_for_keys_ends_its_start_at_once(
     import asyncio
     import time
 
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
-    config = config_from({"gateway": gateway_section(upstream[1])})
-    assert config.gateway is not None
-    app = GatewayApp(
-        config.gateway,
-        audit=AuditLog(LineSink(str(tmp_path / "audit.log"))),
-        http=httpx.AsyncClient(transport=httpx.MockTransport(refuse)),
-    )
+    app = gateway_without_issuers(upstream[1], tmp_path)
     starting = asyncio.create_task(app.startup())
     await asyncio.sleep(0.3)
     assert not starting.done()  # waiting for keys (up to STARTUP_WAIT, 10 s)
