@@ -41,6 +41,7 @@ from tokengate.yamlconf import (
     list_of,
     one_of,
     positive_int,
+    unique_items,
 )
 
 SigningAlg = Literal["RS256", "PS256", "ES256", "EdDSA"]
@@ -513,22 +514,18 @@ def _policies_reader(scopes: tuple[str, ...]) -> Callable[[Node], tuple[AccessPo
 
 
 def _parse_user_claims(s: Fields, scopes: tuple[str, ...]) -> tuple[UserClaim, ...]:
-    out: list[UserClaim] = []
-    seen: set[str] = set()
     offered = {*scopes, *OIDC_SCOPES}
-    for item in s.node_at("user_claims").items() if s.has("user_claims") else ():
-        claim = guarded(item, as_user_claim)
-        if claim is None:
-            continue
-        if claim.name in seen:
-            item.report.add(f"{item.path}.name", f"duplicate user claim {claim.name!r}")
-        seen.add(claim.name)
+
+    def offered_claim(item: Node) -> UserClaim:
+        claim = as_user_claim(item)
         if claim.scope is not None and claim.scope not in offered:
             item.report.add(
                 f"{item.path}.scope", f"scope {claim.scope!r} is not offered by this server"
             )
-        out.append(claim)
-    return tuple(out)
+        return claim
+
+    items = s.node_at("user_claims").items() if s.has("user_claims") else ()
+    return tuple(unique_items(items, offered_claim, lambda c: c.name, "name", "user claim"))
 
 
 def as_user_claim(node: Node) -> UserClaim:
@@ -564,18 +561,12 @@ def as_refresh_times(node: Node) -> RefreshTokenTimes:
 
 
 def _parse_clients(f: Fields, servers: tuple[ServerConfig, ...]) -> tuple[ClientConfig, ...]:
-    out: list[ClientConfig] = []
-    seen: set[str] = set()
     by_name = {s.name: s for s in servers}
-    for item in f.node_at("clients").items() if f.has("clients") else ():
-        client = guarded(item, lambda n: _parse_client(n, by_name))
-        if client is None:
-            continue
-        if client.client_id in seen:
-            item.report.add(f"{item.path}.client_id", f"duplicate client_id {client.client_id!r}")
-        seen.add(client.client_id)
-        out.append(client)
-    return tuple(out)
+    items = f.node_at("clients").items() if f.has("clients") else ()
+    clients = unique_items(
+        items, lambda n: _parse_client(n, by_name), lambda c: c.client_id, "client_id", "client_id"
+    )
+    return tuple(clients)
 
 
 def _parse_client(node: Node, servers: dict[str, ServerConfig]) -> ClientConfig:

@@ -20,7 +20,6 @@ access_policies:
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Iterable
-from typing import TypeVar
 
 from authserver.policies import ACCESS, AccessPolicy, Rule, RuleConditions, RuleOutcome
 from authserver.userrules import group_problem
@@ -29,9 +28,9 @@ from tokengate.yamlconf import (
     Node,
     as_seconds,
     as_str,
-    guarded,
     list_of,
     one_of,
+    unique_items,
 )
 
 
@@ -39,29 +38,16 @@ def as_access_policies(
     node: Node, offered_scopes: Collection[str], grant_types: tuple[str, ...]
 ) -> tuple[AccessPolicy, ...]:
     """``offered_scopes``: every scope the server offers (its own and OIDC's)."""
-    out = _named(node.items(), lambda n: _policy(n, offered_scopes, grant_types), "policy")
+    out = unique_items(
+        node.items(),
+        lambda n: _policy(n, offered_scopes, grant_types),
+        lambda p: p.name,
+        "name",
+        "policy name",
+    )
     if not out and node.value is not None and isinstance(node.value, list):
         node.error("must list at least one policy (leave it out to decide by clients alone)")
     return tuple(out)
-
-
-N = TypeVar("N", AccessPolicy, Rule)
-
-
-def _named(items: Iterable[Node], parse: Callable[[Node], N], kind: str) -> list[N]:
-    """Each item parsed (a problem reported, the item left out); a name used twice is
-    reported at the second one's ``name``."""
-    out: list[N] = []
-    seen: set[str] = set()
-    for item in items:
-        parsed = guarded(item, parse)
-        if parsed is None:
-            continue
-        if parsed.name in seen:
-            item.report.add(f"{item.path}.name", f"duplicate {kind} name {parsed.name!r}")
-        seen.add(parsed.name)
-        out.append(parsed)
-    return out
 
 
 def _policy(node: Node, offered: Collection[str], grant_types: tuple[str, ...]) -> AccessPolicy:
@@ -70,7 +56,9 @@ def _policy(node: Node, offered: Collection[str], grant_types: tuple[str, ...]) 
     if clients is not None and not clients:
         p.node_at("clients").error("must name at least one client (leave it out for every one)")
     items: Iterable[Node] = p.node_at("rules").items() if p.has("rules") else ()
-    rules = _named(items, lambda n: _rule(n, offered, grant_types), "rule")
+    rules = unique_items(
+        items, lambda n: _rule(n, offered, grant_types), lambda r: r.name, "name", "rule name"
+    )
     if p.has("rules") and isinstance(p.node_at("rules").value, list) and not rules:
         p.node_at("rules").error("must list at least one rule")
     return AccessPolicy(

@@ -434,6 +434,29 @@ def guarded(node: Node, convert: Callable[[Node], T]) -> T | None:
     return None
 
 
+def unique_items(
+    items: Iterable[Node],
+    convert: Callable[[Node], T],
+    key: Callable[[T], str],
+    field: str,
+    what: str,
+) -> list[T]:
+    """Each item converted (a problem reported, the item left out, as :func:`guarded`);
+    a ``key`` seen before is reported at the later item's ``field``:
+    ``duplicate {what} 'key'``."""
+    out: list[T] = []
+    seen: set[str] = set()
+    for item in items:
+        converted = guarded(item, convert)
+        if converted is None:
+            continue
+        if key(converted) in seen:
+            item.report.add(f"{item.path}.{field}", f"duplicate {what} {key(converted)!r}")
+        seen.add(key(converted))
+        out.append(converted)
+    return out
+
+
 # --------------------------------------------------------------------------- converters
 
 

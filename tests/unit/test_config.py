@@ -218,6 +218,25 @@ def test_duplicate_names_and_client_ids() -> None:
     assert problems(text) == ["authserver.clients[1].client_id: duplicate client_id 'reporting'"]
 
 
+def test_user_claims_named_twice_or_on_a_scope_not_offered() -> None:
+    claims = (
+        "      user_claims:\n"
+        "        - {name: dept, from: profile.department, scope: profile}\n"
+        "        - {name: dept, from: groups, scope: billing:read}\n"
+        "        - {name: team, from: profile.team}\n"
+    )
+    text = VALID.replace(
+        "      scopes: [orders:read, orders:write]\n",
+        "      scopes: [orders:read, orders:write]\n" + claims,
+        1,
+    )
+    assert problems(text) == [
+        "authserver.servers[0].user_claims[1].scope: "
+        "scope 'billing:read' is not offered by this server",
+        "authserver.servers[0].user_claims[1].name: duplicate user claim 'dept'",
+    ]
+
+
 @pytest.mark.parametrize(
     ("client", "expected"),
     [
