@@ -138,7 +138,7 @@ def test_a_code_family_starts_only_once_the_code_is_redeemed(store: SqlStore) ->
     # the code now names its access token, and is kept as long as that token lives
     again = store.redeem_code("c1", NOW + 1)
     assert again is not None and again.reused and again.jtis == ("jti-0",)
-    assert store.purge(NOW + CODE_TTL + 10) >= 0
+    store.purge(NOW + CODE_TTL + 10)  # past the code's own end
     assert store.redeem_code("c1", NOW + 2) is not None  # still there: jti-0 lives
 
 
